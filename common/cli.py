@@ -1,0 +1,212 @@
+"""The CLI contract every script keeps: global options, one result printer, exit codes, audit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from common.audit import append_audit
+from common.errors import EXIT_FAILED, Interrupted, ToolkitError, UsageError
+from common.settings import Settings
+
+EXIT_CODES_HELP = """exit codes:
+  0   success
+  1   the operation failed (nothing half-done: see the message)
+  2   bad usage or bad input (nothing changed)
+  3   verify found a problem
+  75  another run holds the lock; try again later"""
+
+
+@dataclass
+class Result:
+    """What a command did: `data` for --json, `lines` for people, and the exit code."""
+
+    data: dict
+    lines: list[str] = field(default_factory=list)
+    exit_code: int = 0
+    backup_ids: list[str] = field(default_factory=list)
+    report: bool = False  # a report (list, verify, a plan) is printed even with --quiet
+
+
+class Context:
+    """What a command needs from the command line: settings, flags, and ways to talk to the operator."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings, script: str):
+        self.args = args
+        self.settings = settings
+        self.script = script
+        self.json: bool = args.json
+        self.dry_run: bool = args.dry_run
+        self.yes: bool = args.yes
+        self.quiet: bool = args.quiet
+        self.verbose: bool = args.verbose
+
+    def info(self, message: str) -> None:
+        """A progress or log line on stderr, unless --quiet."""
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        """A warning on stderr, always."""
+        print(f"{self.script}: warning: {message}", file=sys.stderr, flush=True)
+
+    def confirm(self, question: str) -> None:
+        """Ask before a destructive step; without a terminal, refuse instead of waiting (use --yes)."""
+        if self.yes:
+            return
+        if not sys.stdin.isatty():
+            raise UsageError("this needs confirmation and there is no terminal to ask: pass --yes to go ahead")
+        print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+        answer = sys.stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            raise UsageError("not confirmed: nothing changed")
+
+
+def add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) -> None:
+    """The options every script and subcommand accepts, before or after the subcommand's name."""
+    # In subcommands the defaults are suppressed, so an option given before the subcommand survives.
+    default = argparse.SUPPRESS if in_subcommand else None
+    group = parser.add_argument_group("global options")
+    group.add_argument("--env-file", metavar="PATH", default=default,
+                       help="read settings from this file instead of ./.env")
+    group.add_argument("--json", action="store_true", default=default or False,
+                       help="print one JSON document on stdout and nothing else there")
+    group.add_argument("--dry-run", action="store_true", default=default or False,
+                       help="say what would change; change nothing")
+    group.add_argument("--yes", "-y", action="store_true", default=default or False,
+                       help="do not ask for confirmation (needed when there is no terminal)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default or False,
+                       help="print only problems")
+    group.add_argument("-v", "--verbose", action="store_true", default=default or False,
+                       help="more detail; tracebacks on errors")
+
+
+def make_parser(prog: str, description: str, epilog: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """A script's top-level parser with the global options and a place for its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"{epilog}\n\n{EXIT_CODES_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_global_options(parser, in_subcommand=False)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    return parser, commands
+
+
+def add_command(
+    commands: argparse._SubParsersAction,
+    name: str,
+    handler: Callable[[Context], Result],
+    summary: str,
+    description: str | None = None,
+    secret_args: tuple[str, ...] = (),
+) -> argparse.ArgumentParser:
+    """Declare a subcommand; `secret_args` are kept out of the audit log."""
+    sub = commands.add_parser(
+        name,
+        help=summary,
+        description=description or summary,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.set_defaults(handler=handler, command=name, secret_args=secret_args)
+    add_global_options(sub, in_subcommand=True)
+    return sub
+
+
+def add_cleanup_arguments(sub: argparse.ArgumentParser) -> None:
+    """DAYS and --keep, the same for every component's cleanup."""
+    sub.add_argument("days", metavar="DAYS", type=int, help="remove backups older than this many days")
+    sub.add_argument("--keep", type=int, default=3, metavar="N",
+                     help="always keep the newest N backups (default 3, at least 1)")
+
+
+def run(parser: argparse.ArgumentParser, audit_log: Callable[[Settings], Path], argv: list[str] | None = None) -> int:
+    """Parse, run the chosen command, print its result, record it in the audit log; return the exit code."""
+    args = parser.parse_args(argv)
+    script = parser.prog
+    started, started_at = time.monotonic(), datetime.now(UTC)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+    settings: Settings | None = None
+    result: Result | None = None
+    error: str | None = None
+    try:
+        settings = Settings.load(args.env_file)
+        result = args.handler(Context(args, settings, script))
+        _emit(result, args)
+        code = result.exit_code
+    except (ToolkitError, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            exc = Interrupted("interrupted by SIGINT")
+        error, code = str(exc), exc.exit_code
+        _report_error(script, args, error, code)
+    except Exception as exc:  # a bug: still one line, the traceback only with --verbose
+        error, code = f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILED
+        hint = "" if args.verbose else " (run with --verbose for the traceback)"
+        _report_error(script, args, error + hint, code)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    _audit(script, args, settings, audit_log, started_at, time.monotonic() - started, code, error, result)
+    return code
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted("interrupted by SIGTERM")
+
+
+def _emit(result: Result, args: argparse.Namespace) -> None:
+    if args.json:
+        document = {"ok": result.exit_code == 0, "command": args.command, **result.data}
+        print(json.dumps(document, indent=2, default=str))
+    elif result.lines and (result.report or result.exit_code != 0 or not args.quiet):
+        print("\n".join(result.lines))
+
+
+def _report_error(script: str, args: argparse.Namespace, message: str, code: int) -> None:
+    if args.verbose:
+        traceback.print_exc()
+    print(f"{script}: error: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"ok": False, "command": args.command, "exit_code": code, "error": message}, indent=2))
+
+
+def _audit(
+    script: str,
+    args: argparse.Namespace,
+    settings: Settings | None,
+    audit_log: Callable[[Settings], Path],
+    started_at: datetime,
+    duration: float,
+    code: int,
+    error: str | None,
+    result: Result | None,
+) -> None:
+    hidden = {"handler", "secret_args", "command", *args.secret_args}
+    arguments = {key: value for key, value in vars(args).items() if key not in hidden}
+    arguments.update({key: "<redacted>" for key in args.secret_args})
+    try:
+        path = audit_log(settings or Settings.load(None))
+    except ToolkitError:
+        return  # settings too broken to know where the log lives; the error was already shown
+    record = {
+        "time": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "script": script,
+        "command": args.command,
+        "arguments": arguments,
+        "exit_code": code,
+        "result": "ok" if code == 0 else (error or f"exit {code}"),
+        "duration_s": round(duration, 3),
+        "backup_ids": result.backup_ids if result else [],
+    }
+    try:
+        append_audit(path, record)
+    except OSError as exc:
+        print(f"{script}: warning: could not write the audit log {path}: {exc}", file=sys.stderr)

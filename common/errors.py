@@ -1,0 +1,41 @@
+"""One exception hierarchy for the toolkit; each class carries the exit code `main()` returns."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_VERIFY = 3
+EXIT_LOCKED = 75  # EX_TEMPFAIL from sysexits.h: try again later
+
+
+class ToolkitError(Exception):
+    """An operation failed; the message is the one line the operator sees."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(ToolkitError):
+    """Bad usage or bad input (an unknown backup, invalid JSON, a path outside its root)."""
+
+    exit_code = EXIT_USAGE
+
+
+class SettingError(UsageError):
+    """A missing or malformed setting; the message names the variable."""
+
+
+class VerifyFailed(ToolkitError):
+    """Verification found a problem."""
+
+    exit_code = EXIT_VERIFY
+
+
+class LockBusy(ToolkitError):
+    """Another run holds the store's lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class Interrupted(ToolkitError):
+    """The run was stopped by SIGINT or SIGTERM."""

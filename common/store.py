@@ -1,0 +1,389 @@
+"""The backup store: one folder per backup, a manifest written last, a lock, retention.
+
+A folder is a backup only once it has its manifest: it is built under a `.staging-` name and renamed
+into place when whole, so a run killed at any moment leaves nothing that `list` or `restore` would take.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from common import __version__
+from common.errors import LockBusy, ToolkitError, UsageError
+from common.files import (
+    PRIVATE_DIR,
+    atomic_write,
+    copy_and_hash,
+    file_mode,
+    flush_filesystem,
+    fsync_dir,
+    make_private_dir,
+    sha256_file,
+)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+STAGING_PREFIX = ".staging-"
+DELETING_PREFIX = ".deleting-"
+LOCK_FILE = ".lock"
+
+
+@dataclass
+class Entry:
+    """One item of a backup's payload, as the manifest records it."""
+
+    path: str  # relative to the backup folder
+    type: str  # "file", "dir" or "symlink"
+    mode: int = 0
+    size: int = 0
+    sha256: str | None = None
+    target: str | None = None  # a symlink's target, as written
+    uid: int | None = None  # owner, put back when restoring as root
+    gid: int | None = None
+
+    def to_json(self) -> dict:
+        """The manifest form: only the fields that apply to this type."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Entry:
+        """Read one manifest entry."""
+        return cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
+
+
+@dataclass
+class Backup:
+    """A whole backup: its folder and what its manifest says."""
+
+    path: Path
+    id: str
+    component: str
+    created_at: datetime
+    label: str | None
+    source: dict
+    entries: list[Entry]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Entry]:
+        """The regular files of the payload."""
+        return [entry for entry in self.entries if entry.type == "file"]
+
+    @property
+    def size(self) -> int:
+        """Bytes of payload."""
+        return sum(entry.size for entry in self.files)
+
+    def summary(self) -> dict:
+        """What `list` and `--json` show of a backup."""
+        return {
+            "id": self.id,
+            "component": self.component,
+            "created_at": format_time(self.created_at),
+            "label": self.label,
+            "files": len(self.files),
+            "size": self.size,
+            "path": str(self.path),
+        }
+
+
+def format_time(moment: datetime) -> str:
+    """UTC, ISO 8601, milliseconds, with a Z."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> datetime:
+    """Read a time written by format_time."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+class Staging:
+    """A backup under construction: payload goes in, then `BackupStore.new_backup` seals it."""
+
+    def __init__(self, path: Path, backup_id: str):
+        self.path = path
+        self.backup_id = backup_id
+        self.entries: list[Entry] = []
+        self.source: dict = {}
+        self.extra: dict = {}
+        self.skipped: list[str] = []  # sockets, fifos and devices are not configuration or code
+
+    def add_tree(self, src: Path, dest: str, exclude: Callable[[str], bool] | None = None) -> None:
+        """Copy the folder `src` to `dest` in the payload; symlinks are kept as links, never followed."""
+        self._add_dir(src, dest, "", exclude)
+
+    def add_file(self, src: Path, dest: str) -> None:
+        """Copy one regular file (or symlink) to `dest` in the payload."""
+        st = os.lstat(src)
+        if stat.S_ISLNK(st.st_mode):
+            self._add_symlink(src, dest)
+        elif stat.S_ISREG(st.st_mode):
+            self._add_regular(src, dest, st)
+        else:
+            raise UsageError(f"{src} is not a regular file")
+
+    def _add_dir(self, src: Path, dest: str, rel: str, exclude: Callable[[str], bool] | None) -> None:
+        os.mkdir(self.path / dest, PRIVATE_DIR)
+        st = os.lstat(src)
+        self.entries.append(Entry(dest, "dir", mode=file_mode(st), uid=st.st_uid, gid=st.st_gid))
+        with os.scandir(src) as listing:
+            items = sorted(listing, key=lambda item: item.name)
+        for item in items:
+            item_rel = f"{rel}/{item.name}" if rel else item.name
+            if exclude is not None and exclude(item_rel):
+                continue
+            item_dest = f"{dest}/{item.name}"
+            st = item.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                self._add_symlink(Path(item.path), item_dest)
+            elif stat.S_ISDIR(st.st_mode):
+                self._add_dir(Path(item.path), item_dest, item_rel, exclude)
+            elif stat.S_ISREG(st.st_mode):
+                self._add_regular(Path(item.path), item_dest, st)
+            else:
+                self.skipped.append(item.path)
+
+    def _add_regular(self, src: Path, dest: str, st: os.stat_result) -> None:
+        size, digest = copy_and_hash(src, self.path / dest)
+        self.entries.append(
+            Entry(dest, "file", mode=file_mode(st), size=size, sha256=digest, uid=st.st_uid, gid=st.st_gid)
+        )
+
+    def _add_symlink(self, src: Path, dest: str) -> None:
+        st = os.lstat(src)
+        target = os.readlink(src)
+        os.symlink(target, self.path / dest)
+        self.entries.append(Entry(dest, "symlink", target=target, uid=st.st_uid, gid=st.st_gid))
+
+
+class BackupStore:
+    """The backups of one component in one folder (BACKUP_DIR, CODE_BACKUP_DIR, CONFIG_BACKUP_DIR)."""
+
+    def __init__(self, root: Path, component: str):
+        self.root = root
+        self.component = component
+        self._lock_fd: int | None = None
+
+    # -- the lock -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the store's lock for a run that writes; a second run fails at once with LockBusy."""
+        make_private_dir(self.root)
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "a run that has just started"
+            os.close(fd)
+            raise LockBusy(f"another run holds the lock on {self.root}: {holder}; try again later") from None
+        since = format_time(datetime.now(UTC))
+        holder = f"pid {os.getpid()}, {_user()}@{socket.gethostname()}, '{command}', since {since}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self._lock_fd = fd
+        try:
+            yield
+        finally:
+            self._lock_fd = None
+            os.ftruncate(fd, 0)
+            os.close(fd)  # closing releases the flock
+
+    @property
+    def locked(self) -> bool:
+        """Whether this process holds the lock."""
+        return self._lock_fd is not None
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def new_backup(self, label: str | None = None, name: str | None = None) -> Iterator[Staging]:
+        """Build a backup in a staging folder; on a clean exit its manifest is written and it is renamed in.
+
+        The caller holds the lock. `name` (e.g. the database name) is added to the id after the component.
+        """
+        if not self.locked:
+            raise RuntimeError("new_backup needs the store lock")
+        created = datetime.now(UTC)
+        backup_id = self._new_id(created, name)
+        staging = Staging(self.root / f"{STAGING_PREFIX}{backup_id}", backup_id)
+        os.mkdir(staging.path, PRIVATE_DIR)
+        try:
+            yield staging
+            # Payload first, durably; then the manifest; then the rename that makes it a backup.
+            flush_filesystem(staging.path)
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "id": backup_id,
+                "component": self.component,
+                "created_at": format_time(created),
+                "tool_version": __version__,
+                "label": label,
+                "source": staging.source,
+                **staging.extra,
+                "entries": [entry.to_json() for entry in staging.entries],
+            }
+            atomic_write(staging.path / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+            os.rename(staging.path, self.root / backup_id)
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(staging.path, ignore_errors=True)
+            raise
+
+    def _new_id(self, created: datetime, name: str | None) -> str:
+        stamp = created.strftime("%Y%m%dT%H%M%S.") + f"{created.microsecond // 1000:03d}Z"
+        base = f"{stamp}-{self.component}"
+        if name:
+            base += "-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "x")[:40]
+        candidate, n = base, 1
+        while (self.root / candidate).exists() or (self.root / f"{STAGING_PREFIX}{candidate}").exists():
+            n += 1
+            candidate = f"{base}-{n}"
+        return candidate
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def backups(self) -> list[Backup]:
+        """Every whole backup in the store, newest first; folders without a readable manifest are not backups."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        with os.scandir(self.root) as listing:
+            for item in listing:
+                if item.name.startswith(".") or not item.is_dir(follow_symlinks=False):
+                    continue
+                if not os.path.exists(os.path.join(item.path, MANIFEST)):
+                    continue
+                try:
+                    found.append(load_backup(Path(item.path)))
+                except ToolkitError:
+                    continue
+        found.sort(key=lambda backup: (backup.created_at, backup.id), reverse=True)
+        return found
+
+    def latest(self) -> Backup | None:
+        """The newest whole backup, if any."""
+        backups = self.backups()
+        return backups[0] if backups else None
+
+    def resolve(self, ref: str) -> Backup:
+        """Find a backup by `latest`, its id, its folder, or a file inside its folder."""
+        if ref == "latest":
+            newest = self.latest()
+            if newest is None:
+                raise UsageError(f"no backups in {self.root} yet: take one with `backup`")
+            return newest
+        if "/" not in ref and not ref.startswith("."):
+            candidate = self.root / ref
+            if (candidate / MANIFEST).is_file():
+                return load_backup(candidate)
+        path = Path(ref)
+        if path.exists():
+            for folder in [path, *path.parents] if path.is_dir() else list(path.parents):
+                if (folder / MANIFEST).is_file():
+                    return load_backup(folder)
+            raise UsageError(f"{ref} is not inside a backup (no {MANIFEST} in it or above it)")
+        raise UsageError(f"no backup {ref!r} in {self.root}: `list` shows the backups")
+
+    # -- retention ----------------------------------------------------------------------------------
+
+    def retention_plan(self, days: int, keep: int, now: datetime | None = None) -> tuple[list[Backup], list[Backup]]:
+        """Split the backups into (to remove, to keep): older than `days`, beyond the newest `keep`."""
+        if keep < 1:
+            raise UsageError("--keep must be at least 1: the newest backup is never removed")
+        if days < 0:
+            raise UsageError("DAYS must be 0 or more")
+        backups = self.backups()
+        cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
+        remove = [backup for backup in backups[keep:] if backup.created_at < cutoff]
+        return remove, [backup for backup in backups if backup not in remove]
+
+    def remove(self, backup: Backup) -> None:
+        """Delete a backup: renamed out of sight first, so a half-deleted one is never taken for whole."""
+        doomed = self.root / f"{DELETING_PREFIX}{backup.id}-{secrets.token_hex(3)}"
+        os.rename(backup.path, doomed)
+        fsync_dir(self.root)
+        shutil.rmtree(doomed)
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove staging and deleting folders of runs that died; only safe while holding the lock."""
+        if not self.locked:
+            raise RuntimeError("remove_leftovers needs the store lock")
+        removed = []
+        for item in sorted(self.root.iterdir()):
+            if item.name.startswith((STAGING_PREFIX, DELETING_PREFIX)) and item.is_dir():
+                shutil.rmtree(item)
+                removed.append(item.name)
+        return removed
+
+
+def load_backup(folder: Path) -> Backup:
+    """Read a backup folder's manifest."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+        return Backup(
+            path=folder,
+            id=data["id"],
+            component=data["component"],
+            created_at=parse_time(data["created_at"]),
+            label=data.get("label"),
+            source=data.get("source") or {},
+            entries=[Entry.from_json(item) for item in data["entries"]],
+            extra={key: value for key, value in data.items() if key not in _MANIFEST_CORE},
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ToolkitError(f"{folder / MANIFEST} is unreadable or incomplete ({exc}): not a usable backup") from None
+
+
+_MANIFEST_CORE = {"id", "component", "created_at", "label", "source", "entries"}
+
+
+def check_backup(backup: Backup) -> list[str]:
+    """Compare a backup's payload with its manifest; each problem is one line naming the file."""
+    problems = []
+    listed = {MANIFEST}
+    for entry in backup.entries:
+        listed.add(entry.path)
+        path = backup.path / entry.path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            problems.append(f"{entry.path}: missing from the backup")
+            continue
+        if entry.type == "file":
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{entry.path}: not a regular file")
+            elif st.st_size != entry.size:
+                problems.append(f"{entry.path}: size {st.st_size}, manifest says {entry.size} (damaged)")
+            elif sha256_file(path) != entry.sha256:
+                problems.append(f"{entry.path}: checksum mismatch (damaged)")
+        elif entry.type == "dir" and not stat.S_ISDIR(st.st_mode):
+            problems.append(f"{entry.path}: not a folder")
+        elif entry.type == "symlink" and (not stat.S_ISLNK(st.st_mode) or os.readlink(path) != entry.target):
+            problems.append(f"{entry.path}: symlink changed")
+    for dirpath, dirnames, filenames in os.walk(backup.path):
+        for name in dirnames + filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), backup.path)
+            if rel not in listed:
+                problems.append(f"{rel}: in the backup folder but not in its manifest")
+    return problems
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())

@@ -1,0 +1,175 @@
+"""Comparing a live folder with a backup's payload, and putting it back file by file, atomically per file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.files import (
+    PRIVATE_FILE,
+    copy_and_hash,
+    file_mode,
+    flush_filesystem,
+    fsync_dir,
+    sha256_file,
+    temp_name,
+)
+from common.store import Backup, Entry
+
+
+@dataclass
+class TreeDiff:
+    """How a live tree differs from a backup, as paths relative to the tree's root."""
+
+    added: list[str] = field(default_factory=list)  # live only: restore removes them
+    removed: list[str] = field(default_factory=list)  # backup only: restore writes them
+    changed: list[str] = field(default_factory=list)  # in both, different content, mode, type or target
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+    def to_json(self) -> dict:
+        """The lists, for --json."""
+        return {"added": self.added, "removed": self.removed, "changed": self.changed}
+
+    def lines(self, root: str) -> list[str]:
+        """One line per difference, for people."""
+        out = [f"  added    {root}/{path}" for path in self.added]
+        out += [f"  removed  {root}/{path}" for path in self.removed]
+        out += [f"  changed  {root}/{path}" for path in self.changed]
+        return out
+
+
+def tree_entries(backup: Backup, prefix: str) -> dict[str, Entry]:
+    """The backup's entries under `prefix`, keyed by their path relative to it ("" is the root)."""
+    found = {}
+    for entry in backup.entries:
+        if entry.path == prefix:
+            found[""] = entry
+        elif entry.path.startswith(prefix + "/"):
+            found[entry.path[len(prefix) + 1:]] = entry
+    return found
+
+
+def matches(entry: Entry, live: Path) -> bool:
+    """Whether the live path is what the entry describes (type, mode, content or link target)."""
+    try:
+        st = os.lstat(live)
+    except FileNotFoundError:
+        return False
+    if entry.type == "symlink":
+        return stat.S_ISLNK(st.st_mode) and os.readlink(live) == entry.target
+    if entry.type == "dir":
+        return stat.S_ISDIR(st.st_mode) and file_mode(st) == entry.mode
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_size == entry.size
+        and file_mode(st) == entry.mode
+        and sha256_file(live) == entry.sha256
+    )
+
+
+def live_paths(root: Path) -> list[str]:
+    """Every path under `root`, relative to it, parents before children; symlinks are not followed."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(dirnames + filenames):
+            found.append(name if rel_dir == "." else f"{rel_dir}/{name}")
+    return found
+
+
+def diff_tree(wanted: dict[str, Entry], root: Path) -> TreeDiff:
+    """Compare the live folder `root` with the entries from tree_entries()."""
+    diff = TreeDiff()
+    live = set(live_paths(root)) if root.is_dir() else set()
+    for rel, entry in sorted(wanted.items()):
+        if rel == "":
+            if not matches(entry, root):
+                (diff.changed if root.exists() else diff.removed).append(".")
+        elif rel not in live:
+            diff.removed.append(rel)
+        elif not matches(entry, root / rel):
+            diff.changed.append(rel)
+    diff.added = sorted(live - wanted.keys())
+    return diff
+
+
+def restore_tree(backup: Backup, prefix: str, root: Path, diff: TreeDiff) -> None:
+    """Make `root` exactly the backup's tree under `prefix`; only what `diff` names is touched.
+
+    Each file is written beside its live copy and renamed over it, so no reader sees a half-written
+    file. Folders are made real before anything goes into them, so a live symlink where the backup
+    has a folder is replaced, never followed out of the tree.
+    """
+    wanted = tree_entries(backup, prefix)
+    todo = sorted(set(diff.removed) | set(diff.changed), key=lambda rel: (rel.count("/"), rel))
+    folders = [rel for rel in todo if wanted[_key(rel)].type == "dir"]
+    others = [rel for rel in todo if wanted[_key(rel)].type != "dir"]
+    for rel in folders:
+        _ensure_folder(root / rel if rel != "." else root)
+    staged = [(_stage(backup, wanted[_key(rel)], root / rel), root / rel) for rel in others]
+    if staged:
+        flush_filesystem(root)
+    for temp, live in staged:
+        _replace(temp, live)
+    for rel in sorted(diff.added, key=lambda rel: rel.count("/"), reverse=True):
+        _remove(root / rel)
+    # Modes and owners of folders last: a read-only folder must not stop the files going in.
+    for rel, entry in sorted(wanted.items(), key=lambda item: item[0].count("/"), reverse=True):
+        if entry.type == "dir":
+            _set_owner_and_mode(root / rel if rel else root, entry)
+    for parent in {live.parent for _, live in staged} | {root}:
+        fsync_dir(parent)
+
+
+def restore_file(backup: Backup, entry: Entry, live: Path) -> None:
+    """Put one file (or symlink) of a backup at `live`, atomically."""
+    live.parent.mkdir(parents=True, exist_ok=True)
+    temp = _stage(backup, entry, live)
+    flush_filesystem(live.parent)
+    _replace(temp, live)
+    fsync_dir(live.parent)
+
+
+def _key(rel: str) -> str:
+    return "" if rel == "." else rel
+
+
+def _ensure_folder(path: Path) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    path.mkdir(mode=0o700, exist_ok=True)
+
+
+def _stage(backup: Backup, entry: Entry, live: Path) -> Path:
+    temp = temp_name(live)
+    if entry.type == "symlink":
+        os.symlink(entry.target, temp)
+    else:
+        copy_and_hash(backup.path / entry.path, temp, mode=PRIVATE_FILE)
+    _set_owner_and_mode(temp, entry)
+    return temp
+
+
+def _replace(temp: Path, live: Path) -> None:
+    if live.is_dir() and not live.is_symlink():
+        shutil.rmtree(live)  # a folder where the backup has a file: os.replace cannot overwrite it
+    os.replace(temp, live)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _set_owner_and_mode(path: Path, entry: Entry) -> None:
+    if os.geteuid() == 0 and entry.uid is not None:
+        os.lchown(path, entry.uid, entry.gid if entry.gid is not None else -1)
+    if entry.type != "symlink":
+        os.chmod(path, entry.mode)  # after chown, which may clear setuid bits

@@ -1,0 +1,40 @@
+"""Shared fixtures for the test suite."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+
+import pytest
+from pg_cluster import Database, ServerBinariesNotFound, ThrowawayCluster
+
+# ---------------------------------------------------------------------------------------------------------
+# PostgreSQL: one throwaway cluster per session, one fresh database per test.
+# ---------------------------------------------------------------------------------------------------------
+
+_database_numbers = itertools.count(1)
+MAX_IDENTIFIER_LENGTH = 63  # PostgreSQL truncates longer names, which could make two tests collide
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[ThrowawayCluster]:
+    """The session's PostgreSQL server, started the first time a test asks for it."""
+    try:
+        cluster = ThrowawayCluster()
+    except ServerBinariesNotFound as missing:
+        # Stop the whole run: a suite that skips its database tests would look green while testing nothing.
+        pytest.exit(str(missing), returncode=1)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_db(request: pytest.FixtureRequest, pg_cluster: ThrowawayCluster) -> Iterator[Database]:
+    """An empty database for this test only (`name`, `env`, `connect()`), dropped afterwards."""
+    test_name = re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower()).strip("_")
+    name = f"t_{next(_database_numbers)}_{test_name}"[:MAX_IDENTIFIER_LENGTH]
+    database = pg_cluster.create_database(name)
+    yield database
+    pg_cluster.drop_database(name)

@@ -1,0 +1,50 @@
+"""Running the scripts as real processes, the way operators and CI run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def script_argv(script: str, *args: str) -> list[str]:
+    """argv that runs one of the toolkit's scripts with this interpreter."""
+    return [sys.executable, str(ROOT / script), *args]
+
+
+def run_script(
+    script: str, *args: str, env: dict[str, str], cwd: Path, umask: int | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run a script to completion with only `env` as settings (no terminal, like cron and CI)."""
+    full_env = {key: value for key, value in os.environ.items() if not key.startswith(("CONFIG", "ENV_", "DB_"))}
+    full_env.update(env)
+    return subprocess.run(
+        script_argv(script, *args),
+        env=full_env,
+        cwd=cwd,
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
+        timeout=120,
+    )
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Everything a restore must reproduce under `root`: type, mode, bytes or link target of each path."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = path.lstat()
+            if path.is_symlink():
+                found[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                found[rel] = ("dir", st.st_mode & 0o7777)
+            else:
+                found[rel] = ("file", st.st_mode & 0o7777, path.read_bytes())
+    return found

@@ -1,0 +1,142 @@
+"""The shared library on real files and processes: safe files, settings, the tool runner, the store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+
+from common.errors import LockBusy, SettingError, ToolkitError, UsageError
+from common.files import atomic_write, make_private_dir, resolve_inside
+from common.proc import run_tool
+from common.settings import Settings
+from common.store import BackupStore, check_backup
+
+
+def test_atomic_write_sets_mode_whatever_the_umask_and_leaves_no_temp(tmp_path: Path):
+    old = os.umask(0o077)
+    try:
+        atomic_write(tmp_path / "a.conf", b"one", mode=0o644)
+    finally:
+        os.umask(old)
+    os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "b.conf", b"two")
+        make_private_dir(tmp_path / "x" / "y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.conf").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.conf").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "x" / "y").stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.conf", "b.conf", "x"]
+
+
+def test_resolve_inside_refuses_escapes(tmp_path: Path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "ok.yml").write_text("a: 1\n")
+    os.symlink(tmp_path, root / "out")
+    os.symlink("sub/ok.yml", root / "inner-link.yml")
+    assert resolve_inside(root, "sub/ok.yml") == (root / "sub" / "ok.yml").resolve()
+    assert resolve_inside(root, "inner-link.yml") == (root / "sub" / "ok.yml").resolve()
+    for bad in ("../x", "/etc/passwd", "sub/../../x", "out/anything"):
+        with pytest.raises(UsageError):
+            resolve_inside(root, bad)
+
+
+def test_settings_precedence_and_errors(tmp_path: Path):
+    env_file = tmp_path / "s.env"
+    env_file.write_text("DB_PORT=6543\nDB_NAME=fromfile\nEMPTY=\n")
+    settings = Settings.load(str(env_file), environ={"DB_NAME": "fromenv", "DB_BAD": "12x"})
+    assert settings.text("DB_NAME") == "fromenv"
+    assert settings.integer("DB_PORT", 5432) == 6543
+    assert settings.text("EMPTY", "default") == "default"
+    assert settings.integer("UNSET", 7) == 7
+    with pytest.raises(SettingError, match="DB_BAD must be a whole number"):
+        settings.integer("DB_BAD", 1)
+    with pytest.raises(SettingError, match="DB_PASSWORD is not set"):
+        settings.text("DB_PASSWORD", required=True)
+    with pytest.raises(SettingError, match="no such file"):
+        Settings.load(str(tmp_path / "missing.env"), environ={})
+
+
+def test_run_tool_shows_stderr_of_a_failing_tool():
+    with pytest.raises(ToolkitError) as failure:
+        run_tool([sys.executable, "-c", "import sys; sys.stderr.write('boom: bad thing\\n'); sys.exit(4)"], "the tool")
+    assert "the tool failed (exit 4): boom: bad thing" in str(failure.value)
+    with pytest.raises(ToolkitError, match="not found"):
+        run_tool(["no-such-tool-anywhere"], "a missing tool")
+
+
+def test_run_tool_passes_secrets_through_environment_not_argv():
+    result = run_tool([sys.executable, "-c", "import os; print(os.environ['SECRET_FILE'])"], "env check",
+                      env={"SECRET_FILE": "/private/path"})
+    assert result.stdout.decode().strip() == "/private/path"
+
+
+def test_sigterm_stops_the_child_tool(tmp_path: Path):
+    """A wrapper running a long tool is sent SIGTERM: the tool must not outlive it."""
+    fifo = tmp_path / "child.pid"
+    os.mkfifo(fifo)
+    child_code = f"import os, time; open({str(fifo)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    wrapper_code = (
+        "import signal, sys\n"
+        "from common.cli import _raise_interrupted\n"
+        "from common.proc import run_tool\n"
+        "signal.signal(signal.SIGTERM, _raise_interrupted)\n"
+        f"run_tool([sys.executable, '-c', {child_code!r}], 'a long tool')\n"
+    )
+    wrapper = subprocess.Popen([sys.executable, "-c", wrapper_code], cwd=ROOT, stderr=subprocess.PIPE)
+    with open(fifo) as reader:  # blocks until the child is running
+        child_pid = int(reader.read())
+    wrapper.send_signal(signal.SIGTERM)
+    _, err = wrapper.communicate(timeout=30)
+    assert b"interrupted by SIGTERM" in err
+    with pytest.raises(ProcessLookupError):
+        os.kill(child_pid, 0)
+
+
+def test_store_lock_is_exclusive_and_names_its_holder(tmp_path: Path):
+    store = BackupStore(tmp_path / "store", "config")
+    other = BackupStore(tmp_path / "store", "config")
+    with store.lock("first run"):
+        with pytest.raises(LockBusy, match="first run") as busy, other.lock("second run"):
+            pass
+        assert busy.value.exit_code == 75
+    with other.lock("second run"):
+        pass
+
+
+def test_store_resolves_and_checks_backups(tmp_path: Path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("alpha")
+    store = BackupStore(tmp_path / "store", "config")
+    with store.lock("test"):
+        for label in ("one", "two"):
+            with store.new_backup(label) as staging:
+                staging.add_tree(source, "tree")
+    older, newer = sorted(store.backups(), key=lambda b: b.created_at)
+    assert store.resolve("latest").id == newer.id
+    assert store.resolve(older.id).id == older.id
+    assert store.resolve(str(older.path / "tree" / "a.txt")).id == older.id
+    assert check_backup(older) == []
+    (older.path / "tree" / "stray").write_text("?")
+    assert check_backup(older) == ["tree/stray: in the backup folder but not in its manifest"]
+    with pytest.raises(UsageError):
+        store.resolve("nope")
+    with pytest.raises(RuntimeError), store.new_backup("unlocked"):
+        pass
+
+
+def test_failed_backup_leaves_nothing(tmp_path: Path):
+    store = BackupStore(tmp_path / "store", "config")
+    with store.lock("test"), pytest.raises(UsageError), store.new_backup("doomed") as staging:
+        staging.add_file(tmp_path, "not-a-file")
+    assert [p.name for p in store.root.iterdir()] == [".lock"]
+    assert store.backups() == []
