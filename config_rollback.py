@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""config_rollback.py: back up, restore, patch and verify an application's configuration folder and .env."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.cli import Context, Result, add_cleanup_arguments, add_command, make_parser, run
+from common.errors import ToolkitError, UsageError
+from common.files import atomic_write, file_mode, is_inside, resolve_inside
+from common.settings import Settings
+from common.store import Backup, BackupStore, check_backup, format_time
+from common.trees import TreeDiff, diff_tree, matches, restore_file, restore_tree, tree_entries
+
+COMPONENT = "config"
+TREE = "config"  # where CONFIG_DIR lives inside a backup
+ENV_ENTRY = "env_file"  # where ENV_FILE lives inside a backup
+
+
+@dataclass
+class ConfigPaths:
+    """The live configuration and its store, from the settings."""
+
+    config_dir: Path
+    env_file: Path
+    store: BackupStore
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConfigPaths:
+        """CONFIG_DIR, ENV_FILE and CONFIG_BACKUP_DIR with the documented defaults."""
+        return cls(
+            config_dir=settings.path("CONFIG_DIR", "./config"),
+            env_file=settings.path("ENV_FILE", ".env"),
+            store=BackupStore(settings.path("CONFIG_BACKUP_DIR", "./config_backups"), COMPONENT),
+        )
+
+    @property
+    def env_in_tree(self) -> bool:
+        """An ENV_FILE inside CONFIG_DIR is already part of the tree."""
+        return self.config_dir.is_dir() and is_inside(self.env_file, self.config_dir)
+
+
+# -- the work ---------------------------------------------------------------------------------------
+
+
+def take_backup(paths: ConfigPaths, label: str | None) -> Backup:
+    """Snapshot CONFIG_DIR and ENV_FILE into the store (the caller holds the lock)."""
+    if not paths.config_dir.is_dir():
+        raise UsageError(f"CONFIG_DIR {paths.config_dir} is not a folder: set CONFIG_DIR to the configuration folder")
+    with paths.store.new_backup(label) as staging:
+        has_env = not paths.env_in_tree and os.path.lexists(paths.env_file)
+        staging.source = {
+            "host": socket.gethostname(),
+            "config_dir": str(paths.config_dir.resolve()),
+            "env_file": str(paths.env_file.resolve()),
+            "env_file_present": has_env or paths.env_in_tree,
+            "env_file_in_config_dir": paths.env_in_tree,
+        }
+        staging.add_tree(paths.config_dir, TREE)
+        if has_env:
+            staging.add_file(paths.env_file, ENV_ENTRY)
+    return paths.store.resolve(staging.backup_id)
+
+
+def compare(backup: Backup, paths: ConfigPaths) -> tuple[TreeDiff, str | None]:
+    """How the live configuration differs from a backup: the tree's diff and the ENV_FILE's ("" if same)."""
+    diff = diff_tree(tree_entries(backup, TREE), paths.config_dir)
+    if backup.source.get("env_file_in_config_dir") or paths.env_in_tree:
+        return diff, None
+    entry = next((e for e in backup.entries if e.path == ENV_ENTRY), None)
+    live = os.path.lexists(paths.env_file)
+    if entry is None:
+        return diff, "added" if live else None
+    if not live:
+        return diff, "removed"
+    return diff, None if matches(entry, paths.env_file) else "changed"
+
+
+def restore_backup(backup: Backup, paths: ConfigPaths, diff: TreeDiff, env_change: str | None) -> None:
+    """Make CONFIG_DIR and ENV_FILE exactly the backup; each file is replaced atomically."""
+    restore_tree(backup, TREE, paths.config_dir, diff)
+    if env_change == "added":
+        paths.env_file.unlink()
+    elif env_change:
+        entry = next(e for e in backup.entries if e.path == ENV_ENTRY)
+        restore_file(backup, entry, paths.env_file)
+
+
+def resolve_target(paths: ConfigPaths, name: str) -> Path:
+    """The file `update` may change: ENV_FILE by name, or a path that stays inside CONFIG_DIR."""
+    if name == str(paths.env_file) or Path(name).resolve() == paths.env_file.resolve():
+        target = paths.env_file.resolve()
+    else:
+        if not paths.config_dir.is_dir():
+            raise UsageError(f"CONFIG_DIR {paths.config_dir} is not a folder")
+        target = resolve_inside(paths.config_dir, name, "FILE")
+    if not target.is_file():
+        raise UsageError(f"{name}: no such file in {paths.config_dir} (update changes existing files only)")
+    return target
+
+
+def patch_file(target: Path, patch_json: str, env_file: Path) -> tuple[bytes, str, str]:
+    """Apply a merge patch to a config file's text; return (new bytes, old text, new text)."""
+    import config_formats
+
+    fmt = config_formats.editable_format(target, env_file)
+    patch = config_formats.parse_merge_patch(patch_json)
+    try:
+        old = target.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{target} is not UTF-8 text") from None
+    new = config_formats.patch_text(fmt, old, patch)
+    return new.encode("utf-8"), old, new
+
+
+def config_files(paths: ConfigPaths) -> list[Path]:
+    """Every file verify parses: regular files in CONFIG_DIR (links inside it followed) and ENV_FILE."""
+    found = []
+    for dirpath, _dirs, names in os.walk(paths.config_dir):
+        for name in sorted(names):
+            path = Path(dirpath) / name
+            if path.is_file() and is_inside(path, paths.config_dir):
+                found.append(path)
+    if not paths.env_in_tree and paths.env_file.is_file():
+        found.append(paths.env_file)
+    return found
+
+
+# -- the commands -----------------------------------------------------------------------------------
+
+
+def cmd_backup(ctx: Context) -> Result:
+    """backup: snapshot CONFIG_DIR and ENV_FILE."""
+    paths = ConfigPaths.from_settings(ctx.settings)
+    if ctx.dry_run:
+        if not paths.config_dir.is_dir():
+            raise UsageError(f"CONFIG_DIR {paths.config_dir} is not a folder")
+        files = sum(len(names) for _, _, names in os.walk(paths.config_dir))
+        return Result({"dry_run": True, "files": files},
+                      [f"would back up {files} files of {paths.config_dir} and {paths.env_file}"], report=True)
+    with paths.store.lock("config_rollback.py backup"):
+        backup = take_backup(paths, ctx.args.label)
+    return Result({"backup": backup.summary()}, [_describe(backup, "backup")], backup_ids=[backup.id])
+
+
+def cmd_restore(ctx: Context) -> Result:
+    """restore BACKUP: checksums first, a backup of the current state, then the backup's exact tree."""
+    paths = ConfigPaths.from_settings(ctx.settings)
+    backup = _resolve(paths, ctx.args.backup)
+    _refuse_damaged(backup)
+    diff, env_change = compare(backup, paths)
+    changes = diff.lines(str(paths.config_dir)) + ([f"  {env_change:8} {paths.env_file}"] if env_change else [])
+    data = {"backup": backup.summary(), "changes": {**diff.to_json(), "env_file": env_change}}
+    if not changes:
+        return Result({**data, "restored": False}, [f"{paths.config_dir} already matches backup {backup.id}"])
+    if ctx.dry_run:
+        return Result({**data, "dry_run": True}, [f"restoring {backup.id} would change:", *changes], report=True)
+    ctx.confirm(f"Replace the configuration in {paths.config_dir} and {paths.env_file} with backup {backup.id}?")
+    ids = []
+    with paths.store.lock("config_rollback.py restore"):
+        lines = []
+        if not ctx.args.no_backup:
+            safety = take_backup(paths, f"before restore of {backup.id}")
+            ids.append(safety.id)
+            lines.append(f"saved the current configuration as {safety.id}")
+            diff, env_change = compare(backup, paths)  # what changed while we were saving
+        restore_backup(backup, paths, diff, env_change)
+    lines.insert(0, f"restored {backup.id}: {len(changes)} paths changed")
+    lines += changes
+    if ids:
+        lines.append(f"to undo: {ctx.script} restore {ids[0]}")
+    data.update(restored=True, safety_backup=ids[0] if ids else None)
+    return Result(data, lines, backup_ids=[backup.id, *ids])
+
+
+def cmd_update(ctx: Context) -> Result:
+    """update FILE JSON: merge-patch one YAML, JSON or .env file, keeping every untouched line."""
+    import config_formats
+
+    paths = ConfigPaths.from_settings(ctx.settings)
+    target = resolve_target(paths, ctx.args.file)
+    if ctx.dry_run:
+        _, old, new = patch_file(target, ctx.args.patch, paths.env_file)
+        diff = config_formats.masked_diff(old, new, ctx.args.file)
+        return Result({"file": str(target), "changed": old != new, "dry_run": True, "diff": diff},
+                      [diff or f"{ctx.args.file}: no change"], report=True)
+    with paths.store.lock("config_rollback.py update"):
+        data, old, new = patch_file(target, ctx.args.patch, paths.env_file)
+        diff = config_formats.masked_diff(old, new, ctx.args.file)
+        if old == new:
+            return Result({"file": str(target), "changed": False, "diff": ""}, [f"{ctx.args.file}: no change"])
+        ids = [] if ctx.args.no_backup else [take_backup(paths, f"before update of {ctx.args.file}").id]
+        st = target.stat()
+        atomic_write(target, data, mode=file_mode(st), owner=(st.st_uid, st.st_gid))
+    lines = [diff] + ([f"saved the previous configuration as {ids[0]}; to undo: {ctx.script} restore {ids[0]}"]
+                      if ids else [])
+    return Result({"file": str(target), "changed": True, "diff": diff, "safety_backup": ids[0] if ids else None},
+                  lines, backup_ids=ids)
+
+
+def cmd_verify(ctx: Context) -> Result:
+    """verify: files parse, ENV_FILE is private and complete, the newest backup is sound; report drift."""
+    import config_formats
+
+    paths = ConfigPaths.from_settings(ctx.settings)
+    if not paths.config_dir.is_dir():
+        raise UsageError(f"CONFIG_DIR {paths.config_dir} is not a folder")
+    problems: list[str] = []
+    notes: list[str] = []
+    files = config_files(paths)
+    for path in files:
+        try:
+            fmt = config_formats.file_format(path, paths.env_file)
+        except UsageError:
+            continue  # not a format we can read: nothing to check
+        problem = config_formats.check_file(path, fmt)
+        if problem:
+            problems.append(f"{problem.path}:{problem.line}:{problem.column}: {problem.message}")
+    problems += _env_file_problems(paths, config_formats)
+    newest = paths.store.latest()
+    against = _resolve(paths, ctx.args.against) if ctx.args.against else newest
+    drift = None
+    if newest is None:
+        notes.append(f"no backups in {paths.store.root} yet")
+    for backup in {b.id: b for b in (newest, against) if b is not None}.values():
+        problems += [f"backup {backup.id}: {problem}" for problem in check_backup(backup)]
+    if against is not None:
+        diff, env_change = compare(against, paths)
+        drift = {**diff.to_json(), "env_file": env_change}
+        drift_lines = diff.lines(str(paths.config_dir)) + ([f"  {env_change:8} {paths.env_file}"] if env_change else [])
+        if not drift_lines:
+            notes.append(f"no drift from backup {against.id}")
+        elif ctx.args.against:
+            problems.append(f"drift from backup {against.id}:")
+            problems += drift_lines
+        else:
+            notes += [f"changed since backup {against.id}:", *drift_lines]
+    data = {"files_checked": len(files), "problems": problems, "notes": notes, "drift": drift,
+            "against": against.id if against else None}
+    verdict = f"verify: {len(files)} files checked, " + (f"{len(problems)} problems" if problems else "OK")
+    lines = [verdict] + [f"  {p}" if not p.startswith("  ") else p for p in problems] + notes
+    return Result(data, lines, exit_code=3 if problems else 0, report=True)
+
+
+def cmd_cleanup(ctx: Context) -> Result:
+    """cleanup DAYS: remove backups older than DAYS, always keeping the newest --keep."""
+    paths = ConfigPaths.from_settings(ctx.settings)
+    remove, keep = paths.store.retention_plan(ctx.args.days, ctx.args.keep)
+    if ctx.dry_run:
+        lines = [f"would remove {b.id} ({format_time(b.created_at)})" for b in remove] or ["nothing to remove"]
+        return Result({"dry_run": True, "would_remove": [b.id for b in remove], "kept": [b.id for b in keep]},
+                      lines, report=True)
+    with paths.store.lock("config_rollback.py cleanup"):
+        remove, keep = paths.store.retention_plan(ctx.args.days, ctx.args.keep)
+        for backup in remove:
+            paths.store.remove(backup)
+        leftovers = paths.store.remove_leftovers()
+    lines = [f"removed {b.id}" for b in remove] + [f"removed unfinished {name}" for name in leftovers]
+    lines.append(f"{len(remove)} backups removed, {len(keep)} kept")
+    return Result({"removed": [b.id for b in remove], "kept": [b.id for b in keep], "leftovers_removed": leftovers},
+                  lines)
+
+
+def cmd_list(ctx: Context) -> Result:
+    """list: the backups, newest first."""
+    paths = ConfigPaths.from_settings(ctx.settings)
+    backups = paths.store.backups()
+    rows = [(b.id, format_time(b.created_at), str(len(b.files)), _size(b.size), b.label or "") for b in backups]
+    lines = _table(("ID", "TIME (UTC)", "FILES", "SIZE", "LABEL"), rows) if rows else [
+        f"no backups in {paths.store.root}"]
+    return Result({"backups": [b.summary() for b in backups]}, lines, report=True)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _resolve(paths: ConfigPaths, ref: str) -> Backup:
+    backup = paths.store.resolve(ref)
+    if backup.component != COMPONENT:
+        raise UsageError(f"{ref} is a {backup.component} backup, not a configuration backup")
+    return backup
+
+
+def _refuse_damaged(backup: Backup) -> None:
+    problems = check_backup(backup)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ToolkitError(f"backup {backup.id} is damaged: {problems[0]}{more}; refused, nothing changed")
+
+
+def _env_file_problems(paths: ConfigPaths, config_formats) -> list[str]:
+    problems = []
+    env_file = paths.env_file
+    if env_file.is_file():
+        mode = file_mode(env_file.stat())
+        if mode & 0o044:
+            problems.append(f"{env_file} is readable by group or others (mode {mode:04o}): chmod 600 {env_file}")
+    example = env_file.with_name(".env.example")
+    if example.is_file() and example != env_file:
+        if not env_file.is_file():
+            problems.append(f"{env_file} is missing but {example} exists")
+        else:
+            have = set(config_formats.env_keys(env_file.read_text(errors="replace")))
+            missing = [k for k in config_formats.env_keys(example.read_text(errors="replace")) if k not in have]
+            if missing:
+                problems.append(f"{env_file} lacks keys listed in {example}: {', '.join(missing)}")
+    return problems
+
+
+def _describe(backup: Backup, what: str) -> str:
+    return f"{what} {backup.id}: {len(backup.files)} files, {_size(backup.size)}, in {backup.path}"
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]]
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+def build_parser():
+    """Every command of config_rollback.py."""
+    parser, commands = make_parser(
+        "config_rollback.py",
+        "Back up, restore, patch and verify the configuration folder (CONFIG_DIR) and the .env file (ENV_FILE).",
+        "settings (environment, then .env, then defaults):\n"
+        "  CONFIG_DIR=./config  CONFIG_BACKUP_DIR=./config_backups  ENV_FILE=.env  AUDIT_LOG=<store>/audit.log\n\n"
+        "examples:\n"
+        "  config_rollback.py backup --label before-deploy\n"
+        "  config_rollback.py update app.yml '{\"server\": {\"port\": 8081}}'\n"
+        "  config_rollback.py restore latest --yes\n"
+        "  config_rollback.py verify --against latest\n"
+        "  config_rollback.py cleanup 30 --keep 5",
+    )
+    sub = add_command(commands, "backup", cmd_backup, "snapshot CONFIG_DIR and ENV_FILE")
+    sub.add_argument("--label", help="a note kept with the backup, e.g. the release being deployed")
+
+    sub = add_command(commands, "restore", cmd_restore, "make CONFIG_DIR and ENV_FILE exactly a backup",
+                      "Checks the backup's checksums, saves the current state as a new backup, then makes\n"
+                      "CONFIG_DIR and ENV_FILE exactly the backup (bytes and modes; files it lacks are\n"
+                      "removed), replacing each file atomically.")
+    sub.add_argument("backup", metavar="BACKUP", help="a backup id, `latest`, a backup folder or a file inside one")
+    sub.add_argument("--no-backup", action="store_true", help="do not save the current state first")
+
+    sub = add_command(commands, "update", cmd_update, "merge-patch one YAML, JSON or .env file",
+                      "Applies JSON as an RFC 7386 merge patch (objects merge, null deletes a key, anything\n"
+                      "else replaces) and shows the diff. Lines the patch does not touch stay byte for byte.\n"
+                      "Values of password/secret/token keys are masked in the diff.",
+                      secret_args=("patch",))
+    sub.add_argument("file", metavar="FILE", help="a file relative to CONFIG_DIR, or the ENV_FILE")
+    sub.add_argument("patch", metavar="JSON", help="the merge patch, a JSON object")
+    sub.add_argument("--no-backup", action="store_true", help="do not save the current state first")
+
+    sub = add_command(commands, "verify", cmd_verify, "check that the configuration parses and matches a backup",
+                      "Every YAML/JSON/.env/TOML/INI file must parse; ENV_FILE must not be readable by group\n"
+                      "or others and must have the keys of a .env.example beside it; the newest backup's\n"
+                      "checksums must hold. Drift from the newest backup is reported; with --against any\n"
+                      "drift from that backup is a problem. Problems exit 3.")
+    sub.add_argument("--against", metavar="BACKUP", help="fail (exit 3) on any drift from this backup")
+
+    sub = add_command(commands, "cleanup", cmd_cleanup, "remove old backups, keeping the newest N")
+    add_cleanup_arguments(sub)
+
+    add_command(commands, "list", cmd_list, "list the backups, newest first")
+    return parser
+
+
+def audit_log(settings: Settings) -> Path:
+    """AUDIT_LOG, else audit.log in the store."""
+    return settings.path("AUDIT_LOG") or ConfigPaths.from_settings(settings).store.root / "audit.log"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run config_rollback.py."""
+    return run(build_parser(), audit_log, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
