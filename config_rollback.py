@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import Context, Result, add_cleanup_arguments, add_command, make_parser, run
-from common.errors import ToolkitError, UsageError
+from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component
+from common.errors import UsageError
 from common.files import atomic_write, file_mode, is_inside, resolve_inside
 from common.settings import Settings
-from common.store import Backup, BackupStore, check_backup, format_time
+from common.store import Backup, BackupStore, check_backup
 from common.trees import TreeDiff, diff_tree, matches, restore_file, restore_tree, tree_entries
 
 COMPONENT = "config"
@@ -150,8 +151,8 @@ def cmd_backup(ctx: Context) -> Result:
 def cmd_restore(ctx: Context) -> Result:
     """restore BACKUP: checksums first, a backup of the current state, then the backup's exact tree."""
     paths = ConfigPaths.from_settings(ctx.settings)
-    backup = _resolve(paths, ctx.args.backup)
-    _refuse_damaged(backup)
+    backup = resolve_component(paths.store, ctx.args.backup)
+    refuse_damaged(backup)
     diff, env_change = compare(backup, paths)
     changes = diff.lines(str(paths.config_dir)) + ([f"  {env_change:8} {paths.env_file}"] if env_change else [])
     data = {"backup": backup.summary(), "changes": {**diff.to_json(), "env_file": env_change}}
@@ -169,8 +170,7 @@ def cmd_restore(ctx: Context) -> Result:
             lines.append(f"saved the current configuration as {safety.id}")
             diff, env_change = compare(backup, paths)  # what changed while we were saving
         restore_backup(backup, paths, diff, env_change)
-    lines.insert(0, f"restored {backup.id}: {len(changes)} paths changed")
-    lines += changes
+    lines = [f"restored {backup.id}: {len(changes)} paths changed", *changes, *lines]
     if ids:
         lines.append(f"to undo: {ctx.script} restore {ids[0]}")
     data.update(restored=True, safety_backup=ids[0] if ids else None)
@@ -222,7 +222,7 @@ def cmd_verify(ctx: Context) -> Result:
             problems.append(f"{problem.path}:{problem.line}:{problem.column}: {problem.message}")
     problems += _env_file_problems(paths, config_formats)
     newest = paths.store.latest()
-    against = _resolve(paths, ctx.args.against) if ctx.args.against else newest
+    against = resolve_component(paths.store, ctx.args.against) if ctx.args.against else newest
     drift = None
     if newest is None:
         notes.append(f"no backups in {paths.store.root} yet")
@@ -248,48 +248,15 @@ def cmd_verify(ctx: Context) -> Result:
 
 def cmd_cleanup(ctx: Context) -> Result:
     """cleanup DAYS: remove backups older than DAYS, always keeping the newest --keep."""
-    paths = ConfigPaths.from_settings(ctx.settings)
-    remove, keep = paths.store.retention_plan(ctx.args.days, ctx.args.keep)
-    if ctx.dry_run:
-        lines = [f"would remove {b.id} ({format_time(b.created_at)})" for b in remove] or ["nothing to remove"]
-        return Result({"dry_run": True, "would_remove": [b.id for b in remove], "kept": [b.id for b in keep]},
-                      lines, report=True)
-    with paths.store.lock("config_rollback.py cleanup"):
-        remove, keep = paths.store.retention_plan(ctx.args.days, ctx.args.keep)
-        for backup in remove:
-            paths.store.remove(backup)
-        leftovers = paths.store.remove_leftovers()
-    lines = [f"removed {b.id}" for b in remove] + [f"removed unfinished {name}" for name in leftovers]
-    lines.append(f"{len(remove)} backups removed, {len(keep)} kept")
-    return Result({"removed": [b.id for b in remove], "kept": [b.id for b in keep], "leftovers_removed": leftovers},
-                  lines)
+    return cleanup_backups(ctx, ConfigPaths.from_settings(ctx.settings).store, "config_rollback.py")
 
 
 def cmd_list(ctx: Context) -> Result:
     """list: the backups, newest first."""
-    paths = ConfigPaths.from_settings(ctx.settings)
-    backups = paths.store.backups()
-    rows = [(b.id, format_time(b.created_at), str(len(b.files)), _size(b.size), b.label or "") for b in backups]
-    lines = _table(("ID", "TIME (UTC)", "FILES", "SIZE", "LABEL"), rows) if rows else [
-        f"no backups in {paths.store.root}"]
-    return Result({"backups": [b.summary() for b in backups]}, lines, report=True)
+    return list_backups(ConfigPaths.from_settings(ctx.settings).store)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def _resolve(paths: ConfigPaths, ref: str) -> Backup:
-    backup = paths.store.resolve(ref)
-    if backup.component != COMPONENT:
-        raise UsageError(f"{ref} is a {backup.component} backup, not a configuration backup")
-    return backup
-
-
-def _refuse_damaged(backup: Backup) -> None:
-    problems = check_backup(backup)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ToolkitError(f"backup {backup.id} is damaged: {problems[0]}{more}; refused, nothing changed")
 
 
 def _env_file_problems(paths: ConfigPaths, config_formats) -> list[str]:
@@ -312,21 +279,7 @@ def _env_file_problems(paths: ConfigPaths, config_formats) -> list[str]:
 
 
 def _describe(backup: Backup, what: str) -> str:
-    return f"{what} {backup.id}: {len(backup.files)} files, {_size(backup.size)}, in {backup.path}"
-
-
-def _size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(size)
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in [header, *rows]]
+    return f"{what} {backup.id}: {len(backup.files)} files, {human_size(backup.size)}, in {backup.path}"
 
 
 # -- the command line -------------------------------------------------------------------------------

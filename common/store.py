@@ -25,6 +25,7 @@ from common import __version__
 from common.errors import LockBusy, ToolkitError, UsageError
 from common.files import (
     PRIVATE_DIR,
+    PRIVATE_FILE,
     atomic_write,
     copy_and_hash,
     file_mode,
@@ -134,6 +135,21 @@ class Staging:
             self._add_regular(src, dest, st)
         else:
             raise UsageError(f"{src} is not a regular file")
+
+    def adopt(self, rel: str) -> None:
+        """Record a file or folder a tool wrote straight into the staging folder (e.g. pg_dump's output)."""
+        path = self.path / rel
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            os.chmod(path, PRIVATE_DIR)
+            self.entries.append(Entry(rel, "dir", mode=PRIVATE_DIR))
+            for name in sorted(os.listdir(path)):
+                self.adopt(f"{rel}/{name}")
+        elif stat.S_ISREG(st.st_mode):
+            os.chmod(path, PRIVATE_FILE)
+            self.entries.append(Entry(rel, "file", mode=PRIVATE_FILE, size=st.st_size, sha256=sha256_file(path)))
+        else:
+            raise ToolkitError(f"{path} is neither a file nor a folder: not adopted into the backup")
 
     def _add_dir(self, src: Path, dest: str, rel: str, exclude: Callable[[str], bool] | None) -> None:
         os.mkdir(self.path / dest, PRIVATE_DIR)
