@@ -11,6 +11,8 @@ from typing import IO
 from common.errors import ToolkitError
 
 _STOP_GRACE_SECONDS = 5
+# Never inherited by a child: a password reaches a tool only through a private file named in `env`.
+SECRET_VARIABLES = frozenset({"DB_PASSWORD", "PGPASSWORD"})
 _STDERR_TAIL_LINES = 12
 
 
@@ -36,12 +38,14 @@ def run_tool(
 ) -> ToolRun:
     """Run `argv` and wait for it; with check, a non-zero exit raises a one-line error with stderr's tail.
 
-    `env` is added to the inherited environment: it is how secrets reach a child (a PGPASSFILE path,
-    never a password in argv). `stdout` may be an open file to stream into; otherwise it is captured.
+    `env` is added to the inherited environment, from which SECRET_VARIABLES are removed: a secret
+    reaches a child only as a private file named in `env` (a PGPASSFILE), never in argv or environ.
+    `stdout` may be an open file to stream into; otherwise it is captured.
     If this process is interrupted (SIGINT, or SIGTERM turned into an exception by the CLI) the child is
     terminated, then killed, before the exception goes on.
     """
-    child_env = None if env is None else {**os.environ, **env}
+    inherited = {key: value for key, value in os.environ.items() if key not in SECRET_VARIABLES}
+    child_env = {**inherited, **(env or {})}
     try:
         proc = subprocess.Popen(
             argv,

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""database_rollback.py: PostgreSQL backups (pg_dump), restores (pg_restore) and migration rollbacks."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from common.cli import Context, Result, add_cleanup_arguments, add_command, make_parser, run
+from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component
+from common.errors import UsageError
+from common.settings import Settings
+from common.store import Backup, BackupStore
+from db_dumps import (
+    PgTools,
+    ServerInfo,
+    check_client_version,
+    create_database_like,
+    drop_database,
+    dump_into,
+    dump_path,
+    list_dump,
+    plain_dump,
+    restore_into,
+    scratch_names,
+    swap_in,
+    undo_hint,
+)
+from db_server import DbServer
+
+COMPONENT = "db"
+SCRIPT = "database_rollback.py"
+
+
+@dataclass
+class DbContext:
+    """The server, the store, the tools and the migrations folder, from the settings."""
+
+    server: DbServer
+    store: BackupStore
+    tools: PgTools
+    migrations_dir: Path
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DbContext:
+        """DB_*, BACKUP_DIR (./backups), MIGRATIONS_DIR (./migrations), PG_BINDIR (PATH if unset)."""
+        return cls(
+            server=DbServer.from_settings(settings),
+            store=BackupStore(settings.path("BACKUP_DIR", "./backups"), COMPONENT),
+            tools=PgTools(settings.path("PG_BINDIR")),
+            migrations_dir=settings.path("MIGRATIONS_DIR", "./migrations"),
+        )
+
+
+# -- the work ---------------------------------------------------------------------------------------
+
+
+def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int = 1,
+                compress: int | None = None) -> Backup:
+    """pg_dump DB_NAME into a new store entry (the caller holds the lock); a failing pg_dump leaves none."""
+    info = ServerInfo.read(db.server)
+    client = check_client_version(db.tools, info.major)
+    with db.store.new_backup(label, name=db.server.name) as staging:
+        staging.source = {"host": socket.gethostname(), "db_host": db.server.host, "db_port": db.server.port,
+                          "database": db.server.name, "user": db.server.user}
+        staging.extra = {"format": fmt, "server_version": info.version, "pg_dump_version": client,
+                         "database_size": info.database_size, "migration_version": current_migration(db)}
+        dump_into(staging, db.server, db.tools, fmt, jobs, compress)
+    return db.store.resolve(staging.backup_id)
+
+
+def current_migration(db: DbContext) -> str | None:
+    """The newest applied migration's id, or None (no tracking table yet)."""
+    conn = db.server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('public.schema_migrations') IS NOT NULL")
+            if not cur.fetchone()[0]:
+                return None
+            cur.execute("SELECT version, name FROM public.schema_migrations ORDER BY version DESC LIMIT 1")
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    return None if row is None else f"{row[0]:03d}_{row[1]}"
+
+
+def restore_into_fresh_database(db: DbContext, dump: Path, jobs: int) -> tuple[str, float]:
+    """Restore into `<name>__restore_<stamp>`, then swap names; returns (previous database's name, outage s)."""
+    restored, before = scratch_names(db.server.name)
+    create_database_like(db.server, restored)
+    try:
+        restore_into(db.server, db.tools, dump, restored, jobs, single_transaction=jobs <= 1)
+        outage = swap_in(db.server, restored, before)
+    except BaseException:
+        drop_database(db.server, restored)
+        raise
+    return before, outage
+
+
+# -- the commands -----------------------------------------------------------------------------------
+
+
+def cmd_backup(ctx: Context) -> Result:
+    """backup: pg_dump DB_NAME into the store."""
+    db = DbContext.from_settings(ctx.settings)
+    args = ctx.args
+    if args.format == "custom" and args.jobs > 1:
+        raise UsageError("--jobs needs --format directory (pg_dump dumps in parallel only into a folder)")
+    if ctx.dry_run:
+        return Result({"dry_run": True, "database": db.server.name},
+                      [f"would pg_dump {db.server.name} ({args.format} format) into {db.store.root}"], report=True)
+    with db.store.lock(f"{SCRIPT} backup"):
+        backup = take_backup(db, args.label, args.format, args.jobs, args.compress)
+    return Result({"backup": backup.summary()},
+                  [f"backup {backup.id}: {human_size(backup.size)}, migration "
+                   f"{backup.extra.get('migration_version') or '-'}, in {backup.path}"], backup_ids=[backup.id])
+
+
+def cmd_restore(ctx: Context) -> Result:
+    """restore BACKUP: checksums and the dump's table of contents first, then a restore that fails safe."""
+    db = DbContext.from_settings(ctx.settings)
+    args = ctx.args
+    if args.target_db:
+        db.server = replace(db.server, name=args.target_db)
+    backup = None
+    dump = plain_dump(args.backup)
+    if dump is None:
+        backup = resolve_component(db.store, args.backup)
+        refuse_damaged(backup)
+        dump = dump_path(backup)
+    else:
+        ctx.warn(f"{dump} was not made by this toolkit: there is no checksum to check")
+    entries = list_dump(db.server, db.tools, dump)
+    source = backup.id if backup else str(dump)
+    mode = "in place" if args.in_place else "into a fresh database, then switched in"
+    data = {"source": source, "database": db.server.name, "mode": "in-place" if args.in_place else "swap",
+            "dump_entries": entries}
+    if ctx.dry_run:
+        return Result({**data, "dry_run": True},
+                      [f"would restore {source} ({entries} entries) over {db.server.name}, {mode}"], report=True)
+    ctx.confirm(f"Replace database {db.server.name} with {source}?")
+    ids = [backup.id] if backup else []
+    lines = []
+    with db.store.lock(f"{SCRIPT} restore"):
+        if args.in_place:
+            if not args.no_backup:
+                safety = take_backup(db, f"before restore of {source}")
+                ids.append(safety.id)
+                lines.append(f"saved the current database as {safety.id}; to undo: {SCRIPT} restore {safety.id}")
+            restore_into(db.server, db.tools, dump, db.server.name, 1, single_transaction=True, clean=True)
+            data["safety_backup"] = ids[-1] if not args.no_backup else None
+        else:
+            before, outage = restore_into_fresh_database(db, dump, args.jobs)
+            data.update(previous_database=before, outage_seconds=round(outage, 3))
+            lines.append(f"the previous database is kept as {before} ({db.server.name} was out of service "
+                         f"for {outage * 1000:.0f} ms)")
+            lines.append(undo_hint(db.server, before))
+    lines.insert(0, f"restored {source} into {db.server.name} ({mode})")
+    return Result({**data, "restored": True}, lines, backup_ids=ids)
+
+
+def cmd_list(ctx: Context) -> Result:
+    """list: the backups, newest first."""
+    return list_backups(DbContext.from_settings(ctx.settings).store,
+                        {"MIGRATION": lambda b: b.extra.get("migration_version") or "-"})
+
+
+def cmd_cleanup(ctx: Context) -> Result:
+    """cleanup DAYS: remove backups older than DAYS, always keeping the newest --keep."""
+    return cleanup_backups(ctx, DbContext.from_settings(ctx.settings).store, SCRIPT)
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+def build_parser():
+    """Every command of database_rollback.py."""
+    parser, commands = make_parser(
+        SCRIPT,
+        "Back up, restore and roll back the PostgreSQL database DB_NAME.",
+        "settings (environment, then .env, then defaults):\n"
+        "  DB_HOST=localhost (a host, an address or a socket folder)  DB_PORT=5432  DB_NAME=ariesone\n"
+        "  DB_USER=postgres  DB_PASSWORD  BACKUP_DIR=./backups  MIGRATIONS_DIR=./migrations\n"
+        "  DB_LOCK_TIMEOUT=10 (seconds)  PG_BINDIR (folder of pg_dump/pg_restore; default: PATH)\n\n"
+        "examples:\n"
+        f"  {SCRIPT} backup --label before-release-1.4\n"
+        f"  {SCRIPT} restore latest --yes\n"
+        f"  {SCRIPT} restore /path/to/backup.dump --in-place --yes\n"
+        f"  {SCRIPT} cleanup 30 --keep 5",
+    )
+    sub = add_command(commands, "backup", cmd_backup, "pg_dump DB_NAME into the backup store")
+    sub.add_argument("--format", choices=("custom", "directory"), default="custom",
+                     help="custom (default): one .dump file plain pg_restore reads; directory: parallel dumps")
+    sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel dump jobs (directory format)")
+    sub.add_argument("--compress", type=int, choices=range(10), metavar="N", help="compression level 0-9")
+    sub.add_argument("--label", help="a note kept with the backup, e.g. the release being deployed")
+
+    sub = add_command(
+        commands, "restore", cmd_restore, "restore a backup or a plain pg_dump file",
+        "Checks the backup's checksums and `pg_restore --list` before anything is touched. By default the\n"
+        "dump is restored into a fresh database <name>__restore_<stamp>, then names are switched in one\n"
+        "short step (new connections refused, sessions ended, live renamed to <name>__before_<stamp>,\n"
+        "restored renamed to live): the live name is out of service for well under a second, and the\n"
+        "previous database is kept whole for an instant undo. --in-place (for users without CREATEDB)\n"
+        "first takes a backup, then runs pg_restore --clean --single-transaction. Either way a failure\n"
+        "leaves the live database as it was.")
+    sub.add_argument("backup", metavar="BACKUP",
+                     help="a backup id, `latest`, a backup folder, a file in one, or a .dump made by pg_dump")
+    sub.add_argument("--target-db", metavar="NAME",
+                     help="restore into this database instead of DB_NAME (created if missing, else replaced)")
+    sub.add_argument("--in-place", action="store_true", help="restore into the live database in one transaction")
+    sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel pg_restore jobs (fresh database)")
+    sub.add_argument("--no-backup", action="store_true", help="--in-place: do not back up the database first")
+
+    sub = add_command(commands, "cleanup", cmd_cleanup, "remove old backups, keeping the newest N")
+    add_cleanup_arguments(sub)
+
+    add_command(commands, "list", cmd_list, "list the backups, newest first")
+    return parser
+
+
+def audit_log(settings: Settings) -> Path:
+    """AUDIT_LOG, else audit.log in the store."""
+    return settings.path("AUDIT_LOG") or settings.path("BACKUP_DIR", "./backups") / "audit.log"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run database_rollback.py."""
+    return run(build_parser(), audit_log, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

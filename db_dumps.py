@@ -1,0 +1,245 @@
+"""pg_dump into the backup store, and pg_restore back: into a fresh database switched in by renames, or in place.
+
+User-supplied names never reach argv: the database to dump comes through PGDATABASE, the one to restore
+into as a quoted conninfo value, and the password through the private PGPASSFILE of DbServer.tool_env().
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from common.errors import ToolkitError, UsageError
+from common.proc import run_tool
+from common.store import Backup, Staging
+from db_server import DbServer
+
+DUMP_FILE = "db.dump"  # custom format: one file plain pg_restore reads
+DUMP_DIR = "db.dir"  # directory format: dumped and restored in parallel
+MAINTENANCE_DB = "postgres"
+SESSION_END_TIMEOUT_SECONDS = 10
+_VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+
+
+@dataclass
+class PgTools:
+    """Where pg_dump and pg_restore are: PG_BINDIR if set, else PATH."""
+
+    bindir: Path | None
+
+    def path(self, name: str) -> str:
+        """The tool's path, or its bare name to be found on PATH."""
+        if self.bindir is None:
+            return shutil.which(name) or name
+        return str(self.bindir / name)
+
+    def major(self, name: str) -> int:
+        """The tool's major version (15 for `pg_dump (PostgreSQL) 15.18`)."""
+        out = run_tool([self.path(name), "--version"], f"{name} --version").stdout.decode()
+        match = _VERSION.search(out)
+        if not match:
+            raise ToolkitError(f"cannot read the version of {name} from {out.strip()!r}")
+        return int(match.group(1))
+
+
+@dataclass
+class ServerInfo:
+    """What the manifest records of the server and the database."""
+
+    version: str
+    major: int
+    database_size: int
+
+    @classmethod
+    def read(cls, server: DbServer) -> ServerInfo:
+        """Ask the server for its version and the database's size."""
+        with server.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
+                        " pg_database_size(current_database())")
+            version, number, size = cur.fetchone()
+        conn.close()
+        return cls(version=version, major=number // 10000, database_size=size)
+
+
+def check_client_version(tools: PgTools, server_major: int) -> int:
+    """Refuse before the run if pg_dump is older than the server (it would fail mid-dump)."""
+    client = tools.major("pg_dump")
+    if client < server_major:
+        raise ToolkitError(
+            f"pg_dump {client} is older than the server ({server_major}): install the PostgreSQL {server_major} "
+            f"client (e.g. postgresql-client-{server_major}) or point PG_BINDIR at its bin folder"
+        )
+    return client
+
+
+def dump_into(staging: Staging, server: DbServer, tools: PgTools, fmt: str, jobs: int, compress: int | None) -> str:
+    """Run pg_dump into the staging folder and record its output; returns the payload's name."""
+    target = DUMP_FILE if fmt == "custom" else DUMP_DIR
+    argv = [tools.path("pg_dump"), f"--format={fmt}", f"--file={staging.path / target}",
+            f"--lock-wait-timeout={server.lock_timeout * 1000}", "--no-password"]
+    if fmt == "directory" and jobs > 1:
+        argv.append(f"--jobs={jobs}")
+    if compress is not None:
+        argv.append(f"--compress={compress}")
+    with server.tool_env() as env:
+        run_tool(argv, f"pg_dump of {server.name}", env={**env, "PGDATABASE": server.name})
+    staging.adopt(target)
+    return target
+
+
+def dump_path(backup: Backup) -> Path:
+    """The dump inside a database backup."""
+    for name in (DUMP_FILE, DUMP_DIR):
+        if (backup.path / name).exists():
+            return backup.path / name
+    raise ToolkitError(f"backup {backup.id} holds no {DUMP_FILE} or {DUMP_DIR}")
+
+
+def list_dump(server: DbServer, tools: PgTools, path: Path) -> int:
+    """Check that pg_restore can read the dump's table of contents; return its number of entries."""
+    with server.tool_env() as env:
+        result = run_tool([tools.path("pg_restore"), "--list", str(path)], f"pg_restore --list of {path}",
+                          env=env, check=False)
+    if result.returncode != 0:
+        raise ToolkitError(f"{path} is not a dump pg_restore can read: {result.stderr.strip().splitlines()[-1:]}")
+    return sum(1 for line in result.stdout.decode().splitlines() if line and not line.startswith(";"))
+
+
+def scratch_names(live: str, moment: datetime | None = None) -> tuple[str, str]:
+    """(`<name>__restore_<stamp>`, `<name>__before_<stamp>`), cut to PostgreSQL's 63 bytes."""
+    stamp = (moment or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
+    names = []
+    for role in ("restore", "before"):
+        suffix = f"__{role}_{stamp}"
+        base = live.encode()[: 63 - len(suffix)].decode(errors="ignore")
+        names.append(base + suffix)
+    return names[0], names[1]
+
+
+def conninfo_dbname(name: str) -> str:
+    """A conninfo string naming only the database, quoted so the name is data, never options."""
+    return "dbname='" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def create_database_like(server: DbServer, name: str) -> None:
+    """Create an empty database with the live one's owner, encoding and locale (or the defaults)."""
+    from psycopg2 import sql
+
+    conn = server.connect(MAINTENANCE_DB, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype"
+                        " FROM pg_database WHERE datname = %s", (server.name,))
+            like = cur.fetchone()
+            query = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+            if like:
+                query += sql.SQL(" OWNER {} ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+                    sql.Identifier(like[0]), sql.Literal(like[1]), sql.Literal(like[2]), sql.Literal(like[3]))
+            cur.execute(query)
+    finally:
+        conn.close()
+
+
+def drop_database(server: DbServer, name: str) -> None:
+    """Drop a scratch database, ending any session on it."""
+    from psycopg2 import sql
+
+    conn = server.connect(MAINTENANCE_DB, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        conn.close()
+
+
+def restore_into(server: DbServer, tools: PgTools, path: Path, dbname: str, jobs: int, single_transaction: bool,
+                 clean: bool = False) -> None:
+    """pg_restore a dump into `dbname`, stopping at the first error."""
+    argv = [tools.path("pg_restore"), "--exit-on-error", "--no-password", f"--dbname={conninfo_dbname(dbname)}"]
+    if clean:
+        argv += ["--clean", "--if-exists"]
+    if single_transaction:
+        argv.append("--single-transaction")
+    elif jobs > 1:
+        argv.append(f"--jobs={jobs}")
+    argv.append(str(path))
+    with server.tool_env() as env:
+        run_tool(argv, f"pg_restore into {dbname}", env=env)
+
+
+def swap_in(server: DbServer, restored: str, before: str) -> float:
+    """Switch names: live -> `before`, `restored` -> live. Returns how long the live name was out of service.
+
+    New connections to the live database are refused, its sessions ended, then both renames commit in one
+    transaction. Whatever fails, the live database accepts connections again afterwards.
+    """
+    from psycopg2 import sql
+
+    live = sql.Identifier(server.name)
+    conn = server.connect(MAINTENANCE_DB, autocommit=True)
+    started = time.monotonic()
+    swapped = False
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (server.name,))
+            if cur.fetchone() is None:  # nothing to replace (e.g. --target-db with a new name)
+                cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), live))
+                swapped = True
+                return 0.0
+            cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(live))
+            _end_sessions(cur, server.name)
+            conn.autocommit = False
+            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(live, sql.Identifier(before)))
+            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), live))
+            conn.commit()
+            swapped = True
+            outage = time.monotonic() - started
+            conn.autocommit = True
+            cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(before)))
+        return outage
+    finally:
+        if not swapped and not conn.closed:
+            conn.rollback()
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(live))
+        conn.close()
+
+
+def _end_sessions(cur, dbname: str) -> None:
+    """Terminate every session on `dbname` and wait until the server has really let them go."""
+    deadline = time.monotonic() + SESSION_END_TIMEOUT_SECONDS
+    while True:
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+        if cur.fetchone()[0] == 0:
+            return
+        if time.monotonic() > deadline:
+            raise ToolkitError(f"sessions on {dbname} did not end within {SESSION_END_TIMEOUT_SECONDS} s")
+        time.sleep(0.005)  # pg_terminate_backend only signals; the backend exits a moment later
+
+
+def undo_hint(server: DbServer, before: str) -> str:
+    """The SQL that puts the previous database back, for the operator."""
+    def quote(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    return (f"to undo, rename back (as a superuser, connected to {MAINTENANCE_DB}): "
+            f"ALTER DATABASE {quote(server.name)} RENAME TO {quote(server.name + '__undone')}; "
+            f"ALTER DATABASE {quote(before)} RENAME TO {quote(server.name)};")
+
+
+def plain_dump(ref: str) -> Path | None:
+    """A `.dump` file or dump folder made outside the toolkit, if `ref` names one."""
+    path = Path(ref)
+    if path.is_file() and path.suffix in (".dump", ".backup", ".pgdump"):
+        return path
+    if path.is_dir() and (path / "toc.dat").is_file():
+        return path
+    if ref.endswith(".dump") and not path.exists():
+        raise UsageError(f"{ref}: no such file")
+    return None

@@ -1,0 +1,295 @@
+"""database_rollback.py backup and restore against the real throwaway cluster, run as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import run_script, script_argv
+
+RICH_SCHEMA = """
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE SEQUENCE invoice_numbers START 1000;
+CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL, mood mood DEFAULT 'ok',
+                        created timestamptz DEFAULT '2026-01-01');
+CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id int REFERENCES customers(id), total numeric(10,2),
+                     invoice int DEFAULT nextval('invoice_numbers'), audit text);
+CREATE INDEX orders_customer ON orders (customer_id);
+CREATE FUNCTION stamp_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.audit := 'seen ' || NEW.total; RETURN NEW; END $$;
+CREATE TRIGGER orders_audit BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION stamp_audit();
+CREATE VIEW big_orders AS SELECT * FROM orders WHERE total > 100;
+CREATE TABLE events (id int, at date NOT NULL, payload jsonb) PARTITION BY RANGE (at);
+CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+INSERT INTO customers (name, mood) SELECT 'customer ' || i, (ARRAY['sad','ok','happy'])[1 + i % 3]::mood
+  FROM generate_series(1, 200) i;
+INSERT INTO orders (customer_id, total) SELECT 1 + i % 200, (i * 7.3) % 500 FROM generate_series(1, 2000) i;
+INSERT INTO events SELECT i, DATE '2025-06-01' + (i % 400), jsonb_build_object('n', i) FROM generate_series(1, 1000) i;
+CREATE MATERIALIZED VIEW order_totals AS SELECT customer_id, sum(total) AS total FROM orders GROUP BY 1;
+"""
+
+
+def database_state(pg_db, dbname: str | None = None) -> dict:
+    """Schema (as pg_dump prints it) and every row of every table and materialized view, sorted."""
+    env = {**os.environ, "PGHOST": pg_db.env["DB_HOST"], "PGPORT": pg_db.env["DB_PORT"],
+           "PGUSER": pg_db.env["DB_USER"], "PGDATABASE": dbname or pg_db.name}
+    schema = subprocess.run(["pg_dump", "--schema-only", "--no-owner"], env=env, check=True,
+                            capture_output=True, text=True).stdout
+    schema = "\n".join(line for line in schema.splitlines() if not line.startswith("\\restrict")
+                       and not line.startswith("\\unrestrict"))
+    conn = pg_db.cluster.connect(dbname or pg_db.name)
+    rows = {}
+    with conn.cursor() as cur:
+        cur.execute("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'm') ORDER BY 1")
+        for (table,) in cur.fetchall():
+            cur.execute(f"SELECT * FROM {table}")
+            rows[table] = sorted(map(repr, cur.fetchall()))
+        cur.execute("SELECT last_value FROM invoice_numbers")
+        rows["invoice_numbers"] = cur.fetchone()
+    conn.close()
+    return {"schema": schema, "rows": rows}
+
+
+class DbWorkspace:
+    """The database script's settings for one test database, and a store in a temporary folder."""
+
+    def __init__(self, pg_db, root: Path):
+        self.pg_db = pg_db
+        self.root = root
+        self.store = root / "backups"
+        self.env = {**pg_db.env, "BACKUP_DIR": str(self.store), "MIGRATIONS_DIR": str(root / "migrations")}
+
+    def run(self, *args: str, umask: int | None = None) -> subprocess.CompletedProcess:
+        return run_script("database_rollback.py", *args, env=self.env, cwd=self.root, umask=umask)
+
+    def sql(self, statement: str, dbname: str | None = None) -> list:
+        conn = self.pg_db.cluster.connect(dbname or self.pg_db.name)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(statement)
+            result = cur.fetchall() if cur.description else []
+        conn.close()
+        return result
+
+    def backup_ids(self) -> list[str]:
+        listing = self.run("--json", "list")
+        assert listing.returncode == 0, listing.stderr
+        return [b["id"] for b in json.loads(listing.stdout)["backups"]]
+
+    def databases(self) -> set[str]:
+        return {name for (name,) in self.sql("SELECT datname FROM pg_database")}
+
+
+@pytest.fixture
+def dbw(pg_db, tmp_path: Path) -> DbWorkspace:
+    workspace = DbWorkspace(pg_db, tmp_path)
+    workspace.sql(RICH_SCHEMA)
+    return workspace
+
+
+def break_database(dbw: DbWorkspace) -> None:
+    dbw.sql("DELETE FROM orders WHERE id % 2 = 0; DROP VIEW big_orders; ALTER TABLE customers ADD COLUMN x int;"
+            "INSERT INTO events VALUES (1, '2026-05-05', '{}'); SELECT nextval('invoice_numbers')")
+
+
+@pytest.mark.parametrize("mode", ["swap", "in-place"])
+def test_round_trip_is_exact_in_both_modes(dbw: DbWorkspace, mode: str):
+    before = database_state(dbw.pg_db)
+    result = dbw.run("backup", "--label", "before")
+    assert result.returncode == 0, result.stderr
+    break_database(dbw)
+    assert database_state(dbw.pg_db) != before
+
+    args = ["restore", "latest", "--yes"] + (["--in-place"] if mode == "in-place" else [])
+    result = dbw.run("--json", *args)
+    assert result.returncode == 0, result.stderr
+    assert database_state(dbw.pg_db) == before
+    report = json.loads(result.stdout)
+    if mode == "swap":
+        kept = report["previous_database"]
+        assert kept in dbw.databases()
+        assert dbw.sql("SELECT count(*) FROM orders", dbname=kept) == [(1000,)]  # the broken one, for undo
+    else:
+        assert report["safety_backup"] in dbw.backup_ids()
+
+
+def test_directory_format_with_jobs_round_trips(dbw: DbWorkspace):
+    before = database_state(dbw.pg_db)
+    result = dbw.run("backup", "--format", "directory", "--jobs", "2")
+    assert result.returncode == 0, result.stderr
+    break_database(dbw)
+    result = dbw.run("restore", "latest", "--yes", "--jobs", "2")
+    assert result.returncode == 0, result.stderr
+    assert database_state(dbw.pg_db) == before
+
+
+def test_plain_pg_dump_file_made_elsewhere_restores_with_a_warning(dbw: DbWorkspace):
+    before = database_state(dbw.pg_db)
+    dump = dbw.root / "manual.dump"
+    env = {**os.environ, "PGHOST": dbw.env["DB_HOST"], "PGPORT": dbw.env["DB_PORT"], "PGUSER": dbw.env["DB_USER"]}
+    subprocess.run(["pg_dump", "-Fc", "-f", str(dump), dbw.pg_db.name], env=env, check=True)
+    break_database(dbw)
+    result = dbw.run("restore", str(dump), "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "no checksum" in result.stderr
+    assert database_state(dbw.pg_db) == before
+
+
+def test_damaged_backup_is_refused_and_database_unchanged(dbw: DbWorkspace):
+    assert dbw.run("backup").returncode == 0
+    dump = dbw.store / dbw.backup_ids()[0] / "db.dump"
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    dump.write_bytes(bytes(data))
+    break_database(dbw)
+    broken = database_state(dbw.pg_db)
+    databases = dbw.databases()
+
+    result = dbw.run("restore", "latest", "--yes")
+    assert result.returncode == 1
+    assert "damaged" in result.stderr and "db.dump" in result.stderr
+    assert database_state(dbw.pg_db) == broken
+    assert dbw.databases() == databases
+
+
+def test_live_sessions_are_ended_by_the_swap(dbw: DbWorkspace):
+    before = database_state(dbw.pg_db)
+    assert dbw.run("backup").returncode == 0
+    break_database(dbw)
+    idle = dbw.pg_db.connect()
+    in_transaction = dbw.pg_db.connect()
+    with in_transaction.cursor() as cur:
+        cur.execute("SELECT count(*) FROM orders")  # holds a lock on orders, transaction left open
+
+    result = dbw.run("--json", "restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outage_seconds"] < 1
+    assert database_state(dbw.pg_db) == before
+    for conn in (idle, in_transaction):
+        import psycopg2
+
+        with pytest.raises(psycopg2.OperationalError), conn.cursor() as cur:
+            cur.execute("SELECT 1")  # the server ended this session
+        conn.close()
+
+
+def test_failed_restore_leaves_live_database_and_no_scratch_database(dbw: DbWorkspace):
+    assert dbw.run("backup").returncode == 0
+    dbw.sql("CREATE TABLE marker (x int)")
+    state = database_state(dbw.pg_db)
+    databases = dbw.databases()
+    dbw.env["DB_USER"] = "no_such_role"  # every connection fails
+    result = dbw.run("restore", "latest", "--yes")
+    assert result.returncode == 1
+    assert "no_such_role" in result.stderr
+    assert database_state(dbw.pg_db) == state
+    assert dbw.databases() == databases
+
+
+def test_second_run_while_lock_is_held_exits_75(dbw: DbWorkspace):
+    from common.store import BackupStore
+
+    with BackupStore(dbw.store, "db").lock("a migration in another terminal"):
+        result = dbw.run("backup")
+    assert result.returncode == 75
+    assert "a migration in another terminal" in result.stderr
+    assert dbw.backup_ids() == []
+
+
+def _cmdlines() -> dict[int, tuple[str, bytes, bytes]]:
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    environ = f.read()
+            except OSError:
+                continue
+            found[int(entry)] = (cmdline.split(b"\0")[0].decode(errors="replace"), cmdline, environ)
+    return found
+
+
+def test_password_never_in_argv_or_environment_of_any_process(dbw: DbWorkspace):
+    dbw.sql("CREATE TABLE filler AS SELECT i, md5(i::text) AS h FROM generate_series(1, 300000) i")
+    dbw.env.update(DB_HOST="127.0.0.1", DB_PASSWORD=dbw.pg_db.cluster.password)
+    secret = dbw.pg_db.cluster.password.encode()
+    seen_tools = set()
+    for args in (["backup"], ["restore", "latest", "--yes"]):
+        env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"} | dbw.env
+        proc = subprocess.Popen(script_argv("database_rollback.py", *args), env=env, cwd=dbw.root,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        while proc.poll() is None:
+            for pid, (program, cmdline, environ) in _cmdlines().items():
+                if pid == proc.pid:
+                    continue  # the script itself holds the password in memory by design, not in argv
+                assert secret not in cmdline, f"password in argv of {program}"
+                if "pg_dump" in program or "pg_restore" in program:
+                    seen_tools.add(Path(program).name)
+                    assert secret not in environ, f"password in the environment of {program}"
+        out, err = proc.communicate()
+        assert proc.returncode == 0, err
+        assert secret not in out and secret not in err
+    assert seen_tools & {"pg_dump"} and seen_tools & {"pg_restore"}
+    assert secret not in (dbw.store / "audit.log").read_bytes()
+
+
+def test_dumps_are_private_under_umask_022(dbw: DbWorkspace):
+    assert dbw.run("backup", umask=0o022).returncode == 0
+    assert dbw.run("backup", "--format", "directory", umask=0o022).returncode == 0
+    for dirpath, _dirnames, filenames in os.walk(dbw.store):
+        assert os.stat(dirpath).st_mode & 0o777 == 0o700, dirpath
+        for name in filenames:
+            assert (Path(dirpath) / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_sigterm_during_backup_leaves_no_pg_dump_and_no_backup(dbw: DbWorkspace):
+    dbw.sql("CREATE TABLE filler AS SELECT i, md5(i::text) AS h FROM generate_series(1, 2000000) i")
+    proc = subprocess.Popen(script_argv("database_rollback.py", "backup"), env={**os.environ, **dbw.env},
+                            cwd=dbw.root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    dump_pids: list[int] = []
+    while not dump_pids:
+        assert proc.poll() is None, "the backup ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        dump_pids = [pid for pid, (program, _c, _e) in _cmdlines().items()
+                     if program.endswith("pg_dump") and _parent(pid) == proc.pid]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert b"interrupted by SIGTERM" in err
+    for pid in dump_pids:
+        assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z"
+    assert dbw.backup_ids() == []
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def test_cleanup_and_list(dbw: DbWorkspace):
+    for label in ("a", "b", "c"):
+        assert dbw.run("backup", "--label", label).returncode == 0
+    ids = dbw.backup_ids()
+    assert dbw.run("cleanup", "0", "--keep", "1").returncode == 0
+    assert dbw.backup_ids() == ids[:1]
+    result = dbw.run("list")
+    assert result.stdout.splitlines()[1].endswith("c")
