@@ -121,6 +121,7 @@ class Staging:
         self.source: dict = {}
         self.extra: dict = {}
         self.skipped: list[str] = []  # sockets, fifos and devices are not configuration or code
+        self.unsynced = False  # whether files were copied in without fsync (flushed once when sealing)
 
     def add_tree(self, src: Path, dest: str, exclude: Callable[[str], bool] | None = None) -> None:
         """Copy the folder `src` to `dest` in the payload; symlinks are kept as links, never followed."""
@@ -137,7 +138,10 @@ class Staging:
             raise UsageError(f"{src} is not a regular file")
 
     def adopt(self, rel: str) -> None:
-        """Record a file or folder a tool wrote straight into the staging folder (e.g. pg_dump's output)."""
+        """Record a file or folder a tool wrote straight into the staging folder and made durable itself.
+
+        pg_dump fsyncs its own output (unless --no-sync), so adopted files need no flush from us.
+        """
         path = self.path / rel
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
@@ -173,6 +177,7 @@ class Staging:
                 self.skipped.append(item.path)
 
     def _add_regular(self, src: Path, dest: str, st: os.stat_result) -> None:
+        self.unsynced = True
         size, digest = copy_and_hash(src, self.path / dest)
         self.entries.append(
             Entry(dest, "file", mode=file_mode(st), size=size, sha256=digest, uid=st.st_uid, gid=st.st_gid)
@@ -240,7 +245,8 @@ class BackupStore:
         try:
             yield staging
             # Payload first, durably; then the manifest; then the rename that makes it a backup.
-            flush_filesystem(staging.path)
+            if staging.unsynced:
+                flush_filesystem(staging.path)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "id": backup_id,
