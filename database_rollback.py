@@ -11,6 +11,7 @@ from pathlib import Path
 from common.cli import Context, Result, add_cleanup_arguments, add_command, make_parser, run
 from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component
 from common.errors import UsageError
+from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
 from common.store import Backup, BackupStore
 from db_dumps import (
@@ -18,6 +19,7 @@ from db_dumps import (
     ServerInfo,
     check_client_version,
     create_database_like,
+    database_size,
     drop_database,
     dump_into,
     dump_path,
@@ -58,7 +60,7 @@ class DbContext:
 
 
 def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int = 1,
-                compress: int | None = None) -> Backup:
+                compress: int | None = None, progress: Progress = no_progress) -> Backup:
     """pg_dump DB_NAME into a new store entry (the caller holds the lock); a failing pg_dump leaves none."""
     info = ServerInfo.read(db.server)
     client = check_client_version(db.tools, info.major)
@@ -67,7 +69,8 @@ def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int
                           "database": db.server.name, "user": db.server.user}
         staging.extra = {"format": fmt, "server_version": info.version, "pg_dump_version": client,
                          "database_size": info.database_size, "migration_version": current_migration(db)}
-        dump_into(staging, db.server, db.tools, fmt, jobs, compress)
+        with progress(f"dumping {db.server.name}", lambda: bytes_under(staging.path), None):
+            dump_into(staging, db.server, db.tools, fmt, jobs, compress)
     return db.store.resolve(staging.backup_id)
 
 
@@ -86,12 +89,14 @@ def current_migration(db: DbContext) -> str | None:
     return None if row is None else f"{row[0]:03d}_{row[1]}"
 
 
-def restore_into_fresh_database(db: DbContext, dump: Path, jobs: int) -> tuple[str, float]:
+def restore_into_fresh_database(db: DbContext, dump: Path, jobs: int, expected_size: int | None,
+                                progress: Progress = no_progress) -> tuple[str, float]:
     """Restore into `<name>__restore_<stamp>`, then swap names; returns (previous database's name, outage s)."""
     restored, before = scratch_names(db.server.name)
     create_database_like(db.server, restored)
     try:
-        restore_into(db.server, db.tools, dump, restored, jobs, single_transaction=jobs <= 1)
+        with progress(f"restoring into {restored}", lambda: database_size(db.server, restored), expected_size):
+            restore_into(db.server, db.tools, dump, restored, jobs, single_transaction=jobs <= 1)
         outage = swap_in(db.server, restored, before)
     except BaseException:
         drop_database(db.server, restored)
@@ -112,7 +117,7 @@ def cmd_backup(ctx: Context) -> Result:
         return Result({"dry_run": True, "database": db.server.name},
                       [f"would pg_dump {db.server.name} ({args.format} format) into {db.store.root}"], report=True)
     with db.store.lock(f"{SCRIPT} backup"):
-        backup = take_backup(db, args.label, args.format, args.jobs, args.compress)
+        backup = take_backup(db, args.label, args.format, args.jobs, args.compress, ctx.progress)
     return Result({"backup": backup.summary()},
                   [f"backup {backup.id}: {human_size(backup.size)}, migration "
                    f"{backup.extra.get('migration_version') or '-'}, in {backup.path}"], backup_ids=[backup.id])
@@ -146,13 +151,15 @@ def cmd_restore(ctx: Context) -> Result:
     with db.store.lock(f"{SCRIPT} restore"):
         if args.in_place:
             if not args.no_backup:
-                safety = take_backup(db, f"before restore of {source}")
+                safety = take_backup(db, f"before restore of {source}", progress=ctx.progress)
                 ids.append(safety.id)
                 lines.append(f"saved the current database as {safety.id}; to undo: {SCRIPT} restore {safety.id}")
-            restore_into(db.server, db.tools, dump, db.server.name, 1, single_transaction=True, clean=True)
+            with ctx.progress(f"restoring {db.server.name} in place", lambda: -1, None):
+                restore_into(db.server, db.tools, dump, db.server.name, 1, single_transaction=True, clean=True)
             data["safety_backup"] = ids[-1] if not args.no_backup else None
         else:
-            before, outage = restore_into_fresh_database(db, dump, args.jobs)
+            expected = backup.extra.get("database_size") if backup else None
+            before, outage = restore_into_fresh_database(db, dump, args.jobs, expected, ctx.progress)
             data.update(previous_database=before, outage_seconds=round(outage, 3))
             lines.append(f"the previous database is kept as {before} ({db.server.name} was out of service "
                          f"for {outage * 1000:.0f} ms)")

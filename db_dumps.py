@@ -144,6 +144,17 @@ def create_database_like(server: DbServer, name: str) -> None:
         conn.close()
 
 
+def database_size(server: DbServer, name: str) -> int:
+    """pg_database_size of `name` (for restore progress), 0 if it cannot be read."""
+    conn = server.connect(MAINTENANCE_DB, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_database_size(%s)", (name,))
+            return cur.fetchone()[0] or 0
+    finally:
+        conn.close()
+
+
 def drop_database(server: DbServer, name: str) -> None:
     """Drop a scratch database, ending any session on it."""
     from psycopg2 import sql

@@ -9,12 +9,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from common.audit import append_audit
 from common.errors import EXIT_FAILED, Interrupted, ToolkitError, UsageError
+from common.progress import show_progress
 from common.settings import Settings
 
 EXIT_CODES_HELP = """exit codes:
@@ -53,6 +55,10 @@ class Context:
         """A progress or log line on stderr, unless --quiet."""
         if not self.quiet:
             print(message, file=sys.stderr, flush=True)
+
+    def progress(self, label: str, measure: Callable[[], int], total: int | None) -> AbstractContextManager:
+        """Show progress of long work on stderr (terminal only; never with --quiet or --json)."""
+        return show_progress(label, measure, total, enabled=not (self.quiet or self.json))
 
     def warn(self, message: str) -> None:
         """A warning on stderr, always."""

@@ -293,3 +293,29 @@ def test_cleanup_and_list(dbw: DbWorkspace):
     assert dbw.backup_ids() == ids[:1]
     result = dbw.run("list")
     assert result.stdout.splitlines()[1].endswith("c")
+
+
+def test_progress_goes_to_a_terminal_stderr_only(dbw: DbWorkspace):
+    import pty
+
+    dbw.sql("CREATE TABLE filler AS SELECT i, md5(i::text) AS h FROM generate_series(1, 2000000) i")
+    for extra, expect_progress in (([], True), (["--json"], False)):
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen(script_argv("database_rollback.py", *extra, "backup"),
+                                env={**os.environ, **dbw.env}, cwd=dbw.root,
+                                stdout=subprocess.PIPE, stderr=follower)
+        os.close(follower)
+        terminal = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closes when the script exits
+                break
+            if not chunk:
+                break
+            terminal += chunk
+        out, _ = proc.communicate()
+        os.close(leader)
+        assert proc.returncode == 0, terminal
+        assert (b"dumping " + dbw.pg_db.name.encode() in terminal) is expect_progress
+        assert b"dumping" not in out
