@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import sys
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from common.cli import Context, Result, add_cleanup_arguments, add_command, make_parser, run
@@ -23,6 +24,7 @@ from db_dumps import (
     drop_database,
     dump_into,
     dump_path,
+    kept_databases,
     list_dump,
     plain_dump,
     restore_into,
@@ -175,8 +177,21 @@ def cmd_list(ctx: Context) -> Result:
 
 
 def cmd_cleanup(ctx: Context) -> Result:
-    """cleanup DAYS: remove backups older than DAYS, always keeping the newest --keep."""
-    return cleanup_backups(ctx, DbContext.from_settings(ctx.settings).store, SCRIPT)
+    """cleanup DAYS: remove backups older than DAYS (keeping the newest --keep) and old `__before_` databases."""
+    db = DbContext.from_settings(ctx.settings)
+    result = cleanup_backups(ctx, db.store, SCRIPT)
+    cutoff = datetime.now(UTC) - timedelta(days=ctx.args.days)
+    old = [name for name, stamp in kept_databases(db.server) if stamp < cutoff]
+    if ctx.dry_run:
+        result.data["would_drop_databases"] = old
+        result.lines += [f"would drop database {name}" for name in old]
+        return result
+    with db.store.lock(f"{SCRIPT} cleanup"):
+        for name in old:
+            drop_database(db.server, name)
+    result.data["dropped_databases"] = old
+    result.lines += [f"dropped database {name} (kept by an earlier restore)" for name in old]
+    return result
 
 
 # -- the command line -------------------------------------------------------------------------------

@@ -234,6 +234,24 @@ def _end_sessions(cur, dbname: str) -> None:
         time.sleep(0.005)  # pg_terminate_backend only signals; the backend exits a moment later
 
 
+def kept_databases(server: DbServer) -> list[tuple[str, datetime]]:
+    """The `<name>__before_<stamp>` databases earlier restores kept, with the time in their stamp."""
+    pattern = re.compile(re.escape(server.name.encode()[:63 - 23].decode(errors="ignore")) + r"__before_(\d{14})")
+    conn = server.connect(MAINTENANCE_DB, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database ORDER BY datname")
+            names = [row[0] for row in cur.fetchall()]
+    finally:
+        conn.close()
+    kept = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match:
+            kept.append((name, datetime.strptime(match.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)))
+    return kept
+
+
 def undo_hint(server: DbServer, before: str) -> str:
     """The SQL that puts the previous database back, for the operator."""
     def quote(name: str) -> str:

@@ -295,6 +295,20 @@ def test_cleanup_and_list(dbw: DbWorkspace):
     assert result.stdout.splitlines()[1].endswith("c")
 
 
+def test_cleanup_drops_only_old_kept_databases(dbw: DbWorkspace):
+    assert dbw.run("backup").returncode == 0
+    assert dbw.run("restore", "latest", "--yes").returncode == 0  # keeps a __before_ database from now
+    recent = {name for name in dbw.databases() if "__before_" in name}
+    old = dbw.pg_db.name[:40] + "__before_20200101000000"
+    dbw.pg_db.cluster.create_database(old)
+    result = dbw.run("--json", "cleanup", "30", "--dry-run")
+    assert json.loads(result.stdout)["would_drop_databases"] == [old]
+    assert old in dbw.databases()
+    assert dbw.run("cleanup", "30").returncode == 0
+    assert old not in dbw.databases()
+    assert recent and recent <= dbw.databases()
+
+
 def test_progress_goes_to_a_terminal_stderr_only(dbw: DbWorkspace):
     import pty
 
