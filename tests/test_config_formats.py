@@ -15,7 +15,7 @@ from dotenv import dotenv_values
 from ruamel.yaml import YAML
 
 import config_formats as cf
-from common.errors import UsageError
+from common.errors import ToolkitError, UsageError
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
@@ -100,6 +100,8 @@ def test_parse_merge_patch():
         cf.parse_merge_patch('"x"')
     with pytest.raises(UsageError, match="got null"):
         cf.parse_merge_patch("null")
+    with pytest.raises(UsageError, match="NaN is not a JSON value"):
+        cf.parse_merge_patch('{"a": NaN}')
 
 
 # The examples of RFC 7386, appendix A.
@@ -312,13 +314,74 @@ def test_yaml_documents_that_cannot_be_patched(text, message):
         cf.patch_text("yaml", text, {"a": 2})
 
 
-def test_yaml_value_shared_through_an_anchor_is_not_silently_changed_twice():
-    # Changing `prod` would also change `defaults` through the alias; refused rather than written wrong.
-    text = "defaults: &d {x: 1}\nprod: *d\n"
-    with pytest.raises(cf.ToolkitError, match="does not read back"):
-        cf.patch_text("yaml", text, {"prod": {"x": 2}})
-    assert yaml_data(cf.patch_text("yaml", text, {"other": 1})) == {"defaults": {"x": 1}, "prod": {"x": 1},
-                                                                     "other": 1}
+def test_yaml_anchors_and_aliases():
+    text = ("defaults: &d {x: 1}\nprod: *d\n"
+            "base: &b\n  adapter: pg\n  host: localhost\ndev:\n  <<: *b\n  db: dev\n")
+    # The patch changes `prod` only, not `defaults` through the alias: prod gets its own copy.
+    new = cf.patch_text("yaml", text, {"prod": {"x": 2}})
+    assert changed(text, new) == [(["prod: *d\n"], ["prod: {x: 2}\n"])]
+    # A key that came in through a merge is overridden where the patch says.
+    new = cf.patch_text("yaml", text, {"dev": {"host": "db.internal"}})
+    assert changed(text, new) == [([], ["  host: db.internal\n"])]
+    assert yaml_data(new)["dev"] == {"adapter": "pg", "host": "db.internal", "db": "dev"}
+    # Changing what a merge shares cannot be written as the patch means: refused, with the reason.
+    with pytest.raises(ToolkitError, match=r"merge keys \(<<\) share"):
+        cf.patch_text("yaml", text, {"base": {"host": "elsewhere"}})
+
+
+# A hand-edited file: blocks indented by 3 and by 9, lists with and without indented dashes, a flow list
+# over three lines, "~" for null, block scalars, a directive and document markers. ruamel.yaml writes all
+# of these its own way; the lines a patch does not touch must still come out as they were.
+MIXED_YAML = """\
+%YAML 1.2
+---
+# hand-edited
+top:   value      # spaced
+multi: [one,
+        two,
+    three]
+script: |
+  # not a comment
+  echo hi
+
+folded: >-
+   some folded
+   text
+mixed:
+   three_space: 1
+   nested:
+         deep: 2
+   list:
+     - a
+     -   b
+   after: 3
+dashes:
+- x
+- y
+nulls: ~
+last: {k: v}
+...
+"""
+
+
+@pytest.mark.parametrize(("patch", "before", "after"), [
+    ({"mixed": {"three_space": 4}}, ["   three_space: 1\n"], ["   three_space: 4\n"]),
+    ({"mixed": {"nested": {"deep": 5}}}, ["         deep: 2\n"], ["         deep: 5\n"]),
+    ({"mixed": {"nested": {"deeper": 6}}}, [], ["         deeper: 6\n"]),
+    ({"mixed": {"list": ["a", "b", "c"]}}, [], ["     - c\n"]),
+    ({"mixed": {"new": 7}}, [], ["   new: 7\n"]),
+    ({"dashes": ["x", "y", "z"]}, [], ["- z\n"]),
+    ({"multi": ["one", "two"]},
+     ["multi: [one,\n", "        two,\n", "    three]\n"], ["multi: [one, two]\n"]),
+    ({"nulls": {"set": True}}, ["nulls: ~\n"], ["nulls:\n", "   set: true\n"]),  # 3: the file's own indent
+    ({"folded": "other text"}, ["   some folded\n", "   text\n"], ["   other text\n"]),
+    ({"last": None}, ["last: {k: v}\n"], []),
+])
+def test_hand_edited_layouts_are_kept_around_a_change(patch, before, after):
+    new = cf.patch_text("yaml", MIXED_YAML, patch)
+    assert changed(MIXED_YAML, new) == [(before, after)]
+    expected = cf.apply_merge_patch(yaml_data(MIXED_YAML), patch)
+    assert yaml_data(new) == expected
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,6 +413,18 @@ def test_json_untouched_hand_formatted_lines_stay(tmp_path):
     assert new == text.replace('"port": 80', '"port": 81')
     new = patch_file(path, {"debug": False})
     assert new == text.replace('"port": 80', '"port": 81,\n  "debug": false')
+
+
+def test_json_hand_formatting_next_to_a_change_stays():
+    text = '{\n  "name": "caf\\u00e9",\n  "point": {"x": 1, "y": 2},\n  "list": [1, 2, 3]\n}\n'
+    # a key added after the last one: the line above only gains its comma, its escapes stay
+    assert cf.patch_text("json", text, {"added": True}) == text.replace("3]\n", '3],\n  "added": true\n')
+    # the last key removed: the line above only loses its comma
+    assert cf.patch_text("json", text, {"list": None}) == text.replace('2},\n  "list": [1, 2, 3]', "2}")
+    # a change inside a one-line object rewrites that object; the lines around stay
+    new = cf.patch_text("json", text, {"point": {"y": 5}})
+    (before, after), = changed(text, new)
+    assert before == ['  "point": {"x": 1, "y": 2},\n'] and json.loads(new)["point"] == {"x": 1, "y": 5}
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -432,6 +507,11 @@ def test_env_append_to_a_file_without_final_newline(tmp_path):
     assert patch_file(path, {"C": "3", "A": "one"}) == "A=one\r\nB=2\r\nC=3\r\n"
 
 
+def test_env_key_without_value_gets_one():
+    assert cf.patch_text("env", "A # set below\nexport B\n", {"A": "x", "B": "y z"}) == \
+        "A=x # set below\nexport B='y z'\n"
+
+
 @pytest.mark.parametrize("patch", [{"A": {"nested": 1}}, {"A": [1, 2]}, {"1BAD": "x"}, {"BAD KEY": "x"}])
 def test_env_bad_values_and_keys(patch):
     with pytest.raises(UsageError):
@@ -467,7 +547,7 @@ def test_check_file_reports_line_and_column(tmp_path, name, text, line, column):
 
 
 @pytest.mark.parametrize(("name", "text"), [
-    ("good.yaml", "a: 1\nb: !Ref other\n---\nsecond: doc\n"),
+    ("good.yaml", "a: 1\nb: !Ref other\nc: !Sub {x: 1}\nd: !Join [a, b]\n---\nsecond: doc\n"),
     ("good.json", '{"a": [1, 2]}'),
     ("good.toml", "[server]\nport = 80\n"),
     ("good.ini", "[server]\nport = 80\n"),
@@ -509,6 +589,15 @@ def test_masked_diff_hides_secret_values():
     diff = cf.masked_diff("db: {user: a, Secret_Key: s1}\n", "db: {user: b, Secret_Key: s2}\n", "f.yml")
     assert "s1" not in diff and "+db: {user: b, Secret_Key: ********}\n" in diff
     assert cf.masked_diff("same\n", "same\n", "x") == ""
+
+
+def test_masked_diff_hides_nested_secret_blocks():
+    old = "secrets:\n- s1\n- s2\nx: 1\n"
+    diff = cf.masked_diff(old, old.replace("s1", "s3").replace("x: 1", "x: 2"), "f.yaml")
+    assert "s1" not in diff and "s3" not in diff and "-- ********\n" in diff and "+x: 2\n" in diff
+    old = '{\n  "credentials": {\n    "user": "u1",\n    "key": "k1"\n  },\n  "n": 1\n}\n'
+    diff = cf.masked_diff(old, old.replace("k1", "k2").replace('"n": 1', '"n": 2'), "f.json")
+    assert "k1" not in diff and "k2" not in diff and "u1" not in diff and '+  "n": 2\n' in diff
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -595,16 +684,16 @@ def assert_only_patched_lines_changed(old: str, new: str, patch: dict) -> None:
     mentions = re.compile(rf"""(?<![\w.-])["']?(?:{alternatives})["']?\s*:""")
     old_lines, new_lines = old.splitlines(), set(new.splitlines())
 
-    def indent(line: str) -> int:
-        return len(line) - len(line.lstrip())
+    def level(line: str) -> tuple[int, bool]:
+        return len(line) - len(line.lstrip()), line.lstrip().startswith("- ")  # "key:\n- item" nests
 
     def under_patched_key(n: int) -> bool:
-        level = indent(old_lines[n])
+        at = level(old_lines[n])
         for line in reversed(old_lines[:n]):
-            if line.strip() and not line.lstrip().startswith("#") and indent(line) < level:
+            if line.strip() and not line.lstrip().startswith("#") and level(line) < at:
                 if mentions.search(line):
                     return True
-                level = indent(line)
+                at = level(line)
         return False
 
     for start, before, _after in changed_at(old, new):
@@ -615,6 +704,8 @@ def assert_only_patched_lines_changed(old: str, new: str, patch: dict) -> None:
             comment = re.fullmatch(r"\s*(#.*)?", line)
             if comment and any(mentions.search(later) for later in old_lines[n:n + 3]):
                 continue  # the comment above a deleted key goes with it
+            if not line.strip() and n and (mentions.search(old_lines[n - 1]) or under_patched_key(n - 1)):
+                continue  # a blank line that ended a replaced block scalar
             if re.fullmatch(r"\s*[\]}],?", line) and any(mentions.search(prev) for prev in before[:k]):
                 continue  # the bracket that closed a deleted JSON block
             if line + "," in new_lines or line.rstrip(",") in new_lines:
@@ -622,17 +713,18 @@ def assert_only_patched_lines_changed(old: str, new: str, patch: dict) -> None:
             raise AssertionError(f"line changed without being patched: {line!r}\npatch: {patch}")
 
 
-@pytest.mark.parametrize("fmt", ["yaml", "json"])
+@pytest.mark.parametrize("fmt", ["yaml", "json", "mixed-yaml"])
 def test_random_patches_round_trip(fmt):
     rng = random.Random(7386)
-    plain = YAML(typ="safe", pure=True).load(SAMPLE_YAML)
-    text = SAMPLE_YAML if fmt == "yaml" else json.dumps(plain, indent=2) + "\n"
+    sample = MIXED_YAML if fmt == "mixed-yaml" else SAMPLE_YAML
+    plain = YAML(typ="safe", pure=True).load(sample)
+    text = json.dumps(plain, indent=2) + "\n" if fmt == "json" else sample
     counter = [0]
     for _ in range(40):
         patch = random_patch(rng, plain, counter)
         expected = cf.apply_merge_patch(copy.deepcopy(plain), copy.deepcopy(patch))
-        new = cf.patch_text(fmt, text, patch)
-        reread = YAML(typ="safe", pure=True).load(new) if fmt == "yaml" else json.loads(new)
+        new = cf.patch_text("json" if fmt == "json" else "yaml", text, patch)
+        reread = json.loads(new) if fmt == "json" else YAML(typ="safe", pure=True).load(new)
         assert reread == expected, patch
         assert_only_patched_lines_changed(text, new, patch)
 
