@@ -11,7 +11,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh
+	$(VENV)/bin/python examples/demo.py
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from common.cli import Context, Result, add_cleanup_arguments, add_command, make_parser, run
-from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component
-from common.errors import UsageError
+from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component, table
+from common.errors import ToolkitError, UsageError
 from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
-from common.store import Backup, BackupStore
+from common.store import Backup, BackupStore, check_backup
 from db_dumps import (
     PgTools,
     ServerInfo,
@@ -78,17 +78,33 @@ def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int
 
 def current_migration(db: DbContext) -> str | None:
     """The newest applied migration's id, or None (no tracking table yet)."""
+    import db_migrations
+
     conn = db.server.connect()
     try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('public.schema_migrations') IS NOT NULL")
-            if not cur.fetchone()[0]:
-                return None
-            cur.execute("SELECT version, name FROM public.schema_migrations ORDER BY version DESC LIMIT 1")
-            row = cur.fetchone()
+        return db_migrations.current_id(db_migrations.applied(conn))
     finally:
         conn.close()
-    return None if row is None else f"{row[0]:03d}_{row[1]}"
+
+
+def applied_migrations(db: DbContext) -> list:
+    """The rows of public.schema_migrations (empty before the first migrate)."""
+    import db_migrations
+
+    conn = db.server.connect()
+    try:
+        return db_migrations.applied(conn)
+    finally:
+        conn.close()
+
+
+def backup_before(db: DbContext, version: int) -> Backup | None:
+    """The newest backup taken when the database was below migration `version`: the way back past it."""
+    for backup in db.store.backups():
+        current = backup.extra.get("migration_version")
+        if current is None or int(current.split("_", 1)[0]) < version:
+            return backup
+    return None
 
 
 def restore_into_fresh_database(db: DbContext, dump: Path, jobs: int, expected_size: int | None,
@@ -194,6 +210,141 @@ def cmd_cleanup(ctx: Context) -> Result:
     return result
 
 
+def cmd_migrate(ctx: Context) -> Result:
+    """migrate [TARGET]: apply pending migrations, after a backup tagged with the current version."""
+    import db_migrations
+
+    db = DbContext.from_settings(ctx.settings)
+    migrations = db_migrations.discover(db.migrations_dir)
+    state = db_migrations.status(migrations, applied_migrations(db))
+    pending = [ident for ident in state["pending"]
+               if ctx.args.target is None or _version(ident) <= _version(ctx.args.target)]
+    if ctx.args.target is not None:
+        db_migrations.find(migrations, [], ctx.args.target)  # a malformed or unknown target: exit 2
+    if not pending:
+        return Result({"applied": [], "current": state["current"]},
+                      [f"nothing to apply: {db.server.name} is at {state['current'] or 'no migration'}"])
+    if ctx.dry_run:
+        return Result({"dry_run": True, "pending": pending}, [f"would apply {ident}" for ident in pending],
+                      report=True)
+    ids = []
+    with db.store.lock(f"{SCRIPT} migrate"):
+        if not ctx.args.no_backup:
+            ids.append(take_backup(db, f"before migrate to {pending[-1]}", progress=ctx.progress).id)
+        done = db_migrations.migrate(db.server, migrations, ctx.args.target, progress=ctx.info)
+    lines = [f"applied {ident}" for ident in done] + [f"backup before migrating: {i}" for i in ids]
+    return Result({"applied": done, "current": done[-1] if done else state["current"],
+                   "safety_backup": ids[0] if ids else None}, lines, backup_ids=ids)
+
+
+def cmd_rollback(ctx: Context) -> Result:
+    """rollback MIGRATION: undo every applied migration above it, in one transaction, after a backup."""
+    import db_migrations
+
+    db = DbContext.from_settings(ctx.settings)
+    migrations = db_migrations.discover(db.migrations_dir)
+    try:
+        plan = db_migrations.plan_rollback(migrations, applied_migrations(db), ctx.args.migration)
+    except db_migrations.MissingDownFile as missing:
+        way_back = backup_before(db, min(missing.versions))
+        hint = (f"; restore the backup taken before it: {SCRIPT} restore {way_back.id}" if way_back
+                else "; no backup from before it is in the store")
+        raise db_migrations.MissingDownFile(str(missing) + hint, []) from None
+    if not plan.steps:
+        return Result({"rolled_back": [], "current": plan.target_id}, [plan.render()])
+    for warning in plan.warnings:
+        ctx.warn(warning)
+    if ctx.dry_run:
+        return Result({"dry_run": True, "plan": plan.to_dict()}, [plan.render()], report=True)
+    ctx.confirm(f"Roll {db.server.name} back from {plan.current_id} to {plan.target_id}?")
+    ids = []
+    with db.store.lock(f"{SCRIPT} rollback"):
+        if not ctx.args.no_backup:
+            ids.append(take_backup(db, f"before rollback to {plan.target_id}", progress=ctx.progress).id)
+        lock_timeout = ctx.args.lock_timeout or db.server.lock_timeout
+        outcome = db_migrations.run_rollback(db.server, plan, lock_timeout, ctx.args.terminate_blockers,
+                                             progress=ctx.info)
+    lines = [f"rolled back {ident}" for ident in outcome.rolled_back]
+    lines += [f"ended blocking session {s['pid']} ({s.get('user')}, {s.get('application')})"
+              for s in outcome.terminated]
+    lines.append(f"{db.server.name} is now at {plan.target_id}")
+    if ids:
+        lines.append(f"to undo: {SCRIPT} restore {ids[0]} --yes")
+    return Result({"rolled_back": outcome.rolled_back, "current": plan.target_id,
+                   "terminated": [s["pid"] for s in outcome.terminated], "safety_backup": ids[0] if ids else None},
+                  lines, backup_ids=ids)
+
+
+def cmd_status(ctx: Context) -> Result:
+    """status: applied and pending migrations, and applied files that changed since."""
+    import db_migrations
+
+    db = DbContext.from_settings(ctx.settings)
+    state = db_migrations.status(db_migrations.discover(db.migrations_dir), applied_migrations(db))
+    lines = [f"{db.server.name} is at {state['current'] or 'no migration'}"]
+    lines += [f"  applied  {row['id']}  ({row['applied_at']})" for row in state["applied"]]
+    lines += [f"  pending  {ident}" for ident in state["pending"]]
+    lines += [f"  {d['problem']:8} {d['id']}: {d['detail']}" for d in state["drift"]]
+    return Result(state, lines, report=True)
+
+
+def cmd_verify(ctx: Context) -> Result:
+    """verify [BACKUP]: server, migrations, indexes, sessions, and a backup's checksums and table of contents."""
+    from db_checks import database_problems
+
+    db = DbContext.from_settings(ctx.settings)
+    problems, notes = database_problems(db.server, db.migrations_dir)
+    backup = resolve_component(db.store, ctx.args.backup) if ctx.args.backup else db.store.latest()
+    if backup is None:
+        notes.append(f"no backups in {db.store.root} yet")
+    else:
+        backup_problems = check_backup(backup)
+        if not backup_problems:
+            try:
+                entries = list_dump(db.server, db.tools, dump_path(backup))
+                notes.append(f"backup {backup.id}: checksums hold, {entries} entries in its table of contents")
+            except ToolkitError as exc:
+                backup_problems.append(str(exc))
+        problems += [f"backup {backup.id}: {p}" for p in backup_problems]
+    lines = [f"verify {db.server.name}: " + (f"{len(problems)} problems" if problems else "OK")]
+    lines += [f"  problem: {p}" for p in problems] + [f"  {n}" for n in notes]
+    return Result({"problems": problems, "notes": notes, "backup": backup.id if backup else None}, lines,
+                  exit_code=3 if problems else 0, report=True)
+
+
+def cmd_locks(ctx: Context) -> Result:
+    """locks [--terminate PID]: blocked sessions and who blocks them, now."""
+    import db_migrations
+
+    db = DbContext.from_settings(ctx.settings)
+    conn = db.server.connect(autocommit=True)
+    try:
+        if ctx.args.terminate is not None:
+            if ctx.dry_run:
+                return Result({"dry_run": True, "terminate": ctx.args.terminate},
+                              [f"would end session {ctx.args.terminate}"], report=True)
+            ctx.confirm(f"End session {ctx.args.terminate} on {db.server.name}?")
+            if not db_migrations.terminate(conn, ctx.args.terminate):
+                raise UsageError(f"no session with pid {ctx.args.terminate}")
+            return Result({"terminated": ctx.args.terminate}, [f"ended session {ctx.args.terminate}"])
+        sessions = db_migrations.blocking_report(conn, db.server.name)
+    finally:
+        conn.close()
+    rows = [(str(s["pid"]), str(s["user"]), str(s["application"] or ""), str(s["state"] or ""),
+             str(s["since"] or ""), ",".join(map(str, s["blocked_by"])) or "-", (s["query"] or "")[:60])
+            for s in sessions]
+    lines = (table(("PID", "USER", "APPLICATION", "STATE", "SINCE", "BLOCKED BY", "QUERY"), rows) if rows
+             else [f"no blocked sessions on {db.server.name}"])
+    return Result({"sessions": sessions}, lines, report=True)
+
+
+def _version(ident: str) -> int:
+    head = ident.split("_", 1)[0]
+    if not head.isdigit():
+        raise UsageError(f"{ident!r} is not a migration id or version (e.g. 001_initial_schema or 1)")
+    return int(head)
+
+
 # -- the command line -------------------------------------------------------------------------------
 
 
@@ -210,6 +361,9 @@ def build_parser():
         f"  {SCRIPT} backup --label before-release-1.4\n"
         f"  {SCRIPT} restore latest --yes\n"
         f"  {SCRIPT} restore /path/to/backup.dump --in-place --yes\n"
+        f"  {SCRIPT} migrate\n"
+        f"  {SCRIPT} rollback 001_initial_schema --yes\n"
+        f"  {SCRIPT} locks\n"
         f"  {SCRIPT} cleanup 30 --keep 5",
     )
     sub = add_command(commands, "backup", cmd_backup, "pg_dump DB_NAME into the backup store")
@@ -235,6 +389,37 @@ def build_parser():
     sub.add_argument("--in-place", action="store_true", help="restore into the live database in one transaction")
     sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel pg_restore jobs (fresh database)")
     sub.add_argument("--no-backup", action="store_true", help="--in-place: do not back up the database first")
+
+    sub = add_command(commands, "migrate", cmd_migrate, "apply pending migrations from MIGRATIONS_DIR",
+                      "Applies <version>_<name>.up.sql files in version order, each in its own transaction with\n"
+                      "its row in public.schema_migrations, after a backup (unless --no-backup). An advisory\n"
+                      "lock keeps two migrators apart.")
+    sub.add_argument("target", metavar="TARGET", nargs="?", help="stop after this migration (id or version)")
+    sub.add_argument("--no-backup", action="store_true", help="do not back up the database first")
+
+    sub = add_command(
+        commands, "rollback", cmd_rollback, "roll back to a migration with the down scripts",
+        "Runs the down scripts of every applied migration above MIGRATION, newest first, and their\n"
+        "tracking-table deletes in ONE transaction under lock_timeout, after a backup. On a lock timeout\n"
+        "nothing changes and the blocking sessions are named. A down file whose first line is\n"
+        "`-- rollback: no-transaction` runs on its own (the plan warns). A migration without a down\n"
+        "file stops the rollback before anything changes, naming the backup to restore instead.")
+    sub.add_argument("migration", metavar="MIGRATION", help="an applied migration: id (001_initial_schema) or version")
+    sub.add_argument("--lock-timeout", type=int, metavar="SECONDS", help="lock_timeout (default DB_LOCK_TIMEOUT)")
+    sub.add_argument("--terminate-blockers", action="store_true",
+                     help="on a lock timeout, end the blocking sessions and try once more")
+    sub.add_argument("--no-backup", action="store_true", help="do not back up the database first")
+
+    add_command(commands, "status", cmd_status, "applied and pending migrations, and changed files")
+
+    sub = add_command(commands, "verify", cmd_verify, "check the database and a backup (problems exit 3)",
+                      "Connects and reports the server version; applied migrations must have unchanged files;\n"
+                      "no invalid indexes; long transactions and lock waits are warned of; the newest backup\n"
+                      "(or BACKUP) must pass its checksums and pg_restore --list.")
+    sub.add_argument("backup", metavar="BACKUP", nargs="?", help="the backup to check (default: the newest)")
+
+    sub = add_command(commands, "locks", cmd_locks, "blocked sessions and who blocks them")
+    sub.add_argument("--terminate", type=int, metavar="PID", help="end this session")
 
     sub = add_command(commands, "cleanup", cmd_cleanup, "remove old backups, keeping the newest N")
     add_cleanup_arguments(sub)

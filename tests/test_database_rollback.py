@@ -51,8 +51,11 @@ def database_state(pg_db, dbname: str | None = None) -> dict:
         for (table,) in cur.fetchall():
             cur.execute(f"SELECT * FROM {table}")
             rows[table] = sorted(map(repr, cur.fetchall()))
-        cur.execute("SELECT last_value FROM invoice_numbers")
-        rows["invoice_numbers"] = cur.fetchone()
+        cur.execute("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = 'public' AND c.relkind = 'S' ORDER BY 1")
+        for (sequence,) in cur.fetchall():
+            cur.execute(f"SELECT last_value, is_called FROM {sequence}")
+            rows[sequence] = cur.fetchone()
     conn.close()
     return {"schema": schema, "rows": rows}
 
@@ -333,3 +336,103 @@ def test_progress_goes_to_a_terminal_stderr_only(dbw: DbWorkspace):
         assert proc.returncode == 0, terminal
         assert (b"dumping " + dbw.pg_db.name.encode() in terminal) is expect_progress
         assert b"dumping" not in out
+
+
+@pytest.fixture
+def migrated(pg_db, tmp_path: Path) -> DbWorkspace:
+    """An empty database with the sample migrations applied up to 004."""
+    import shutil
+
+    from helpers import ROOT
+
+    dbw = DbWorkspace(pg_db, tmp_path)
+    shutil.copytree(ROOT / "examples" / "migrations", dbw.root / "migrations")
+    result = dbw.run("migrate", "004", "--no-backup")
+    assert result.returncode == 0, result.stderr
+    return dbw
+
+
+def test_migrate_then_rollback_through_the_cli(migrated: DbWorkspace):
+    assert migrated.run("migrate").returncode == 0
+    assert migrated.sql("SELECT count(*) FROM schema_migrations") == [(5,)]
+
+    plan = migrated.run("--json", "rollback", "003_seed_customers", "--dry-run")
+    assert plan.returncode == 0
+    assert [s["id"] for s in json.loads(plan.stdout)["plan"]["steps"]] == [
+        "005_split_customer_name", "004_orders_by_customer_index"]
+    assert migrated.sql("SELECT count(*) FROM schema_migrations") == [(5,)]
+
+    result = migrated.run("--json", "rollback", "003_seed_customers", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "outside the rollback transaction" in result.stderr  # the no-transaction step is warned of
+    report = json.loads(result.stdout)
+    assert report["current"] == "003_seed_customers" and report["safety_backup"] in migrated.backup_ids()
+    assert migrated.sql("SELECT version FROM schema_migrations ORDER BY 1") == [(1,), (2,), (3,)]
+    assert migrated.sql("SELECT name FROM customers WHERE id = 7") == [("customer 7",)]
+    assert migrated.sql("SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_by_customer'") == [(0,)]
+    assert migrated.sql("SELECT count(*) FROM information_schema.columns WHERE column_name = 'first_name'") == [(0,)]
+
+    again = migrated.run("rollback", "003", "--yes")
+    assert again.returncode == 0 and "nothing to roll back" in again.stdout
+    status = json.loads(migrated.run("--json", "status").stdout)
+    assert status["pending"] == ["004_orders_by_customer_index", "005_split_customer_name"]
+
+
+@pytest.mark.parametrize("ref", ["999_nope", "abc", "--output=x"])
+def test_rollback_to_unknown_or_malformed_migration_is_exit_2(migrated: DbWorkspace, ref: str):
+    before = database_state(migrated.pg_db)
+    result = migrated.run("rollback", "--yes", "--", ref)
+    assert result.returncode == 2, result.stderr
+    assert database_state(migrated.pg_db) == before
+
+
+def test_missing_down_file_is_refused_and_names_the_backup_to_restore(migrated: DbWorkspace):
+    assert migrated.run("backup", "--label", "at 004").returncode == 0
+    assert migrated.run("migrate").returncode == 0
+    (migrated.root / "migrations" / "005_split_customer_name.down.sql").unlink()
+    before = database_state(migrated.pg_db)
+    result = migrated.run("rollback", "004", "--yes")
+    assert result.returncode == 1
+    assert "005_split_customer_name" in result.stderr
+    named = result.stderr.rsplit("restore ", 1)[1].split()[0]
+    manifest = json.loads((migrated.store / named / "manifest.json").read_text())
+    assert manifest["migration_version"] == "004_orders_by_customer_index"
+    assert database_state(migrated.pg_db) == before
+
+
+def test_rollback_blocked_by_a_session_names_it_and_changes_nothing(migrated: DbWorkspace):
+    assert migrated.run("migrate").returncode == 0
+    blocker = migrated.pg_db.connect()
+    with blocker.cursor() as cur:
+        cur.execute("SELECT count(*) FROM customers")  # ACCESS SHARE on customers, transaction left open
+        cur.execute("SELECT pg_backend_pid()")
+        pid = cur.fetchone()[0]
+    before = database_state(migrated.pg_db)
+    result = migrated.run("rollback", "004", "--yes", "--no-backup", "--lock-timeout", "1")
+    assert result.returncode == 1
+    assert str(pid) in result.stderr and "--terminate-blockers" in result.stderr
+    assert database_state(migrated.pg_db) == before
+
+    locks = migrated.run("--json", "locks")
+    assert locks.returncode == 0
+    result = migrated.run("rollback", "004", "--yes", "--no-backup", "--lock-timeout", "1", "--terminate-blockers")
+    assert result.returncode == 0, result.stderr
+    assert str(pid) in result.stdout
+    blocker.close()
+
+
+def test_verify_finds_changed_migration_and_damaged_backup(migrated: DbWorkspace):
+    assert migrated.run("backup").returncode == 0
+    result = migrated.run("verify")
+    assert result.returncode == 0, result.stdout
+    up = migrated.root / "migrations" / "002_orders.up.sql"
+    up.write_text(up.read_text() + "-- edited after it was applied\n")
+    dump = migrated.store / migrated.backup_ids()[0] / "db.dump"
+    data = bytearray(dump.read_bytes())
+    data[-5] ^= 0x01
+    dump.write_bytes(bytes(data))
+    result = migrated.run("--json", "verify")
+    assert result.returncode == 3
+    problems = json.loads(result.stdout)["problems"]
+    assert any("002_orders.up.sql changed" in p for p in problems)
+    assert any("db.dump" in p and "damaged" in p for p in problems)

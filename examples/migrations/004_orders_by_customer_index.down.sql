@@ -1,0 +1,2 @@
+-- rollback: no-transaction
+DROP INDEX CONCURRENTLY orders_by_customer;
