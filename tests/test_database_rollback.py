@@ -436,3 +436,27 @@ def test_verify_finds_changed_migration_and_damaged_backup(migrated: DbWorkspace
     problems = json.loads(result.stdout)["problems"]
     assert any("002_orders.up.sql changed" in p for p in problems)
     assert any("db.dump" in p and "damaged" in p for p in problems)
+
+
+def test_restore_into_another_database_leaves_the_live_one_alone(dbw: DbWorkspace):
+    before = database_state(dbw.pg_db)
+    assert dbw.run("backup").returncode == 0
+    break_database(dbw)
+    broken = database_state(dbw.pg_db)
+    copy = dbw.pg_db.name[:40] + "_copy"
+    result = dbw.run("restore", "latest", "--yes", "--target-db", copy)
+    assert result.returncode == 0, result.stderr
+    assert database_state(dbw.pg_db, dbname=copy) == before
+    assert database_state(dbw.pg_db) == broken
+    dbw.pg_db.cluster.drop_database(copy)
+
+
+def test_verify_reports_an_invalid_index(dbw: DbWorkspace):
+    dbw.sql("CREATE TABLE dupes (x int); INSERT INTO dupes VALUES (1), (1)")
+    try:
+        dbw.sql("CREATE UNIQUE INDEX CONCURRENTLY dupes_x ON dupes (x)")
+    except Exception:  # noqa: BLE001 - the failed concurrent build is the point: it leaves an invalid index
+        pass
+    result = dbw.run("verify")
+    assert result.returncode == 3
+    assert "dupes_x is invalid" in result.stdout
