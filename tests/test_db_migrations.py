@@ -14,7 +14,6 @@ from psycopg2 import sql
 from common.errors import LockBusy, ToolkitError, UsageError
 from common.settings import Settings
 from db_migrations import (
-    LOCK_KEY,
     MigrationFailed,
     MissingDownFile,
     RollbackFailed,
@@ -30,6 +29,7 @@ from db_migrations import (
     terminate,
 )
 from db_server import DbServer
+from db_sessions import LOCK_KEY
 
 # id -> (up SQL, down SQL); 006's down runs outside a transaction, the rest inside the rollback transaction.
 MIGRATIONS: dict[str, tuple[str, str]] = {
