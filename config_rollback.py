@@ -48,11 +48,16 @@ class ConfigPaths:
 # -- the work ---------------------------------------------------------------------------------------
 
 
-def take_backup(paths: ConfigPaths, label: str | None) -> Backup:
-    """Snapshot CONFIG_DIR and ENV_FILE into the store (the caller holds the lock)."""
-    if not paths.config_dir.is_dir():
+def take_backup(paths: ConfigPaths, label: str | None, safety: bool = False) -> Backup:
+    """Snapshot CONFIG_DIR and ENV_FILE into the store (the caller holds the lock).
+
+    A safety backup is taken even when CONFIG_DIR is gone (it then records no tree), so a restore after
+    the folder was deleted still saves the ENV_FILE it replaces.
+    """
+    present = paths.config_dir.is_dir()
+    if not present and not safety:
         raise UsageError(f"CONFIG_DIR {paths.config_dir} is not a folder: set CONFIG_DIR to the configuration folder")
-    with paths.store.new_backup(label) as staging:
+    with paths.store.new_backup(label, safety=safety) as staging:
         has_env = not paths.env_in_tree and os.path.lexists(paths.env_file)
         staging.source = {
             "host": socket.gethostname(),
@@ -60,8 +65,10 @@ def take_backup(paths: ConfigPaths, label: str | None) -> Backup:
             "env_file": str(paths.env_file.resolve()),
             "env_file_present": has_env or paths.env_in_tree,
             "env_file_in_config_dir": paths.env_in_tree,
+            "config_dir_present": present,
         }
-        staging.add_tree(paths.config_dir, TREE)
+        if present:
+            staging.add_tree(paths.config_dir, TREE)
         if has_env:
             staging.add_file(paths.env_file, ENV_ENTRY)
     return paths.store.resolve(staging.backup_id)
@@ -151,30 +158,41 @@ def cmd_backup(ctx: Context) -> Result:
 def cmd_restore(ctx: Context) -> Result:
     """restore BACKUP: checksums first, a backup of the current state, then the backup's exact tree."""
     paths = ConfigPaths.from_settings(ctx.settings)
-    backup = resolve_component(paths.store, ctx.args.backup)
-    refuse_damaged(backup)
-    diff, env_change = compare(backup, paths)
-    changes = diff.lines(str(paths.config_dir)) + ([f"  {env_change:8} {paths.env_file}"] if env_change else [])
-    data = {"backup": backup.summary(), "changes": {**diff.to_json(), "env_file": env_change}}
-    if not changes:
-        return Result({**data, "restored": False}, [f"{paths.config_dir} already matches backup {backup.id}"])
     if ctx.dry_run:
-        return Result({**data, "dry_run": True}, [f"restoring {backup.id} would change:", *changes], report=True)
-    ctx.confirm(f"Replace the configuration in {paths.config_dir} and {paths.env_file} with backup {backup.id}?")
+        backup, diff, env_change, changes = _restore_plan(paths, ctx.args.backup)
+        return Result({"backup": backup.summary(), "changes": {**diff.to_json(), "env_file": env_change},
+                       "dry_run": True},
+                      [f"restoring {backup.id} would change:", *changes] if changes else
+                      [f"{paths.config_dir} already matches backup {backup.id}"], report=True)
     ids = []
+    lines = []
+    # Everything from resolving the backup to the last file happens under the lock, so a cleanup or
+    # another restore cannot remove the backup or change the tree between the check and the writes.
     with paths.store.lock("config_rollback.py restore"):
-        lines = []
+        backup, diff, env_change, changes = _restore_plan(paths, ctx.args.backup)
+        data = {"backup": backup.summary(), "changes": {**diff.to_json(), "env_file": env_change}}
+        if not changes:
+            return Result({**data, "restored": False}, [f"{paths.config_dir} already matches backup {backup.id}"])
+        ctx.confirm(f"Replace the configuration in {paths.config_dir} and {paths.env_file} with backup {backup.id}?")
         if not ctx.args.no_backup:
-            safety = take_backup(paths, f"before restore of {backup.id}")
+            safety = take_backup(paths, f"before restore of {backup.id}", safety=True)
             ids.append(safety.id)
             lines.append(f"saved the current configuration as {safety.id}")
-            diff, env_change = compare(backup, paths)  # what changed while we were saving
+        diff, env_change = compare(backup, paths)  # the tree as it is now, not as it was before the prompt
         restore_backup(backup, paths, diff, env_change)
     lines = [f"restored {backup.id}: {len(changes)} paths changed", *changes, *lines]
     if ids:
-        lines.append(f"to undo: {ctx.script} restore {ids[0]}")
+        lines.append(f"to undo: {ctx.script} restore {ids[0]} --yes")
     data.update(restored=True, safety_backup=ids[0] if ids else None)
     return Result(data, lines, backup_ids=[backup.id, *ids])
+
+
+def _restore_plan(paths: ConfigPaths, ref: str) -> tuple[Backup, TreeDiff, str | None, list[str]]:
+    backup = resolve_component(paths.store, ref)
+    refuse_damaged(backup)
+    diff, env_change = compare(backup, paths)
+    changes = diff.lines(str(paths.config_dir)) + ([f"  {env_change:8} {paths.env_file}"] if env_change else [])
+    return backup, diff, env_change, changes
 
 
 def cmd_update(ctx: Context) -> Result:
@@ -193,10 +211,11 @@ def cmd_update(ctx: Context) -> Result:
         diff = config_formats.masked_diff(old, new, ctx.args.file)
         if old == new:
             return Result({"file": str(target), "changed": False, "diff": ""}, [f"{ctx.args.file}: no change"])
-        ids = [] if ctx.args.no_backup else [take_backup(paths, f"before update of {ctx.args.file}").id]
+        ids = [] if ctx.args.no_backup else [take_backup(paths, f"before update of {ctx.args.file}",
+                                                               safety=True).id]
         st = target.stat()
         atomic_write(target, data, mode=file_mode(st), owner=(st.st_uid, st.st_gid))
-    lines = [diff] + ([f"saved the previous configuration as {ids[0]}; to undo: {ctx.script} restore {ids[0]}"]
+    lines = [diff] + ([f"saved the previous configuration as {ids[0]}; to undo: {ctx.script} restore {ids[0]} --yes"]
                       if ids else [])
     return Result({"file": str(target), "changed": True, "diff": diff, "safety_backup": ids[0] if ids else None},
                   lines, backup_ids=ids)

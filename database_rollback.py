@@ -19,6 +19,7 @@ from db_dumps import (
     PgTools,
     ServerInfo,
     check_client_version,
+    copy_database_settings,
     create_database_like,
     database_size,
     drop_database,
@@ -57,16 +58,20 @@ class DbContext:
             migrations_dir=settings.path("MIGRATIONS_DIR", "./migrations"),
         )
 
+    def is_own(self, backup: Backup) -> bool:
+        """Whether a backup is of DB_NAME (one BACKUP_DIR may hold backups of several databases)."""
+        return backup.source.get("database") == self.server.name
+
 
 # -- the work ---------------------------------------------------------------------------------------
 
 
 def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int = 1,
-                compress: int | None = None, progress: Progress = no_progress) -> Backup:
+                compress: int | None = None, progress: Progress = no_progress, safety: bool = False) -> Backup:
     """pg_dump DB_NAME into a new store entry (the caller holds the lock); a failing pg_dump leaves none."""
     info = ServerInfo.read(db.server)
     client = check_client_version(db.tools, info.major)
-    with db.store.new_backup(label, name=db.server.name) as staging:
+    with db.store.new_backup(label, name=db.server.name, safety=safety) as staging:
         staging.source = {"host": socket.gethostname(), "db_host": db.server.host, "db_port": db.server.port,
                           "database": db.server.name, "user": db.server.user}
         staging.extra = {"format": fmt, "server_version": info.version, "pg_dump_version": client,
@@ -101,6 +106,8 @@ def applied_migrations(db: DbContext) -> list:
 def backup_before(db: DbContext, version: int) -> Backup | None:
     """The newest backup taken when the database was below migration `version`: the way back past it."""
     for backup in db.store.backups():
+        if not db.is_own(backup):
+            continue
         current = backup.extra.get("migration_version")
         if current is None or int(current.split("_", 1)[0]) < version:
             return backup
@@ -115,6 +122,7 @@ def restore_into_fresh_database(db: DbContext, dump: Path, jobs: int, expected_s
     try:
         with progress(f"restoring into {restored}", lambda: database_size(db.server, restored), expected_size):
             restore_into(db.server, db.tools, dump, restored, jobs, single_transaction=jobs <= 1)
+        copy_database_settings(db.server, db.server.name, restored)
         outage = swap_in(db.server, restored, before)
     except BaseException:
         drop_database(db.server, restored)
@@ -145,12 +153,16 @@ def cmd_restore(ctx: Context) -> Result:
     """restore BACKUP: checksums and the dump's table of contents first, then a restore that fails safe."""
     db = DbContext.from_settings(ctx.settings)
     args = ctx.args
+    own_database = db.is_own  # `latest` means the newest backup of DB_NAME, also with --target-db
     if args.target_db:
-        db.server = replace(db.server, name=args.target_db)
+        db = replace(db, server=replace(db.server, name=args.target_db))
     backup = None
     dump = plain_dump(args.backup)
     if dump is None:
-        backup = resolve_component(db.store, args.backup)
+        backup = resolve_component(db.store, args.backup, match=own_database)
+        if not own_database(backup) and not args.target_db:
+            raise UsageError(f"backup {backup.id} is of database {backup.source.get('database')!r}, not "
+                             f"{db.server.name!r}: pass --target-db {db.server.name} to restore it there anyway")
         refuse_damaged(backup)
         dump = dump_path(backup)
     else:
@@ -169,7 +181,7 @@ def cmd_restore(ctx: Context) -> Result:
     with db.store.lock(f"{SCRIPT} restore"):
         if args.in_place:
             if not args.no_backup:
-                safety = take_backup(db, f"before restore of {source}", progress=ctx.progress)
+                safety = take_backup(db, f"before restore of {source}", progress=ctx.progress, safety=True)
                 ids.append(safety.id)
                 lines.append(f"saved the current database as {safety.id}; to undo: {SCRIPT} restore {safety.id}")
             with ctx.progress(f"restoring {db.server.name} in place", lambda: -1, None):
@@ -193,11 +205,13 @@ def cmd_list(ctx: Context) -> Result:
 
 
 def cmd_cleanup(ctx: Context) -> Result:
-    """cleanup DAYS: remove backups older than DAYS (keeping the newest --keep) and old `__before_` databases."""
+    """cleanup DAYS: remove backups older than DAYS and old `__before_` databases, keeping the newest --keep."""
     db = DbContext.from_settings(ctx.settings)
-    result = cleanup_backups(ctx, db.store, SCRIPT)
+    # The server first: if it cannot be reached, nothing is removed and the next run tries again.
     cutoff = datetime.now(UTC) - timedelta(days=ctx.args.days)
-    old = [name for name, stamp in kept_databases(db.server) if stamp < cutoff]
+    kept = sorted(kept_databases(db.server), key=lambda item: item[1], reverse=True)
+    old = [name for name, stamp in kept[max(ctx.args.keep, 1):] if stamp < cutoff]
+    result = cleanup_backups(ctx, db.store, SCRIPT)
     if ctx.dry_run:
         result.data["would_drop_databases"] = old
         result.lines += [f"would drop database {name}" for name in old]
@@ -208,7 +222,6 @@ def cmd_cleanup(ctx: Context) -> Result:
     result.data["dropped_databases"] = old
     result.lines += [f"dropped database {name} (kept by an earlier restore)" for name in old]
     return result
-
 
 def cmd_migrate(ctx: Context) -> Result:
     """migrate [TARGET]: apply pending migrations, after a backup tagged with the current version."""
@@ -230,7 +243,7 @@ def cmd_migrate(ctx: Context) -> Result:
     ids = []
     with db.store.lock(f"{SCRIPT} migrate"):
         if not ctx.args.no_backup:
-            ids.append(take_backup(db, f"before migrate to {pending[-1]}", progress=ctx.progress).id)
+            ids.append(take_backup(db, f"before migrate to {pending[-1]}", progress=ctx.progress, safety=True).id)
         done = db_migrations.migrate(db.server, migrations, ctx.args.target, progress=ctx.info)
     lines = [f"applied {ident}" for ident in done] + [f"backup before migrating: {i}" for i in ids]
     return Result({"applied": done, "current": done[-1] if done else state["current"],
@@ -260,8 +273,9 @@ def cmd_rollback(ctx: Context) -> Result:
     ids = []
     with db.store.lock(f"{SCRIPT} rollback"):
         if not ctx.args.no_backup:
-            ids.append(take_backup(db, f"before rollback to {plan.target_id}", progress=ctx.progress).id)
-        lock_timeout = ctx.args.lock_timeout or db.server.lock_timeout
+            ids.append(take_backup(db, f"before rollback to {plan.target_id}", progress=ctx.progress,
+                                   safety=True).id)
+        lock_timeout = db.server.lock_timeout if ctx.args.lock_timeout is None else ctx.args.lock_timeout
         outcome = db_migrations.run_rollback(db.server, plan, lock_timeout, ctx.args.terminate_blockers,
                                              progress=ctx.info)
     lines = [f"rolled back {ident}" for ident in outcome.rolled_back]
@@ -294,7 +308,8 @@ def cmd_verify(ctx: Context) -> Result:
 
     db = DbContext.from_settings(ctx.settings)
     problems, notes = database_problems(db.server, db.migrations_dir)
-    backup = resolve_component(db.store, ctx.args.backup) if ctx.args.backup else db.store.latest()
+    backup = (resolve_component(db.store, ctx.args.backup) if ctx.args.backup
+              else db.store.latest(match=db.is_own))
     if backup is None:
         notes.append(f"no backups in {db.store.root} yet")
     else:

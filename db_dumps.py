@@ -105,7 +105,8 @@ def list_dump(server: DbServer, tools: PgTools, path: Path) -> int:
         result = run_tool([tools.path("pg_restore"), "--list", str(path)], f"pg_restore --list of {path}",
                           env=env, check=False)
     if result.returncode != 0:
-        raise ToolkitError(f"{path} is not a dump pg_restore can read: {result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["no error message"])[-1]
+        raise ToolkitError(f"{path} is not a dump pg_restore can read: {last}")
     return sum(1 for line in result.stdout.decode().splitlines() if line and not line.startswith(";"))
 
 
@@ -140,6 +141,52 @@ def create_database_like(server: DbServer, name: str) -> None:
                 query += sql.SQL(" OWNER {} ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
                     sql.Identifier(like[0]), sql.Literal(like[1]), sql.Literal(like[2]), sql.Literal(like[3]))
             cur.execute(query)
+    finally:
+        conn.close()
+
+
+# Settings whose value is a list: written back as SQL list text, the way SHOW prints them.
+_LIST_SETTINGS = {"search_path", "temp_tablespaces", "session_preload_libraries", "local_preload_libraries"}
+_DATABASE_PRIVILEGES = {"CREATE", "CONNECT", "TEMPORARY"}
+
+
+def copy_database_settings(server: DbServer, source: str, target: str) -> None:
+    """Give `target` the grants and ALTER DATABASE / ALTER ROLE IN DATABASE settings of `source`.
+
+    pg_dump without --create carries neither, so a restored database switched in by renames would
+    otherwise lose, say, a REVOKE CONNECT FROM PUBLIC or a statement_timeout.
+    """
+    from psycopg2 import sql
+
+    conn = server.connect(MAINTENANCE_DB, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT oid, datacl IS NULL FROM pg_database WHERE datname = %s", (source,))
+            row = cur.fetchone()
+            if row is None:
+                return
+            oid, default_acl = row
+            db = sql.Identifier(target)
+            if not default_acl:
+                cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
+                cur.execute("SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,"
+                            " a.privilege_type, a.is_grantable"
+                            " FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s", (source,))
+                for grantee, privilege, grantable in cur.fetchall():
+                    if privilege not in _DATABASE_PRIVILEGES:
+                        continue
+                    who = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
+                    option = sql.SQL(" WITH GRANT OPTION") if grantable else sql.SQL("")
+                    cur.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                        sql.SQL(privilege), db, who, option))
+            cur.execute("SELECT CASE WHEN setrole = 0 THEN NULL ELSE pg_get_userbyid(setrole) END,"
+                        " unnest(setconfig) FROM pg_db_role_setting WHERE setdatabase = %s", (oid,))
+            for role, item in cur.fetchall():
+                name, value = item.split("=", 1)
+                value_sql = sql.SQL(value) if name in _LIST_SETTINGS else sql.Literal(value)
+                target_sql = (sql.SQL("DATABASE {}").format(db) if role is None
+                              else sql.SQL("ROLE {} IN DATABASE {}").format(sql.Identifier(role), db))
+                cur.execute(sql.SQL("ALTER {} SET {} = {}").format(target_sql, sql.Identifier(name), value_sql))
     finally:
         conn.close()
 

@@ -15,7 +15,8 @@ def list_backups(store: BackupStore, extra: dict[str, Callable[[Backup], str]] |
     extra = extra or {}
     header = ("ID", "TIME (UTC)", "FILES", "SIZE", *extra, "LABEL")
     rows = [(b.id, format_time(b.created_at), str(len(b.files)), human_size(b.size),
-             *(column(b) for column in extra.values()), b.label or "") for b in backups]
+             *(column(b) for column in extra.values()), ("(safety) " if b.is_safety else "") + (b.label or ""))
+            for b in backups]
     lines = table(header, rows) if rows else [f"no backups in {store.root}"]
     return Result({"backups": [b.summary() for b in backups]}, lines, report=True)
 
@@ -38,9 +39,9 @@ def cleanup_backups(ctx: Context, store: BackupStore, script: str) -> Result:
                   lines)
 
 
-def resolve_component(store: BackupStore, ref: str) -> Backup:
+def resolve_component(store: BackupStore, ref: str, match: Callable[[Backup], bool] | None = None) -> Backup:
     """store.resolve, refusing another component's backup."""
-    backup = store.resolve(ref)
+    backup = store.resolve(ref, match)
     if backup.component != store.component:
         raise UsageError(f"{ref} is a {backup.component} backup, not a {store.component} backup")
     return backup

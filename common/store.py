@@ -84,6 +84,11 @@ class Backup:
         return [entry for entry in self.entries if entry.type == "file"]
 
     @property
+    def is_safety(self) -> bool:
+        """Taken automatically before a restore, update, migrate or rollback (not by `backup`)."""
+        return self.extra.get("kind") == "safety"
+
+    @property
     def size(self) -> int:
         """Bytes of payload."""
         return sum(entry.size for entry in self.files)
@@ -95,6 +100,7 @@ class Backup:
             "component": self.component,
             "created_at": format_time(self.created_at),
             "label": self.label,
+            "safety": self.is_safety,
             "files": len(self.files),
             "size": self.size,
             "path": str(self.path),
@@ -231,10 +237,12 @@ class BackupStore:
     # -- writing ------------------------------------------------------------------------------------
 
     @contextmanager
-    def new_backup(self, label: str | None = None, name: str | None = None) -> Iterator[Staging]:
+    def new_backup(self, label: str | None = None, name: str | None = None, safety: bool = False
+                   ) -> Iterator[Staging]:
         """Build a backup in a staging folder; on a clean exit its manifest is written and it is renamed in.
 
         The caller holds the lock. `name` (e.g. the database name) is added to the id after the component.
+        `safety` marks the backup a command takes of what it is about to replace, which `latest` passes over.
         """
         if not self.locked:
             raise RuntimeError("new_backup needs the store lock")
@@ -254,6 +262,7 @@ class BackupStore:
                 "created_at": format_time(created),
                 "tool_version": __version__,
                 "label": label,
+                "kind": "safety" if safety else "backup",
                 "source": staging.source,
                 **staging.extra,
                 "entries": [entry.to_json() for entry in staging.entries],
@@ -296,15 +305,20 @@ class BackupStore:
         found.sort(key=lambda backup: (backup.created_at, backup.id), reverse=True)
         return found
 
-    def latest(self) -> Backup | None:
-        """The newest whole backup, if any."""
-        backups = self.backups()
-        return backups[0] if backups else None
+    def latest(self, match: Callable[[Backup], bool] | None = None) -> Backup | None:
+        """The newest backup taken with `backup` (safety backups only when there is nothing else).
 
-    def resolve(self, ref: str) -> Backup:
-        """Find a backup by `latest`, its id, its folder, or a file inside its folder."""
+        Passing over safety backups keeps `restore latest` meaning "the restore point I took", so a
+        retried restore does not bring back the state the first one saved before replacing it.
+        """
+        candidates = [b for b in self.backups() if match is None or match(b)]
+        chosen = [b for b in candidates if not b.is_safety] or candidates
+        return chosen[0] if chosen else None
+
+    def resolve(self, ref: str, match: Callable[[Backup], bool] | None = None) -> Backup:
+        """Find a backup by `latest` (among those `match` accepts), its id, its folder, or a file inside it."""
         if ref == "latest":
-            newest = self.latest()
+            newest = self.latest(match)
             if newest is None:
                 raise UsageError(f"no backups in {self.root} yet: take one with `backup`")
             return newest
@@ -370,7 +384,7 @@ def load_backup(folder: Path) -> Backup:
         raise ToolkitError(f"{folder / MANIFEST} is unreadable or incomplete ({exc}): not a usable backup") from None
 
 
-_MANIFEST_CORE = {"id", "component", "created_at", "label", "source", "entries"}
+_MANIFEST_CORE = {"id", "component", "created_at", "label", "source", "entries"}  # the rest is `extra`
 
 
 def check_backup(backup: Backup) -> list[str]:

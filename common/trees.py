@@ -111,9 +111,16 @@ def restore_tree(backup: Backup, prefix: str, root: Path, diff: TreeDiff) -> Non
     others = [rel for rel in todo if wanted[_key(rel)].type != "dir"]
     for rel in folders:
         _ensure_folder(root / rel if rel != "." else root)
-    staged = [(_stage(backup, wanted[_key(rel)], root / rel), root / rel) for rel in others]
-    if staged:
-        flush_filesystem(root)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for rel in others:
+            staged.append((_stage(backup, wanted[_key(rel)], root / rel), root / rel))
+        if staged:
+            flush_filesystem(root)
+    except BaseException:
+        for temp, _live in staged:  # nothing live was touched yet: leave no temporary files behind
+            temp.unlink(missing_ok=True)
+        raise
     for temp, live in staged:
         _replace(temp, live)
     for rel in sorted(diff.added, key=lambda rel: rel.count("/"), reverse=True):
@@ -164,8 +171,11 @@ def _replace(temp: Path, live: Path) -> None:
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+        return
+    try:
+        path.unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # already gone with a folder the backup has as a file
 
 
 def _set_owner_and_mode(path: Path, entry: Entry) -> None:

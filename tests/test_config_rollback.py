@@ -414,3 +414,38 @@ def test_audit_log_records_each_run(ws: Workspace):
     assert records[0]["result"] == "ok" and records[0]["backup_ids"] == ws.backup_ids()
     assert records[1]["exit_code"] == 2 and "nonexistent" in records[1]["result"]
     assert (ws.store / "audit.log").stat().st_mode & 0o777 == 0o600
+
+
+def test_restore_puts_a_file_back_where_a_folder_now_stands(ws: Workspace):
+    before = ws.live()
+    assert ws.run("backup").returncode == 0
+    (ws.config / "db.json").unlink()
+    (ws.config / "db.json").mkdir()
+    (ws.config / "db.json" / "inner.yml").write_text("x: 1\n")
+    result = ws.run("restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert ws.live() == before
+
+
+def test_restore_after_config_dir_was_deleted(ws: Workspace):
+    before = ws.live()
+    assert ws.run("backup").returncode == 0
+    import shutil
+
+    shutil.rmtree(ws.config)
+    ws.env_file.write_text("DB_PASSWORD=changed\n")
+    result = ws.run("--json", "restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert ws.live() == before
+    safety = json.loads(result.stdout)["safety_backup"]
+    assert (ws.store / safety / "env_file").read_text() == "DB_PASSWORD=changed\n"
+
+
+def test_latest_is_the_restore_point_not_the_safety_backup(ws: Workspace):
+    before = ws.live()
+    assert ws.run("backup", "--label", "restore point").returncode == 0
+    (ws.config / "app.yml").write_text("deployed: true\n")
+    assert ws.run("restore", "latest", "--yes").returncode == 0
+    assert ws.run("restore", "latest", "--yes").returncode == 0  # a retried restore stays where it was
+    assert ws.live() == before
+    assert "(safety) before restore of" in ws.run("list").stdout

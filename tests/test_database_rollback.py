@@ -305,9 +305,11 @@ def test_cleanup_drops_only_old_kept_databases(dbw: DbWorkspace):
     old = dbw.pg_db.name[:40] + "__before_20200101000000"
     dbw.pg_db.cluster.create_database(old)
     result = dbw.run("--json", "cleanup", "30", "--dry-run")
+    assert json.loads(result.stdout)["would_drop_databases"] == []  # --keep 3: both kept databases stay
+    result = dbw.run("--json", "cleanup", "30", "--keep", "1", "--dry-run")
     assert json.loads(result.stdout)["would_drop_databases"] == [old]
     assert old in dbw.databases()
-    assert dbw.run("cleanup", "30").returncode == 0
+    assert dbw.run("cleanup", "30", "--keep", "1").returncode == 0
     assert old not in dbw.databases()
     assert recent and recent <= dbw.databases()
 
@@ -460,3 +462,48 @@ def test_verify_reports_an_invalid_index(dbw: DbWorkspace):
     result = dbw.run("verify")
     assert result.returncode == 3
     assert "dupes_x is invalid" in result.stdout
+
+
+def test_swap_restore_keeps_grants_and_database_settings(dbw: DbWorkspace):
+    role = dbw.pg_db.name[:50] + "_app"
+    live = dbw.pg_db.name
+    dbw.sql(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        dbw.sql(f'ALTER DATABASE "{live}" SET statement_timeout = \'5s\'; '
+                f'ALTER DATABASE "{live}" SET search_path = "$user", public, extra; '
+                f'ALTER ROLE "{role}" IN DATABASE "{live}" SET work_mem = \'8MB\'; '
+                f'REVOKE ALL ON DATABASE "{live}" FROM PUBLIC; GRANT CONNECT ON DATABASE "{live}" TO "{role}"')
+        query = ("SELECT d.datacl::text, (SELECT array_agg(coalesce(r.rolname, '-') || ':' || c ORDER BY 1, 2)"
+                 " FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole, unnest(s.setconfig) c"
+                 " WHERE s.setdatabase = d.oid) FROM pg_database d WHERE d.datname = %s")
+        before = dbw.sql(query.replace("%s", f"'{live}'"))
+        assert dbw.run("backup").returncode == 0
+        result = dbw.run("restore", "latest", "--yes")
+        assert result.returncode == 0, result.stderr
+        assert dbw.sql(query.replace("%s", f"'{live}'")) == before
+    finally:
+        dbw.sql(f'REASSIGN OWNED BY "{role}" TO postgres; DROP OWNED BY "{role}"')
+        for name in dbw.databases():
+            if name.startswith(live[:40] + "__before_"):
+                dbw.pg_db.cluster.drop_database(name)
+        dbw.sql(f'DROP ROLE "{role}"')
+
+
+def test_latest_never_picks_another_databases_backup(dbw: DbWorkspace):
+    before = database_state(dbw.pg_db)
+    assert dbw.run("backup").returncode == 0
+    other = dbw.pg_db.cluster.create_database(dbw.pg_db.name[:40] + "_other")
+    try:
+        result = run_script("database_rollback.py", "backup", env={**dbw.env, **other.env}, cwd=dbw.root)
+        assert result.returncode == 0, result.stderr
+        break_database(dbw)
+        assert dbw.run("restore", "latest", "--yes").returncode == 0
+        assert database_state(dbw.pg_db) == before
+        other_backup = [b["id"] for b in json.loads(dbw.run("--json", "list").stdout)["backups"]
+                        if json.loads((Path(b["path"]) / "manifest.json").read_text())["source"]["database"]
+                        == other.name][0]
+        refused = dbw.run("restore", other_backup, "--yes")
+        assert refused.returncode == 2 and "--target-db" in refused.stderr
+        assert database_state(dbw.pg_db) == before
+    finally:
+        dbw.pg_db.cluster.drop_database(other.name)
