@@ -156,29 +156,22 @@ def cmd_restore(ctx: Context) -> Result:
     own_database = db.is_own  # `latest` means the newest backup of DB_NAME, also with --target-db
     if args.target_db:
         db = replace(db, server=replace(db.server, name=args.target_db))
-    backup = None
-    dump = plain_dump(args.backup)
-    if dump is None:
-        backup = resolve_component(db.store, args.backup, match=own_database)
-        if not own_database(backup) and not args.target_db:
-            raise UsageError(f"backup {backup.id} is of database {backup.source.get('database')!r}, not "
-                             f"{db.server.name!r}: pass --target-db {db.server.name} to restore it there anyway")
-        refuse_damaged(backup)
-        dump = dump_path(backup)
-    else:
-        ctx.warn(f"{dump} was not made by this toolkit: there is no checksum to check")
-    entries = list_dump(db.server, db.tools, dump)
-    source = backup.id if backup else str(dump)
     mode = "in place" if args.in_place else "into a fresh database, then switched in"
-    data = {"source": source, "database": db.server.name, "mode": "in-place" if args.in_place else "swap",
-            "dump_entries": entries}
     if ctx.dry_run:
-        return Result({**data, "dry_run": True},
+        backup, dump, entries = _restore_source(ctx, db, own_database)
+        source = backup.id if backup else str(dump)
+        return Result({"source": source, "database": db.server.name, "dump_entries": entries, "dry_run": True,
+                       "mode": "in-place" if args.in_place else "swap"},
                       [f"would restore {source} ({entries} entries) over {db.server.name}, {mode}"], report=True)
-    ctx.confirm(f"Replace database {db.server.name} with {source}?")
-    ids = [backup.id] if backup else []
     lines = []
+    # From resolving the backup to the switch, under the lock: a cleanup cannot remove it meanwhile.
     with db.store.lock(f"{SCRIPT} restore"):
+        backup, dump, entries = _restore_source(ctx, db, own_database)
+        source = backup.id if backup else str(dump)
+        data = {"source": source, "database": db.server.name, "mode": "in-place" if args.in_place else "swap",
+                "dump_entries": entries}
+        ids = [backup.id] if backup else []
+        ctx.confirm(f"Replace database {db.server.name} with {source}?")
         if args.in_place:
             if not args.no_backup:
                 safety = take_backup(db, f"before restore of {source}", progress=ctx.progress, safety=True)
@@ -196,6 +189,22 @@ def cmd_restore(ctx: Context) -> Result:
             lines.append(undo_hint(db.server, before))
     lines.insert(0, f"restored {source} into {db.server.name} ({mode})")
     return Result({**data, "restored": True}, lines, backup_ids=ids)
+
+
+def _restore_source(ctx: Context, db: DbContext, own_database) -> tuple[Backup | None, Path, int]:
+    """The backup (None for a plain dump), its dump, and the dump's entry count, all checked."""
+    dump = plain_dump(ctx.args.backup)
+    backup = None
+    if dump is None:
+        backup = resolve_component(db.store, ctx.args.backup, match=own_database)
+        if not own_database(backup) and not ctx.args.target_db:
+            raise UsageError(f"backup {backup.id} is of database {backup.source.get('database')!r}, not "
+                             f"{db.server.name!r}: pass --target-db {db.server.name} to restore it there anyway")
+        refuse_damaged(backup)
+        dump = dump_path(backup)
+    else:
+        ctx.warn(f"{dump} was not made by this toolkit: there is no checksum to check")
+    return backup, dump, list_dump(db.server, db.tools, dump)
 
 
 def cmd_list(ctx: Context) -> Result:
