@@ -85,22 +85,16 @@ def current_migration(db: DbContext) -> str | None:
     """The newest applied migration's id, or None (no tracking table yet)."""
     import db_migrations
 
-    conn = db.server.connect()
-    try:
+    with db.server.session() as conn:
         return db_migrations.current_id(db_migrations.applied(conn))
-    finally:
-        conn.close()
 
 
 def applied_migrations(db: DbContext) -> list:
     """The rows of public.schema_migrations (empty before the first migrate)."""
     import db_migrations
 
-    conn = db.server.connect()
-    try:
+    with db.server.session() as conn:
         return db_migrations.applied(conn)
-    finally:
-        conn.close()
 
 
 def backup_before(db: DbContext, version: int) -> Backup | None:

@@ -130,19 +130,15 @@ def create_database_like(server: DbServer, name: str) -> None:
     """Create an empty database with the live one's owner, encoding and locale (or the defaults)."""
     from psycopg2 import sql
 
-    conn = server.connect(MAINTENANCE_DB, autocommit=True)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype"
-                        " FROM pg_database WHERE datname = %s", (server.name,))
-            like = cur.fetchone()
-            query = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
-            if like:
-                query += sql.SQL(" OWNER {} ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
-                    sql.Identifier(like[0]), sql.Literal(like[1]), sql.Literal(like[2]), sql.Literal(like[3]))
-            cur.execute(query)
-    finally:
-        conn.close()
+    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype"
+                    " FROM pg_database WHERE datname = %s", (server.name,))
+        like = cur.fetchone()
+        query = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+        if like:
+            query += sql.SQL(" OWNER {} ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+                sql.Identifier(like[0]), sql.Literal(like[1]), sql.Literal(like[2]), sql.Literal(like[3]))
+        cur.execute(query)
 
 
 # Settings whose value is a list: written back as SQL list text, the way SHOW prints them.
@@ -158,60 +154,48 @@ def copy_database_settings(server: DbServer, source: str, target: str) -> None:
     """
     from psycopg2 import sql
 
-    conn = server.connect(MAINTENANCE_DB, autocommit=True)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT oid, datacl IS NULL FROM pg_database WHERE datname = %s", (source,))
-            row = cur.fetchone()
-            if row is None:
-                return
-            oid, default_acl = row
-            db = sql.Identifier(target)
-            if not default_acl:
-                cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
-                cur.execute("SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,"
-                            " a.privilege_type, a.is_grantable"
-                            " FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s", (source,))
-                for grantee, privilege, grantable in cur.fetchall():
-                    if privilege not in _DATABASE_PRIVILEGES:
-                        continue
-                    who = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
-                    option = sql.SQL(" WITH GRANT OPTION") if grantable else sql.SQL("")
-                    cur.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
-                        sql.SQL(privilege), db, who, option))
-            cur.execute("SELECT CASE WHEN setrole = 0 THEN NULL ELSE pg_get_userbyid(setrole) END,"
-                        " unnest(setconfig) FROM pg_db_role_setting WHERE setdatabase = %s", (oid,))
-            for role, item in cur.fetchall():
-                name, value = item.split("=", 1)
-                value_sql = sql.SQL(value) if name in _LIST_SETTINGS else sql.Literal(value)
-                target_sql = (sql.SQL("DATABASE {}").format(db) if role is None
-                              else sql.SQL("ROLE {} IN DATABASE {}").format(sql.Identifier(role), db))
-                cur.execute(sql.SQL("ALTER {} SET {} = {}").format(target_sql, sql.Identifier(name), value_sql))
-    finally:
-        conn.close()
+    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT oid, datacl IS NULL FROM pg_database WHERE datname = %s", (source,))
+        row = cur.fetchone()
+        if row is None:
+            return
+        oid, default_acl = row
+        db = sql.Identifier(target)
+        if not default_acl:
+            cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
+            cur.execute("SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,"
+                        " a.privilege_type, a.is_grantable"
+                        " FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s", (source,))
+            for grantee, privilege, grantable in cur.fetchall():
+                if privilege not in _DATABASE_PRIVILEGES:
+                    continue
+                who = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
+                option = sql.SQL(" WITH GRANT OPTION") if grantable else sql.SQL("")
+                cur.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                    sql.SQL(privilege), db, who, option))
+        cur.execute("SELECT CASE WHEN setrole = 0 THEN NULL ELSE pg_get_userbyid(setrole) END,"
+                    " unnest(setconfig) FROM pg_db_role_setting WHERE setdatabase = %s", (oid,))
+        for role, item in cur.fetchall():
+            name, value = item.split("=", 1)
+            value_sql = sql.SQL(value) if name in _LIST_SETTINGS else sql.Literal(value)
+            target_sql = (sql.SQL("DATABASE {}").format(db) if role is None
+                          else sql.SQL("ROLE {} IN DATABASE {}").format(sql.Identifier(role), db))
+            cur.execute(sql.SQL("ALTER {} SET {} = {}").format(target_sql, sql.Identifier(name), value_sql))
 
 
 def database_size(server: DbServer, name: str) -> int:
     """pg_database_size of `name` (for restore progress), 0 if it cannot be read."""
-    conn = server.connect(MAINTENANCE_DB, autocommit=True)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_database_size(%s)", (name,))
-            return cur.fetchone()[0] or 0
-    finally:
-        conn.close()
+    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_database_size(%s)", (name,))
+        return cur.fetchone()[0] or 0
 
 
 def drop_database(server: DbServer, name: str) -> None:
     """Drop a scratch database, ending any session on it."""
     from psycopg2 import sql
 
-    conn = server.connect(MAINTENANCE_DB, autocommit=True)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-    finally:
-        conn.close()
+    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def restore_into(server: DbServer, tools: PgTools, path: Path, dbname: str, jobs: int, single_transaction: bool,
@@ -284,13 +268,9 @@ def _end_sessions(cur, dbname: str) -> None:
 def kept_databases(server: DbServer) -> list[tuple[str, datetime]]:
     """The `<name>__before_<stamp>` databases earlier restores kept, with the time in their stamp."""
     pattern = re.compile(re.escape(server.name.encode()[:63 - 23].decode(errors="ignore")) + r"__before_(\d{14})")
-    conn = server.connect(MAINTENANCE_DB, autocommit=True)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT datname FROM pg_database ORDER BY datname")
-            names = [row[0] for row in cur.fetchall()]
-    finally:
-        conn.close()
+    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT datname FROM pg_database ORDER BY datname")
+        names = [row[0] for row in cur.fetchall()]
     kept = []
     for name in names:
         match = pattern.fullmatch(name)

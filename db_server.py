@@ -69,6 +69,15 @@ class DbServer:
         return conn
 
     @contextmanager
+    def session(self, dbname: str | None = None, autocommit: bool = False) -> Iterator:
+        """A connection for the length of a `with` block, closed whatever happens."""
+        conn = self.connect(dbname, autocommit)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
     def tool_env(self) -> Iterator[dict[str, str]]:
         """Environment for pg_dump/pg_restore/psql: where to connect, and a private PGPASSFILE if needed."""
         env = {
