@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,20 +73,26 @@ def matches(entry: Entry, live: Path) -> bool:
     )
 
 
-def live_paths(root: Path) -> list[str]:
-    """Every path under `root`, relative to it, parents before children; symlinks are not followed."""
+def live_paths(root: Path, exclude: Callable[[str], bool] | None = None) -> list[str]:
+    """Every path under `root`, relative to it, parents before children; symlinks are not followed.
+
+    `exclude` (a relative path -> bool) leaves out a path and, for a folder, everything in it.
+    """
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
-        for name in sorted(dirnames + filenames):
-            found.append(name if rel_dir == "." else f"{rel_dir}/{name}")
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        if exclude is not None:
+            dirnames[:] = [name for name in dirnames if not exclude(prefix + name)]
+            filenames = [name for name in filenames if not exclude(prefix + name)]
+        found += [prefix + name for name in sorted(dirnames + filenames)]
     return found
 
 
-def diff_tree(wanted: dict[str, Entry], root: Path) -> TreeDiff:
-    """Compare the live folder `root` with the entries from tree_entries()."""
+def diff_tree(wanted: dict[str, Entry], root: Path, exclude: Callable[[str], bool] | None = None) -> TreeDiff:
+    """Compare the live folder `root` with the entries from tree_entries(); `exclude` as in live_paths."""
     diff = TreeDiff()
-    live = set(live_paths(root)) if root.is_dir() else set()
+    live = set(live_paths(root, exclude)) if root.is_dir() else set()
     for rel, entry in sorted(wanted.items()):
         if rel == "":
             if not matches(entry, root):

@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""code_rollback.py: back up, restore and verify the deployed application code."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from code_tree import build_tree, code_excluder, remove_tree, snapshot_tree, switch_in
+from common.cli import Context, Result, add_cleanup_arguments, add_command, make_parser, run
+from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component
+from common.errors import ToolkitError, UsageError
+from common.files import atomic_write, temp_name
+from common.proc import run_tool
+from common.settings import Settings
+from common.store import Backup, BackupStore, load_backup
+from common.trees import diff_tree, tree_entries
+
+COMPONENT = "code"
+SCRIPT = "code_rollback.py"
+TREE = "tree"  # where the deployed tree lives inside a backup
+DEPLOYED = "deployed.json"  # in the store: which backup the live tree was last made from
+
+
+@dataclass
+class CodePaths:
+    """The deployed code, the repository and the store, from the settings."""
+
+    repo: Path | None
+    deployment: Path | None
+    store: BackupStore
+    exclude: list[str]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CodePaths:
+        """REPO_PATH, DEPLOYMENT_DIR, CODE_BACKUP_DIR (./code_backups) and CODE_EXCLUDE (comma or space separated)."""
+        return cls(
+            repo=settings.path("REPO_PATH"),
+            deployment=settings.path("DEPLOYMENT_DIR"),
+            store=BackupStore(settings.path("CODE_BACKUP_DIR", "./code_backups"), COMPONENT),
+            exclude=[p for p in re.split(r"[,\s]+", settings.text("CODE_EXCLUDE", "")) if p],
+        )
+
+    @property
+    def in_place(self) -> bool:
+        """The git working copy is what runs (DEPLOYMENT_DIR unset or the same as REPO_PATH)."""
+        if self.deployment is None:
+            return True
+        return self.repo is not None and os.path.realpath(self.deployment) == os.path.realpath(self.repo)
+
+    @property
+    def live(self) -> Path:
+        """The tree that is backed up and replaced."""
+        live = self.repo if self.in_place else self.deployment
+        if live is None:
+            raise UsageError("neither DEPLOYMENT_DIR nor REPO_PATH is set: set the folder the code runs from")
+        return live
+
+
+def git_state(repo: Path | None) -> dict:
+    """HEAD commit, branch and whether the working copy has local changes; {} without a repository."""
+    if repo is None or not (repo / ".git").exists():
+        return {}
+
+    def git(*args: str) -> str:
+        return run_tool(["git", "-C", str(repo), *args], f"git {args[0]}").stdout.decode().strip()
+
+    branch = run_tool(["git", "-C", str(repo), "symbolic-ref", "--short", "-q", "HEAD"], "git symbolic-ref",
+                      check=False).stdout.decode().strip()
+    return {"commit": git("rev-parse", "HEAD"), "branch": branch or None,
+            "dirty": bool(git("status", "--porcelain"))}
+
+
+def take_backup(paths: CodePaths, label: str | None, safety: bool = False) -> tuple[Backup, dict]:
+    """Snapshot the deployed tree, hard-linking files unchanged since the newest backup (caller holds the lock)."""
+    backups = paths.store.backups()
+    previous = backups[0] if backups else None
+    with paths.store.new_backup(label, safety=safety) as staging:
+        staging.source = {"host": socket.gethostname(), "layout": "in-place" if paths.in_place else "release",
+                          "live": str(paths.live.absolute()), **git_state(paths.repo)}
+        stats = snapshot_tree(staging, paths.live, TREE, previous, paths.exclude)
+    return paths.store.resolve(staging.backup_id), stats.to_json()
+
+
+def record_deployed(paths: CodePaths, backup: Backup) -> None:
+    """Remember which backup the live tree now is, for verify."""
+    atomic_write(paths.store.root / DEPLOYED, json.dumps({"backup": backup.id}).encode())
+
+
+def deployed_backup(paths: CodePaths) -> Backup | None:
+    """The backup of the last restore, else the newest backup."""
+    record = paths.store.root / DEPLOYED
+    if record.is_file():
+        folder = paths.store.root / json.loads(record.read_text())["backup"]
+        if folder.is_dir():
+            return load_backup(folder)
+    return paths.store.latest()
+
+
+# -- the commands -----------------------------------------------------------------------------------
+
+
+def cmd_backup(ctx: Context) -> Result:
+    """backup: snapshot the deployed tree."""
+    paths = CodePaths.from_settings(ctx.settings)
+    if ctx.dry_run:
+        return Result({"dry_run": True, "live": str(paths.live)}, [f"would back up {paths.live}"], report=True)
+    with paths.store.lock(f"{SCRIPT} backup"):
+        backup, stats = take_backup(paths, ctx.args.label)
+    commit = backup.source.get("commit")
+    return Result({"backup": backup.summary(), "snapshot": stats, "commit": commit},
+                  [f"backup {backup.id}: {len(backup.files)} files, {human_size(backup.size)} "
+                   f"({stats['copied']} copied, {stats['linked'] + stats['rehashed']} unchanged and linked)"
+                   + (f", commit {commit[:12]}" if commit else "")], backup_ids=[backup.id])
+
+
+def cmd_restore(ctx: Context) -> Result:
+    """restore BACKUP: checksums first, a backup of what it replaces, then the tree built aside and switched in."""
+    paths = CodePaths.from_settings(ctx.settings)
+    if paths.in_place:
+        raise UsageError("restore needs the release-folder layout (DEPLOYMENT_DIR set, not REPO_PATH); "
+                         "in an in-place checkout use `rollback COMMIT`")
+    live = paths.deployment
+    with paths.store.lock(f"{SCRIPT} restore"):
+        backup = resolve_component(paths.store, ctx.args.backup)
+        refuse_damaged(backup)
+        if ctx.dry_run:
+            return Result({"dry_run": True, "backup": backup.summary()},
+                          [f"would switch {live} to backup {backup.id}"], report=True)
+        ctx.confirm(f"Replace the code in {live} with backup {backup.id}?")
+        ids = []
+        if not ctx.args.no_backup and os.path.lexists(live):
+            ids.append(take_backup(paths, f"before restore of {backup.id}", safety=True)[0].id)
+        # Built beside the live tree (or its release folder), so the switch is a rename on one filesystem.
+        parent = Path(os.path.realpath(live)).parent if live.is_symlink() else live.parent
+        target = parent / (backup.id if live.is_symlink() else temp_name(live).name)
+        if target.exists():
+            raise ToolkitError(f"{target} already exists: remove it or restore another backup")
+        build_tree(backup, TREE, target)
+        switched = switch_in(target, live)
+        if switched.how != "symlink" and switched.previous is not None:
+            remove_tree(switched.previous)  # the old tree is in the safety backup
+        record_deployed(paths, backup)
+    lines = [f"restored {backup.id} into {live} ({switched.how}, {switched.seconds * 1000:.1f} ms)"]
+    if ids:
+        lines.append(f"saved the previous code as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
+    return Result({"backup": backup.summary(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None},
+                  lines, backup_ids=[backup.id, *ids])
+
+
+def cmd_verify(ctx: Context) -> Result:
+    """verify [--compile]: the deployed tree against the last deploy's manifest; drift exits 3."""
+    paths = CodePaths.from_settings(ctx.settings)
+    backup = deployed_backup(paths)
+    problems: list[str] = []
+    live = Path(os.path.realpath(paths.live))
+    if backup is None:
+        problems.append(f"no backups in {paths.store.root}: nothing to compare {paths.live} with")
+    else:
+        diff = diff_tree(tree_entries(backup, TREE), live, code_excluder(paths.exclude))
+        problems += [f"{kind} {path}" for kind, names in diff.to_json().items() for path in names if path != "."]
+        expected = backup.source.get("commit")
+        head = git_state(paths.repo).get("commit")
+        if expected and head and head != expected:
+            problems.append(f"{paths.repo} is at {head[:12]}, expected {expected[:12]}")
+    if ctx.args.compile:
+        problems += _compile_problems(live, code_excluder(paths.exclude))
+    lines = [f"verify {paths.live}: " + (f"{len(problems)} problems" if problems else "OK")
+             + (f" (against {backup.id})" if backup else "")] + [f"  {p}" for p in problems]
+    return Result({"problems": problems, "against": backup.id if backup else None}, lines,
+                  exit_code=3 if problems else 0, report=True)
+
+
+def _compile_problems(root: Path, excluded) -> list[str]:
+    problems = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = [d for d in dirnames if not excluded(prefix + d)]
+        for name in sorted(filenames):
+            if name.endswith(".py") and not excluded(prefix + name):
+                path = os.path.join(dirpath, name)
+                try:
+                    # compile() in memory: checking must not write .pyc files into the live tree
+                    with open(path, "rb") as source:
+                        compile(source.read(), path, "exec", dont_inherit=True)
+                except (SyntaxError, ValueError) as exc:
+                    problems.append(f"{prefix}{name}: does not compile: {exc}")
+    return problems
+
+
+def cmd_cleanup(ctx: Context) -> Result:
+    """cleanup DAYS: remove backups older than DAYS, always keeping the newest --keep."""
+    return cleanup_backups(ctx, CodePaths.from_settings(ctx.settings).store, SCRIPT)
+
+
+def cmd_list(ctx: Context) -> Result:
+    """list: the backups, newest first."""
+    return list_backups(CodePaths.from_settings(ctx.settings).store,
+                        {"COMMIT": lambda b: (b.source.get("commit") or "-")[:12]})
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+def build_parser():
+    """Every command of code_rollback.py."""
+    parser, commands = make_parser(
+        SCRIPT,
+        "Back up, restore and verify the deployed code (DEPLOYMENT_DIR, or the git working copy REPO_PATH).",
+        "settings (environment, then .env, then defaults):\n"
+        "  REPO_PATH (a git repository)  DEPLOYMENT_DIR (the release folder, or a `current` symlink)\n"
+        "  CODE_BACKUP_DIR=./code_backups  CODE_EXCLUDE (extra patterns; .git and __pycache__ always)\n\n"
+        "examples:\n"
+        f"  {SCRIPT} backup --label release-1.4\n"
+        f"  {SCRIPT} restore latest --yes\n"
+        f"  {SCRIPT} verify --compile\n"
+        f"  {SCRIPT} cleanup 30 --keep 5",
+    )
+    sub = add_command(commands, "backup", cmd_backup, "snapshot the deployed tree",
+                      "Files unchanged since the previous backup are hard-linked to it (stored files are\n"
+                      "read-only), so a backup of an unchanged tree costs almost no time or space.")
+    sub.add_argument("--label", help="a note kept with the backup, e.g. the release being deployed")
+
+    sub = add_command(commands, "restore", cmd_restore, "make DEPLOYMENT_DIR exactly a backup",
+                      "Checks the backup's checksums, saves the current tree as a backup, builds the backup's\n"
+                      "tree beside DEPLOYMENT_DIR and switches it in: a `current` symlink is replaced\n"
+                      "atomically; a plain folder is exchanged with the new tree in one rename.")
+    sub.add_argument("backup", metavar="BACKUP", help="a backup id, `latest`, a backup folder or a file inside one")
+    sub.add_argument("--no-backup", action="store_true", help="do not save the current tree first")
+
+    sub = add_command(commands, "verify", cmd_verify, "compare the deployed tree with the last restore's backup",
+                      "Names every added, removed and changed file and checks the working copy's HEAD\n"
+                      "against the backup's commit. Drift exits 3.")
+    sub.add_argument("--compile", action="store_true", help="also byte-compile the Python files")
+
+    sub = add_command(commands, "cleanup", cmd_cleanup, "remove old backups, keeping the newest N")
+    add_cleanup_arguments(sub)
+
+    add_command(commands, "list", cmd_list, "list the backups, newest first")
+    return parser
+
+
+def audit_log(settings: Settings) -> Path:
+    """AUDIT_LOG, else audit.log in the store."""
+    return settings.path("AUDIT_LOG") or settings.path("CODE_BACKUP_DIR", "./code_backups") / "audit.log"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run code_rollback.py."""
+    return run(build_parser(), audit_log, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""code_rollback.py backup, restore, verify, list and cleanup on real folders and a real git repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import run_script, tree_snapshot
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.test",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.test"}
+    return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+class CodeWorkspace:
+    """A git repository, a deployed release (a plain folder or a `current` symlink), and a store."""
+
+    def __init__(self, root: Path, symlink_layout: bool):
+        self.root = root
+        self.repo = root / "repo"
+        self.store = root / "code_backups"
+        self.repo.mkdir()
+        git(self.repo, "init", "-q", "-b", "main")
+        (self.repo / "app.py").write_text("print('v1')\n")
+        (self.repo / "pkg").mkdir()
+        (self.repo / "pkg" / "__init__.py").write_text("")
+        (self.repo / "run.sh").write_text("#!/bin/sh\nexec python app.py\n")
+        os.chmod(self.repo / "run.sh", 0o755)
+        git(self.repo, "add", "-A")
+        git(self.repo, "commit", "-q", "-m", "v1")
+        git(self.repo, "tag", "v1")
+        release = root / "releases" / "v1"
+        release.parent.mkdir()
+        subprocess.run(["cp", "-a", str(self.repo), str(release)], check=True)
+        subprocess.run(["rm", "-rf", str(release / ".git")], check=True)
+        (release / "empty").mkdir()
+        os.symlink("/etc/hostname", release / "outside-link")
+        if symlink_layout:
+            self.live = root / "current"
+            os.symlink("releases/v1", self.live)
+        else:
+            self.live = root / "deploy"
+            os.rename(release, self.live)
+        self.env = {"REPO_PATH": str(self.repo), "DEPLOYMENT_DIR": str(self.live),
+                    "CODE_BACKUP_DIR": str(self.store)}
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        return run_script("code_rollback.py", *args, env=self.env, cwd=self.root)
+
+    def tree(self) -> dict:
+        return tree_snapshot(Path(os.path.realpath(self.live)))
+
+    def backup_ids(self) -> list[str]:
+        return [b["id"] for b in json.loads(self.run("--json", "list").stdout)["backups"]]
+
+
+@pytest.fixture(params=["plain-folder", "symlink"])
+def cw(request, tmp_path: Path) -> CodeWorkspace:
+    return CodeWorkspace(tmp_path, symlink_layout=request.param == "symlink")
+
+
+def test_restore_gives_back_exactly_the_backup(cw: CodeWorkspace):
+    before = cw.tree()
+    result = cw.run("backup", "--label", "v1")
+    assert result.returncode == 0, result.stderr
+    live = Path(os.path.realpath(cw.live))
+    (live / "app.py").write_text("print('broken')\n")
+    (live / "pkg" / "__init__.py").unlink()
+    (live / "new.py").write_text("x = 1\n")
+    os.chmod(live / "run.sh", 0o644)
+
+    result = cw.run("--json", "restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert cw.tree() == before
+    assert os.readlink(Path(os.path.realpath(cw.live)) / "outside-link") == "/etc/hostname"
+    report = json.loads(result.stdout)
+    assert report["switch"]["how"] == ("symlink" if cw.live.is_symlink() else "exchange")
+    assert report["safety_backup"] in cw.backup_ids()
+    assert not [p for p in cw.root.iterdir() if p.name.startswith(".deploy.tmp")]
+
+
+def test_verify_names_edited_and_deleted_files(cw: CodeWorkspace):
+    assert cw.run("backup").returncode == 0
+    assert cw.run("verify").returncode == 0
+    live = Path(os.path.realpath(cw.live))
+    (live / "app.py").write_text("print('hand edit')\n")
+    (live / "run.sh").unlink()
+    result = cw.run("--json", "verify")
+    assert result.returncode == 3
+    problems = json.loads(result.stdout)["problems"]
+    assert "changed app.py" in problems and "removed run.sh" in problems
+
+
+def test_verify_compile_catches_a_syntax_error(cw: CodeWorkspace):
+    assert cw.run("backup").returncode == 0
+    (Path(os.path.realpath(cw.live)) / "app.py").write_text("def broken(:\n")
+    result = cw.run("verify", "--compile")
+    assert result.returncode == 3
+    assert "app.py: does not compile" in result.stdout
+    assert not list(Path(os.path.realpath(cw.live)).rglob("*.pyc"))
+
+
+def test_unchanged_second_backup_hard_links_every_file(cw: CodeWorkspace):
+    assert cw.run("backup").returncode == 0
+    result = cw.run("--json", "backup")
+    assert result.returncode == 0
+    stats = json.loads(result.stdout)["snapshot"]
+    assert stats["copied"] == 0 and stats["linked"] + stats["rehashed"] == stats["files"] == 3
+    newest, oldest = cw.backup_ids()
+    inodes = {(cw.store / backup / "tree" / "app.py").stat().st_ino for backup in (newest, oldest)}
+    assert len(inodes) == 1
+
+
+def test_damaged_backup_is_refused_and_live_tree_unchanged(cw: CodeWorkspace):
+    assert cw.run("backup").returncode == 0
+    payload = cw.store / cw.backup_ids()[0] / "tree" / "app.py"
+    os.chmod(payload, 0o600)
+    payload.write_text("print('v1!')\n")
+    (Path(os.path.realpath(cw.live)) / "app.py").write_text("print('deployed')\n")
+    before = cw.tree()
+    result = cw.run("restore", "latest", "--yes")
+    assert result.returncode == 1
+    assert "damaged" in result.stderr
+    assert cw.tree() == before
+
+
+def test_lock_held_exits_75_and_commit_is_recorded(cw: CodeWorkspace):
+    from common.store import BackupStore
+
+    with BackupStore(cw.store, "code").lock("a deploy in progress"):
+        assert cw.run("backup").returncode == 75
+    result = cw.run("--json", "backup")
+    assert json.loads(result.stdout)["commit"] == git(cw.repo, "rev-parse", "HEAD")
+    assert cw.run("cleanup", "0", "--keep", "1").returncode == 0
+    assert len(cw.backup_ids()) == 1
