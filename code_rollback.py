@@ -153,6 +153,84 @@ def cmd_restore(ctx: Context) -> Result:
                   lines, backup_ids=[backup.id, *ids])
 
 
+def resolve_commit(repo: Path, revision: str) -> str:
+    """The full sha of `revision`, resolved after --end-of-options so nothing option-like reaches git."""
+    result = run_tool(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", "--end-of-options",
+                       f"{revision}^{{commit}}"], "git rev-parse", check=False)
+    if result.returncode != 0:
+        raise UsageError(f"{revision!r} is not a commit in {repo}: give a sha, a tag, a branch or HEAD~N")
+    return result.stdout.decode().strip()
+
+
+def export_commit(repo: Path, commit: str, target: Path) -> None:
+    """Write the commit's tree into the new folder `target` (git archive), nothing of .git."""
+    import io
+    import tarfile
+
+    archive = run_tool(["git", "-C", str(repo), "-c", "tar.umask=022", "archive", "--format=tar", commit],
+                       "git archive").stdout
+    os.mkdir(target, 0o755)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(target, filter="tar")  # refuses members that would land outside target
+    except BaseException:
+        remove_tree(target)
+        raise
+
+
+def local_changes(repo: Path) -> list[str]:
+    """`git status --porcelain` lines: uncommitted and untracked changes."""
+    out = run_tool(["git", "-C", str(repo), "status", "--porcelain"], "git status").stdout.decode()
+    return [line for line in out.splitlines() if line]
+
+
+def cmd_rollback(ctx: Context) -> Result:
+    """rollback COMMIT: the commit's tree switched in (release folder) or checked out (in-place)."""
+    paths = CodePaths.from_settings(ctx.settings)
+    if paths.repo is None or not (paths.repo / ".git").exists():
+        raise UsageError("REPO_PATH is not set to a git repository")
+    commit = resolve_commit(paths.repo, ctx.args.commit)
+    with paths.store.lock(f"{SCRIPT} rollback"):
+        changes = local_changes(paths.repo) if paths.in_place else []
+        if changes and not ctx.args.stash:
+            raise ToolkitError(f"{paths.repo} has local changes ({'; '.join(changes[:5])}"
+                               f"{' ...' if len(changes) > 5 else ''}): commit them, or pass --stash to keep them"
+                               " in the stash; nothing changed")
+        if ctx.dry_run:
+            return Result({"dry_run": True, "commit": commit}, [f"would roll {paths.live} back to {commit[:12]}"],
+                          report=True)
+        ctx.confirm(f"Roll the code in {paths.live} back to {commit[:12]}?")
+        ids = [] if ctx.args.no_backup else [take_backup(paths, f"before rollback to {commit[:12]}", safety=True)[0].id]
+        data = {"commit": commit, "safety_backup": ids[0] if ids else None}
+        lines = [f"rolled {paths.live} back to {commit[:12]} ({ctx.args.commit})"]
+        if paths.in_place:
+            previous = git_state(paths.repo)["commit"]
+            if changes:
+                run_tool(["git", "-C", str(paths.repo), "stash", "push", "--include-untracked", "-m",
+                          f"{SCRIPT}: before rollback to {commit[:12]}"], "git stash")
+                lines.append(f"local changes stashed as stash@{{0}} ({SCRIPT}: before rollback to {commit[:12]})")
+            run_tool(["git", "-C", str(paths.repo), "checkout", "--quiet", "--detach", commit], "git checkout")
+            data["previous_commit"] = previous
+            lines.append(f"to undo: git -C {paths.repo} checkout {previous}")
+        else:
+            live = paths.deployment
+            parent = Path(os.path.realpath(live)).parent if live.is_symlink() else live.parent
+            target = parent / (f"commit-{commit[:12]}" if live.is_symlink() else temp_name(live).name)
+            if target.exists():
+                raise ToolkitError(f"{target} already exists: remove it first")
+            export_commit(paths.repo, commit, target)
+            switched = switch_in(target, live)
+            if switched.how != "symlink" and switched.previous is not None:
+                remove_tree(switched.previous)
+            data["switch"] = switched.to_json()
+            if ids:
+                lines.append(f"to undo: {SCRIPT} restore {ids[0]} --yes")
+        # A record of what is deployed now, for verify (marked safety so `latest` stays the user's restore point).
+        deployed = take_backup(paths, f"deployed by rollback to {commit[:12]}", safety=True)[0]
+        record_deployed(paths, deployed)
+    return Result(data, lines, backup_ids=ids)
+
+
 def cmd_verify(ctx: Context) -> Result:
     """verify [--compile]: the deployed tree against the last deploy's manifest; drift exits 3."""
     paths = CodePaths.from_settings(ctx.settings)
@@ -232,6 +310,15 @@ def build_parser():
                       "tree beside DEPLOYMENT_DIR and switches it in: a `current` symlink is replaced\n"
                       "atomically; a plain folder is exchanged with the new tree in one rename.")
     sub.add_argument("backup", metavar="BACKUP", help="a backup id, `latest`, a backup folder or a file inside one")
+    sub.add_argument("--no-backup", action="store_true", help="do not save the current tree first")
+
+    sub = add_command(commands, "rollback", cmd_rollback, "put the code of a git commit in place",
+                      "COMMIT is anything git rev-parse accepts (sha, tag, branch, HEAD~1). Release folder:\n"
+                      "the commit's tree (git archive) is built beside DEPLOYMENT_DIR and switched in.\n"
+                      "In-place checkout: local changes stop the rollback unless --stash; the commit is\n"
+                      "checked out detached. A backup is taken first; the output says how to undo.")
+    sub.add_argument("commit", metavar="COMMIT", help="the commit to roll back to")
+    sub.add_argument("--stash", action="store_true", help="in-place: stash local changes instead of stopping")
     sub.add_argument("--no-backup", action="store_true", help="do not save the current tree first")
 
     sub = add_command(commands, "verify", cmd_verify, "compare the deployed tree with the last restore's backup",

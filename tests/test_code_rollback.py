@@ -139,3 +139,65 @@ def test_lock_held_exits_75_and_commit_is_recorded(cw: CodeWorkspace):
     assert json.loads(result.stdout)["commit"] == git(cw.repo, "rev-parse", "HEAD")
     assert cw.run("cleanup", "0", "--keep", "1").returncode == 0
     assert len(cw.backup_ids()) == 1
+
+
+def commit_v2(cw: CodeWorkspace) -> None:
+    (cw.repo / "app.py").write_text("print('v2')\n")
+    (cw.repo / "v2.py").write_text("NEW = True\n")
+    git(cw.repo, "add", "-A")
+    git(cw.repo, "commit", "-q", "-m", "v2")
+
+
+def git_archive_tree(repo: Path, rev: str, into: Path) -> dict:
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "-c", "tar.umask=022", "archive", rev],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return tree_snapshot(into)
+
+
+def test_rollback_to_a_tag_gives_exactly_git_archive_of_it(cw: CodeWorkspace):
+    commit_v2(cw)
+    result = cw.run("rollback", "v1", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert cw.tree() == git_archive_tree(cw.repo, "v1", cw.root / "expected")
+    assert cw.run("verify").returncode == 0
+    (Path(os.path.realpath(cw.live)) / "app.py").write_text("edited\n")
+    assert cw.run("verify").returncode == 3
+
+
+@pytest.mark.parametrize("revision", ["0000dead", "--output=x", "--upload-pack=touch pwned", "-h"])
+def test_bad_revisions_are_refused_with_nothing_changed(cw: CodeWorkspace, revision: str):
+    before = cw.tree()
+    result = cw.run("rollback", "--yes", "--", revision)
+    assert result.returncode == 2, result.stderr
+    assert cw.tree() == before
+    assert not (cw.root / "x").exists() and not (cw.repo / "x").exists()
+    assert not list(cw.root.rglob("pwned"))
+    assert cw.backup_ids() == []
+
+
+@pytest.fixture
+def in_place(tmp_path: Path) -> CodeWorkspace:
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    del cw.env["DEPLOYMENT_DIR"]
+    cw.live = cw.repo
+    commit_v2(cw)
+    return cw
+
+
+def test_in_place_dirty_working_copy_is_refused_then_stashed(in_place: CodeWorkspace):
+    v1 = git(in_place.repo, "rev-parse", "v1")
+    (in_place.repo / "app.py").write_text("print('local fix')\n")
+    result = in_place.run("rollback", "v1", "--yes")
+    assert result.returncode == 1
+    assert "app.py" in result.stderr and "--stash" in result.stderr
+    assert (in_place.repo / "app.py").read_text() == "print('local fix')\n"
+
+    result = in_place.run("rollback", "HEAD~1", "--yes", "--stash")
+    assert result.returncode == 0, result.stderr
+    assert git(in_place.repo, "rev-parse", "HEAD") == v1
+    assert "before rollback to" in git(in_place.repo, "stash", "list")
+    assert "local fix" in git(in_place.repo, "stash", "show", "-p")
+    assert (in_place.repo / "app.py").read_text() == "print('v1')\n"
+    assert in_place.run("verify").returncode == 0
