@@ -19,7 +19,7 @@ from common.files import atomic_write, temp_name
 from common.proc import run_tool
 from common.settings import Settings
 from common.store import Backup, BackupStore, load_backup
-from common.trees import diff_tree, tree_entries
+from common.trees import diff_tree, restore_tree, tree_entries
 
 COMPONENT = "code"
 SCRIPT = "code_rollback.py"
@@ -123,8 +123,7 @@ def cmd_restore(ctx: Context) -> Result:
     """restore BACKUP: checksums first, a backup of what it replaces, then the tree built aside and switched in."""
     paths = CodePaths.from_settings(ctx.settings)
     if paths.in_place:
-        raise UsageError("restore needs the release-folder layout (DEPLOYMENT_DIR set, not REPO_PATH); "
-                         "in an in-place checkout use `rollback COMMIT`")
+        return _restore_in_place(ctx, paths)
     live = paths.deployment
     with paths.store.lock(f"{SCRIPT} restore"):
         backup = resolve_component(paths.store, ctx.args.backup)
@@ -150,6 +149,33 @@ def cmd_restore(ctx: Context) -> Result:
     if ids:
         lines.append(f"saved the previous code as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
     return Result({"backup": backup.summary(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None},
+                  lines, backup_ids=[backup.id, *ids])
+
+
+def _restore_in_place(ctx: Context, paths: CodePaths) -> Result:
+    """restore in a git working copy: its files become the backup's, file by file; .git is not touched.
+
+    The working copy cannot be swapped as a whole without moving .git, so each changed file is written
+    beside its live copy and renamed over it (as config restores do).
+    """
+    with paths.store.lock(f"{SCRIPT} restore"):
+        backup = resolve_component(paths.store, ctx.args.backup)
+        refuse_damaged(backup)
+        excluded = code_excluder(paths.exclude)
+        diff = diff_tree(tree_entries(backup, TREE), paths.live, excluded)
+        changes = diff.lines(str(paths.live))
+        if ctx.dry_run or not changes:
+            return Result({"backup": backup.summary(), "changes": diff.to_json(), "dry_run": ctx.dry_run},
+                          [f"restoring {backup.id} would change:", *changes] if changes
+                          else [f"{paths.live} already matches backup {backup.id}"], report=ctx.dry_run)
+        ctx.confirm(f"Replace the files of the working copy {paths.live} with backup {backup.id}?")
+        ids = [] if ctx.args.no_backup else [take_backup(paths, f"before restore of {backup.id}", safety=True)[0].id]
+        restore_tree(backup, TREE, paths.live, diff_tree(tree_entries(backup, TREE), paths.live, excluded))
+        record_deployed(paths, backup)
+    lines = [f"restored {backup.id} into the working copy {paths.live}: {len(changes)} paths changed", *changes]
+    if ids:
+        lines.append(f"saved the previous files as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
+    return Result({"backup": backup.summary(), "changes": diff.to_json(), "safety_backup": ids[0] if ids else None},
                   lines, backup_ids=[backup.id, *ids])
 
 

@@ -201,3 +201,19 @@ def test_in_place_dirty_working_copy_is_refused_then_stashed(in_place: CodeWorks
     assert "local fix" in git(in_place.repo, "stash", "show", "-p")
     assert (in_place.repo / "app.py").read_text() == "print('v1')\n"
     assert in_place.run("verify").returncode == 0
+
+
+def test_in_place_restore_keeps_git_untouched(in_place: CodeWorkspace):
+    assert in_place.run("backup").returncode == 0
+    head = git(in_place.repo, "rev-parse", "HEAD")
+    # `git status` (run to record local changes) may refresh .git/index on its own; the rest must not change.
+    git_files = {k: v for k, v in tree_snapshot(in_place.repo / ".git").items() if k != "index"}
+    before = {k: v for k, v in tree_snapshot(in_place.repo).items() if not k.startswith(".git")}
+    (in_place.repo / "app.py").write_text("print('hot fix')\n")
+    (in_place.repo / "v2.py").unlink()
+    (in_place.repo / "stray.txt").write_text("?\n")
+    result = in_place.run("restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert {k: v for k, v in tree_snapshot(in_place.repo).items() if not k.startswith(".git")} == before
+    assert {k: v for k, v in tree_snapshot(in_place.repo / ".git").items() if k != "index"} == git_files
+    assert git(in_place.repo, "rev-parse", "HEAD") == head
