@@ -12,7 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from code_tree import build_tree, code_excluder, remove_tree, snapshot_tree, switch_in
-from common.cli import Context, Result, add_cleanup_arguments, add_command, make_parser, run
+from common.cli import (
+    Context,
+    Result,
+    add_backup_argument,
+    add_cleanup_arguments,
+    add_command,
+    add_label_argument,
+    add_no_backup_argument,
+    make_parser,
+    run,
+)
 from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component
 from common.errors import ToolkitError, UsageError
 from common.files import atomic_write, temp_name
@@ -329,14 +339,14 @@ def build_parser():
     sub = add_command(commands, "backup", cmd_backup, "snapshot the deployed tree",
                       "Files unchanged since the previous backup are hard-linked to it (stored files are\n"
                       "read-only), so a backup of an unchanged tree costs almost no time or space.")
-    sub.add_argument("--label", help="a note kept with the backup, e.g. the release being deployed")
+    add_label_argument(sub)
 
     sub = add_command(commands, "restore", cmd_restore, "make DEPLOYMENT_DIR exactly a backup",
                       "Checks the backup's checksums, saves the current tree as a backup, builds the backup's\n"
                       "tree beside DEPLOYMENT_DIR and switches it in: a `current` symlink is replaced\n"
                       "atomically; a plain folder is exchanged with the new tree in one rename.")
-    sub.add_argument("backup", metavar="BACKUP", help="a backup id, `latest`, a backup folder or a file inside one")
-    sub.add_argument("--no-backup", action="store_true", help="do not save the current tree first")
+    add_backup_argument(sub)
+    add_no_backup_argument(sub, "the current tree")
 
     sub = add_command(commands, "rollback", cmd_rollback, "put the code of a git commit in place",
                       "COMMIT is anything git rev-parse accepts (sha, tag, branch, HEAD~1). Release folder:\n"
@@ -345,7 +355,7 @@ def build_parser():
                       "checked out detached. A backup is taken first; the output says how to undo.")
     sub.add_argument("commit", metavar="COMMIT", help="the commit to roll back to")
     sub.add_argument("--stash", action="store_true", help="in-place: stash local changes instead of stopping")
-    sub.add_argument("--no-backup", action="store_true", help="do not save the current tree first")
+    add_no_backup_argument(sub, "the current tree")
 
     sub = add_command(commands, "verify", cmd_verify, "compare the deployed tree with the last restore's backup",
                       "Names every added, removed and changed file and checks the working copy's HEAD\n"

@@ -9,7 +9,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import Context, Result, add_cleanup_arguments, add_command, make_parser, run
+from common.cli import (
+    Context,
+    Result,
+    add_backup_argument,
+    add_cleanup_arguments,
+    add_command,
+    add_label_argument,
+    add_no_backup_argument,
+    make_parser,
+    run,
+)
 from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component
 from common.errors import UsageError
 from common.files import atomic_write, file_mode, is_inside, resolve_inside
@@ -319,14 +329,14 @@ def build_parser():
         "  config_rollback.py cleanup 30 --keep 5",
     )
     sub = add_command(commands, "backup", cmd_backup, "snapshot CONFIG_DIR and ENV_FILE")
-    sub.add_argument("--label", help="a note kept with the backup, e.g. the release being deployed")
+    add_label_argument(sub)
 
     sub = add_command(commands, "restore", cmd_restore, "make CONFIG_DIR and ENV_FILE exactly a backup",
                       "Checks the backup's checksums, saves the current state as a new backup, then makes\n"
                       "CONFIG_DIR and ENV_FILE exactly the backup (bytes and modes; files it lacks are\n"
                       "removed), replacing each file atomically.")
-    sub.add_argument("backup", metavar="BACKUP", help="a backup id, `latest`, a backup folder or a file inside one")
-    sub.add_argument("--no-backup", action="store_true", help="do not save the current state first")
+    add_backup_argument(sub)
+    add_no_backup_argument(sub)
 
     sub = add_command(commands, "update", cmd_update, "merge-patch one YAML, JSON or .env file",
                       "Applies JSON as an RFC 7386 merge patch (objects merge, null deletes a key, anything\n"
@@ -335,7 +345,7 @@ def build_parser():
                       secret_args=("patch",))
     sub.add_argument("file", metavar="FILE", help="a file relative to CONFIG_DIR, or the ENV_FILE")
     sub.add_argument("patch", metavar="JSON", help="the merge patch, a JSON object")
-    sub.add_argument("--no-backup", action="store_true", help="do not save the current state first")
+    add_no_backup_argument(sub)
 
     sub = add_command(commands, "verify", cmd_verify, "check that the configuration parses and matches a backup",
                       "Every YAML/JSON/.env/TOML/INI file must parse; ENV_FILE must not be readable by group\n"

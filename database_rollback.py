@@ -9,7 +9,17 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from common.cli import Context, Result, add_cleanup_arguments, add_command, make_parser, run
+from common.cli import (
+    Context,
+    Result,
+    add_backup_argument,
+    add_cleanup_arguments,
+    add_command,
+    add_label_argument,
+    add_no_backup_argument,
+    make_parser,
+    run,
+)
 from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component, table
 from common.errors import ToolkitError, UsageError
 from common.progress import Progress, bytes_under, no_progress
@@ -389,7 +399,7 @@ def build_parser():
                      help="custom (default): one .dump file plain pg_restore reads; directory: parallel dumps")
     sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel dump jobs (directory format)")
     sub.add_argument("--compress", type=int, choices=range(10), metavar="N", help="compression level 0-9")
-    sub.add_argument("--label", help="a note kept with the backup, e.g. the release being deployed")
+    add_label_argument(sub)
 
     sub = add_command(
         commands, "restore", cmd_restore, "restore a backup or a plain pg_dump file",
@@ -400,20 +410,19 @@ def build_parser():
         "previous database is kept whole for an instant undo. --in-place (for users without CREATEDB)\n"
         "first takes a backup, then runs pg_restore --clean --single-transaction. Either way a failure\n"
         "leaves the live database as it was.")
-    sub.add_argument("backup", metavar="BACKUP",
-                     help="a backup id, `latest`, a backup folder, a file in one, or a .dump made by pg_dump")
+    add_backup_argument(sub, ", or a .dump made by plain pg_dump")
     sub.add_argument("--target-db", metavar="NAME",
                      help="restore into this database instead of DB_NAME (created if missing, else replaced)")
     sub.add_argument("--in-place", action="store_true", help="restore into the live database in one transaction")
     sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel pg_restore jobs (fresh database)")
-    sub.add_argument("--no-backup", action="store_true", help="--in-place: do not back up the database first")
+    add_no_backup_argument(sub, "the database (--in-place)")
 
     sub = add_command(commands, "migrate", cmd_migrate, "apply pending migrations from MIGRATIONS_DIR",
                       "Applies <version>_<name>.up.sql files in version order, each in its own transaction with\n"
                       "its row in public.schema_migrations, after a backup (unless --no-backup). An advisory\n"
                       "lock keeps two migrators apart.")
     sub.add_argument("target", metavar="TARGET", nargs="?", help="stop after this migration (id or version)")
-    sub.add_argument("--no-backup", action="store_true", help="do not back up the database first")
+    add_no_backup_argument(sub, "the database")
 
     sub = add_command(
         commands, "rollback", cmd_rollback, "roll back to a migration with the down scripts",
@@ -426,7 +435,7 @@ def build_parser():
     sub.add_argument("--lock-timeout", type=int, metavar="SECONDS", help="lock_timeout (default DB_LOCK_TIMEOUT)")
     sub.add_argument("--terminate-blockers", action="store_true",
                      help="on a lock timeout, end the blocking sessions and try once more")
-    sub.add_argument("--no-backup", action="store_true", help="do not back up the database first")
+    add_no_backup_argument(sub, "the database")
 
     add_command(commands, "status", cmd_status, "applied and pending migrations, and changed files")
 

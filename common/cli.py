@@ -128,6 +128,22 @@ def add_command(
     return sub
 
 
+def add_label_argument(sub: argparse.ArgumentParser) -> None:
+    """--label, the same for every component's backup."""
+    sub.add_argument("--label", help="a note kept with the backup, e.g. the release being deployed")
+
+
+def add_backup_argument(sub: argparse.ArgumentParser, also: str = "") -> None:
+    """BACKUP, the way every restore names a backup; `also` lists what else this component accepts."""
+    sub.add_argument("backup", metavar="BACKUP",
+                     help=f"a backup id, `latest`, a backup folder or a file inside one{also}")
+
+
+def add_no_backup_argument(sub: argparse.ArgumentParser, what: str = "the current state") -> None:
+    """--no-backup: skip the safety backup a destructive command takes first."""
+    sub.add_argument("--no-backup", action="store_true", help=f"do not save {what} first")
+
+
 def add_cleanup_arguments(sub: argparse.ArgumentParser) -> None:
     """DAYS and --keep, the same for every component's cleanup."""
     sub.add_argument("days", metavar="DAYS", type=int, help="remove backups older than this many days")
