@@ -137,21 +137,28 @@ def cmd_restore(ctx: Context) -> Result:
     live = paths.deployment
     with paths.store.lock(f"{SCRIPT} restore"):
         backup = resolve_component(paths.store, ctx.args.backup)
-        refuse_damaged(backup)
         if ctx.dry_run:
+            refuse_damaged(backup)
             return Result({"dry_run": True, "backup": backup.summary()},
                           [f"would switch {live} to backup {backup.id}"], report=True)
         ctx.confirm(f"Replace the code in {live} with backup {backup.id}?")
-        ids = []
-        if not ctx.args.no_backup and os.path.lexists(live):
-            ids.append(take_backup(paths, f"before restore of {backup.id}", safety=True)[0].id)
         # Built beside the live tree (or its release folder), so the switch is a rename on one filesystem.
+        # The build checks every file's size and sha256 as it copies: a damaged backup stops here, before
+        # the safety backup and before anything live changes, with no separate checksum pass.
         parent = Path(os.path.realpath(live)).parent if live.is_symlink() else live.parent
         target = parent / (backup.id if live.is_symlink() else temp_name(live).name)
         if target.exists():
             raise ToolkitError(f"{target} already exists: remove it or restore another backup")
         build_tree(backup, TREE, target)
-        switched = switch_in(target, live)
+        ids = []
+        try:
+            if not ctx.args.no_backup and os.path.lexists(live):
+                ids.append(take_backup(paths, f"before restore of {backup.id}", safety=True)[0].id)
+            switched = switch_in(target, live)
+        except BaseException:
+            if target.exists():
+                remove_tree(target)
+            raise
         if switched.how != "symlink" and switched.previous is not None:
             remove_tree(switched.previous)  # the old tree is in the safety backup
         record_deployed(paths, backup)
