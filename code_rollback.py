@@ -16,10 +16,10 @@ from common.cli import (
     Context,
     Result,
     add_backup_argument,
-    add_cleanup_arguments,
     add_command,
     add_label_argument,
     add_no_backup_argument,
+    add_store_commands,
     make_parser,
     run,
 )
@@ -29,9 +29,10 @@ from common.files import atomic_write, temp_name
 from common.proc import run_tool
 from common.settings import Settings
 from common.store import Backup, BackupStore, load_backup
-from common.trees import diff_tree, restore_tree, tree_entries
+from common.trees import diff_tree, live_paths, restore_tree, tree_entries
 
 COMPONENT = "code"
+STORE_SETTING = ("CODE_BACKUP_DIR", "./code_backups")  # the backup folder
 SCRIPT = "code_rollback.py"
 TREE = "tree"  # where the deployed tree lives inside a backup
 DEPLOYED = "deployed.json"  # in the store: which backup the live tree was last made from
@@ -52,7 +53,7 @@ class CodePaths:
         return cls(
             repo=settings.path("REPO_PATH"),
             deployment=settings.path("DEPLOYMENT_DIR"),
-            store=BackupStore(settings.path("CODE_BACKUP_DIR", "./code_backups"), COMPONENT),
+            store=BackupStore(settings.path(*STORE_SETTING), COMPONENT),
             exclude=[p for p in re.split(r"[,\s]+", settings.text("CODE_EXCLUDE", "")) if p],
         )
 
@@ -299,21 +300,15 @@ def cmd_verify(ctx: Context) -> Result:
 
 def _compile_problems(root: Path, excluded) -> list[str]:
     problems = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        dirnames[:] = [d for d in dirnames if not excluded(prefix + d)]
-        for name in sorted(filenames):
-            if name.endswith(".py") and not excluded(prefix + name):
-                path = os.path.join(dirpath, name)
-                try:
-                    # compile() in memory: checking must not write .pyc files into the live tree
-                    with open(path, "rb") as source:
-                        compile(source.read(), path, "exec", dont_inherit=True)
-                except (SyntaxError, ValueError) as exc:
-                    problems.append(f"{prefix}{name}: does not compile: {exc}")
+    for rel in live_paths(root, excluded):
+        path = root / rel
+        if rel.endswith(".py") and path.is_file() and not path.is_symlink():
+            try:
+                # compile() in memory: checking must not write .pyc files into the live tree
+                compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+            except (SyntaxError, ValueError) as exc:
+                problems.append(f"{rel}: does not compile: {exc}")
     return problems
-
 
 def cmd_cleanup(ctx: Context) -> Result:
     """cleanup DAYS: remove backups older than DAYS, always keeping the newest --keep."""
@@ -369,21 +364,13 @@ def build_parser():
                       "against the backup's commit. Drift exits 3.")
     sub.add_argument("--compile", action="store_true", help="also byte-compile the Python files")
 
-    sub = add_command(commands, "cleanup", cmd_cleanup, "remove old backups, keeping the newest N")
-    add_cleanup_arguments(sub)
-
-    add_command(commands, "list", cmd_list, "list the backups, newest first")
+    add_store_commands(commands, cmd_cleanup, cmd_list)
     return parser
-
-
-def audit_log(settings: Settings) -> Path:
-    """AUDIT_LOG, else audit.log in the store."""
-    return settings.path("AUDIT_LOG") or settings.path("CODE_BACKUP_DIR", "./code_backups") / "audit.log"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run code_rollback.py."""
-    return run(build_parser(), audit_log, argv)
+    return run(build_parser(), STORE_SETTING, argv)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from common.cli import (
     Context,
     Result,
     add_backup_argument,
-    add_cleanup_arguments,
     add_command,
     add_label_argument,
     add_no_backup_argument,
+    add_store_commands,
     make_parser,
     run,
 )
@@ -28,6 +28,7 @@ from common.store import Backup, BackupStore, check_backup
 from common.trees import TreeDiff, diff_tree, matches, restore_file, restore_tree, tree_entries
 
 COMPONENT = "config"
+STORE_SETTING = ("CONFIG_BACKUP_DIR", "./config_backups")  # the backup folder
 TREE = "config"  # where CONFIG_DIR lives inside a backup
 ENV_ENTRY = "env_file"  # where ENV_FILE lives inside a backup
 
@@ -46,7 +47,7 @@ class ConfigPaths:
         return cls(
             config_dir=settings.path("CONFIG_DIR", "./config"),
             env_file=settings.path("ENV_FILE", ".env"),
-            store=BackupStore(settings.path("CONFIG_BACKUP_DIR", "./config_backups"), COMPONENT),
+            store=BackupStore(settings.path(*STORE_SETTING), COMPONENT),
         )
 
     @property
@@ -354,21 +355,13 @@ def build_parser():
                       "drift from that backup is a problem. Problems exit 3.")
     sub.add_argument("--against", metavar="BACKUP", help="fail (exit 3) on any drift from this backup")
 
-    sub = add_command(commands, "cleanup", cmd_cleanup, "remove old backups, keeping the newest N")
-    add_cleanup_arguments(sub)
-
-    add_command(commands, "list", cmd_list, "list the backups, newest first")
+    add_store_commands(commands, cmd_cleanup, cmd_list)
     return parser
-
-
-def audit_log(settings: Settings) -> Path:
-    """AUDIT_LOG, else audit.log in the store."""
-    return settings.path("AUDIT_LOG") or ConfigPaths.from_settings(settings).store.root / "audit.log"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run config_rollback.py."""
-    return run(build_parser(), audit_log, argv)
+    return run(build_parser(), STORE_SETTING, argv)
 
 
 if __name__ == "__main__":

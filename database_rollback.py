@@ -13,10 +13,10 @@ from common.cli import (
     Context,
     Result,
     add_backup_argument,
-    add_cleanup_arguments,
     add_command,
     add_label_argument,
     add_no_backup_argument,
+    add_store_commands,
     make_parser,
     run,
 )
@@ -46,6 +46,7 @@ from db_dumps import (
 from db_server import DbServer
 
 COMPONENT = "db"
+STORE_SETTING = ("BACKUP_DIR", "./backups")  # the backup folder
 SCRIPT = "database_rollback.py"
 
 
@@ -63,7 +64,7 @@ class DbContext:
         """DB_*, BACKUP_DIR (./backups), MIGRATIONS_DIR (./migrations), PG_BINDIR (PATH if unset)."""
         return cls(
             server=DbServer.from_settings(settings),
-            store=BackupStore(settings.path("BACKUP_DIR", "./backups"), COMPONENT),
+            store=BackupStore(settings.path(*STORE_SETTING), COMPONENT),
             tools=PgTools(settings.path("PG_BINDIR")),
             migrations_dir=settings.path("MIGRATIONS_DIR", "./migrations"),
         )
@@ -448,21 +449,13 @@ def build_parser():
     sub = add_command(commands, "locks", cmd_locks, "blocked sessions and who blocks them")
     sub.add_argument("--terminate", type=int, metavar="PID", help="end this session")
 
-    sub = add_command(commands, "cleanup", cmd_cleanup, "remove old backups, keeping the newest N")
-    add_cleanup_arguments(sub)
-
-    add_command(commands, "list", cmd_list, "list the backups, newest first")
+    add_store_commands(commands, cmd_cleanup, cmd_list)
     return parser
-
-
-def audit_log(settings: Settings) -> Path:
-    """AUDIT_LOG, else audit.log in the store."""
-    return settings.path("AUDIT_LOG") or settings.path("BACKUP_DIR", "./backups") / "audit.log"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run database_rollback.py."""
-    return run(build_parser(), audit_log, argv)
+    return run(build_parser(), STORE_SETTING, argv)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 from common.audit import append_audit
 from common.errors import EXIT_FAILED, Interrupted, ToolkitError, UsageError
 from common.progress import show_progress
 from common.settings import Settings
+
+# A script's backup folder: its variable and default, e.g. ("CONFIG_BACKUP_DIR", "./config_backups").
+StoreSetting = tuple[str, str]
 
 EXIT_CODES_HELP = """exit codes:
   0   success
@@ -144,6 +146,14 @@ def add_no_backup_argument(sub: argparse.ArgumentParser, what: str = "the curren
     sub.add_argument("--no-backup", action="store_true", help=f"do not save {what} first")
 
 
+def add_store_commands(commands: argparse._SubParsersAction, cleanup: Callable[[Context], Result],
+                       listing: Callable[[Context], Result]) -> None:
+    """`cleanup DAYS [--keep N]` and `list`, which every script has."""
+    sub = add_command(commands, "cleanup", cleanup, "remove old backups, keeping the newest N")
+    add_cleanup_arguments(sub)
+    add_command(commands, "list", listing, "list the backups, newest first")
+
+
 def add_cleanup_arguments(sub: argparse.ArgumentParser) -> None:
     """DAYS and --keep, the same for every component's cleanup."""
     sub.add_argument("days", metavar="DAYS", type=int, help="remove backups older than this many days")
@@ -151,8 +161,12 @@ def add_cleanup_arguments(sub: argparse.ArgumentParser) -> None:
                      help="always keep the newest N backups (default 3, at least 1)")
 
 
-def run(parser: argparse.ArgumentParser, audit_log: Callable[[Settings], Path], argv: list[str] | None = None) -> int:
-    """Parse, run the chosen command, print its result, record it in the audit log; return the exit code."""
+def run(parser: argparse.ArgumentParser, store_setting: StoreSetting, argv: list[str] | None = None) -> int:
+    """Parse, run the chosen command, print its result, record it in the audit log; return the exit code.
+
+    `store_setting` names the script's backup folder (variable and default); the audit log is AUDIT_LOG,
+    else audit.log in that folder.
+    """
     args = parser.parse_args(argv)
     script = parser.prog
     started, started_at = time.monotonic(), datetime.now(UTC)
@@ -176,7 +190,7 @@ def run(parser: argparse.ArgumentParser, audit_log: Callable[[Settings], Path], 
         _report_error(script, args, error + hint, code)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    _audit(script, args, settings, audit_log, started_at, time.monotonic() - started, code, error, result)
+    _audit(script, args, settings, store_setting, started_at, time.monotonic() - started, code, error, result)
     return code
 
 
@@ -204,7 +218,7 @@ def _audit(
     script: str,
     args: argparse.Namespace,
     settings: Settings | None,
-    audit_log: Callable[[Settings], Path],
+    store_setting: StoreSetting,
     started_at: datetime,
     duration: float,
     code: int,
@@ -215,7 +229,8 @@ def _audit(
     arguments = {key: value for key, value in vars(args).items() if key not in hidden}
     arguments.update({key: "<redacted>" for key in args.secret_args})
     try:
-        path = audit_log(settings or Settings.load(None))
+        settings = settings or Settings.load(None)
+        path = settings.path("AUDIT_LOG") or settings.path(*store_setting) / "audit.log"
     except ToolkitError:
         return  # settings too broken to know where the log lives; the error was already shown
     record = {
