@@ -449,3 +449,12 @@ def test_latest_is_the_restore_point_not_the_safety_backup(ws: Workspace):
     assert ws.run("restore", "latest", "--yes").returncode == 0  # a retried restore stays where it was
     assert ws.live() == before
     assert "(safety) before restore of" in ws.run("list").stdout
+
+
+def test_audit_log_setting_moves_the_log(ws: Workspace):
+    ws.env["AUDIT_LOG"] = str(ws.root / "logs" / "rollback.log")
+    assert ws.run("list").returncode == 0
+    records = (ws.root / "logs" / "rollback.log").read_text().splitlines()
+    assert [json.loads(line)["command"] for line in records] == ["list"]
+    assert (ws.root / "logs" / "rollback.log").stat().st_mode & 0o777 == 0o600
+    assert not (ws.store / "audit.log").exists()

@@ -507,3 +507,23 @@ def test_latest_never_picks_another_databases_backup(dbw: DbWorkspace):
         assert database_state(dbw.pg_db) == before
     finally:
         dbw.pg_db.cluster.drop_database(other.name)
+
+
+def test_locks_terminate_ends_the_named_session_only(dbw: DbWorkspace):
+    victim, bystander = dbw.pg_db.connect(), dbw.pg_db.connect()
+    with victim.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        pid = cur.fetchone()[0]
+    assert dbw.run("locks", "--terminate", str(pid)).returncode == 2  # no terminal, no --yes: nothing done
+    result = dbw.run("locks", "--terminate", str(pid), "--yes")
+    assert result.returncode == 0, result.stderr
+    import psycopg2
+
+    with pytest.raises(psycopg2.OperationalError), victim.cursor() as cur:
+        cur.execute("SELECT 1")
+    with bystander.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    assert dbw.run("locks", "--terminate", "999999", "--yes").returncode == 2
+    victim.close()
+    bystander.close()
