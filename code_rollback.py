@@ -8,10 +8,23 @@ import os
 import re
 import socket
 import sys
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from code_tree import build_tree, code_excluder, remove_tree, snapshot_tree, switch_in
+from code_tree import (
+    BuildStats,
+    SnapshotStats,
+    Switched,
+    build_tree,
+    code_excluder,
+    remove_tree,
+    replaced_trees,
+    set_aside,
+    snapshot_tree,
+    switch_in,
+)
 from common.cli import (
     Context,
     Result,
@@ -27,6 +40,7 @@ from common.commands import cleanup_backups, human_size, list_backups, refuse_da
 from common.errors import ToolkitError, UsageError
 from common.files import atomic_write, temp_name
 from common.proc import run_tool
+from common.progress import Progress, no_progress
 from common.settings import Settings
 from common.store import Backup, BackupStore, load_backup
 from common.trees import diff_tree, live_paths, restore_tree, tree_entries
@@ -87,15 +101,18 @@ def git_state(repo: Path | None) -> dict:
             "dirty": bool(git("status", "--porcelain"))}
 
 
-def take_backup(paths: CodePaths, label: str | None, safety: bool = False) -> tuple[Backup, dict]:
+def take_backup(paths: CodePaths, label: str | None, safety: bool = False,
+                progress: Progress = no_progress) -> tuple[Backup, dict]:
     """Snapshot the deployed tree, hard-linking files unchanged since the newest backup (caller holds the lock)."""
-    backups = paths.store.backups()
-    previous = backups[0] if backups else None
+    previous = paths.store.newest()
+    stats = SnapshotStats()
     with paths.store.new_backup(label, safety=safety) as staging:
         staging.source = {"host": socket.gethostname(), "layout": "in-place" if paths.in_place else "release",
                           "live": str(paths.live.absolute()), **git_state(paths.repo)}
-        stats = snapshot_tree(staging, paths.live, TREE, previous, paths.exclude)
-    return paths.store.resolve(staging.backup_id), stats.to_json()
+        # The previous backup's size is the estimate: code trees change little between deploys.
+        with progress(f"backing up {paths.live}", lambda: stats.bytes, previous.size if previous else None):
+            snapshot_tree(staging, paths.live, TREE, previous, paths.exclude, stats)
+    return staging.backup, stats.to_json()
 
 
 def record_deployed(paths: CodePaths, backup: Backup) -> None:
@@ -122,7 +139,7 @@ def cmd_backup(ctx: Context) -> Result:
     if ctx.dry_run:
         return Result({"dry_run": True, "live": str(paths.live)}, [f"would back up {paths.live}"], report=True)
     with paths.store.lock(f"{SCRIPT} backup"):
-        backup, stats = take_backup(paths, ctx.args.label)
+        backup, stats = take_backup(paths, ctx.args.label, progress=ctx.progress)
     commit = backup.source.get("commit")
     return Result({"backup": backup.summary(), "snapshot": stats, "commit": commit},
                   [f"backup {backup.id}: {len(backup.files)} files, {human_size(backup.size)} "
@@ -150,24 +167,44 @@ def cmd_restore(ctx: Context) -> Result:
         target = parent / (backup.id if live.is_symlink() else temp_name(live).name)
         if target.exists():
             raise ToolkitError(f"{target} already exists: remove it or restore another backup")
-        build_tree(backup, TREE, target)
+        started = time.perf_counter()
+        built = BuildStats()
+        with ctx.progress(f"building {target}", lambda: built.bytes, backup.size):
+            build_tree(backup, TREE, target, stats=built)
+        seconds = {"build": time.perf_counter() - started}
         ids = []
         try:
             if not ctx.args.no_backup and os.path.lexists(live):
-                ids.append(take_backup(paths, f"before restore of {backup.id}", safety=True)[0].id)
-            switched = switch_in(target, live)
+                ids.append(take_backup(paths, f"before restore of {backup.id}", True, ctx.progress)[0].id)
         except BaseException:
-            if target.exists():
-                remove_tree(target)
+            remove_tree(target)
             raise
-        if switched.how != "symlink" and switched.previous is not None:
-            remove_tree(switched.previous)  # the old tree is in the safety backup
+        seconds["safety_backup"] = time.perf_counter() - started - seconds["build"]
+        switched, kept = switch_and_keep(target, live)
+        seconds["switch"] = switched.seconds
         record_deployed(paths, backup)
+        seconds["total"] = time.perf_counter() - started
     lines = [f"restored {backup.id} into {live} ({switched.how}, {switched.seconds * 1000:.1f} ms)"]
     if ids:
         lines.append(f"saved the previous code as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
-    return Result({"backup": backup.summary(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None},
+    if kept:
+        lines.append(f"the replaced tree is kept at {kept} until `{SCRIPT} cleanup` removes it")
+    return Result({"backup": backup.summary(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None,
+                   "replaced_tree": str(kept) if kept else None, "seconds": seconds},
                   lines, backup_ids=[backup.id, *ids])
+
+
+def switch_and_keep(target: Path, live: Path) -> tuple[Switched, Path | None]:
+    """Switch the built tree in; a replaced plain folder is set aside beside it, for cleanup to remove."""
+    try:
+        switched = switch_in(target, live)
+    except BaseException:
+        if target.exists():
+            remove_tree(target)
+        raise
+    if switched.how == "symlink" or switched.previous is None:
+        return switched, None  # a symlink layout keeps its old release folder, as its deploy tool does
+    return switched, set_aside(switched.previous, live)
 
 
 def _restore_in_place(ctx: Context, paths: CodePaths) -> Result:
@@ -263,12 +300,13 @@ def cmd_rollback(ctx: Context) -> Result:
             if target.exists():
                 raise ToolkitError(f"{target} already exists: remove it first")
             export_commit(paths.repo, commit, target)
-            switched = switch_in(target, live)
-            if switched.how != "symlink" and switched.previous is not None:
-                remove_tree(switched.previous)
+            switched, kept = switch_and_keep(target, live)
             data["switch"] = switched.to_json()
+            data["replaced_tree"] = str(kept) if kept else None
             if ids:
                 lines.append(f"to undo: {SCRIPT} restore {ids[0]} --yes")
+            if kept:
+                lines.append(f"the replaced tree is kept at {kept} until `{SCRIPT} cleanup` removes it")
         # A record of what is deployed now, for verify (marked safety so `latest` stays the user's restore point).
         deployed = take_backup(paths, f"deployed by rollback to {commit[:12]}", safety=True)[0]
         record_deployed(paths, deployed)
@@ -311,8 +349,23 @@ def _compile_problems(root: Path, excluded) -> list[str]:
     return problems
 
 def cmd_cleanup(ctx: Context) -> Result:
-    """cleanup DAYS: remove backups older than DAYS, always keeping the newest --keep."""
-    return cleanup_backups(ctx, CodePaths.from_settings(ctx.settings).store, SCRIPT)
+    """cleanup DAYS: remove backups and replaced trees older than DAYS, always keeping the newest --keep of each."""
+    paths = CodePaths.from_settings(ctx.settings)
+    cutoff = datetime.now(UTC) - timedelta(days=ctx.args.days)
+    result = cleanup_backups(ctx, paths.store, SCRIPT)
+    if paths.in_place or paths.deployment is None:
+        return result
+    with paths.store.lock(f"{SCRIPT} cleanup"):
+        old = [path for path, when in replaced_trees(paths.deployment)[max(ctx.args.keep, 1):] if when < cutoff]
+        if ctx.dry_run:
+            result.data["would_remove_trees"] = [str(path) for path in old]
+            result.lines += [f"would remove the replaced tree {path}" for path in old]
+            return result
+        for path in old:
+            remove_tree(path)
+    result.data["removed_trees"] = [str(path) for path in old]
+    result.lines += [f"removed the replaced tree {path}" for path in old]
+    return result
 
 
 def cmd_list(ctx: Context) -> Result:
@@ -346,7 +399,8 @@ def build_parser():
     sub = add_command(commands, "restore", cmd_restore, "make DEPLOYMENT_DIR exactly a backup",
                       "Checks the backup's checksums, saves the current tree as a backup, builds the backup's\n"
                       "tree beside DEPLOYMENT_DIR and switches it in: a `current` symlink is replaced\n"
-                      "atomically; a plain folder is exchanged with the new tree in one rename.")
+                      "atomically; a plain folder is exchanged with the new tree in one rename, and the\n"
+                      "replaced folder is set aside beside it (.NAME.replaced-TIME-X) until cleanup.")
     add_backup_argument(sub)
     add_no_backup_argument(sub, "the current tree")
 

@@ -9,6 +9,9 @@
   inodes with the store), checking every file's checksum as it goes.
 - `switch_in` puts the built tree in place in one step: a symlink layout (`current -> releases/X`) by a
   temporary symlink renamed over the old one, a plain folder by an atomic exchange of the two folders.
+- `set_aside` keeps the tree a plain-folder switch replaced beside the live one, under a dated hidden
+  name, for `cleanup` to remove: deleting 20,000 files costs about as much as copying them, and it
+  does not belong between an operator and a restored service.
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ import ctypes
 import errno
 import fnmatch
 import os
+import re
+import secrets
 import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common.errors import ToolkitError, UsageError
 from common.files import (
     PRIVATE_DIR,
-    PRIVATE_FILE,
     copy_and_hash,
     file_mode,
     flush_filesystem,
@@ -77,6 +82,7 @@ class SnapshotStats:
     """What a snapshot did with the regular files of the tree."""
 
     files: int = 0
+    bytes: int = 0  # of every regular file taken, copied or linked (what progress counts)
     linked: int = 0  # unchanged by their stat: linked from the previous backup without being read
     rehashed: int = 0  # in doubt, hashed, same content: linked too
     copied: int = 0  # new or changed: copied into the payload
@@ -88,13 +94,19 @@ class SnapshotStats:
 
 
 def snapshot_tree(
-    staging: Staging, src: Path, dest: str, previous: Backup | None = None, exclude: Iterable[str] = ()
+    staging: Staging,
+    src: Path,
+    dest: str,
+    previous: Backup | None = None,
+    exclude: Iterable[str] = (),
+    stats: SnapshotStats | None = None,
 ) -> SnapshotStats:
     """Put the tree `src` into the backup being built, at `dest`; link what the previous backup already has.
 
     `src` may be a symlink to the release folder (`current`): the folder it points at is taken.
     `exclude` holds the CODE_EXCLUDE patterns (see code_excluder). Symlinks are recorded as links and
-    never followed; sockets, fifos and devices are skipped (`staging.skipped`).
+    never followed; sockets, fifos and devices are skipped (`staging.skipped`). `stats`, when given,
+    is updated as the snapshot goes, for progress.
     """
     root = Path(os.path.realpath(src))
     if not root.is_dir():
@@ -102,23 +114,26 @@ def snapshot_tree(
     if is_inside(staging.path, root):
         raise UsageError(f"the backup folder {staging.path.parent} is inside {src}: keep backups outside the tree")
     before = {entry.path: entry for entry in previous.entries if entry.type == "file"} if previous else {}
-    stats = SnapshotStats()
+    stats = stats if stats is not None else SnapshotStats()
     not_racy_before = time.time_ns() - RACY_NS
 
-    def regular(path: Path, item_dest: str, st: os.stat_result) -> Entry:
+    def regular(path: str, item_dest: str, st: os.stat_result) -> Entry:
         stats.files += 1
+        stats.bytes += st.st_size
         entry = Entry(item_dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
         if st.st_mtime_ns < not_racy_before:
             entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-        out = staging.path / item_dest
+        out = os.path.join(staging.path, item_dest)
         old = before.get(item_dest)
         if old is not None and previous is not None and old.sha256 and old.size == st.st_size:
-            stored = previous.path / old.path
-            if _unchanged(old, st) and _link(stored, old, out):
+            stored = os.path.join(previous.path, old.path)
+            # Unchanged by its stat: linked without reading it. The stored file is trusted as the previous
+            # backup recorded it (restore checks every checksum); if it cannot be linked, it is copied.
+            if _unchanged(old, st) and _link(stored, out):
                 entry.sha256 = old.sha256
                 stats.linked += 1
                 return entry
-            if _linkable(stored, old) and sha256_file(path) == old.sha256 and _link(stored, old, out):
+            if _linkable(stored, old) and sha256_file(path) == old.sha256 and _link(stored, out):
                 entry.sha256 = old.sha256
                 stats.rehashed += 1
                 return entry
@@ -146,7 +161,7 @@ def _unchanged(old: Entry, st: os.stat_result) -> bool:
     )
 
 
-def _linkable(stored: Path, old: Entry) -> bool:
+def _linkable(stored: str, old: Entry) -> bool:
     """Whether the previous backup's payload file can be shared: a read-only regular file of the right size."""
     try:
         st = os.lstat(stored)
@@ -155,13 +170,11 @@ def _linkable(stored: Path, old: Entry) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == old.size and file_mode(st) == PAYLOAD_FILE
 
 
-def _link(stored: Path, old: Entry, out: Path) -> bool:
+def _link(stored: str, out: str) -> bool:
     """Hard-link the previous backup's payload file; False when that cannot be done (then it is copied)."""
-    if not _linkable(stored, old):
-        return False
     try:
         os.link(stored, out, follow_symlinks=False)
-    except OSError:  # too many links, another filesystem, protected hard links: copy instead
+    except OSError:  # gone, too many links, another filesystem, protected hard links: copy instead
         return False
     return True
 
@@ -183,7 +196,9 @@ class BuildStats:
         return asdict(self)
 
 
-def build_tree(backup: Backup, prefix: str, target: Path, verify: bool = True) -> BuildStats:
+def build_tree(
+    backup: Backup, prefix: str, target: Path, verify: bool = True, stats: BuildStats | None = None
+) -> BuildStats:
     """Write the backup's tree under `prefix` into the new folder `target`, byte for byte.
 
     Files are copied (never linked), with their modes, and their owners when running as root;
@@ -192,7 +207,7 @@ def build_tree(backup: Backup, prefix: str, target: Path, verify: bool = True) -
     backup stops the build before anything is switched. An entry whose path would leave `target`
     (absolute, `..`, or under something that is not one of the backup's folders) is refused.
     On any failure `target` is removed; a run killed meanwhile leaves only `target`, never touching
-    anything beside it.
+    anything beside it. `stats`, when given, is updated as the build goes, for progress.
     """
     _check_relative(prefix, backup)
     entries = tree_entries(backup, prefix)
@@ -206,7 +221,7 @@ def build_tree(backup: Backup, prefix: str, target: Path, verify: bool = True) -
         os.mkdir(target, PRIVATE_DIR)
     except FileExistsError:
         raise UsageError(f"{target} already exists: a tree is only built into a new folder") from None
-    stats = BuildStats()
+    stats = stats if stats is not None else BuildStats()
     try:
         _build(backup, entries, target, verify, stats)
         flush_filesystem(target)
@@ -226,6 +241,7 @@ def _check_relative(rel: str, backup: Backup) -> None:
 def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool, stats: BuildStats) -> None:
     as_root = os.geteuid() == 0
     folders = {""}
+    base, out_base = str(backup.path), str(target)  # plain strings: this runs once per file
     for rel, entry in sorted(entries.items(), key=lambda item: item[0].split("/")):  # parents first
         if not rel:
             continue
@@ -233,7 +249,7 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
             raise ToolkitError(
                 f"backup {backup.id}: {entry.path} is not inside one of the backup's folders: refused"
             )
-        out = target / rel
+        out = os.path.join(out_base, rel)
         if entry.type == "dir":
             os.mkdir(out, PRIVATE_DIR)
             folders.add(rel)
@@ -246,12 +262,12 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
                 os.lchown(out, entry.uid, entry.gid if entry.gid is not None else -1)
             stats.symlinks += 1
         elif entry.type == "file":
-            size, digest = copy_and_hash(backup.path / entry.path, out, mode=PRIVATE_FILE)
+            owner = _owner(entry) if as_root else None
+            size, digest = copy_and_hash(os.path.join(base, entry.path), out, mode=entry.mode, owner=owner)
             if verify and (size != entry.size or digest != entry.sha256):
                 raise ToolkitError(
                     f"backup {backup.id}: {entry.path} does not match its checksum (damaged); nothing was switched"
                 )
-            _set_owner_and_mode(out, entry, as_root)
             stats.files += 1
             stats.bytes += size
         else:
@@ -260,6 +276,10 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
     for rel, entry in sorted(entries.items(), key=lambda item: item[0].count("/"), reverse=True):
         if entry.type == "dir":
             _set_owner_and_mode(target / rel if rel else target, entry, as_root)
+
+
+def _owner(entry: Entry) -> tuple[int, int] | None:
+    return None if entry.uid is None else (entry.uid, entry.gid if entry.gid is not None else -1)
 
 
 def _set_owner_and_mode(path: Path, entry: Entry, as_root: bool) -> None:
@@ -369,3 +389,31 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+# -- replaced trees -----------------------------------------------------------------------------------
+
+_REPLACED = re.compile(r"\.replaced-(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+$")
+_STAMP = "%Y%m%dT%H%M%S.%fZ"
+
+
+def set_aside(tree: Path, live: Path) -> Path:
+    """Rename the tree a switch replaced to `.<live name>.replaced-<UTC time>-<random>` beside `live`."""
+    stamp = datetime.now(UTC).strftime(_STAMP)
+    kept = live.with_name(f".{live.name}.replaced-{stamp}-{secrets.token_hex(3)}")
+    os.rename(tree, kept)
+    fsync_dir(live.parent)
+    return kept
+
+
+def replaced_trees(live: Path) -> list[tuple[Path, datetime]]:
+    """The trees set aside beside `live` and when, newest first."""
+    found = []
+    prefix = f".{live.name}.replaced-"
+    if not live.parent.is_dir():
+        return []
+    for item in live.parent.iterdir():
+        match = _REPLACED.search(item.name)
+        if item.name.startswith(prefix) and match and item.is_dir() and not item.is_symlink():
+            found.append((item, datetime.strptime(match.group(1), _STAMP).replace(tzinfo=UTC)))
+    return sorted(found, key=lambda pair: (pair[1], pair[0].name), reverse=True)

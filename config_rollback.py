@@ -82,7 +82,7 @@ def take_backup(paths: ConfigPaths, label: str | None, safety: bool = False) -> 
             staging.add_tree(paths.config_dir, TREE)
         if has_env:
             staging.add_file(paths.env_file, ENV_ENTRY)
-    return paths.store.resolve(staging.backup_id)
+    return staging.backup
 
 
 def compare(backup: Backup, paths: ConfigPaths) -> tuple[TreeDiff, str | None]:

@@ -85,11 +85,11 @@ def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int
     with db.store.new_backup(label, name=db.server.name, safety=safety) as staging:
         staging.source = {"host": socket.gethostname(), "db_host": db.server.host, "db_port": db.server.port,
                           "database": db.server.name, "user": db.server.user}
-        staging.extra = {"format": fmt, "server_version": info.version, "pg_dump_version": client,
+        staging.extra = {"dump_format": fmt, "server_version": info.version, "pg_dump_version": client,
                          "database_size": info.database_size, "migration_version": current_migration(db)}
         with progress(f"dumping {db.server.name}", lambda: bytes_under(staging.path), None):
             dump_into(staging, db.server, db.tools, fmt, jobs, compress)
-    return db.store.resolve(staging.backup_id)
+    return staging.backup
 
 
 def current_migration(db: DbContext) -> str | None:

@@ -97,8 +97,14 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, PRIVATE_DIR)
 
 
-def copy_and_hash(src: Path, dest: Path, mode: int = PRIVATE_FILE) -> tuple[int, str]:
-    """Copy a regular file without following links; return its size and sha256."""
+def copy_and_hash(
+    src: str | Path, dest: str | Path, mode: int = PRIVATE_FILE, owner: tuple[int, int] | None = None
+) -> tuple[int, str]:
+    """Copy a regular file without following links into the new file `dest`; return its size and sha256.
+
+    `dest` gets `mode` (whatever the umask) and, when given, `owner` (uid, gid): set through the open
+    file, so a large tree is not walked again to fix them.
+    """
     digest = hashlib.sha256()
     size = 0
     src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
@@ -111,7 +117,9 @@ def copy_and_hash(src: Path, dest: Path, mode: int = PRIVATE_FILE) -> tuple[int,
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(dest_fd, view):]
-            os.fchmod(dest_fd, mode)
+            if owner is not None:
+                os.fchown(dest_fd, *owner)
+            os.fchmod(dest_fd, mode)  # after fchown, which clears setuid and setgid bits
         finally:
             os.close(dest_fd)
     finally:
@@ -119,7 +127,7 @@ def copy_and_hash(src: Path, dest: Path, mode: int = PRIVATE_FILE) -> tuple[int,
     return size, digest.hexdigest()
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     """The sha256 of a regular file, read without following a symlink."""
     digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)

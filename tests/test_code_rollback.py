@@ -85,6 +85,26 @@ def test_restore_gives_back_exactly_the_backup(cw: CodeWorkspace):
     assert not [p for p in cw.root.iterdir() if p.name.startswith(".deploy.tmp")]
 
 
+def test_replaced_tree_is_set_aside_until_cleanup(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    assert cw.run("backup").returncode == 0
+    (cw.live / "app.py").write_text("print('broken')\n")
+    broken = cw.tree()
+
+    first = json.loads(cw.run("--json", "restore", "latest", "--yes").stdout)["replaced_tree"]
+    assert first and Path(first).parent == cw.root and tree_snapshot(Path(first)) == broken
+    second = json.loads(cw.run("--json", "restore", "latest", "--yes").stdout)["replaced_tree"]
+    assert second != first
+
+    result = cw.run("--json", "--dry-run", "cleanup", "0", "--keep", "1")
+    assert json.loads(result.stdout)["would_remove_trees"] == [first] and Path(first).is_dir()
+    result = cw.run("--json", "cleanup", "0", "--keep", "1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["removed_trees"] == [first]
+    assert not Path(first).exists() and Path(second).is_dir()
+    assert cw.run("cleanup", "30", "--keep", "1").returncode == 0 and Path(second).is_dir()
+
+
 def test_verify_names_edited_and_deleted_files(cw: CodeWorkspace):
     assert cw.run("backup").returncode == 0
     assert cw.run("verify").returncode == 0
