@@ -163,10 +163,7 @@ def cmd_restore(ctx: Context) -> Result:
         # Built beside the live tree (or its release folder), so the switch is a rename on one filesystem.
         # The build checks every file's size and sha256 as it copies: a damaged backup stops here, before
         # the safety backup and before anything live changes, with no separate checksum pass.
-        parent = Path(os.path.realpath(live)).parent if live.is_symlink() else live.parent
-        target = parent / (backup.id if live.is_symlink() else temp_name(live).name)
-        if target.exists():
-            raise ToolkitError(f"{target} already exists: remove it or restore another backup")
+        target = build_path(live, backup.id)
         started = time.perf_counter()
         built = BuildStats()
         with ctx.progress(f"building {target}", lambda: built.bytes, backup.size):
@@ -192,6 +189,19 @@ def cmd_restore(ctx: Context) -> Result:
     return Result({"backup": backup.summary(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None,
                    "replaced_tree": str(kept) if kept else None, "seconds": seconds},
                   lines, backup_ids=[backup.id, *ids])
+
+
+def build_path(live: Path, release: str) -> Path:
+    """A new folder beside the live tree to build into: a symlink layout's next release folder, named after
+    `release` (`-2`, `-3` ... when a release of that name is already there), else a hidden sibling."""
+    if not live.is_symlink():
+        return temp_name(live)
+    parent = Path(os.path.realpath(live)).parent
+    target, n = parent / release, 1
+    while os.path.lexists(target):
+        n += 1
+        target = parent / f"{release}-{n}"
+    return target
 
 
 def switch_and_keep(target: Path, live: Path) -> tuple[Switched, Path | None]:
@@ -295,10 +305,7 @@ def cmd_rollback(ctx: Context) -> Result:
             lines.append(f"to undo: git -C {paths.repo} checkout {previous}")
         else:
             live = paths.deployment
-            parent = Path(os.path.realpath(live)).parent if live.is_symlink() else live.parent
-            target = parent / (f"commit-{commit[:12]}" if live.is_symlink() else temp_name(live).name)
-            if target.exists():
-                raise ToolkitError(f"{target} already exists: remove it first")
+            target = build_path(live, f"commit-{commit[:12]}")
             export_commit(paths.repo, commit, target)
             switched, kept = switch_and_keep(target, live)
             data["switch"] = switched.to_json()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from helpers import run_script, tree_snapshot
+from helpers import run_script, script_argv, tree_snapshot
 
 
 def git(repo: Path, *args: str) -> str:
@@ -186,6 +188,17 @@ def test_rollback_to_a_tag_gives_exactly_git_archive_of_it(cw: CodeWorkspace):
     assert cw.run("verify").returncode == 3
 
 
+def test_rolling_back_to_the_same_tag_twice_works(cw: CodeWorkspace):
+    commit_v2(cw)
+    expected = git_archive_tree(cw.repo, "v1", cw.root / "expected")
+    for _ in range(2):
+        assert cw.run("rollback", "v1", "--yes").returncode == 0
+        assert cw.run("restore", cw.backup_ids()[-1], "--yes").returncode == 0  # back to the first deploy
+    result = cw.run("rollback", "v1", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert cw.tree() == expected
+
+
 @pytest.mark.parametrize("revision", ["0000dead", "--output=x", "--upload-pack=touch pwned", "-h"])
 def test_bad_revisions_are_refused_with_nothing_changed(cw: CodeWorkspace, revision: str):
     before = cw.tree()
@@ -237,3 +250,42 @@ def test_in_place_restore_keeps_git_untouched(in_place: CodeWorkspace):
     assert {k: v for k, v in tree_snapshot(in_place.repo).items() if not k.startswith(".git")} == before
     assert {k: v for k, v in tree_snapshot(in_place.repo / ".git").items() if k != "index"} == git_files
     assert git(in_place.repo, "rev-parse", "HEAD") == head
+
+
+def test_sigkill_at_any_moment_of_a_restore_leaves_old_or_new_and_a_retry_completes(cw: CodeWorkspace):
+    """The whole command killed at spread moments: DEPLOYMENT_DIR is never a mix, and restore runs again."""
+    live = Path(os.path.realpath(cw.live))
+    for d in range(10):
+        (live / f"d{d}").mkdir()
+        for f in range(100):
+            (live / f"d{d}" / f"f{f}.py").write_bytes(os.urandom(3000))
+    assert cw.run("backup").returncode == 0
+    new_tree = cw.tree()
+
+    def break_live() -> None:
+        for path in Path(os.path.realpath(cw.live)).rglob("f1*.py"):
+            path.write_text("old\n")
+
+    break_live()
+    old_tree = cw.tree()
+    argv = script_argv("code_rollback.py", "restore", "latest", "--yes")
+    env = {**os.environ, **cw.env}
+    began = time.monotonic()
+    assert subprocess.run(argv, env=env, cwd=cw.root, capture_output=True).returncode == 0
+    whole = time.monotonic() - began
+    assert cw.tree() == new_tree
+    outcomes = set()
+    for i in range(8):
+        break_live()
+        assert cw.tree() == old_tree
+        proc = subprocess.Popen(argv, env=env, cwd=cw.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(whole * i / 7)  # not synchronisation: it picks where in the run the kill lands
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        seen = cw.tree()
+        assert seen in (old_tree, new_tree), f"kill {i}: a mix of old and new"
+        outcomes.add("new" if seen == new_tree else "old")
+        retry = cw.run("restore", "latest", "--yes")
+        assert retry.returncode == 0, retry.stderr
+        assert cw.tree() == new_tree
+    assert "old" in outcomes
