@@ -36,7 +36,7 @@ from common.cli import (
     make_parser,
     run,
 )
-from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component
+from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
 from common.errors import ToolkitError, UsageError
 from common.files import atomic_write, temp_name
 from common.proc import run_tool
@@ -102,13 +102,17 @@ def git_state(repo: Path | None) -> dict:
 
 
 def take_backup(paths: CodePaths, label: str | None, safety: bool = False,
-                progress: Progress = no_progress) -> tuple[Backup, dict]:
-    """Snapshot the deployed tree, hard-linking files unchanged since the newest backup (caller holds the lock)."""
+                progress: Progress = no_progress, deployed_commit: str | None = None) -> tuple[Backup, dict]:
+    """Snapshot the deployed tree, hard-linking files unchanged since the newest backup (caller holds the lock).
+
+    `deployed_commit` (after a rollback) is recorded as the backup's commit instead of REPO_PATH's HEAD."""
     previous = paths.store.newest()
     stats = SnapshotStats()
     with paths.store.new_backup(label, safety=safety) as staging:
         staging.source = {"host": socket.gethostname(), "layout": "in-place" if paths.in_place else "release",
                           "live": str(paths.live.absolute()), **git_state(paths.repo)}
+        if deployed_commit:
+            staging.source["commit"] = deployed_commit
         # The previous backup's size is the estimate: code trees change little between deploys.
         with progress(f"backing up {paths.live}", lambda: stats.bytes, previous.size if previous else None):
             snapshot_tree(staging, paths.live, TREE, previous, paths.exclude, stats)
@@ -315,7 +319,7 @@ def cmd_rollback(ctx: Context) -> Result:
             if kept:
                 lines.append(f"the replaced tree is kept at {kept} until `{SCRIPT} cleanup` removes it")
         # A record of what is deployed now, for verify (marked safety so `latest` stays the user's restore point).
-        deployed = take_backup(paths, f"deployed by rollback to {commit[:12]}", safety=True)[0]
+        deployed = take_backup(paths, f"deployed by rollback to {commit[:12]}", safety=True, deployed_commit=commit)[0]
         record_deployed(paths, deployed)
     return Result(data, lines, backup_ids=ids)
 
@@ -331,13 +335,14 @@ def cmd_verify(ctx: Context) -> Result:
     else:
         diff = diff_tree(tree_entries(backup, TREE), live, code_excluder(paths.exclude))
         problems += [f"{kind} {path}" for kind, names in diff.to_json().items() for path in names if path != "."]
-        expected = backup.source.get("commit")
-        head = git_state(paths.repo).get("commit")
+        # Only a working copy runs its HEAD; a release folder's REPO_PATH may have moved on since the deploy.
+        expected = backup.source.get("commit") if paths.in_place else None
+        head = git_state(paths.repo).get("commit") if expected else None
         if expected and head and head != expected:
             problems.append(f"{paths.repo} is at {head[:12]}, expected {expected[:12]}")
     if ctx.args.compile:
         problems += _compile_problems(live, code_excluder(paths.exclude))
-    lines = [f"verify {paths.live}: " + (f"{len(problems)} problems" if problems else "OK")
+    lines = [f"verify {paths.live}: " + (count(len(problems), "problem") if problems else "OK")
              + (f" (against {backup.id})" if backup else "")] + [f"  {p}" for p in problems]
     return Result({"problems": problems, "against": backup.id if backup else None}, lines,
                   exit_code=3 if problems else 0, report=True)

@@ -20,7 +20,7 @@ from common.cli import (
     make_parser,
     run,
 )
-from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component
+from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
 from common.errors import UsageError
 from common.files import atomic_write, file_mode, is_inside, resolve_inside
 from common.settings import Settings
@@ -271,7 +271,7 @@ def cmd_verify(ctx: Context) -> Result:
             notes += [f"changed since backup {against.id}:", *drift_lines]
     data = {"files_checked": len(files), "problems": problems, "notes": notes, "drift": drift,
             "against": against.id if against else None}
-    verdict = f"verify: {len(files)} files checked, " + (f"{len(problems)} problems" if problems else "OK")
+    verdict = f"verify: {len(files)} files checked, " + (count(len(problems), "problem") if problems else "OK")
     lines = [verdict] + [f"  {p}" if not p.startswith("  ") else p for p in problems] + notes
     return Result(data, lines, exit_code=3 if problems else 0, report=True)
 

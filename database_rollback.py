@@ -20,7 +20,15 @@ from common.cli import (
     make_parser,
     run,
 )
-from common.commands import cleanup_backups, human_size, list_backups, refuse_damaged, resolve_component, table
+from common.commands import (
+    cleanup_backups,
+    count,
+    human_size,
+    list_backups,
+    refuse_damaged,
+    resolve_component,
+    table,
+)
 from common.errors import ToolkitError, UsageError
 from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
@@ -335,7 +343,7 @@ def cmd_verify(ctx: Context) -> Result:
             except ToolkitError as exc:
                 backup_problems.append(str(exc))
         problems += [f"backup {backup.id}: {p}" for p in backup_problems]
-    lines = [f"verify {db.server.name}: " + (f"{len(problems)} problems" if problems else "OK")]
+    lines = [f"verify {db.server.name}: " + (count(len(problems), "problem") if problems else "OK")]
     lines += [f"  problem: {p}" for p in problems] + [f"  {n}" for n in notes]
     return Result({"problems": problems, "notes": notes, "backup": backup.id if backup else None}, lines,
                   exit_code=3 if problems else 0, report=True)

@@ -55,6 +55,11 @@ def refuse_damaged(backup: Backup) -> None:
         raise ToolkitError(f"backup {backup.id} is damaged: {problems[0]}{more}; refused, nothing changed")
 
 
+def count(number: int, noun: str) -> str:
+    """`1 problem`, `3 problems`."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def human_size(size: float) -> str:
     """Bytes for people: 512 B, 1.5 KiB, 2.0 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -38,6 +38,13 @@ def run(script: str, *args: str, env: dict[str, str], cwd: Path, expect: int = 0
     return done.stdout
 
 
+def newest_backup(script: str, env: dict[str, str], cwd: Path, oldest: bool = False) -> str:
+    """The id of the newest (or oldest) backup, from `list --json`, without printing it."""
+    listing = subprocess.run([sys.executable, str(ROOT / script), "--json", "list"], env={**os.environ, **env},
+                             cwd=cwd, capture_output=True, text=True, check=True)
+    return json.loads(listing.stdout)["backups"][-1 if oldest else 0]["id"]
+
+
 def _shell_quote(arg: str) -> str:
     return arg if arg and all(c.isalnum() or c in "-_./:=@" for c in arg) else "'" + arg.replace("'", "'\\''") + "'"
 
@@ -63,13 +70,59 @@ def config_part(work: Path) -> None:
     (work / "config" / "services" / "cache.json").unlink()
     cr("verify", "--against", "latest", expect=3)
     step("Roll back the configuration to the backup taken before the deployment")
-    listing = subprocess.run([sys.executable, str(ROOT / "config_rollback.py"), "--json", "list"],
-                             env={**os.environ, **env}, cwd=work, capture_output=True, text=True, check=True)
-    first = json.loads(listing.stdout)["backups"][-1]["id"]
+    first = newest_backup("config_rollback.py", env, work, oldest=True)
     cr("restore", first, "--yes")
     cr("verify", "--against", first)
     step("Retention: what cleanup would remove (keeping the newest 2)")
     cr("cleanup", "0", "--keep", "2", "--dry-run")
+
+
+def git(repo: Path, *args: str) -> str:
+    """git in the sample repository, with a fixed author so the demo runs on a machine without git config."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "demo", "GIT_AUTHOR_EMAIL": "demo@example.test",
+           "GIT_COMMITTER_NAME": "demo", "GIT_COMMITTER_EMAIL": "demo@example.test"}
+    return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def code_part(work: Path) -> None:
+    repo = work / "app-repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    for version, body in (("v1.0", "print('orders v1.0')\n"), ("v1.1", "print('orders v1.1')\n"),
+                          ("v1.2", "print('orders v1.2: reads the dropped column')\n")):
+        (repo / "app.py").write_text(body)
+        (repo / "VERSION").write_text(version + "\n")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "-m", f"release {version}")
+        git(repo, "tag", version)
+    # A Capistrano-style deployment: current -> releases/v1.2, the code exported from the tag.
+    release = work / "releases" / "v1.2"
+    release.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "v1.2"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(release)], input=archive, check=True)
+    os.symlink("releases/v1.2", work / "current")
+    env = {"REPO_PATH": str(repo), "DEPLOYMENT_DIR": str(work / "current"),
+           "CODE_BACKUP_DIR": str(work / "code_backups")}
+
+    def cc(*args: str, expect: int = 0) -> str:
+        return run("code_rollback.py", *args, env=env, cwd=work, expect=expect)
+
+    step("Code: release v1.2 is deployed (current -> releases/v1.2); take a backup")
+    cc("backup", "--label", "v1.2 as deployed")
+    deployed = newest_backup("code_rollback.py", env, work)
+    step("v1.2 misbehaves: roll the code back to the tag v1.1 (git archive, built aside, symlink switched)")
+    cc("rollback", "v1.1", "--yes")
+    print((work / "current" / "VERSION").read_text(), end="")
+    cc("verify", "--compile")
+    step("A hand edit on the server is drift: verify names it")
+    (work / "current" / "app.py").write_text("print('hot fix')\n")
+    cc("verify", expect=3)
+    step("Restore the backup of v1.2 as deployed, byte for byte")
+    cc("restore", deployed, "--yes")
+    print((work / "current" / "VERSION").read_text(), end="")
+    cc("verify")
+    cc("list")
 
 
 def database_part(work: Path) -> None:
@@ -111,10 +164,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rollback-demo-"))
     try:
         config_part(work)
+        code_part(work)
         database_part(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("\nDemo finished: configuration and database are back to their state before the deployment.")
+    print("\nDemo finished: configuration, code and database are back to their state before the deployment.")
 
 
 if __name__ == "__main__":

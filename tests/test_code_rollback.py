@@ -184,6 +184,10 @@ def test_rollback_to_a_tag_gives_exactly_git_archive_of_it(cw: CodeWorkspace):
     assert result.returncode == 0, result.stderr
     assert cw.tree() == git_archive_tree(cw.repo, "v1", cw.root / "expected")
     assert cw.run("verify").returncode == 0
+    listing = json.loads(cw.run("--json", "list").stdout)["backups"]
+    deployed = next(b for b in listing if (b["label"] or "").startswith("deployed by rollback"))
+    manifest = json.loads((cw.store / deployed["id"] / "manifest.json").read_text())
+    assert manifest["source"]["commit"] == git(cw.repo, "rev-parse", "v1")  # what runs, not REPO_PATH's HEAD
     (Path(os.path.realpath(cw.live)) / "app.py").write_text("edited\n")
     assert cw.run("verify").returncode == 3
 
