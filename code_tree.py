@@ -36,6 +36,7 @@ from common.files import (
     copy_and_hash,
     file_mode,
     flush_filesystem,
+    flushing_meanwhile,
     fsync_dir,
     is_inside,
     sha256_file,
@@ -114,29 +115,31 @@ def snapshot_tree(
     if is_inside(staging.path, root):
         raise UsageError(f"the backup folder {staging.path.parent} is inside {src}: keep backups outside the tree")
     before = {entry.path: entry for entry in previous.entries if entry.type == "file"} if previous else {}
+    base = str(previous.path) if previous else ""
     stats = stats if stats is not None else SnapshotStats()
     not_racy_before = time.time_ns() - RACY_NS
 
     def regular(path: str, item_dest: str, st: os.stat_result) -> Entry:
         stats.files += 1
         stats.bytes += st.st_size
+        out = os.path.join(staging.path, item_dest)
+        old = before.get(item_dest)
+        stored = None
+        if old is not None and old.sha256 and old.size == st.st_size:
+            stored = os.path.join(base, old.path)
+            # Unchanged by its stat: linked without being read, and its entry is the previous one as it
+            # stands. The stored file is trusted as the previous backup recorded it (restore checks every
+            # checksum); if it cannot be linked, it is copied.
+            if _unchanged(old, st) and _link(stored, out):
+                stats.linked += 1
+                return old
         entry = Entry(item_dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
         if st.st_mtime_ns < not_racy_before:
             entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-        out = os.path.join(staging.path, item_dest)
-        old = before.get(item_dest)
-        if old is not None and previous is not None and old.sha256 and old.size == st.st_size:
-            stored = os.path.join(previous.path, old.path)
-            # Unchanged by its stat: linked without reading it. The stored file is trusted as the previous
-            # backup recorded it (restore checks every checksum); if it cannot be linked, it is copied.
-            if _unchanged(old, st) and _link(stored, out):
-                entry.sha256 = old.sha256
-                stats.linked += 1
-                return entry
-            if _linkable(stored, old) and sha256_file(path) == old.sha256 and _link(stored, out):
-                entry.sha256 = old.sha256
-                stats.rehashed += 1
-                return entry
+        if stored is not None and _linkable(stored, old) and sha256_file(path) == old.sha256 and _link(stored, out):
+            entry.sha256 = old.sha256
+            stats.rehashed += 1
+            return entry
         entry.size, entry.sha256 = copy_and_hash(path, out, mode=PAYLOAD_FILE)
         stats.copied += 1
         stats.bytes_copied += entry.size
@@ -148,7 +151,7 @@ def snapshot_tree(
 
 
 def _unchanged(old: Entry, st: os.stat_result) -> bool:
-    """Whether the file is, by its stat, the one the previous backup took."""
+    """Whether the file is, by its stat, the one the previous backup took (ctime also moves on chmod and chown)."""
     return (
         old.mtime_ns is not None
         and old.ctime_ns is not None
@@ -158,6 +161,8 @@ def _unchanged(old: Entry, st: os.stat_result) -> bool:
         and old.ctime_ns == st.st_ctime_ns
         and old.ino == st.st_ino
         and old.mode == file_mode(st)
+        and old.uid == st.st_uid
+        and old.gid == st.st_gid
     )
 
 
@@ -223,7 +228,8 @@ def build_tree(
         raise UsageError(f"{target} already exists: a tree is only built into a new folder") from None
     stats = stats if stats is not None else BuildStats()
     try:
-        _build(backup, entries, target, verify, stats)
+        with flushing_meanwhile(target):
+            _build(backup, entries, target, verify, stats)
         flush_filesystem(target)
         fsync_dir(target.parent)
     except BaseException:

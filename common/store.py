@@ -30,6 +30,7 @@ from common.files import (
     copy_and_hash,
     file_mode,
     flush_filesystem,
+    flushing_meanwhile,
     fsync_dir,
     make_private_dir,
     sha256_file,
@@ -150,7 +151,8 @@ class Staging:
         `regular`, when given, puts each regular file into the payload itself (given the file's path,
         its path in the payload and its lstat) and returns its entry, instead of the plain copy.
         """
-        self._add_dir(str(src), dest, "", exclude, regular)
+        with flushing_meanwhile(self.path):  # the payload reaches the disk as it is copied, not all at the seal
+            self._add_dir(str(src), dest, "", exclude, regular)
 
     def add_file(self, src: Path, dest: str) -> None:
         """Copy one regular file (or symlink) to `dest` in the payload."""
