@@ -436,7 +436,7 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     """Run code_rollback.py."""
-    return run(build_parser(), STORE_SETTING, argv)
+    return run(build_parser(), COMPONENT, STORE_SETTING, argv)
 
 
 if __name__ == "__main__":

@@ -463,7 +463,7 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     """Run database_rollback.py."""
-    return run(build_parser(), STORE_SETTING, argv)
+    return run(build_parser(), COMPONENT, STORE_SETTING, argv)
 
 
 if __name__ == "__main__":

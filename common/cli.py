@@ -15,8 +15,11 @@ from datetime import UTC, datetime
 
 from common.audit import append_audit
 from common.errors import EXIT_FAILED, Interrupted, ToolkitError, UsageError
+from common.metrics import record_run
 from common.progress import show_progress
+from common.rto import OBJECTIVES, RtoReport, rto_for
 from common.settings import Settings
+from common.store import BackupStore
 
 # A script's backup folder: its variable and default, e.g. ("CONFIG_BACKUP_DIR", "./config_backups").
 StoreSetting = tuple[str, str]
@@ -27,6 +30,9 @@ EXIT_CODES_HELP = """exit codes:
   2   bad usage or bad input (nothing changed)
   3   verify found a problem
   75  another run holds the lock; try again later"""
+
+RTO_COMMANDS = frozenset({"restore", "rollback"})  # timed against the component's recovery time objective
+UNRECORDED_COMMANDS = frozenset({"list", "status", "locks"})  # they change nothing: no metrics
 
 
 @dataclass
@@ -95,6 +101,9 @@ def add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) -> 
                        help="print only problems")
     group.add_argument("-v", "--verbose", action="store_true", default=default or False,
                        help="more detail; tracebacks on errors")
+    group.add_argument("--metrics-file", metavar="PATH", default=default,
+                       help="record the run for node_exporter's textfile collector in this .prom file "
+                            "(default: the METRICS_FILE setting; none when unset)")
 
 
 def make_parser(prog: str, description: str, epilog: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -161,11 +170,13 @@ def add_cleanup_arguments(sub: argparse.ArgumentParser) -> None:
                      help="always keep the newest N backups (default 3, at least 1)")
 
 
-def run(parser: argparse.ArgumentParser, store_setting: StoreSetting, argv: list[str] | None = None) -> int:
-    """Parse, run the chosen command, print its result, record it in the audit log; return the exit code.
+def run(
+    parser: argparse.ArgumentParser, component: str, store_setting: StoreSetting, argv: list[str] | None = None
+) -> int:
+    """Parse, run the chosen command, print its result, record it (audit log, metrics); return the exit code.
 
-    `store_setting` names the script's backup folder (variable and default); the audit log is AUDIT_LOG,
-    else audit.log in that folder.
+    `component` is the store's component name ("config", "code", "db"); `store_setting` names the script's
+    backup folder (variable and default); the audit log is AUDIT_LOG, else audit.log in that folder.
     """
     args = parser.parse_args(argv)
     script = parser.prog
@@ -174,9 +185,13 @@ def run(parser: argparse.ArgumentParser, store_setting: StoreSetting, argv: list
     settings: Settings | None = None
     result: Result | None = None
     error: str | None = None
+    objective: float | None = None
     try:
         settings = Settings.load(args.env_file)
-        result = args.handler(Context(args, settings, script))
+        objective = _objective(args, settings, component)
+        ctx = Context(args, settings, script)
+        result = args.handler(ctx)
+        _attach_rto(ctx, result, component, objective, time.monotonic() - started)
         _emit(result, args)
         code = result.exit_code
     except (ToolkitError, KeyboardInterrupt) as exc:
@@ -190,12 +205,68 @@ def run(parser: argparse.ArgumentParser, store_setting: StoreSetting, argv: list
         _report_error(script, args, error + hint, code)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    _audit(script, args, settings, store_setting, started_at, time.monotonic() - started, code, error, result)
+    duration = time.monotonic() - started
+    _audit(script, args, settings, store_setting, started_at, duration, code, error, result)
+    _record_metrics(script, args, settings, component, store_setting, code, duration, objective)
     return code
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted("interrupted by SIGTERM")
+
+
+def _objective(args: argparse.Namespace, settings: Settings, component: str) -> float | None:
+    """A restore's or rollback's RTO, read before the command runs so that a malformed setting changes nothing."""
+    # A component without an objective of its own (a restore point spanning all three) is not timed here.
+    if args.command not in RTO_COMMANDS or component not in OBJECTIVES:
+        return None
+    return rto_for(settings, component)
+
+
+def _attach_rto(ctx: Context, result: Result, component: str, objective: float | None, seconds: float) -> None:
+    """Report a finished restore or rollback against its RTO; a missed one is also a warning, not a failure."""
+    if objective is None or ctx.dry_run or result.exit_code != 0:
+        return
+    report = RtoReport(component, ctx.args.command, seconds, objective)
+    result.data["rto"] = report.to_json()
+    result.lines.append(report.line())
+    if not report.met:
+        ctx.warn(report.line())  # stderr whatever --quiet or --json, so a missed objective is never silent
+
+
+def _record_metrics(
+    script: str,
+    args: argparse.Namespace,
+    settings: Settings | None,
+    component: str,
+    store_setting: StoreSetting,
+    code: int,
+    duration: float,
+    objective: float | None,
+) -> None:
+    """Record the run in the metrics file, if one is configured; a failure to do so is only a warning."""
+    if args.dry_run or args.command in UNRECORDED_COMMANDS:
+        return
+    try:
+        path = args.metrics_file or (settings.path("METRICS_FILE") if settings is not None else None)
+        if path is None:
+            return
+        count, newest_bytes = _store_state(settings, component, store_setting)
+        verify_ok = {0: True, 3: False}.get(code) if args.command == "verify" else None
+        record_run(path, component, args.command, code == 0, duration, count, newest_bytes, verify_ok, objective)
+    except Exception as exc:  # the command is over and its exit code stands, whatever went wrong here
+        print(f"{script}: warning: the run was not recorded in the metrics file: {exc}", file=sys.stderr)
+
+
+def _store_state(settings: Settings | None, component: str, store_setting: StoreSetting
+                 ) -> tuple[int | None, int | None]:
+    """How many backups the store holds and the newest one's size; unknown without settings."""
+    if settings is None:
+        return None, None
+    store = BackupStore(settings.path(*store_setting), component)
+    newest = store.newest()
+    # The folders, not store.backups(): counting must not read every manifest of a large store.
+    return len(store.backup_folders()), (newest.size if newest else None)
 
 
 def _emit(result: Result, args: argparse.Namespace) -> None:

@@ -35,16 +35,18 @@ def run_tool(
     stdin: bytes | None = None,
     stdout: IO[bytes] | None = None,
     check: bool = True,
+    keep_secrets: bool = False,
 ) -> ToolRun:
     """Run `argv` and wait for it; with check, a non-zero exit raises a one-line error with stderr's tail.
 
     `env` is added to the inherited environment, from which SECRET_VARIABLES are removed: a secret
     reaches a child only as a private file named in `env` (a PGPASSFILE), never in argv or environ.
-    `stdout` may be an open file to stream into; otherwise it is captured.
+    `stdout` may be an open file to stream into; otherwise it is captured. `keep_secrets` is only for
+    the toolkit's own scripts, which read DB_PASSWORD from their environment as this process did.
     If this process is interrupted (SIGINT, or SIGTERM turned into an exception by the CLI) the child is
     terminated, then killed, before the exception goes on.
     """
-    inherited = {key: value for key, value in os.environ.items() if key not in SECRET_VARIABLES}
+    inherited = {key: value for key, value in os.environ.items() if keep_secrets or key not in SECRET_VARIABLES}
     child_env = {**inherited, **(env or {})}
     try:
         proc = subprocess.Popen(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -69,6 +70,22 @@ class Settings:
             low = "" if minimum is None else f" >= {minimum}"
             high = "" if maximum is None else f" <= {maximum}"
             raise SettingError(f"{name} must be{low}{' and' if low and high else ''}{high}, got {number}")
+        return number
+
+    def number(self, name: str, default: float, minimum: float | None = None) -> float:
+        """A decimal-number setting, at least `minimum`."""
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise SettingError(f"{name} must be a number, got {value!r}") from None
+        # float() accepts "nan" and "inf", which no threshold or timeout can mean.
+        if not math.isfinite(number):
+            raise SettingError(f"{name} must be a finite number, got {value!r}")
+        if minimum is not None and number < minimum:
+            raise SettingError(f"{name} must be >= {minimum:g}, got {number:g}")
         return number
 
 

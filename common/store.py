@@ -322,7 +322,7 @@ class BackupStore:
 
     # -- reading ------------------------------------------------------------------------------------
 
-    def _backup_folders(self) -> list[str]:
+    def backup_folders(self) -> list[str]:
         """The folders that hold a manifest, newest first (ids begin with their UTC time, so names sort by it)."""
         if not self.root.is_dir():
             return []
@@ -338,7 +338,7 @@ class BackupStore:
 
     def _loaded(self) -> Iterator[Backup]:
         """The whole backups, newest first, each manifest read only when it is reached."""
-        for folder in self._backup_folders():
+        for folder in self.backup_folders():
             try:
                 yield load_backup(Path(folder))
             except ToolkitError:

@@ -19,7 +19,8 @@ def run_script(
     script: str, *args: str, env: dict[str, str], cwd: Path, umask: int | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess:
     """Run a script to completion with only `env` as settings (no terminal, like cron and CI)."""
-    full_env = {key: value for key, value in os.environ.items() if not key.startswith(("CONFIG", "ENV_", "DB_"))}
+    own = ("CONFIG", "ENV_", "DB_", "RTO_", "METRICS_FILE")  # the toolkit's settings come from `env` only
+    full_env = {key: value for key, value in os.environ.items() if not key.startswith(own)}
     full_env.update(env)
     return subprocess.run(
         script_argv(script, *args),
@@ -48,3 +49,28 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
             else:
                 found[rel] = ("file", st.st_mode & 0o7777, path.read_bytes())
     return found
+
+
+def database_state(pg_db, dbname: str | None = None) -> dict:
+    """Schema (as pg_dump prints it) and every row of every table and materialized view, sorted."""
+    env = {**os.environ, "PGHOST": pg_db.env["DB_HOST"], "PGPORT": pg_db.env["DB_PORT"],
+           "PGUSER": pg_db.env["DB_USER"], "PGDATABASE": dbname or pg_db.name}
+    schema = subprocess.run(["pg_dump", "--schema-only", "--no-owner"], env=env, check=True,
+                            capture_output=True, text=True).stdout
+    schema = "\n".join(line for line in schema.splitlines() if not line.startswith("\\restrict")
+                       and not line.startswith("\\unrestrict"))
+    conn = pg_db.cluster.connect(dbname or pg_db.name)
+    rows = {}
+    with conn.cursor() as cur:
+        cur.execute("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'm') ORDER BY 1")
+        for (table,) in cur.fetchall():
+            cur.execute(f"SELECT * FROM {table}")
+            rows[table] = sorted(map(repr, cur.fetchall()))
+        cur.execute("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = 'public' AND c.relkind = 'S' ORDER BY 1")
+        for (sequence,) in cur.fetchall():
+            cur.execute(f"SELECT last_value, is_called FROM {sequence}")
+            rows[sequence] = cur.fetchone()
+    conn.close()
+    return {"schema": schema, "rows": rows}

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_script, script_argv
+from helpers import database_state, run_script, script_argv
 
 RICH_SCHEMA = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -33,31 +33,6 @@ INSERT INTO orders (customer_id, total) SELECT 1 + i % 200, (i * 7.3) % 500 FROM
 INSERT INTO events SELECT i, DATE '2025-06-01' + (i % 400), jsonb_build_object('n', i) FROM generate_series(1, 1000) i;
 CREATE MATERIALIZED VIEW order_totals AS SELECT customer_id, sum(total) AS total FROM orders GROUP BY 1;
 """
-
-
-def database_state(pg_db, dbname: str | None = None) -> dict:
-    """Schema (as pg_dump prints it) and every row of every table and materialized view, sorted."""
-    env = {**os.environ, "PGHOST": pg_db.env["DB_HOST"], "PGPORT": pg_db.env["DB_PORT"],
-           "PGUSER": pg_db.env["DB_USER"], "PGDATABASE": dbname or pg_db.name}
-    schema = subprocess.run(["pg_dump", "--schema-only", "--no-owner"], env=env, check=True,
-                            capture_output=True, text=True).stdout
-    schema = "\n".join(line for line in schema.splitlines() if not line.startswith("\\restrict")
-                       and not line.startswith("\\unrestrict"))
-    conn = pg_db.cluster.connect(dbname or pg_db.name)
-    rows = {}
-    with conn.cursor() as cur:
-        cur.execute("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                    " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'm') ORDER BY 1")
-        for (table,) in cur.fetchall():
-            cur.execute(f"SELECT * FROM {table}")
-            rows[table] = sorted(map(repr, cur.fetchall()))
-        cur.execute("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                    " WHERE n.nspname = 'public' AND c.relkind = 'S' ORDER BY 1")
-        for (sequence,) in cur.fetchall():
-            cur.execute(f"SELECT last_value, is_called FROM {sequence}")
-            rows[sequence] = cur.fetchone()
-    conn.close()
-    return {"schema": schema, "rows": rows}
 
 
 class DbWorkspace:

@@ -1,0 +1,123 @@
+"""The three parts of a restore point: which script handles each, how rollback.py runs it, what undoes a step.
+
+rollback.py runs the component scripts as child processes with `--json`, exactly as an operator would:
+each keeps its own lock, safety backup, audit line and exit code, and the commands printed to undo a
+step are the same commands, known to work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.proc import run_tool
+from common.settings import Settings
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Component:
+    """One component as rollback.py sees it."""
+
+    name: str  # the store's component name: config, code, db
+    title: str
+    script: str
+    settings: tuple[str, ...]  # the component is configured when any of these is set
+
+    def configured(self, settings: Settings) -> bool:
+        """Whether the operator has set this component up (its folder or database is named)."""
+        return any(settings.text(name) for name in self.settings)
+
+    def verify_args(self, backup_id: str) -> list[str]:
+        """The verify that follows a restore of `backup_id`."""
+        return ["verify", "--against", backup_id] if self.name == "config" else ["verify"]
+
+
+# The runbook's order: configuration, then code, then the database.
+COMPONENTS = (
+    Component("config", "configuration", "config_rollback.py", ("CONFIG_DIR",)),
+    Component("code", "code", "code_rollback.py", ("DEPLOYMENT_DIR", "REPO_PATH")),
+    Component("db", "database", "database_rollback.py", ("DB_NAME",)),
+)
+BY_NAME = {component.name: component for component in COMPONENTS}
+
+
+@dataclass
+class ScriptRun:
+    """One finished run of a component script."""
+
+    component: Component
+    args: list[str]
+    exit_code: int
+    data: dict
+    stderr: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """Exit code 0."""
+        return self.exit_code == 0
+
+    @property
+    def error(self) -> str:
+        """The one-line error the script printed, for the report."""
+        if self.data.get("error"):
+            return str(self.data["error"])
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        return lines[-1] if lines else f"exit code {self.exit_code}"
+
+
+@dataclass
+class ScriptRunner:
+    """Runs the component scripts with the settings rollback.py was given."""
+
+    env_file: str | None = None
+    cwd: Path = field(default_factory=Path.cwd)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self, component: Component, *args: str) -> list[str]:
+        """The full command line of one script run (also what the undo commands print)."""
+        options = ["--env-file", os.path.abspath(self.env_file)] if self.env_file else []
+        return [sys.executable, str(ROOT / component.script), *options, *args]
+
+    def run(self, component: Component, *args: str, env: dict[str, str] | None = None) -> ScriptRun:
+        """Run the script with --json and wait; its exit code and JSON document come back, never an exception.
+
+        `env` overrides settings for this run only (the drill points DB_NAME at its scratch database)."""
+        started = time.monotonic()
+        # The children are this toolkit: they get DB_PASSWORD the way this process did.
+        done = run_tool(self.argv(component, "--json", *args), component.script, env={**self.extra_env, **(env or {})},
+                        cwd=self.cwd, check=False, keep_secrets=True)
+        try:
+            data = json.loads(done.stdout.decode() or "{}")
+        except ValueError:
+            data = {}
+        return ScriptRun(component, list(args), done.returncode, data, done.stderr, time.monotonic() - started)
+
+    def shell_line(self, component: Component, *args: str) -> str:
+        """A command an operator can paste: run from the same folder, with the same settings."""
+        return f"cd {shlex.quote(str(self.cwd))} && {shlex.join(self.argv(component, *args))}"
+
+
+def undo_commands(step: ScriptRun, runner: ScriptRunner) -> list[str]:
+    """What puts back the state a successful restore step replaced."""
+    safety = step.data.get("safety_backup")
+    if safety:
+        return [runner.shell_line(step.component, "restore", safety, "--yes")]
+    previous = step.data.get("previous_database")
+    if previous:  # a swap restore keeps the replaced database whole: renaming it back is the undo
+        database = step.data["database"]
+        statements = (f"ALTER DATABASE {_identifier(database)} RENAME TO {_identifier(database + '__undone')}; "
+                      f"ALTER DATABASE {_identifier(previous)} RENAME TO {_identifier(database)};")
+        return [shlex.join(["psql", "-d", "postgres", "-c", statements])]
+    return []
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

@@ -1,0 +1,217 @@
+"""rollback.py: restore points across a real config folder, a real git repository and a real PostgreSQL database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from helpers import database_state, run_script, tree_snapshot
+
+SCHEMA = """
+CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers(id), total numeric(10,2));
+INSERT INTO customers (name) SELECT 'customer ' || i FROM generate_series(1, 50) i;
+INSERT INTO orders (customer_id, total) SELECT 1 + i % 50, i * 1.5 FROM generate_series(1, 300) i;
+"""
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.test",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.test"}
+    return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+class System:
+    """An application's configuration, deployed code (from a git repository) and database, with all stores."""
+
+    def __init__(self, root: Path, pg_db):
+        self.root, self.pg_db = root, pg_db
+        self.config = root / "config"
+        (self.config / "services").mkdir(parents=True)
+        (self.config / "app.yml").write_text("server:\n  port: 8080  # public\n")
+        (self.config / "services" / "cache.json").write_text('{"ttl": 60}\n')
+        (root / ".env.app").write_text("API_URL=https://api.example.test\n")
+        os.chmod(root / ".env.app", 0o600)
+        self.repo = root / "repo"
+        self.repo.mkdir()
+        git(self.repo, "init", "-q", "-b", "main")
+        (self.repo / "app.py").write_text("print('v1')\n")
+        git(self.repo, "add", "-A")
+        git(self.repo, "commit", "-q", "-m", "v1")
+        git(self.repo, "tag", "v1")
+        self.deploy = root / "deploy"
+        self.deploy.mkdir()
+        (self.deploy / "app.py").write_text("print('v1')\n")
+        (self.deploy / "lib").mkdir()
+        (self.deploy / "lib" / "util.py").write_text("X = 1\n")
+        with pg_db.connect() as conn, conn.cursor() as cur:
+            cur.execute(SCHEMA)
+        self.env = {
+            "CONFIG_DIR": str(self.config), "CONFIG_BACKUP_DIR": str(root / "config_backups"),
+            "ENV_FILE": str(root / ".env.app"),
+            "REPO_PATH": str(self.repo), "DEPLOYMENT_DIR": str(self.deploy),
+            "CODE_BACKUP_DIR": str(root / "code_backups"),
+            "BACKUP_DIR": str(root / "db_backups"), "POINTS_DIR": str(root / "points"),
+            # CPU and memory of a shared test machine are not what these tests are about.
+            "HEALTH_MAX_CPU": "100", "HEALTH_MAX_MEMORY": "100",
+            **pg_db.env,
+        }
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return run_script("rollback.py", *args, env={**self.env, **env}, cwd=self.root)
+
+    def state(self) -> dict:
+        return {"config": tree_snapshot(self.config), "env": (self.root / ".env.app").read_bytes(),
+                "code": tree_snapshot(self.deploy), "db": database_state(self.pg_db)}
+
+    def break_everything(self) -> None:
+        (self.config / "app.yml").write_text("server: [broken\n")
+        (self.config / "services" / "cache.json").unlink()
+        (self.root / ".env.app").write_text("API_URL=https://wrong.example.test\n")
+        (self.deploy / "app.py").write_text("print('v2, broken')\n")
+        (self.deploy / "new_module.py").write_text("Y = 2\n")
+        with self.pg_db.connect() as conn, conn.cursor() as cur:
+            cur.execute("DELETE FROM orders WHERE id > 100; ALTER TABLE customers ADD COLUMN email text;"
+                        " CREATE TABLE audit (id int);")
+
+
+@pytest.fixture
+def system(tmp_path: Path, pg_db) -> System:
+    return System(tmp_path, pg_db)
+
+
+def take_point(system: System, label: str = "before release 2") -> dict:
+    result = system.run("--json", "backup", "--label", label)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["point"]
+
+
+def test_restore_point_puts_all_three_back_in_order(system: System):
+    before = system.state()
+    point = take_point(system)
+    assert set(point["parts"]) == {"config", "code", "db"} and point["label"] == "before release 2"
+    system.break_everything()
+    assert system.state() != before
+
+    result = system.run("--json", "restore", point["id"], "--yes")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert system.state() == before
+    report = json.loads(result.stdout)
+    assert report["restored"] == ["config", "code", "db"] and report["failure"] is None
+    assert [r["component"] for r in report["rto"]] == ["config", "code", "db"]
+    assert all(r["met"] for r in report["rto"]) and report["health"]["ok"]
+    listing = json.loads(system.run("--json", "list").stdout)["points"]
+    assert [p["id"] for p in listing] == [point["id"]]
+
+
+def test_failure_in_the_code_step_stops_before_the_database_and_prints_working_undo(system: System):
+    point = take_point(system)
+    system.break_everything()
+    broken = system.state()
+    payload = system.root / "code_backups" / point["parts"]["code"] / "tree" / "app.py"
+    os.chmod(payload, 0o600)
+    payload.write_text("print('damaged in the store')\n")
+
+    result = system.run("restore", point["id"], "--yes")
+    assert result.returncode == 1, result.stdout
+    assert "STOPPED: code restore failed" in result.stdout and "damaged" in result.stdout
+    assert "not restored: code, database" in result.stdout
+    now = system.state()
+    assert now["config"] != broken["config"]  # the configuration step was done
+    assert now["code"] == broken["code"] and now["db"] == broken["db"]  # nothing after it was touched
+
+    undo = [line.strip() for line in result.stdout.split("to undo the steps already taken, in this order:")[1]
+            .strip().splitlines()]
+    assert len(undo) == 1 and "config_rollback.py" in undo[0]
+    done = subprocess.run(undo[0], shell=True, env={**os.environ, **system.env}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert system.state() == broken  # the undo puts back what the stopped rollback replaced
+
+
+def test_only_restores_the_named_components(system: System):
+    point = take_point(system)
+    system.break_everything()
+    broken = system.state()
+    result = system.run("--json", "restore", "latest", "--only", "code", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["restored"] == ["code"]
+    now = system.state()
+    assert now["code"] != broken["code"] and now["config"] == broken["config"] and now["db"] == broken["db"]
+    assert system.run("restore", point["id"], "--only", "cache", "--yes").returncode == 2
+
+
+def test_hooks_run_around_the_restore_and_a_failing_one_stops_it(system: System):
+    take_point(system)
+    system.break_everything()
+    broken = system.state()
+    result = system.run("restore", "latest", "--yes", PRE_RESTORE_HOOK="false")
+    assert result.returncode == 1 and "PRE_RESTORE_HOOK (false) failed" in result.stderr
+    assert system.state() == broken
+
+    started = system.root / "app started"
+    result = system.run("restore", "latest", "--yes", PRE_RESTORE_HOOK="true",
+                        POST_RESTORE_HOOK=f"touch '{started}'")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert started.exists()
+
+
+def test_a_component_not_configured_is_skipped_and_said_so(system: System):
+    result = system.run("backup", DEPLOYMENT_DIR="", REPO_PATH="")
+    assert result.returncode == 0, result.stderr
+    assert "code skipped: none of DEPLOYMENT_DIR, REPO_PATH is set" in result.stdout
+
+
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        self.send_response(200 if self.path == "/ok" else 503)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def health_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+def test_verify_is_one_report_with_the_health_check(system: System, health_server: str):
+    take_point(system)
+    result = system.run("--json", "verify", "--health-url", f"{health_server}/ok", "--health-requests", "5")
+    assert result.returncode == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert {"config", "code", "db", "health"} <= set(report) and report["health"]["ok"]
+
+    result = system.run("verify", "--health-url", f"{health_server}/down", "--health-requests", "5")
+    assert result.returncode == 3 and "error rate" in result.stdout
+    (system.deploy / "app.py").write_text("hand edit\n")
+    result = system.run("verify", "--health-url", f"{health_server}/ok", "--health-requests", "5")
+    assert result.returncode == 3 and "changed app.py" in result.stdout
+
+
+def test_drill_reports_rto_figures_and_fails_when_an_rto_is_missed(system: System):
+    take_point(system)
+    result = system.run("--json", "drill")
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = json.loads(result.stdout)["steps"]
+    assert [s["component"] for s in steps] == ["config", "code", "db"]
+    assert all(s["rto_met"] and not s["problems"] for s in steps) and steps[2]["seconds"] > 0
+    assert {s["rto_seconds"] for s in steps} == {300, 900, 1800}
+
+    result = system.run("drill", RTO_DATABASE_SECONDS="0.001")
+    assert result.returncode == 3, result.stdout
+    assert "missed" in result.stdout
+    with system.pg_db.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_database WHERE datname LIKE %s", (system.pg_db.name[:30] + "__drill_%",))
+        assert cur.fetchone()[0] == 0  # the scratch databases are gone
