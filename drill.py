@@ -68,7 +68,7 @@ class DrillReport:
         lines = [verdict]
         for step in self.steps:
             mark = "ok  " if step.met and not step.problems and not step.failed else "FAIL"
-            lines.append(f"  {mark} {step.component:<8} {step.what:<44} {step.seconds:8.2f} s"
+            lines.append(f"  {mark} {step.component:<8} {step.what:<52} {step.seconds:8.2f} s"
                          f"  (RTO {step.objective:g} s{', missed' if not step.met else ''})")
             lines += [f"         {problem}" for problem in step.problems]
         return lines + self.notes
@@ -86,7 +86,7 @@ def run_drill(settings: Settings, runner: ScriptRunner, info: Callable[[str], No
         store = _store(settings, component)
         objective = rto_for(settings, component.name)
         if component.name == "db":
-            step = _database_step(settings, runner, store, objective)
+            step = _database_step(settings, runner, store, objective, info)
         else:
             step = _checksum_step(component, store, objective)
         info(f"{component.title}: {step.what}: {step.seconds:.2f} s")
@@ -109,7 +109,8 @@ def _checksum_step(component: Component, store: BackupStore, objective: float) -
     return DrillStep(component.name, f"checksums of {backup.id}", time.monotonic() - started, objective, problems)
 
 
-def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore, objective: float) -> DrillStep:
+def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore, objective: float,
+                   info: Callable[[str], None]) -> DrillStep:
     from db_dumps import drop_database
     from db_server import DbServer
 
@@ -120,7 +121,8 @@ def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore,
                          [f"no backups of {server.name} in {store.root}"], failed=True)
     scratch = f"{server.name[:30]}__drill_{datetime.now(UTC):%Y%m%d%H%M%S}"
     db = next(c for c in COMPONENTS if c.name == "db")
-    what = f"restore of {backup.id} into {scratch}, verified"
+    what = f"restore of {backup.id}, verified"
+    info(f"database: restoring {backup.id} into the scratch database {scratch}")
     started = time.monotonic()
     try:
         restored = runner.run(db, "restore", backup.id, "--target-db", scratch, "--yes")

@@ -125,48 +125,79 @@ def code_part(work: Path) -> None:
     cc("list")
 
 
-def database_part(work: Path) -> None:
-    from pg_cluster import ThrowawayCluster
+def database_part(work: Path, cluster) -> None:
+    cluster.create_database("ariesone")
+    shutil.copytree(ROOT / "examples" / "migrations", work / "migrations")
+    env = {**cluster.env("ariesone"), "BACKUP_DIR": str(work / "backups"), "MIGRATIONS_DIR": str(work / "migrations")}
 
-    cluster = ThrowawayCluster()
-    print("\nstarting a throwaway PostgreSQL cluster ...", flush=True)
-    cluster.start()
-    try:
-        cluster.create_database("ariesone")
-        shutil.copytree(ROOT / "examples" / "migrations", work / "migrations")
-        env = {**cluster.env("ariesone"), "BACKUP_DIR": str(work / "backups"),
-               "MIGRATIONS_DIR": str(work / "migrations")}
+    def dr(*args: str, expect: int = 0) -> str:
+        return run("database_rollback.py", *args, env=env, cwd=work, expect=expect)
 
-        def dr(*args: str, expect: int = 0) -> str:
-            return run("database_rollback.py", *args, env=env, cwd=work, expect=expect)
+    step("Database: the schema as it is in production (migrations 001-004)")
+    dr("migrate", "004")
+    dr("status")
+    step("Before the deployment: take a backup")
+    release_backup = json.loads(dr("--json", "backup", "--label", "before release 005"))["backup"]["id"]
+    step("The release's migration 005 drops a column the application still reads")
+    dr("migrate")
+    step("Roll back to 004_orders_by_customer_index: the down scripts run in one transaction")
+    dr("rollback", "004_orders_by_customer_index", "--dry-run")
+    dr("rollback", "004_orders_by_customer_index", "--yes")
+    dr("status")
+    step("Or restore the backup taken before the release: restored aside, then switched in")
+    dr("restore", release_backup, "--yes")
+    step("Verify: migrations match their files, the newest backup's checksums and table of contents hold")
+    dr("verify")
+    dr("list")
 
-        step("Database: the schema as it is in production (migrations 001-004)")
-        dr("migrate", "004")
-        dr("status")
-        step("Before the deployment: take a backup")
-        release_backup = json.loads(dr("--json", "backup", "--label", "before release 005"))["backup"]["id"]
-        step("The release's migration 005 drops a column the application still reads")
-        dr("migrate")
-        step("Roll back to 004_orders_by_customer_index: the down scripts run in one transaction")
-        dr("rollback", "004_orders_by_customer_index", "--dry-run")
-        dr("rollback", "004_orders_by_customer_index", "--yes")
-        dr("status")
-        step("Or restore the backup taken before the release: restored aside, then switched in")
-        dr("restore", release_backup, "--yes")
-        step("Verify: migrations match their files, the newest backup's checksums and table of contents hold")
-        dr("verify")
-        dr("list")
-    finally:
-        cluster.stop()
+
+def restore_point_part(work: Path, cluster) -> None:
+    """All three at once: one restore point, a release that breaks all three, the runbook's rollback."""
+    env = {"CONFIG_DIR": str(work / "config"), "CONFIG_BACKUP_DIR": str(work / "config_backups"),
+           "ENV_FILE": str(work / ".env"), "REPO_PATH": str(work / "app-repo"),
+           "DEPLOYMENT_DIR": str(work / "current"), "CODE_BACKUP_DIR": str(work / "code_backups"),
+           **cluster.env("ariesone"), "BACKUP_DIR": str(work / "backups"),
+           "MIGRATIONS_DIR": str(work / "migrations"), "POINTS_DIR": str(work / "restore_points"),
+           "POST_RESTORE_HOOK": f"touch {work / 'app-restarted'}", "METRICS_FILE": str(work / "rollback.prom"),
+           # The demo machine's own CPU and memory are not what this shows.
+           "HEALTH_MAX_CPU": "100", "HEALTH_MAX_MEMORY": "100"}
+
+    def rb(*args: str, expect: int = 0) -> str:
+        return run("rollback.py", *args, env=env, cwd=work, expect=expect)
+
+    step("All three at once: a restore point before release 2.0")
+    rb("backup", "--label", "before release 2.0")
+    rb("list")
+    step("Release 2.0 breaks all three: a config key, the code, and a migration")
+    (work / "config" / "app.yml").write_text("server: [this is not yaml\n")
+    (work / "current" / "app.py").write_text("raise SystemExit('release 2.0')\n")
+    run("database_rollback.py", "migrate", env=env, cwd=work)
+    rb("verify", expect=3)
+    step("Roll back in the runbook's order: configuration, code, database; each verified, each against its RTO")
+    rb("restore", "latest", "--yes")
+    print(f"POST_RESTORE_HOOK ran: {(work / 'app-restarted').exists()}")
+    rb("verify")
+    step("The monthly drill: the newest database backup restored into a scratch database, timed against its RTO")
+    rb("drill")
+    step("What node_exporter's textfile collector reads")
+    print("\n".join(line for line in (work / "rollback.prom").read_text().splitlines()
+                    if line.startswith("rollback_last_run_ok") or line.startswith("rollback_rto_seconds")))
 
 
 def main() -> None:
+    from pg_cluster import ThrowawayCluster
+
     work = Path(tempfile.mkdtemp(prefix="rollback-demo-"))
+    cluster = ThrowawayCluster()
     try:
         config_part(work)
         code_part(work)
-        database_part(work)
+        print("\nstarting a throwaway PostgreSQL cluster ...", flush=True)
+        cluster.start()
+        database_part(work, cluster)
+        restore_point_part(work, cluster)
     finally:
+        cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
     print("\nDemo finished: configuration, code and database are back to their state before the deployment.")
 
