@@ -112,13 +112,13 @@ def list_dump(server: DbServer, tools: PgTools, path: Path) -> int:
 
 def scratch_names(live: str, moment: datetime | None = None) -> tuple[str, str]:
     """(`<name>__restore_<stamp>`, `<name>__before_<stamp>`), cut to PostgreSQL's 63 bytes."""
-    stamp = (moment or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
-    names = []
-    for role in ("restore", "before"):
-        suffix = f"__{role}_{stamp}"
-        base = live.encode()[: 63 - len(suffix)].decode(errors="ignore")
-        names.append(base + suffix)
-    return names[0], names[1]
+    return scratch_name(live, "restore", moment), scratch_name(live, "before", moment)
+
+
+def scratch_name(live: str, role: str, moment: datetime | None = None) -> str:
+    """`<name>__<role>_<UTC stamp>`, the name cut so the whole fits PostgreSQL's 63 bytes."""
+    suffix = f"__{role}_{(moment or datetime.now(UTC)).strftime('%Y%m%d%H%M%S')}"
+    return live.encode()[: 63 - len(suffix)].decode(errors="ignore") + suffix
 
 
 def conninfo_dbname(name: str) -> str:

@@ -7,16 +7,16 @@ time is set against its component's recovery time objective, and the scratch dat
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from common.errors import EXIT_FAILED, EXIT_VERIFY
 from common.settings import Settings
 from common.store import Backup, BackupStore, check_backup
-from point_steps import COMPONENTS, Component, ScriptRunner
+from point_steps import BY_NAME, COMPONENTS, Component, ScriptRunner
+
+NO_METRICS = {"METRICS_FILE": ""}
 
 
 @dataclass
@@ -68,8 +68,8 @@ class DrillReport:
         lines = [verdict]
         for step in self.steps:
             mark = "ok  " if step.met and not step.problems and not step.failed else "FAIL"
-            lines.append(f"  {mark} {step.component:<8} {step.what:<52} {step.seconds:8.2f} s"
-                         f"  (RTO {step.objective:g} s{', missed' if not step.met else ''})")
+            lines.append(f"  {mark} {step.component:<8} {step.seconds:8.2f} s  (RTO {step.objective:g} s"
+                         f"{', missed' if not step.met else ''})  {step.what}")
             lines += [f"         {problem}" for problem in step.problems]
         return lines + self.notes
 
@@ -83,7 +83,7 @@ def run_drill(settings: Settings, runner: ScriptRunner, info: Callable[[str], No
         if not component.configured(settings):
             report.notes.append(f"{component.title} skipped: none of {', '.join(component.settings)} is set")
             continue
-        store = _store(settings, component)
+        store = component.store(settings)
         objective = rto_for(settings, component.name)
         if component.name == "db":
             step = _database_step(settings, runner, store, objective, info)
@@ -92,11 +92,6 @@ def run_drill(settings: Settings, runner: ScriptRunner, info: Callable[[str], No
         info(f"{component.title}: {step.what}: {step.seconds:.2f} s")
         report.steps.append(step)
     return report
-
-
-def _store(settings: Settings, component: Component) -> BackupStore:
-    store_setting = importlib.import_module(component.script.removesuffix(".py")).STORE_SETTING
-    return BackupStore(settings.path(*store_setting), component.name)
 
 
 def _checksum_step(component: Component, store: BackupStore, objective: float) -> DrillStep:
@@ -111,7 +106,7 @@ def _checksum_step(component: Component, store: BackupStore, objective: float) -
 
 def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore, objective: float,
                    info: Callable[[str], None]) -> DrillStep:
-    from db_dumps import drop_database
+    from db_dumps import drop_database, scratch_name
     from db_server import DbServer
 
     server = DbServer.from_settings(settings)
@@ -119,17 +114,18 @@ def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore,
     if backup is None:
         return DrillStep("db", "restore of the newest backup", 0.0, objective,
                          [f"no backups of {server.name} in {store.root}"], failed=True)
-    scratch = f"{server.name[:30]}__drill_{datetime.now(UTC):%Y%m%d%H%M%S}"
-    db = next(c for c in COMPONENTS if c.name == "db")
-    what = f"restore of {backup.id}, verified"
+    scratch = scratch_name(server.name, "drill")
+    db = BY_NAME["db"]
+    what = f"restore of {backup.id} into {scratch}, verified"
     info(f"database: restoring {backup.id} into the scratch database {scratch}")
     started = time.monotonic()
     try:
-        restored = runner.run(db, "restore", backup.id, "--target-db", scratch, "--yes")
+        # METRICS_FILE emptied: a scratch restore must not pass for a restore of production in the metrics.
+        restored = runner.run(db, "restore", backup.id, "--target-db", scratch, "--yes", env=NO_METRICS)
         if not restored.ok:
             return DrillStep("db", what, time.monotonic() - started, objective,
                              [f"restore failed: {restored.error}"], failed=True)
-        verified = runner.run(db, "verify", env={"DB_NAME": scratch})
+        verified = runner.run(db, "verify", env={**NO_METRICS, "DB_NAME": scratch})
         seconds = time.monotonic() - started
         problems = [p.strip() for p in verified.data.get("problems", [])]
         if not verified.ok and not problems:

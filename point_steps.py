@@ -7,6 +7,7 @@ step are the same commands, known to work.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shlex
@@ -15,8 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import ToolkitError, UsageError
 from common.proc import run_tool
 from common.settings import Settings
+from common.store import BackupStore
 
 ROOT = Path(__file__).resolve().parent
 
@@ -37,6 +40,11 @@ class Component:
     def verify_args(self, backup_id: str) -> list[str]:
         """The verify that follows a restore of `backup_id`."""
         return ["verify", "--against", backup_id] if self.name == "config" else ["verify"]
+
+    def store(self, settings: Settings) -> BackupStore:
+        """The component's backup store, where its script keeps it (the script names its own setting)."""
+        store_setting = importlib.import_module(self.script.removesuffix(".py")).STORE_SETTING
+        return BackupStore(settings.path(*store_setting), self.name)
 
 
 # The runbook's order: configuration, then code, then the database.
@@ -78,12 +86,14 @@ class ScriptRunner:
     """Runs the component scripts with the settings rollback.py was given."""
 
     env_file: str | None = None
+    metrics_file: str | None = None
     cwd: Path = field(default_factory=Path.cwd)
-    extra_env: dict[str, str] = field(default_factory=dict)
 
     def argv(self, component: Component, *args: str) -> list[str]:
         """The full command line of one script run (also what the undo commands print)."""
         options = ["--env-file", os.path.abspath(self.env_file)] if self.env_file else []
+        if self.metrics_file:
+            options += ["--metrics-file", os.path.abspath(self.metrics_file)]
         return [sys.executable, str(ROOT / component.script), *options, *args]
 
     def run(self, component: Component, *args: str, env: dict[str, str] | None = None) -> ScriptRun:
@@ -92,8 +102,8 @@ class ScriptRunner:
         `env` overrides settings for this run only (the drill points DB_NAME at its scratch database)."""
         started = time.monotonic()
         # The children are this toolkit: they get DB_PASSWORD the way this process did.
-        done = run_tool(self.argv(component, "--json", *args), component.script, env={**self.extra_env, **(env or {})},
-                        cwd=self.cwd, check=False, keep_secrets=True)
+        done = run_tool(self.argv(component, "--json", *args), component.script, env=env, cwd=self.cwd,
+                        check=False, keep_secrets=True)
         try:
             data = json.loads(done.stdout.decode() or "{}")
         except ValueError:
@@ -105,19 +115,77 @@ class ScriptRunner:
         return f"cd {shlex.quote(str(self.cwd))} && {shlex.join(self.argv(component, *args))}"
 
 
-def undo_commands(step: ScriptRun, runner: ScriptRunner) -> list[str]:
+def undo_commands(step: ScriptRun, runner: ScriptRunner, settings: Settings) -> list[str]:
     """What puts back the state a successful restore step replaced."""
     safety = step.data.get("safety_backup")
     if safety:
         return [runner.shell_line(step.component, "restore", safety, "--yes")]
     previous = step.data.get("previous_database")
     if previous:  # a swap restore keeps the replaced database whole: renaming it back is the undo
-        database = step.data["database"]
-        statements = (f"ALTER DATABASE {_identifier(database)} RENAME TO {_identifier(database + '__undone')}; "
-                      f"ALTER DATABASE {_identifier(previous)} RENAME TO {_identifier(database)};")
-        return [shlex.join(["psql", "-d", "postgres", "-c", statements])]
+        return [_rename_back(settings, step.data["database"], previous)]
     return []
+
+
+def _rename_back(settings: Settings, database: str, previous: str) -> str:
+    """psql statements, on DB_HOST/DB_PORT as DB_USER, that put `previous` back under the name `database`.
+
+    New connections are refused and sessions ended first, as the swap itself did: a database cannot be
+    renamed while anyone is connected to it. The password comes from the operator's PGPASSWORD or .pgpass.
+    """
+    from db_dumps import scratch_name
+    from db_server import DbServer
+
+    server = DbServer.from_settings(settings)
+    live, literal = _identifier(database), "'" + database.replace("'", "''") + "'"
+    statements = [
+        f"ALTER DATABASE {live} WITH ALLOW_CONNECTIONS false",
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {literal} AND pid <> pg_backend_pid()",
+        f"ALTER DATABASE {live} RENAME TO {_identifier(scratch_name(database, 'undone'))}",
+        f"ALTER DATABASE {_identifier(previous)} RENAME TO {live}",
+    ]
+    argv = ["psql", "-h", server.host, "-p", str(server.port), "-U", server.user, "-d", "postgres",
+            "-v", "ON_ERROR_STOP=1", "-X", "-q"]
+    for statement in statements:
+        argv += ["-c", statement]
+    return shlex.join(argv)
 
 
 def _identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass
+class Hooks:
+    """PRE_RESTORE_HOOK and POST_RESTORE_HOOK: commands (no shell) around a restore, e.g. stop and start the app."""
+
+    pre: list[str] | None
+    post: list[str] | None
+    timeout: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Hooks:
+        """Each hook is split as a shell would split it, but never run by one; HOOK_TIMEOUT_SECONDS bounds it."""
+        def split(name: str) -> list[str] | None:
+            value = settings.text(name)
+            if value is None:
+                return None
+            try:
+                return shlex.split(value) or None
+            except ValueError as exc:
+                raise UsageError(f"{name} cannot be split into a command: {exc}") from None
+
+        return cls(split("PRE_RESTORE_HOOK"), split("POST_RESTORE_HOOK"),
+                   settings.number("HOOK_TIMEOUT_SECONDS", 300.0, minimum=1))
+
+    def run(self, name: str, consequence: str) -> None:
+        """Run one hook; a failure or a hook that hangs stops the rollback with a line saying where it stands."""
+        argv = self.pre if name == "PRE_RESTORE_HOOK" else self.post
+        if argv is None:
+            return
+        try:
+            done = run_tool(argv, name, check=False, timeout=self.timeout)
+        except ToolkitError as exc:
+            raise ToolkitError(f"{exc}; {consequence}") from None
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            raise ToolkitError(f"{name} ({shlex.join(argv)}) failed: {tail[0]}; {consequence}")

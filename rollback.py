@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from common.cli import Context, Result, add_command, add_label_argument, add_store_commands, make_parser, run
 from common.commands import cleanup_backups, count, table
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
-from common.proc import run_tool
 from common.settings import Settings
-from common.store import Backup, BackupStore, format_time
-from point_steps import BY_NAME, COMPONENTS, Component, ScriptRun, ScriptRunner, undo_commands
+from common.store import MANIFEST, Backup, BackupStore, format_time
+from point_steps import BY_NAME, COMPONENTS, Component, Hooks, ScriptRun, ScriptRunner
+
+if TYPE_CHECKING:  # the health module pulls in urllib; --help stays instant without it
+    from common.health import HealthReport, Thresholds
 
 COMPONENT = "point"
 STORE_SETTING = ("POINTS_DIR", "./restore_points")  # where the restore points (small manifests) live
@@ -27,8 +29,8 @@ def points_store(settings: Settings) -> BackupStore:
 
 
 def runner_for(ctx: Context) -> ScriptRunner:
-    """Component scripts run with the same --env-file and metrics file as this run."""
-    return ScriptRunner(env_file=ctx.args.env_file)
+    """Component scripts run with the same --env-file and --metrics-file as this run."""
+    return ScriptRunner(env_file=ctx.args.env_file, metrics_file=ctx.args.metrics_file)
 
 
 def _step_failed(what: str, step: ScriptRun, consequence: str) -> ToolkitError:
@@ -72,13 +74,22 @@ def _describe(point: Backup) -> dict:
 
 
 def cmd_list(ctx: Context) -> Result:
-    """list: the restore points, newest first, with their three backups."""
+    """list: the restore points, newest first, with their three backups (a part whose backup is gone is marked)."""
     points = points_store(ctx.settings).backups()
-    rows = [(p.id, format_time(p.created_at), *(p.extra.get("parts", {}).get(c.name, "-") for c in COMPONENTS),
-             p.label or "") for p in points]
+    roots = {c.name: c.store(ctx.settings).root for c in COMPONENTS}
+
+    def part(point: Backup, name: str) -> str:
+        backup_id = point.extra.get("parts", {}).get(name)
+        if backup_id is None:
+            return "-"
+        return backup_id if (roots[name] / backup_id / MANIFEST).is_file() else f"{backup_id} (gone)"
+
+    rows = [(p.id, format_time(p.created_at), *(part(p, c.name) for c in COMPONENTS), p.label or "") for p in points]
     lines = table(("POINT", "TIME (UTC)", "CONFIG", "CODE", "DATABASE", "LABEL"), rows) if rows else [
         f"no restore points in {points_store(ctx.settings).root}"]
-    return Result({"points": [_describe(p) for p in points]}, lines, report=True)
+    described = [{**_describe(p), "gone": [c.name for c in COMPONENTS if part(p, c.name).endswith("(gone)")]}
+                 for p in points]
+    return Result({"points": described}, lines, report=True)
 
 
 def cmd_cleanup(ctx: Context) -> Result:
@@ -89,110 +100,56 @@ def cmd_cleanup(ctx: Context) -> Result:
 # -- restore --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Step:
-    """One component put back: its restore, its verify, and the time both took against the RTO."""
-
-    component: Component
-    backup_id: str
-    restore: ScriptRun
-    verify: ScriptRun | None = None
-    health: object | None = None  # the HealthReport taken after the step
-
-    @property
-    def seconds(self) -> float:
-        """Restore plus verify: the time until the component is known to be back."""
-        return self.restore.seconds + (self.verify.seconds if self.verify else 0.0)
-
-
 def cmd_restore(ctx: Context) -> Result:
     """restore POINT: configuration, then code, then database, each verified, stopping at the first failure."""
-    from common.rto import RtoReport, rto_for
+    from common.health import validate_url
+    from point_restore import restore_point
 
     store = points_store(ctx.settings)
-    point = store.resolve(ctx.args.point)
-    if point.component != COMPONENT:
-        raise UsageError(f"{ctx.args.point} is a {point.component} backup, not a restore point")
-    parts = point.extra.get("parts", {})
-    wanted = _only(ctx.args.only)
-    plan = [c for c in COMPONENTS if c.name in parts and c.name in wanted]
-    if not plan:
-        raise UsageError(f"restore point {point.id} holds none of {', '.join(sorted(wanted))}")
-    order = " -> ".join(f"{c.title} {parts[c.name]}" for c in plan)
-    if ctx.dry_run:
-        return Result({"dry_run": True, "point": _describe(point), "plan": [c.name for c in plan]},
-                      [f"would restore, in this order: {order}"], report=True)
-    ctx.confirm(f"Restore {order}?")
-    runner, hooks = runner_for(ctx), Hooks.from_settings(ctx.settings)
-    thresholds = _thresholds(ctx)
-    hooks.run("PRE_RESTORE_HOOK", "nothing was restored")
-    done: list[Step] = []
-    failure: tuple[str, int] | None = None  # (what failed, exit code)
-    for component in plan:
-        backup_id = parts[component.name]
-        step = Step(component, backup_id, runner.run(component, "restore", backup_id, "--yes"))
-        if not step.restore.ok:
-            failure = (f"{component.title} restore failed: {step.restore.error}", step.restore.exit_code)
-            break
-        done.append(step)
-        step.verify = runner.run(component, *component.verify_args(backup_id))
-        if not step.verify.ok:
-            failure = (f"{component.title} verify after the restore: {step.verify.error}", step.verify.exit_code)
-            break
-        # Health after each step is reported, not obeyed: the application is expected to be unwell until
-        # every step is done (that is why it is being rolled back), and stopped while a pre-restore hook
-        # holds it down. The check after the last step and the post-restore hook decides.
-        step.health = _health(ctx, thresholds, url=None if hooks.pre else _health_url(ctx))
-        ctx.info(f"{component.title}: restored and verified in {step.seconds:.1f} s; health "
-                 + ("ok" if step.health.ok else "not yet ok"))
-    health = None
-    if failure is None:
-        try:
-            hooks.run("POST_RESTORE_HOOK", "everything was restored; the application may not be running")
-        except ToolkitError as exc:
-            failure = (str(exc), EXIT_FAILED)
-        else:
-            health = _health(ctx, thresholds, url=_health_url(ctx))
-            if not health.ok:
-                failure = ("every step is done, but the health check fails: "
-                           + "; ".join(c.line().strip() for c in health.checks if not c.ok), EXIT_VERIFY)
-    rtos = [RtoReport(s.component.name, "restore", s.seconds, rto_for(ctx.settings, s.component.name)) for s in done]
-    return _restore_report(point, plan, done, failure, rtos, health, runner)
+    # Held throughout: a second restore (a CI retry, a colleague) must not interleave its steps with these.
+    with store.lock(f"{SCRIPT} restore"):
+        point = store.resolve(ctx.args.point)
+        if point.component != COMPONENT:
+            raise UsageError(f"{ctx.args.point} is a {point.component} backup, not a restore point")
+        parts = point.extra.get("parts", {})
+        wanted = _only(ctx.args.only)
+        plan = [c for c in COMPONENTS if c.name in parts and c.name in wanted]
+        if not plan:
+            raise UsageError(f"restore point {point.id} holds none of {', '.join(sorted(wanted))}")
+        # Everything that could stop the run part-way is checked before the first change.
+        missing = _missing_parts(ctx.settings, point, plan)
+        if missing:
+            raise UsageError(f"restore point {point.id} cannot be restored: {'; '.join(missing)}; nothing changed")
+        url = _health_url(ctx)
+        if url:
+            validate_url(url)
+        thresholds, hooks = _thresholds(ctx), Hooks.from_settings(ctx.settings)
+        absent = [f"not in this restore point: {c.title}" for c in COMPONENTS
+                  if c.name in wanted and c.name not in parts]
+        order = " -> ".join(f"{c.title} {parts[c.name]}" for c in plan)
+        if ctx.dry_run:
+            return Result({"dry_run": True, "point": _describe(point), "plan": [c.name for c in plan]},
+                          [f"would restore, in this order: {order}", *absent], report=True)
+        ctx.confirm(f"Restore {order}?")
 
+        def health(check_url: str | None, requests: int | None) -> HealthReport:
+            return _health(ctx, replace(thresholds, requests=requests or thresholds.requests), check_url)
 
-def _restore_report(point: Backup, plan: list[Component], done: list[Step], failure: tuple[str, int] | None,
-                    rtos: list, health, runner: ScriptRunner) -> Result:
-    restored = [s.component for s in done]
-    not_restored = [c for c in plan if c not in restored]
-    undo = [line for s in reversed(done) for line in undo_commands(s.restore, runner)]
-    lines = [f"{s.component.title}: restored {s.backup_id}, "
-             + ("verified" if s.verify and s.verify.ok else "NOT verified") for s in done]
-    lines += [f"  {report.line()}" for report in rtos]
-    if health is not None:
-        lines += health.lines()
-    if failure:
-        lines.insert(0, f"STOPPED: {failure[0]}")
-        lines.append("not restored: " + (", ".join(c.title for c in not_restored) or "nothing left"))
-        if undo:
-            lines.append("to undo the steps already taken, in this order:")
-            lines += [f"  {command}" for command in undo]
-    else:
-        lines.insert(0, f"restore point {point.id} restored: " + ", ".join(c.title for c in restored))
-    data = {
-        "point": point.id,
-        "restored": [c.name for c in restored],
-        "not_restored": [c.name for c in not_restored],
-        "failure": failure[0] if failure else None,
-        "undo": undo,
-        "rto": [report.to_json() for report in rtos],
-        "steps": [{"component": s.component.name, "backup": s.backup_id, "restore": s.restore.data,
-                   "verify": s.verify.data if s.verify else None, "seconds": round(s.seconds, 3),
-                   "health": s.health.to_json() if s.health is not None else None} for s in done],
-        "health": health.to_json() if health is not None else None,
-    }
-    return Result(data, lines, exit_code=failure[1] if failure else 0,
-                  backup_ids=[point.id, *(s.restore.data.get("safety_backup") for s in done
+        outcome = restore_point(point, plan, ctx.settings, runner_for(ctx), hooks, health, url, ctx.info)
+    outcome.notes[:0] = absent
+    for report in outcome.rtos:
+        if not report.met:
+            ctx.warn(report.line())
+    return Result(outcome.to_json(), outcome.lines(), exit_code=outcome.exit_code, report=True,
+                  backup_ids=[point.id, *(s.restore.data["safety_backup"] for s in outcome.done
                                           if s.restore.data.get("safety_backup"))])
+
+
+def _missing_parts(settings: Settings, point: Backup, plan: list[Component]) -> list[str]:
+    """The parts of the point whose backups are gone (removed by a component's cleanup, say)."""
+    parts = point.extra["parts"]
+    return [f"the {c.title} backup {parts[c.name]} is no longer in {c.store(settings).root}" for c in plan
+            if not (c.store(settings).root / parts[c.name] / MANIFEST).is_file()]
 
 
 def _only(text: str | None) -> set[str]:
@@ -205,42 +162,10 @@ def _only(text: str | None) -> set[str]:
     return names
 
 
-@dataclass
-class Hooks:
-    """PRE_RESTORE_HOOK and POST_RESTORE_HOOK: commands (no shell) around a restore, e.g. stop and start the app."""
-
-    pre: list[str] | None
-    post: list[str] | None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Hooks:
-        """Each hook is split like a shell would split it, but never run by one."""
-        def split(name: str) -> list[str] | None:
-            value = settings.text(name)
-            if value is None:
-                return None
-            try:
-                return shlex.split(value) or None
-            except ValueError as exc:
-                raise UsageError(f"{name} cannot be split into a command: {exc}") from None
-
-        return cls(split("PRE_RESTORE_HOOK"), split("POST_RESTORE_HOOK"))
-
-    def run(self, name: str, consequence: str) -> None:
-        """Run one hook; a failure stops the rollback with a line saying where it stands."""
-        argv = self.pre if name == "PRE_RESTORE_HOOK" else self.post
-        if argv is None:
-            return
-        done = run_tool(argv, name, check=False)
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-            raise ToolkitError(f"{name} ({shlex.join(argv)}) failed: {tail[0]}; {consequence}")
-
-
 # -- health -----------------------------------------------------------------------------------------------
 
 
-def _thresholds(ctx: Context):
+def _thresholds(ctx: Context) -> Thresholds:
     from common.health import Thresholds
 
     args = ctx.args
@@ -253,7 +178,8 @@ def _health_url(ctx: Context) -> str | None:
     return ctx.args.health_url or ctx.settings.text("HEALTHCHECK_URL")
 
 
-def _health(ctx: Context, thresholds, url: str | None):
+def _health(ctx: Context, thresholds: Thresholds, url: str | None) -> HealthReport:
+    """HTTP (when a URL is given), this host's CPU and memory (unless --no-system-check), the database's sessions."""
     from common.health import run_health
 
     server = None
@@ -261,7 +187,7 @@ def _health(ctx: Context, thresholds, url: str | None):
         from db_server import DbServer
 
         server = DbServer.from_settings(ctx.settings)
-    return run_health(thresholds, url=url, server=server, system=True)
+    return run_health(thresholds, url=url, server=server, system=not ctx.args.no_system_check)
 
 
 # -- verify and drill ---------------------------------------------------------------------------------------
@@ -296,7 +222,12 @@ def cmd_drill(ctx: Context) -> Result:
     """drill: the monthly test: restore the newest database backup aside, check the rest, time each against its RTO."""
     from drill import run_drill
 
-    report = run_drill(ctx.settings, runner_for(ctx), ctx.info)
+    configured = [c.title for c in COMPONENTS if c.configured(ctx.settings)]
+    if ctx.dry_run:
+        return Result({"dry_run": True, "components": configured},
+                      [f"would drill: {', '.join(configured) or 'nothing (no component is configured)'}"], report=True)
+    # The children get no --metrics-file: what a drill does to a scratch database is not production's state.
+    report = run_drill(ctx.settings, ScriptRunner(env_file=ctx.args.env_file), ctx.info)
     return Result(report.to_json(), report.lines(), exit_code=report.exit_code, report=True)
 
 
@@ -312,6 +243,8 @@ def add_health_arguments(sub: argparse.ArgumentParser) -> None:
     group.add_argument("--max-cpu", type=float, metavar="PCT", help="CPU use, percent (80)")
     group.add_argument("--max-memory", type=float, metavar="PCT", help="memory use, percent (80)")
     group.add_argument("--health-requests", type=int, metavar="N", help="requests to send (20)")
+    group.add_argument("--no-system-check", action="store_true",
+                       help="leave out this host's CPU and memory (e.g. when it is not the application's host)")
 
 
 def build_parser() -> argparse.ArgumentParser:

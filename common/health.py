@@ -131,8 +131,8 @@ def _measure(url: str, timeout: float) -> tuple[float, str | None]:
     return elapsed_ms, None if 200 <= status < 400 else f"HTTP {status}"
 
 
-def check_http(url: str, thresholds: Thresholds) -> list[Check]:
-    """GET `url` thresholds.requests times, one after another: the error rate and the p95 response time."""
+def validate_url(url: str) -> None:
+    """Refuse anything but an http(s) URL with a host (UsageError), before any work that a bad URL would cut short."""
     parts = urllib.parse.urlsplit(url)
     try:
         # A bad port raises here rather than failing every request as if the service were down.
@@ -141,6 +141,11 @@ def check_http(url: str, thresholds: Thresholds) -> list[Check]:
         valid = False
     if not valid:
         raise UsageError(f"the health URL must be http://HOST[:PORT]/... or https://..., got {url!r}")
+
+
+def check_http(url: str, thresholds: Thresholds) -> list[Check]:
+    """GET `url` thresholds.requests times, one after another: the error rate and the p95 response time."""
+    validate_url(url)
     if thresholds.requests < 1:
         raise UsageError(f"the health check needs at least 1 request, got {thresholds.requests}")
     times, errors = [], []

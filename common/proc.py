@@ -36,6 +36,7 @@ def run_tool(
     stdout: IO[bytes] | None = None,
     check: bool = True,
     keep_secrets: bool = False,
+    timeout: float | None = None,
 ) -> ToolRun:
     """Run `argv` and wait for it; with check, a non-zero exit raises a one-line error with stderr's tail.
 
@@ -43,6 +44,7 @@ def run_tool(
     reaches a child only as a private file named in `env` (a PGPASSFILE), never in argv or environ.
     `stdout` may be an open file to stream into; otherwise it is captured. `keep_secrets` is only for
     the toolkit's own scripts, which read DB_PASSWORD from their environment as this process did.
+    After `timeout` seconds the child is stopped and the run fails.
     If this process is interrupted (SIGINT, or SIGTERM turned into an exception by the CLI) the child is
     terminated, then killed, before the exception goes on.
     """
@@ -60,7 +62,10 @@ def run_tool(
     except FileNotFoundError:
         raise ToolkitError(f"{what}: {argv[0]} not found: install it or put it on PATH") from None
     try:
-        out, err = proc.communicate(stdin)
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_child(proc)
+        raise ToolkitError(f"{what} did not finish within {timeout:g} s and was stopped") from None
     except BaseException:
         stop_child(proc)
         raise

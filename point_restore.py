@@ -1,0 +1,163 @@
+"""Restoring a restore point: configuration, then code, then database, each verified, stopping at the first failure.
+
+Whatever stops the run (a failed step, a failed verify, a hook, an error of the health check itself, SIGINT
+or SIGTERM), the outcome says what was restored, what was not, and the commands that undo the steps
+already taken, newest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from common.errors import EXIT_FAILED, EXIT_VERIFY, Interrupted, ToolkitError
+from common.health import HealthReport
+from common.rto import RtoReport, rto_for
+from common.settings import Settings
+from common.store import Backup
+from point_steps import Component, Hooks, ScriptRun, ScriptRunner, undo_commands
+
+# Between steps the application is expected to be unwell, so the check there is short: a few requests.
+REQUESTS_BETWEEN_STEPS = 3
+
+
+@dataclass
+class Step:
+    """One component put back: its restore, its verify, the health seen afterwards."""
+
+    component: Component
+    backup_id: str
+    restore: ScriptRun
+    verify: ScriptRun | None = None
+    health: HealthReport | None = None
+
+    @property
+    def seconds(self) -> float:
+        """Restore plus verify: the time until the component is known to be back."""
+        return self.restore.seconds + (self.verify.seconds if self.verify else 0.0)
+
+
+@dataclass
+class Outcome:
+    """Everything the report needs."""
+
+    point: Backup
+    plan: list[Component]
+    done: list[Step] = field(default_factory=list)
+    failure: str | None = None
+    exit_code: int = 0
+    rtos: list[RtoReport] = field(default_factory=list)
+    health: HealthReport | None = None
+    undo: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def stop(self, what: str, exit_code: int) -> None:
+        """Record why the run stopped. Once a step is done, exit 2 ("nothing changed") or 75 would be wrong."""
+        self.failure = what
+        self.exit_code = exit_code if not self.done or exit_code == EXIT_VERIFY else EXIT_FAILED
+
+    def to_json(self) -> dict:
+        """For --json."""
+        restored = [s.component.name for s in self.done]
+        return {
+            "point": self.point.id,
+            "restored": restored,
+            "not_restored": [c.name for c in self.plan if c.name not in restored],
+            "failure": self.failure,
+            "undo": self.undo,
+            "rto": [report.to_json() for report in self.rtos],
+            "steps": [{"component": s.component.name, "backup": s.backup_id, "restore": s.restore.data,
+                       "verify": s.verify.data if s.verify else None, "seconds": round(s.seconds, 3),
+                       "health": s.health.to_json() if s.health else None} for s in self.done],
+            "health": self.health.to_json() if self.health else None,
+            "notes": self.notes,
+        }
+
+    def lines(self) -> list[str]:
+        """The report for people: the verdict first, the undo commands last."""
+        restored = [s.component for s in self.done]
+        if self.failure:
+            lines = [f"STOPPED: {self.failure}"]
+        else:
+            lines = [f"restore point {self.point.id} restored: " + ", ".join(c.title for c in restored)]
+        lines += [f"{s.component.title}: restored {s.backup_id}, "
+                  + ("verified" if s.verify and s.verify.ok else "NOT verified") for s in self.done]
+        lines += [f"  {report.line()}" for report in self.rtos]
+        if self.health:
+            lines += self.health.lines()
+        if self.failure:
+            lines.append("not restored: " + (", ".join(c.title for c in self.plan if c not in restored)
+                                             or "nothing left"))
+        lines += self.notes
+        if self.failure and self.undo:
+            lines.append("to undo the steps already taken, in this order:")
+            lines += [f"  {command}" for command in self.undo]
+        return lines
+
+
+def restore_point(point: Backup, plan: list[Component], settings: Settings, runner: ScriptRunner, hooks: Hooks,
+                  health: Callable[[str | None, int | None], HealthReport], url: str | None,
+                  info: Callable[[str], None]) -> Outcome:
+    """Run PRE_RESTORE_HOOK, each component's restore and verify in order, POST_RESTORE_HOOK, a last health check.
+
+    `health(url, requests)` runs the health check (url None: no HTTP part; requests None: the configured
+    number). PRE_RESTORE_HOOK's failure is raised (nothing was restored); everything later is recorded.
+    """
+    hooks.run("PRE_RESTORE_HOOK", "nothing was restored")
+    outcome = Outcome(point, plan)
+    parts = point.extra["parts"]
+    current, finishing = plan[0], False
+    try:
+        for current in plan:
+            # While a pre-restore hook holds the application down, its URL is only asked at the end.
+            if not _restore_one(current, parts[current.name], runner, outcome, health, None if hooks.pre else url,
+                                info):
+                break
+        else:
+            finishing = True
+            _finish(hooks, health, url, outcome)
+    except (ToolkitError, KeyboardInterrupt) as exc:
+        reason = str(exc) if isinstance(exc, ToolkitError) else str(Interrupted("interrupted by SIGINT"))
+        outcome.stop(f"during the {current.title} step: {reason}", EXIT_FAILED)
+    outcome.rtos = [RtoReport(s.component.name, "restore", s.seconds, rto_for(settings, s.component.name))
+                    for s in outcome.done]
+    outcome.undo = [line for s in reversed(outcome.done) for line in undo_commands(s.restore, runner, settings)]
+    if outcome.failure and hooks.pre and not finishing:
+        outcome.notes.append("the application PRE_RESTORE_HOOK stopped has not been started again: "
+                             + (f"POST_RESTORE_HOOK ({' '.join(hooks.post)}) did not run" if hooks.post
+                                else "no POST_RESTORE_HOOK is set"))
+    return outcome
+
+
+def _restore_one(component: Component, backup_id: str, runner: ScriptRunner, outcome: Outcome,
+                 health: Callable[[str | None, int | None], HealthReport], url: str | None,
+                 info: Callable[[str], None]) -> bool:
+    """Restore and verify one component; False when the run must stop."""
+    step = Step(component, backup_id, runner.run(component, "restore", backup_id, "--yes"))
+    if not step.restore.ok:
+        outcome.stop(f"{component.title} restore failed: {step.restore.error}", step.restore.exit_code)
+        return False
+    outcome.done.append(step)
+    step.verify = runner.run(component, *component.verify_args(backup_id))
+    if not step.verify.ok:
+        outcome.stop(f"{component.title} verify after the restore: {step.verify.error}", step.verify.exit_code)
+        return False
+    # Reported, not obeyed: the application is expected to be unwell until every step is done (that is
+    # why it is being rolled back). The check after the last step and the post-restore hook decides.
+    step.health = health(url, REQUESTS_BETWEEN_STEPS)
+    info(f"{component.title}: restored and verified in {step.seconds:.1f} s; health "
+         + ("ok" if step.health.ok else "not yet ok"))
+    return True
+
+
+def _finish(hooks: Hooks, health: Callable[[str | None, int | None], HealthReport], url: str | None,
+            outcome: Outcome) -> None:
+    try:
+        hooks.run("POST_RESTORE_HOOK", "everything was restored; the application may not be running")
+    except ToolkitError as exc:
+        outcome.stop(str(exc), EXIT_FAILED)
+        return
+    outcome.health = health(url, None)
+    if not outcome.health.ok:
+        failed = "; ".join(check.line().strip() for check in outcome.health.checks if not check.ok)
+        outcome.stop(f"every step is done, but the health check fails: {failed}", EXIT_VERIFY)
