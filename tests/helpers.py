@@ -34,6 +34,14 @@ def run_script(
     )
 
 
+def git(repo: Path, *args: str) -> str:
+    """git in a test repository, with a fixed author so it runs on a machine without git config."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.test",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.test"}
+    return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def tree_snapshot(root: Path) -> dict[str, tuple]:
     """Everything a restore must reproduce under `root`: type, mode, bytes or link target of each path."""
     found = {}

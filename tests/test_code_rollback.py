@@ -10,14 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_script, script_argv, tree_snapshot
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.test",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.test"}
-    return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
+from helpers import git, run_script, script_argv, tree_snapshot
 
 
 class CodeWorkspace:

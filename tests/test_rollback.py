@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import database_state, run_script, tree_snapshot
+from helpers import database_state, git, run_script, tree_snapshot
 
 SCHEMA = """
 CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL);
@@ -18,13 +18,6 @@ CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers
 INSERT INTO customers (name) SELECT 'customer ' || i FROM generate_series(1, 50) i;
 INSERT INTO orders (customer_id, total) SELECT 1 + i % 50, i * 1.5 FROM generate_series(1, 300) i;
 """
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.test",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.test"}
-    return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
 
 
 class System:
