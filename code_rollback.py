@@ -29,10 +29,11 @@ from common.cli import (
     Context,
     Result,
     add_backup_argument,
+    add_backup_arguments,
     add_command,
-    add_label_argument,
     add_no_backup_argument,
     add_store_commands,
+    add_verify_command,
     make_parser,
     run,
 )
@@ -42,7 +43,7 @@ from common.files import atomic_write, temp_name
 from common.proc import run_tool
 from common.progress import Progress, no_progress
 from common.settings import Settings
-from common.store import Backup, BackupStore, load_backup
+from common.store import Backup, BackupStore, load_backup, open_store
 from common.trees import diff_tree, live_paths, restore_tree, tree_entries
 
 COMPONENT = "code"
@@ -67,7 +68,7 @@ class CodePaths:
         return cls(
             repo=settings.path("REPO_PATH"),
             deployment=settings.path("DEPLOYMENT_DIR"),
-            store=BackupStore(settings.path(*STORE_SETTING), COMPONENT),
+            store=open_store(settings, STORE_SETTING, COMPONENT),
             exclude=[p for p in re.split(r"[,\s]+", settings.text("CODE_EXCLUDE", "")) if p],
         )
 
@@ -406,7 +407,7 @@ def build_parser():
     sub = add_command(commands, "backup", cmd_backup, "snapshot the deployed tree",
                       "Files unchanged since the previous backup are hard-linked to it (stored files are\n"
                       "read-only), so a backup of an unchanged tree costs almost no time or space.")
-    add_label_argument(sub)
+    add_backup_arguments(sub)
 
     sub = add_command(commands, "restore", cmd_restore, "make DEPLOYMENT_DIR exactly a backup",
                       "Checks the backup's checksums, saves the current tree as a backup, builds the backup's\n"
@@ -425,7 +426,7 @@ def build_parser():
     sub.add_argument("--stash", action="store_true", help="in-place: stash local changes instead of stopping")
     add_no_backup_argument(sub, "the current tree")
 
-    sub = add_command(commands, "verify", cmd_verify, "compare the deployed tree with the last restore's backup",
+    sub = add_verify_command(commands, cmd_verify, "compare the deployed tree with the last restore's backup",
                       "Names every added, removed and changed file and checks the working copy's HEAD\n"
                       "against the backup's commit. Drift exits 3.")
     sub.add_argument("--compile", action="store_true", help="also byte-compile the Python files")

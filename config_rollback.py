@@ -13,10 +13,11 @@ from common.cli import (
     Context,
     Result,
     add_backup_argument,
+    add_backup_arguments,
     add_command,
-    add_label_argument,
     add_no_backup_argument,
     add_store_commands,
+    add_verify_command,
     make_parser,
     run,
 )
@@ -24,7 +25,7 @@ from common.commands import cleanup_backups, count, human_size, list_backups, re
 from common.errors import UsageError
 from common.files import atomic_write, file_mode, is_inside, resolve_inside
 from common.settings import Settings
-from common.store import Backup, BackupStore, check_backup
+from common.store import Backup, BackupStore, check_backup, open_store
 from common.trees import TreeDiff, diff_tree, matches, restore_file, restore_tree, tree_entries
 
 COMPONENT = "config"
@@ -47,7 +48,7 @@ class ConfigPaths:
         return cls(
             config_dir=settings.path("CONFIG_DIR", "./config"),
             env_file=settings.path("ENV_FILE", ".env"),
-            store=BackupStore(settings.path(*STORE_SETTING), COMPONENT),
+            store=open_store(settings, STORE_SETTING, COMPONENT),
         )
 
     @property
@@ -330,7 +331,7 @@ def build_parser():
         "  config_rollback.py cleanup 30 --keep 5",
     )
     sub = add_command(commands, "backup", cmd_backup, "snapshot CONFIG_DIR and ENV_FILE")
-    add_label_argument(sub)
+    add_backup_arguments(sub)
 
     sub = add_command(commands, "restore", cmd_restore, "make CONFIG_DIR and ENV_FILE exactly a backup",
                       "Checks the backup's checksums, saves the current state as a new backup, then makes\n"
@@ -348,7 +349,7 @@ def build_parser():
     sub.add_argument("patch", metavar="JSON", help="the merge patch, a JSON object")
     add_no_backup_argument(sub)
 
-    sub = add_command(commands, "verify", cmd_verify, "check that the configuration parses and matches a backup",
+    sub = add_verify_command(commands, cmd_verify, "check that the configuration parses and matches a backup",
                       "Every YAML/JSON/.env/TOML/INI file must parse; ENV_FILE must not be readable by group\n"
                       "or others and must have the keys of a .env.example beside it; the newest backup's\n"
                       "checksums must hold. Drift from the newest backup is reported; with --against any\n"

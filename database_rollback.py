@@ -13,10 +13,11 @@ from common.cli import (
     Context,
     Result,
     add_backup_argument,
+    add_backup_arguments,
     add_command,
-    add_label_argument,
     add_no_backup_argument,
     add_store_commands,
+    add_verify_command,
     make_parser,
     run,
 )
@@ -32,7 +33,7 @@ from common.commands import (
 from common.errors import ToolkitError, UsageError
 from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
-from common.store import Backup, BackupStore, check_backup
+from common.store import Backup, BackupStore, check_backup, open_store
 from db_dumps import (
     PgTools,
     ServerInfo,
@@ -72,7 +73,7 @@ class DbContext:
         """DB_*, BACKUP_DIR (./backups), MIGRATIONS_DIR (./migrations), PG_BINDIR (PATH if unset)."""
         return cls(
             server=DbServer.from_settings(settings),
-            store=BackupStore(settings.path(*STORE_SETTING), COMPONENT),
+            store=open_store(settings, STORE_SETTING, COMPONENT),
             tools=PgTools(settings.path("PG_BINDIR")),
             migrations_dir=settings.path("MIGRATIONS_DIR", "./migrations"),
         )
@@ -408,7 +409,7 @@ def build_parser():
                      help="custom (default): one .dump file plain pg_restore reads; directory: parallel dumps")
     sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel dump jobs (directory format)")
     sub.add_argument("--compress", type=int, choices=range(10), metavar="N", help="compression level 0-9")
-    add_label_argument(sub)
+    add_backup_arguments(sub)
 
     sub = add_command(
         commands, "restore", cmd_restore, "restore a backup or a plain pg_dump file",
@@ -448,7 +449,7 @@ def build_parser():
 
     add_command(commands, "status", cmd_status, "applied and pending migrations, and changed files")
 
-    sub = add_command(commands, "verify", cmd_verify, "check the database and a backup (problems exit 3)",
+    sub = add_verify_command(commands, cmd_verify, "check the database and a backup (problems exit 3)",
                       "Connects and reports the server version; applied migrations must have unchanged files;\n"
                       "no invalid indexes; long transactions and lock waits are warned of; the newest backup\n"
                       "(or BACKUP) must pass its checksums and pg_restore --list.")

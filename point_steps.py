@@ -19,7 +19,7 @@ from pathlib import Path
 from common.errors import ToolkitError, UsageError
 from common.proc import run_tool
 from common.settings import Settings
-from common.store import BackupStore
+from common.store import BackupStore, open_store
 
 ROOT = Path(__file__).resolve().parent
 
@@ -44,7 +44,7 @@ class Component:
     def store(self, settings: Settings) -> BackupStore:
         """The component's backup store, where its script keeps it (the script names its own setting)."""
         store_setting = importlib.import_module(self.script.removesuffix(".py")).STORE_SETTING
-        return BackupStore(settings.path(*store_setting), self.name)
+        return open_store(settings, store_setting, self.name)
 
 
 # The runbook's order: configuration, then code, then the database.

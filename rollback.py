@@ -8,11 +8,20 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from common.cli import Context, Result, add_command, add_label_argument, add_store_commands, make_parser, run
+from common.cli import (
+    Context,
+    Result,
+    add_backup_arguments,
+    add_command,
+    add_store_commands,
+    add_verify_command,
+    make_parser,
+    run,
+)
 from common.commands import cleanup_backups, count, table
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
 from common.settings import Settings
-from common.store import MANIFEST, Backup, BackupStore, format_time
+from common.store import MANIFEST, Backup, BackupStore, format_time, open_store
 from point_steps import BY_NAME, COMPONENTS, Component, Hooks, ScriptRun, ScriptRunner
 
 if TYPE_CHECKING:  # the health module pulls in urllib; --help stays instant without it
@@ -25,7 +34,7 @@ SCRIPT = "rollback.py"
 
 def points_store(settings: Settings) -> BackupStore:
     """The store of restore points: one manifest per point naming its three backups."""
-    return BackupStore(settings.path(*STORE_SETTING), COMPONENT)
+    return open_store(settings, STORE_SETTING, COMPONENT)
 
 
 def runner_for(ctx: Context) -> ScriptRunner:
@@ -265,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"  {SCRIPT} drill",
     )
     sub = add_command(commands, "backup", cmd_backup, "take a restore point of every configured component")
-    add_label_argument(sub)
+    add_backup_arguments(sub)
     sub = add_command(commands, "restore", cmd_restore, "restore a point: configuration, then code, then database",
                       "Runs PRE_RESTORE_HOOK, restores each component with its script (which saves what it\n"
                       "replaces first), verifies it, checks health, and stops at the first failure with the\n"
@@ -274,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("point", metavar="POINT", help="a restore point id or `latest`")
     sub.add_argument("--only", metavar="LIST", help="a comma-separated subset of config,code,db")
     add_health_arguments(sub)
-    sub = add_command(commands, "verify", cmd_verify, "the three verifies and the health check, one exit code")
+    sub = add_verify_command(commands, cmd_verify, "the three verifies and the health check, one exit code",
+                             "Runs each configured component's verify and the health check: one report, exit 3\n"
+                             "on any problem. --remote checks the restore points' copies on REMOTE_URL.")
     add_health_arguments(sub)
     add_command(commands, "drill", cmd_drill, "the monthly test of the procedures, timed against the RTOs",
                 "Restores the newest database backup into a scratch database and verifies it, checks the\n"

@@ -19,7 +19,7 @@ from common.metrics import record_run
 from common.progress import show_progress
 from common.rto import OBJECTIVES, RtoReport, rto_for
 from common.settings import Settings
-from common.store import BackupStore
+from common.store import BackupStore, open_store
 
 # A script's backup folder: its variable and default, e.g. ("CONFIG_BACKUP_DIR", "./config_backups").
 StoreSetting = tuple[str, str]
@@ -49,15 +49,22 @@ class Result:
 class Context:
     """What a command needs from the command line: settings, flags, and ways to talk to the operator."""
 
-    def __init__(self, args: argparse.Namespace, settings: Settings, script: str):
+    def __init__(self, args: argparse.Namespace, settings: Settings, script: str, component: str = "",
+                 store_setting: StoreSetting = ("", "")):
         self.args = args
         self.settings = settings
         self.script = script
+        self.component = component  # the store's component name: config, code, db, point
+        self.store_setting = store_setting
         self.json: bool = args.json
         self.dry_run: bool = args.dry_run
         self.yes: bool = args.yes
         self.quiet: bool = args.quiet
         self.verbose: bool = args.verbose
+
+    def store(self) -> BackupStore:
+        """The script's backup store."""
+        return open_store(self.settings, self.store_setting, self.component)
 
     def info(self, message: str) -> None:
         """A progress or log line on stderr, unless --quiet."""
@@ -139,11 +146,6 @@ def add_command(
     return sub
 
 
-def add_label_argument(sub: argparse.ArgumentParser) -> None:
-    """--label, the same for every component's backup."""
-    sub.add_argument("--label", help="a note kept with the backup, e.g. the release being deployed")
-
-
 def add_backup_argument(sub: argparse.ArgumentParser, also: str = "") -> None:
     """BACKUP, the way every restore names a backup; `also` lists what else this component accepts."""
     sub.add_argument("backup", metavar="BACKUP",
@@ -157,10 +159,60 @@ def add_no_backup_argument(sub: argparse.ArgumentParser, what: str = "the curren
 
 def add_store_commands(commands: argparse._SubParsersAction, cleanup: Callable[[Context], Result],
                        listing: Callable[[Context], Result]) -> None:
-    """`cleanup DAYS [--keep N]` and `list`, which every script has."""
-    sub = add_command(commands, "cleanup", cleanup, "remove old backups, keeping the newest N")
+    """`cleanup DAYS [--keep N] [--remote]`, `list [--remote]`, `push` and `pull`, which every script has."""
+    sub = add_command(commands, "cleanup", _local_or_remote(cleanup, "cleanup_remote"),
+                      "remove old backups, keeping the newest N (--remote: on the remote)")
     add_cleanup_arguments(sub)
-    add_command(commands, "list", listing, "list the backups, newest first")
+    sub.add_argument("--remote", action="store_true", help="apply the same rules to the copies on REMOTE_URL")
+    sub = add_command(commands, "list", _local_or_remote(listing, "list_remote"),
+                      "list the backups, newest first (--remote: those on REMOTE_URL)")
+    sub.add_argument("--remote", action="store_true", help="the backups on REMOTE_URL instead")
+    sub = add_command(commands, "push", _remote_command("cmd_push"), "copy backups to REMOTE_URL (only what is new)",
+                      "Uploads each payload file the remote does not have yet, then the manifest, last: a push\n"
+                      "cut off at any moment leaves nothing `list --remote` shows, and the next one resumes.")
+    sub.add_argument("backup", metavar="BACKUP", nargs="?", help="a backup id or `latest` (the default)")
+    sub.add_argument("--all", action="store_true", help="every backup of the store")
+    sub = add_command(commands, "pull", _remote_command("cmd_pull"), "bring a backup from REMOTE_URL into the store",
+                      "Every byte's sha256 is checked while downloading; a missing or changed object refuses\n"
+                      "the pull and leaves the local store as it was. `restore ID` pulls by itself.")
+    sub.add_argument("backup", metavar="BACKUP", help="the id of a backup on the remote")
+
+
+def add_verify_command(commands: argparse._SubParsersAction, handler: Callable[[Context], Result], summary: str,
+                       description: str) -> argparse.ArgumentParser:
+    """A script's `verify`, with `--remote [--deep]` checking the copies on REMOTE_URL instead."""
+    sub = add_command(commands, "verify", _local_or_remote(handler, "verify_remote"), summary, description)
+    sub.add_argument("--remote", action="store_true",
+                     help="check that every object the remote manifests name exists with its size")
+    sub.add_argument("--deep", action="store_true", help="with --remote: download each object and check its sha256")
+    return sub
+
+
+def add_backup_arguments(sub: argparse.ArgumentParser) -> None:
+    """--label and --push, the same for every component's backup."""
+    sub.add_argument("--label", help="a note kept with the backup, e.g. the release being deployed")
+    sub.add_argument("--push", action="store_true",
+                     help="copy it to REMOTE_URL as soon as it is made (REMOTE_AUTO_PUSH=1 does it always)")
+
+
+def _remote_command(name: str) -> Callable[[Context], Result]:
+    def handler(ctx: Context) -> Result:
+        from common import remote_commands  # boto3 and its kin only for the commands that talk to a remote
+
+        return getattr(remote_commands, name)(ctx)
+
+    return handler
+
+
+def _local_or_remote(local: Callable[[Context], Result], remote: str) -> Callable[[Context], Result]:
+    def handler(ctx: Context) -> Result:
+        if getattr(ctx.args, "remote", False):
+            return _remote_command(remote)(ctx)
+        if getattr(ctx.args, "deep", False):
+            raise UsageError("--deep goes with --remote")
+        return local(ctx)
+
+    return handler
 
 
 def add_cleanup_arguments(sub: argparse.ArgumentParser) -> None:
@@ -189,9 +241,13 @@ def run(
     try:
         settings = Settings.load(args.env_file)
         objective = _objective(args, settings, component)
-        ctx = Context(args, settings, script)
+        ctx = Context(args, settings, script, component, store_setting)
         result = args.handler(ctx)
         _attach_rto(ctx, result, component, objective, time.monotonic() - started)
+        if args.command == "backup" and result.exit_code == 0 and not ctx.dry_run:
+            from common.remote_commands import push_after_backup
+
+            push_after_backup(ctx, result)
         _emit(result, args)
         code = result.exit_code
     except (ToolkitError, KeyboardInterrupt) as exc:

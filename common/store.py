@@ -35,8 +35,10 @@ from common.files import (
     make_private_dir,
     sha256_file,
 )
+from common.settings import Settings
 
 MANIFEST = "manifest.json"
+_SAFE_ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[A-Za-z0-9_.-]+")
 MANIFEST_FORMAT = 1
 STAGING_PREFIX = ".staging-"
 DELETING_PREFIX = ".deleting-"
@@ -233,6 +235,9 @@ class BackupStore:
         self.root = root
         self.component = component
         self._lock_fd: int | None = None
+        # Set when off-host copies are configured: given an id not found here, brings it into the store
+        # and says whether it did (see common.remote).
+        self.fetch: Callable[[str], bool] | None = None
 
     # -- the lock -----------------------------------------------------------------------------------
 
@@ -309,6 +314,33 @@ class BackupStore:
             shutil.rmtree(staging.path, ignore_errors=True)
             raise
 
+    @contextmanager
+    def receive(self, backup_id: str) -> Iterator[Path]:
+        """Stage a backup that arrives whole from elsewhere (a pull), under its own id; the caller holds the lock.
+
+        The caller writes the payload into the yielded folder and the manifest last; on a clean exit the
+        folder is made durable and renamed into place, on any failure it is removed.
+        """
+        if not self.locked:
+            raise RuntimeError("receive needs the store lock")
+        if not _SAFE_ID.fullmatch(backup_id):
+            raise ToolkitError(f"{backup_id!r} is not a backup id: refused")
+        if (self.root / backup_id).exists():
+            raise UsageError(f"backup {backup_id} is already in {self.root}")
+        staging = self.root / f"{STAGING_PREFIX}{backup_id}"
+        shutil.rmtree(staging, ignore_errors=True)  # a pull that died before; we hold the lock
+        os.mkdir(staging, PRIVATE_DIR)
+        try:
+            yield staging
+            if not (staging / MANIFEST).is_file():
+                raise RuntimeError("receive: the manifest was not written")
+            flush_filesystem(staging)
+            os.rename(staging, self.root / backup_id)
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
     def _new_id(self, created: datetime, name: str | None) -> str:
         stamp = created.strftime("%Y%m%dT%H%M%S.") + f"{created.microsecond // 1000:03d}Z"
         base = f"{stamp}-{self.component}"
@@ -380,6 +412,8 @@ class BackupStore:
             candidate = self.root / ref
             if (candidate / MANIFEST).is_file():
                 return load_backup(candidate)
+            if self.fetch is not None and self.fetch(ref):  # only off-host (REMOTE_URL): pulled first
+                return load_backup(candidate)
         path = Path(ref)
         if path.exists():
             for folder in [path, *path.parents] if path.is_dir() else list(path.parents):
@@ -392,14 +426,7 @@ class BackupStore:
 
     def retention_plan(self, days: int, keep: int, now: datetime | None = None) -> tuple[list[Backup], list[Backup]]:
         """Split the backups into (to remove, to keep): older than `days`, beyond the newest `keep`."""
-        if keep < 1:
-            raise UsageError("--keep must be at least 1: the newest backup is never removed")
-        if days < 0:
-            raise UsageError("DAYS must be 0 or more")
-        backups = self.backups()
-        cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
-        remove = [backup for backup in backups[keep:] if backup.created_at < cutoff]
-        return remove, [backup for backup in backups if backup not in remove]
+        return retention_split(self.backups(), days, keep, now)
 
     def remove(self, backup: Backup) -> None:
         """Delete a backup: renamed out of sight first, so a half-deleted one is never taken for whole."""
@@ -420,20 +447,47 @@ class BackupStore:
         return removed
 
 
+def open_store(settings: Settings, store_setting: tuple[str, str], component: str) -> BackupStore:
+    """A component's store from its setting; with REMOTE_URL set, an id found only off-host is pulled first."""
+    store = BackupStore(settings.path(*store_setting), component)
+    if settings.text("REMOTE_URL"):
+        from common.remote import pull_when_missing
+
+        store.fetch = pull_when_missing(settings, store)
+    return store
+
+
+def retention_split(backups: list[Backup], days: int, keep: int, now: datetime | None = None
+                    ) -> tuple[list[Backup], list[Backup]]:
+    """The retention rule, wherever the backups are: older than `days` and beyond the newest `keep` go."""
+    if keep < 1:
+        raise UsageError("--keep must be at least 1: the newest backup is never removed")
+    if days < 0:
+        raise UsageError("DAYS must be 0 or more")
+    newest_first = sorted(backups, key=lambda backup: (backup.created_at, backup.id), reverse=True)
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
+    remove = [backup for backup in newest_first[keep:] if backup.created_at < cutoff]
+    return remove, [backup for backup in newest_first if backup not in remove]
+
+
+def backup_from_manifest(folder: Path, data: dict) -> Backup:
+    """A Backup from a manifest's parsed JSON (`folder` is where it is, or would be, in a store)."""
+    return Backup(
+        path=folder,
+        id=data["id"],
+        component=data["component"],
+        created_at=parse_time(data["created_at"]),
+        label=data.get("label"),
+        source=data.get("source") or {},
+        entries=[Entry.from_json(item) for item in data["entries"]],
+        extra={key: value for key, value in data.items() if key not in _MANIFEST_CORE},
+    )
+
+
 def load_backup(folder: Path) -> Backup:
     """Read a backup folder's manifest."""
     try:
-        data = json.loads((folder / MANIFEST).read_text())
-        return Backup(
-            path=folder,
-            id=data["id"],
-            component=data["component"],
-            created_at=parse_time(data["created_at"]),
-            label=data.get("label"),
-            source=data.get("source") or {},
-            entries=[Entry.from_json(item) for item in data["entries"]],
-            extra={key: value for key, value in data.items() if key not in _MANIFEST_CORE},
-        )
+        return backup_from_manifest(folder, json.loads((folder / MANIFEST).read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ToolkitError(f"{folder / MANIFEST} is unreadable or incomplete ({exc}): not a usable backup") from None
 

@@ -1,0 +1,114 @@
+"""The off-host commands every script has: push, pull, and the --remote forms of list, verify and cleanup."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+from common.cli import Context, Result
+from common.commands import human_size, table
+from common.errors import EXIT_VERIFY, UsageError
+from common.remote import Remote, RemoteConfig, Transfer
+from common.store import Backup, format_time
+
+
+def remote_for(ctx: Context) -> Remote:
+    """The remote of REMOTE_URL; a command that needs one says so when it is not set."""
+    config = RemoteConfig.from_settings(ctx.settings)
+    if config is None:
+        raise UsageError("REMOTE_URL is not set: set it to s3://bucket/prefix (and S3_ENDPOINT_URL for "
+                         "anything but AWS) to keep copies off this host")
+    return Remote(config)
+
+
+def _transfer_progress(ctx: Context, label: str, transfer: Transfer) -> AbstractContextManager:
+    return ctx.progress(label, lambda: transfer.bytes, transfer.total_bytes or None)
+
+
+def push_backups(ctx: Context, remote: Remote, backups: list[Backup]) -> tuple[dict, list[str]]:
+    """Push each backup; what moved, for --json and for people."""
+    pushed, lines = {}, []
+    for backup in backups:
+        transfer = Transfer()
+        with _transfer_progress(ctx, f"pushing {backup.id}", transfer):
+            remote.push(backup, transfer)
+        pushed[backup.id] = transfer.to_json()
+        lines.append(f"pushed {backup.id} to {remote.describe()}: {transfer.objects} objects "
+                     f"({human_size(transfer.bytes)}) sent, {transfer.skipped} files already there")
+    return pushed, lines
+
+
+def cmd_push(ctx: Context) -> Result:
+    """push [BACKUP | --all]: copy backups to the remote; only what it does not have yet goes up."""
+    remote, store = remote_for(ctx), ctx.store()
+    # Newest first: if the run is cut short, the backups most likely to be needed are already across.
+    backups = store.backups() if ctx.args.all else [store.resolve(ctx.args.backup or "latest")]
+    if ctx.dry_run:
+        return Result({"dry_run": True, "would_push": [b.id for b in backups]},
+                      [f"would push {b.id}" for b in backups] or ["nothing to push"], report=True)
+    pushed, lines = push_backups(ctx, remote, backups)
+    return Result({"pushed": pushed, "remote": remote.describe()}, lines or ["nothing to push"],
+                  backup_ids=list(pushed))
+
+
+def cmd_pull(ctx: Context) -> Result:
+    """pull BACKUP: bring a backup from the remote into the local store, every byte's checksum checked."""
+    remote, store = remote_for(ctx), ctx.store()
+    backup_id = ctx.args.backup
+    if (store.root / backup_id).is_dir():
+        raise UsageError(f"backup {backup_id} is already in {store.root}")
+    if ctx.dry_run:
+        remote.read(store.component, backup_id)
+        return Result({"dry_run": True, "would_pull": backup_id}, [f"would pull {backup_id}"], report=True)
+    transfer = Transfer()
+    with store.lock(f"{ctx.script} pull"), _transfer_progress(ctx, f"pulling {backup_id}", transfer):
+        backup = remote.pull(store, backup_id, transfer)
+    return Result({"backup": backup.summary(), "transfer": transfer.to_json()},
+                  [f"pulled {backup.id} into {store.root}: {len(backup.files)} files, "
+                   f"{human_size(transfer.bytes)}, every checksum checked"], backup_ids=[backup.id])
+
+
+def list_remote(ctx: Context) -> Result:
+    """list --remote: the component's backups on the remote, newest first."""
+    remote, component = remote_for(ctx), ctx.component
+    backups = [remote.read(component, backup_id).backup for backup_id in remote.backup_ids(component)]
+    rows = [(b.id, format_time(b.created_at), str(len(b.files)), human_size(b.size),
+             ("(safety) " if b.is_safety else "") + (b.label or "")) for b in backups]
+    lines = table(("ID", "TIME (UTC)", "FILES", "SIZE", "LABEL"), rows) if rows else [
+        f"no {component} backups on {remote.describe()}"]
+    return Result({"remote": remote.describe(), "backups": [{**b.summary(), "path": None} for b in backups]},
+                  lines, report=True)
+
+
+def verify_remote(ctx: Context) -> Result:
+    """verify --remote [--deep]: every object a remote manifest names is there with its size (--deep: its sha256)."""
+    remote = remote_for(ctx)
+    problems, count = remote.verify(ctx.component, ctx.args.deep)
+    what = "sha256 of every object" if ctx.args.deep else "every object and its size"
+    lines = [f"verify {remote.describe()} ({ctx.component}, {count} backups, {what}): "
+             + (f"{len(problems)} problems" if problems else "OK"), *[f"  {p}" for p in problems]]
+    return Result({"remote": remote.describe(), "backups": count, "problems": problems}, lines,
+                  exit_code=EXIT_VERIFY if problems else 0, report=True)
+
+
+def cleanup_remote(ctx: Context) -> Result:
+    """cleanup DAYS --remote: the local retention rules on the remote; a blob goes when no manifest names it."""
+    remote = remote_for(ctx)
+    removed, kept, blobs = remote.cleanup(ctx.component, ctx.args.days, ctx.args.keep, ctx.dry_run)
+    if ctx.dry_run:
+        return Result({"dry_run": True, "would_remove": removed, "kept": kept},
+                      [f"would remove {backup_id} from the remote" for backup_id in removed] or ["nothing to remove"],
+                      report=True)
+    lines = [f"removed {backup_id} from the remote" for backup_id in removed]
+    lines.append(f"{len(removed)} remote backups removed, {len(kept)} kept, {blobs} objects no backup names removed")
+    return Result({"removed": removed, "kept": kept, "objects_removed": blobs}, lines)
+
+
+def push_after_backup(ctx: Context, result: Result) -> None:
+    """backup --push or REMOTE_AUTO_PUSH=1: the new backup goes off-host at once; a failed push is exit 1."""
+    if not (getattr(ctx.args, "push", False) or ctx.settings.text("REMOTE_AUTO_PUSH", "0") == "1"):
+        return
+    store = ctx.store()
+    backups = [store.resolve(backup_id) for backup_id in result.backup_ids[:1]]
+    pushed, lines = push_backups(ctx, remote_for(ctx), backups)
+    result.data["pushed"] = pushed
+    result.lines += lines
