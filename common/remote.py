@@ -36,8 +36,6 @@ PAYLOAD_MODE = 0o400  # pulled payload files are read-only, like a code backup's
 SMALL_OBJECT = 8 * 1024 * 1024  # below this a file goes up or down in one request, above in parallel parts
 PART_SIZE = 8 * 1024 * 1024
 PARALLEL = 16  # requests in flight: small objects, or the parts of a large one
-# A blob no manifest names yet may belong to a push still running: cleanup leaves it this long.
-UNREFERENCED_GRACE = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,8 @@ class RemoteConfig:
     prefix: str
     endpoint: str | None
     key_file: Path | None
+    # A blob no manifest names yet may belong to a push still running: cleanup leaves it this long.
+    grace: timedelta = timedelta(hours=1)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RemoteConfig | None:
@@ -59,7 +59,8 @@ class RemoteConfig:
         if not match:
             raise SettingError(f"REMOTE_URL must look like s3://bucket/prefix, got {url!r}")
         return cls(match.group(1), (match.group(2) or "").strip("/"), settings.text("S3_ENDPOINT_URL"),
-                   settings.path("REMOTE_ENCRYPTION_KEY_FILE"))
+                   settings.path("REMOTE_ENCRYPTION_KEY_FILE"),
+                   timedelta(seconds=settings.number("REMOTE_CLEANUP_GRACE_SECONDS", 3600.0, minimum=0)))
 
 
 @dataclass
@@ -336,7 +337,7 @@ class Remote:
             parts = item["Key"][len(root):].split("/")
             if len(parts) == 3 and parts[1] == "manifests":  # <component>/manifests/<id>
                 named.update(self.read(parts[0], parts[2]).blobs.values())
-        cutoff = datetime.now(UTC) - UNREFERENCED_GRACE
+        cutoff = datetime.now(UTC) - self.config.grace
         doomed = [key for key, (_, when) in self.blob_sizes().items() if key not in named and when < cutoff]
         for start in range(0, len(doomed), 1000):
             batch = [{"Key": key} for key in doomed[start:start + 1000]]

@@ -78,10 +78,13 @@ class LocalS3:
             self.proc = None
 
     def bucket(self, name: str) -> Path:
-        """Create a bucket (a folder of the served root) and return its folder."""
-        folder = self.root / name
-        folder.mkdir()
-        return folder
+        """Create a bucket through the S3 API (the server caches its listing of the root) and return its folder."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                              aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
+        client.create_bucket(Bucket=name)
+        return self.root / name
 
     def env(self, bucket: str, prefix: str = "backups") -> dict[str, str]:
         """The settings that point the toolkit at a bucket of this server (credentials through the environment)."""

@@ -1,0 +1,310 @@
+"""Off-host copies against a real S3 server (rclone serve s3 on 127.0.0.1), with every script's real store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import database_state, run_script, script_argv, tree_snapshot
+from s3_server import SECRET_KEY, LocalS3, objects_under
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    server = LocalS3(tmp_path_factory.mktemp("s3-root"))
+    server.start()
+    yield server
+    server.stop()
+
+
+_buckets = iter(range(1, 10_000))
+
+
+class Remote:
+    """A bucket of the server, and the settings that point a script at it."""
+
+    def __init__(self, server: LocalS3):
+        self.server = server
+        self.name = f"bucket-{next(_buckets)}"
+        self.folder = server.bucket(self.name)
+        self.env = server.env(self.name)
+
+    def objects(self) -> dict[str, int]:
+        return objects_under(self.folder)
+
+    def blobs(self) -> dict[str, int]:
+        return {key: size for key, size in self.objects().items() if "/blobs/" in key}
+
+
+@pytest.fixture
+def remote(s3_server: LocalS3) -> Remote:
+    return Remote(s3_server)
+
+
+class ConfigSite:
+    """A config folder and .env with their local store, pointed at a remote."""
+
+    def __init__(self, root: Path, remote: Remote, **settings: str):
+        self.root = root
+        self.config = root / "config"
+        (self.config / "services").mkdir(parents=True)
+        (self.config / "app.yml").write_text("server:\n  port: 8080  # the public port\nsecret_word: albatross\n")
+        (self.config / "services" / "cache.json").write_text('{"ttl": 60, "host": "cache.internal"}\n')
+        (root / ".env").write_text("API_TOKEN=plaintext-token-value-123\n")
+        os.chmod(root / ".env", 0o600)
+        self.store = root / "config_backups"
+        self.env = {"CONFIG_DIR": str(self.config), "CONFIG_BACKUP_DIR": str(self.store),
+                    "ENV_FILE": str(root / ".env"), **remote.env, **settings}
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return run_script("config_rollback.py", *args, env={**self.env, **env}, cwd=self.root)
+
+    def backup(self) -> str:
+        result = self.run("--json", "backup")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["backup"]["id"]
+
+    def state(self) -> dict:
+        return {"tree": tree_snapshot(self.config), "env": (self.root / ".env").read_bytes()}
+
+
+def make_code_tree(root: Path, files: int = 200, big: int = 0) -> None:
+    for i in range(files):
+        folder = root / f"pkg{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"mod{i}.py").write_text(f"VALUE = {i}\n" * (1 + i % 7))
+    os.symlink("pkg0/mod0.py", root / "entry.py")
+    (root / "empty").mkdir()
+    if big:
+        with open(root / "assets.bin", "wb") as out:
+            for _ in range(big):
+                out.write(os.urandom(1024 * 1024))
+
+
+class CodeSite:
+    def __init__(self, root: Path, remote: Remote, big: int = 0):
+        self.root = root
+        self.deploy = root / "deploy"
+        make_code_tree(self.deploy, big=big)
+        self.env = {"DEPLOYMENT_DIR": str(self.deploy), "CODE_BACKUP_DIR": str(root / "code_backups"),
+                    **remote.env}
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return run_script("code_rollback.py", *args, env={**self.env, **env}, cwd=self.root)
+
+    def backup(self) -> str:
+        result = self.run("--json", "backup")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["backup"]["id"]
+
+
+def remote_ids(run) -> list[str]:
+    result = run("--json", "list", "--remote")
+    assert result.returncode == 0, result.stderr
+    return [b["id"] for b in json.loads(result.stdout)["backups"]]
+
+
+# -- round trips --------------------------------------------------------------------------------------------
+
+
+def test_config_round_trip_and_restore_of_an_id_only_on_the_remote(tmp_path: Path, remote: Remote):
+    site = ConfigSite(tmp_path, remote)
+    original = site.state()
+    backup_id = site.backup()
+    result = site.run("--json", "push", backup_id)
+    assert result.returncode == 0, result.stderr
+    assert remote_ids(site.run) == [backup_id]
+    shutil.rmtree(site.store / backup_id)
+    (site.config / "app.yml").write_text("broken: [\n")
+    (tmp_path / ".env").write_text("API_TOKEN=wrong\n")
+
+    result = site.run("restore", backup_id, "--yes")  # not here any more: pulled from the remote first
+    assert result.returncode == 0, result.stderr
+    assert site.state() == original
+    assert (site.store / backup_id / "manifest.json").is_file()
+
+
+def test_code_round_trip_keeps_symlinks_and_empty_folders(tmp_path: Path, remote: Remote):
+    site = CodeSite(tmp_path, remote)
+    original = tree_snapshot(site.deploy)
+    backup_id = site.backup()
+    assert site.run("push").returncode == 0
+    shutil.rmtree(tmp_path / "code_backups" / backup_id)
+    result = site.run("pull", backup_id)
+    assert result.returncode == 0, result.stderr
+    shutil.rmtree(site.deploy)
+    site.deploy.mkdir()
+    assert site.run("restore", backup_id, "--yes", "--no-backup").returncode == 0
+    assert tree_snapshot(site.deploy) == original
+
+
+def test_database_dump_round_trip(tmp_path: Path, remote: Remote, pg_db):
+    with pg_db.connect() as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE t (id int PRIMARY KEY, note text);"
+                    " INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 5000) i;")
+    original = database_state(pg_db)
+    env = {**pg_db.env, "BACKUP_DIR": str(tmp_path / "db_backups"), **remote.env}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return run_script("database_rollback.py", *args, env=env, cwd=tmp_path)
+
+    result = run("--json", "backup", "--push")
+    assert result.returncode == 0, result.stderr
+    backup_id = json.loads(result.stdout)["backup"]["id"]
+    assert remote_ids(run) == [backup_id]
+    shutil.rmtree(tmp_path / "db_backups" / backup_id)
+    with pg_db.connect() as conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM t WHERE id % 2 = 0; DROP TABLE IF EXISTS nothing;")
+    result = run("restore", backup_id, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert database_state(pg_db) == original
+
+
+# -- what goes up ---------------------------------------------------------------------------------------------
+
+
+def test_second_push_of_an_unchanged_code_backup_uploads_only_its_manifest(tmp_path: Path, remote: Remote):
+    site = CodeSite(tmp_path, remote)
+    site.backup()
+    assert site.run("push").returncode == 0
+    before = remote.objects()
+    site.backup()
+    result = site.run("--json", "push")
+    assert result.returncode == 0, result.stderr
+    after = remote.objects()
+    new = set(after) - set(before)
+    assert len(new) == 1 and "/code/manifests/" in new.pop()  # the server got exactly one new object
+    assert {key: after[key] for key in before} == before
+    pushed = next(iter(json.loads(result.stdout)["pushed"].values()))
+    assert pushed["objects"] == 1 and pushed["skipped"] == 200  # the 200 files, the manifest the only upload
+
+
+def test_config_edit_pushes_only_the_changed_file(tmp_path: Path, remote: Remote):
+    site = ConfigSite(tmp_path, remote, REMOTE_AUTO_PUSH="1")
+    site.backup()
+    blobs = remote.blobs()
+    (site.config / "app.yml").write_text("server:\n  port: 9090\n")
+    site.backup()
+    assert len(set(remote.blobs()) - set(blobs)) == 1
+    assert len(remote_ids(site.run)) == 2
+
+
+def test_server_killed_mid_push_leaves_nothing_listed_and_the_next_push_completes(tmp_path: Path):
+    server = LocalS3(tmp_path / "s3")
+    server.start()
+    try:
+        remote = Remote(server)
+        site = CodeSite(tmp_path / "site", remote, big=160)
+        backup_id = site.backup()
+        push = subprocess.Popen(script_argv("code_rollback.py", "push"), env={**os.environ, **site.env},
+                                cwd=site.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(remote.blobs()) < 50:  # the small files are up; the large one is on its way
+            assert push.poll() is None, push.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)  # polling the server's folder, bounded by the deadline
+        server.kill()
+        _, stderr = push.communicate(timeout=120)
+        assert push.returncode == 1 and "Traceback" not in stderr
+        server.start()
+        assert remote_ids(site.run) == []  # no manifest: nothing a restore could take
+        partial = remote.blobs()
+
+        result = site.run("--json", "push")
+        assert result.returncode == 0, result.stderr
+        assert remote_ids(site.run) == [backup_id]
+        pushed = json.loads(result.stdout)["pushed"][backup_id]
+        manifest = json.loads((site.root / "code_backups" / backup_id / "manifest.json").read_text())
+        sizes = {e["sha256"]: e["size"] for e in manifest["entries"] if e["type"] == "file"}
+        whole = [key for key, size in partial.items() if sizes.get(key.rsplit("/", 1)[1]) == size]
+        assert whole and pushed["skipped"] == len(whole)  # what was whole on the server was not sent again
+        assert pushed["objects"] == len(sizes) - len(whole) + 1
+        assert site.run("verify", "--remote", "--deep").returncode == 0
+    finally:
+        server.stop()
+
+
+# -- damage, retention, encryption, secrets ------------------------------------------------------------------
+
+
+def test_an_object_changed_on_the_server_is_refused_on_pull_and_named_by_deep_verify(tmp_path: Path, remote: Remote):
+    site = ConfigSite(tmp_path, remote)
+    backup_id = site.backup()
+    assert site.run("push").returncode == 0
+    manifest = json.loads((site.store / backup_id / "manifest.json").read_text())
+    entry = next(e for e in manifest["entries"] if e["path"].endswith("cache.json"))
+    blob = next(path for path in remote.folder.rglob(entry["sha256"]))
+    blob.write_bytes(blob.read_bytes().replace(b"60", b"99"))  # same size, other content
+
+    assert site.run("verify", "--remote").returncode == 0  # sizes hold; only --deep reads the bytes
+    result = site.run("verify", "--remote", "--deep")
+    assert result.returncode == 3 and "cache.json" in result.stdout
+    shutil.rmtree(site.store / backup_id)
+    result = site.run("pull", backup_id)
+    assert result.returncode == 1 and "does not match its checksum" in result.stderr
+    assert not [p for p in site.store.iterdir() if p.name.startswith((backup_id, ".staging"))]
+
+
+def test_remote_cleanup_keeps_every_blob_a_kept_manifest_names(tmp_path: Path, remote: Remote):
+    site = ConfigSite(tmp_path, remote, REMOTE_AUTO_PUSH="1", REMOTE_CLEANUP_GRACE_SECONDS="0")
+    old = site.backup()
+    only_old = remote.blobs()
+    (site.config / "app.yml").write_text("server:\n  port: 9090\n")
+    new = site.backup()
+    result = site.run("--json", "cleanup", "0", "--keep", "1", "--remote")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["removed"] == [old]
+    assert remote_ids(site.run) == [new]
+    removed = set(only_old) - set(remote.blobs())
+    assert len(removed) == 1  # the old app.yml: no kept manifest names it
+    assert site.run("verify", "--remote", "--deep").returncode == 0  # every blob of `new` is still there
+    shutil.rmtree(site.store / new)
+    assert site.run("pull", new).returncode == 0
+
+
+def test_with_encryption_the_server_holds_no_plaintext(tmp_path: Path, remote: Remote):
+    key = tmp_path / "remote.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    os.chmod(key, 0o600)
+    site = ConfigSite(tmp_path, remote, REMOTE_ENCRYPTION_KEY_FILE=str(key))
+    original = site.state()
+    backup_id = site.backup()
+    assert site.run("push").returncode == 0
+    stored = b"".join(path.read_bytes() for path in remote.folder.rglob("*") if path.is_file())
+    lines = [line for path in site.config.rglob("*") if path.is_file() for line in path.read_text().splitlines()]
+    lines += (tmp_path / ".env").read_text().splitlines()
+    for line in [*lines, "albatross", "cache.internal", "plaintext-token-value-123", backup_id.split("-")[0]]:
+        assert line.encode() not in stored, line
+    manifest = json.loads((site.store / backup_id / "manifest.json").read_text())
+    assert not any(e.get("sha256") and e["sha256"] in str(remote.objects()) for e in manifest["entries"])
+
+    other = tmp_path / "other.key"
+    other.write_text(os.urandom(32).hex())
+    os.chmod(other, 0o600)
+    result = site.run("list", "--remote", REMOTE_ENCRYPTION_KEY_FILE=str(other))
+    assert result.returncode == 1 and "REMOTE_ENCRYPTION_KEY_FILE" in result.stderr
+    shutil.rmtree(site.store / backup_id)
+    (site.config / "app.yml").write_text("changed\n")
+    assert site.run("restore", backup_id, "--yes").returncode == 0
+    assert site.state() == original
+
+
+def test_credentials_never_appear_in_output_logs_or_metrics(tmp_path: Path, remote: Remote):
+    site = ConfigSite(tmp_path, remote, METRICS_FILE=str(tmp_path / "metrics.prom"))
+    backup_id = site.backup()
+    outputs = [site.run("-v", "--json", "push"), site.run("-v", "list", "--remote"),
+               site.run("-v", "verify", "--remote", "--deep"), site.run("-v", "--json", "cleanup", "0", "--remote")]
+    shutil.rmtree(site.store / backup_id)
+    outputs.append(site.run("-v", "pull", backup_id))
+    outputs.append(site.run("-v", "push", AWS_SECRET_ACCESS_KEY=SECRET_KEY + "-wrong"))  # refused: still unsaid
+    assert [o.returncode for o in outputs] == [0, 0, 0, 0, 0, 1]
+    assert "credentials" in outputs[-1].stderr
+    seen = "".join(o.stdout + o.stderr for o in outputs)
+    seen += (site.store / "audit.log").read_text() + (tmp_path / "metrics.prom").read_text()
+    assert SECRET_KEY not in seen and "AWS_SECRET_ACCESS_KEY=" not in seen
