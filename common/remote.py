@@ -15,6 +15,7 @@ from the command line, and never printed.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ PAYLOAD_MODE = 0o400  # pulled payload files are read-only, like a code backup's
 SMALL_OBJECT = 8 * 1024 * 1024  # below this a file goes up or down in one request, above in parallel parts
 PART_SIZE = 8 * 1024 * 1024
 PARALLEL = 16  # requests in flight: small objects, or the parts of a large one
+LOCAL_ONLY_FIELDS = ("mtime_ns", "ctime_ns", "ino")
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,13 @@ class Remote:
         """A boto3 S3 client, made when first needed (boto3 is heavy to import)."""
         if self._client is None:
             import boto3
+            import botocore.session
             from botocore.config import Config
 
-            self._client = boto3.client(
+            session = botocore.session.get_session()
+            # Timestamps stay text: parsing 1,000 of them per listing page dominated an unchanged push.
+            session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+            self._client = boto3.Session(botocore_session=session).client(
                 "s3", endpoint_url=self.config.endpoint,
                 config=Config(max_pool_connections=PARALLEL, retries={"max_attempts": 5, "mode": "standard"},
                               s3={"addressing_style": "path"} if self.config.endpoint else None),
@@ -135,8 +141,8 @@ class Remote:
         for page in _s3_call(lambda: list(paginator.paginate(Bucket=self.config.bucket, Prefix=prefix))):
             yield from page.get("Contents", [])
 
-    def blob_sizes(self) -> dict[str, tuple[int, datetime]]:
-        """Every blob's key, size and time of upload: one listing (1,000 keys a request), not a request per blob."""
+    def blob_sizes(self) -> dict[str, tuple[int, str]]:
+        """Every blob's key, size and time of upload (ISO text): one listing of 1,000 keys a request."""
         return {item["Key"]: (item["Size"], item["LastModified"]) for item in self._list(self._key("blobs") + "/")}
 
     def backup_ids(self, component: str) -> list[str]:
@@ -149,10 +155,11 @@ class Remote:
         key = self.manifest_key(component, backup_id)
         raw = _s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read(),
                        missing=f"no backup {backup_id!r} of {component} on {self.describe()}")
-        plain = self.sealer.open_bytes(raw) if self.sealer else raw
+        packed = self.sealer.open_bytes(raw) if self.sealer else raw
         try:
+            plain = gzip.decompress(packed)
             backup = backup_from_manifest(Path(backup_id), json.loads(plain))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
             raise ToolkitError(f"the remote manifest of {backup_id} is unreadable ({exc})") from None
         if backup.id != backup_id or backup.component != component:
             raise ToolkitError(f"the remote manifest {key} describes {backup.component} {backup.id}: refused")
@@ -187,7 +194,7 @@ class Remote:
             list(pool.map(lambda item: self._put_small(backup, *item, done), small))
         for key, entry in large:  # one at a time, each in parallel parts: memory stays bounded
             self._put_large(backup, key, entry, done)
-        manifest = (backup.path / MANIFEST).read_bytes()
+        manifest = remote_manifest(backup.path / MANIFEST)
         body = self.sealer.seal_bytes(manifest) if self.sealer else manifest
         _s3_call(lambda: self.client.put_object(Bucket=self.config.bucket, Key=manifest_key, Body=body))
         done.objects += 1
@@ -338,7 +345,8 @@ class Remote:
             if len(parts) == 3 and parts[1] == "manifests":  # <component>/manifests/<id>
                 named.update(self.read(parts[0], parts[2]).blobs.values())
         cutoff = datetime.now(UTC) - self.config.grace
-        doomed = [key for key, (_, when) in self.blob_sizes().items() if key not in named and when < cutoff]
+        doomed = [key for key, (_, when) in self.blob_sizes().items()
+                  if key not in named and datetime.fromisoformat(when.replace("Z", "+00:00")) < cutoff]
         for start in range(0, len(doomed), 1000):
             batch = [{"Key": key} for key in doomed[start:start + 1000]]
             _s3_call(lambda batch=batch: self.client.delete_objects(Bucket=self.config.bucket,
@@ -367,6 +375,19 @@ def pull_when_missing(settings: Settings, store: BackupStore) -> Callable[[str],
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
+
+
+def remote_manifest(path: Path) -> bytes:
+    """The manifest as the remote keeps it: without what only meant something on this host, compressed.
+
+    A file's mtime, ctime and inode say whether the next backup here may link it unchanged; elsewhere
+    they mean nothing, and they are most of what an unchanged backup would send.
+    """
+    data = json.loads(path.read_bytes())
+    for entry in data["entries"]:
+        for name in LOCAL_ONLY_FIELDS:
+            entry.pop(name, None)
+    return gzip.compress(json.dumps(data).encode(), compresslevel=6, mtime=0)
 
 
 class RemoteMissing(UsageError):
