@@ -65,7 +65,7 @@ def cmd_backup(ctx: Context) -> Result:
     with store.lock(f"{SCRIPT} backup"), store.new_backup(ctx.args.label) as staging:
         label = f"{ctx.args.label + ' ' if ctx.args.label else ''}(restore point {staging.backup_id})"
         for component in configured:
-            step = runner.run(component, "backup", "--label", label)
+            step = runner.run(component, "backup", "--label", label, *(["--push"] if ctx.args.push else []))
             if not step.ok:
                 taken = f" (the backups already taken are kept: {', '.join(parts.values())})" if parts else ""
                 raise _step_failed(f"{component.title} backup", step, f"no restore point was made{taken}")
@@ -155,10 +155,17 @@ def cmd_restore(ctx: Context) -> Result:
 
 
 def _missing_parts(settings: Settings, point: Backup, plan: list[Component]) -> list[str]:
-    """The parts of the point whose backups are gone (removed by a component's cleanup, say)."""
-    parts = point.extra["parts"]
-    return [f"the {c.title} backup {parts[c.name]} is no longer in {c.store(settings).root}" for c in plan
-            if not (c.store(settings).root / parts[c.name] / MANIFEST).is_file()]
+    """The parts of the point whose backups are gone (removed by a component's cleanup, say).
+
+    With REMOTE_URL set, a part found only off-host is pulled now, before anything changes."""
+    parts, missing = point.extra["parts"], []
+    for component in plan:
+        store = component.store(settings)
+        here = (store.root / parts[component.name] / MANIFEST).is_file()
+        if not here and not (store.fetch is not None and store.fetch(parts[component.name])):
+            missing.append(f"the {component.title} backup {parts[component.name]} is no longer in {store.root}"
+                           + (" nor on the remote" if store.fetch is not None else ""))
+    return missing
 
 
 def _only(text: str | None) -> set[str]:

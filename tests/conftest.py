@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from pg_cluster import Database, ServerBinariesNotFound, ThrowawayCluster
+from s3_server import Bucket, LocalS3
 
 # ---------------------------------------------------------------------------------------------------------
 # PostgreSQL: one throwaway cluster per session, one fresh database per test.
@@ -38,3 +39,23 @@ def pg_db(request: pytest.FixtureRequest, pg_cluster: ThrowawayCluster) -> Itera
     database = pg_cluster.create_database(name)
     yield database
     pg_cluster.drop_database(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# S3: one rclone server per session, one fresh bucket per test.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    """The session's S3-compatible server (rclone serve s3 on 127.0.0.1), started when a test first asks."""
+    server = LocalS3(tmp_path_factory.mktemp("s3-root"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def remote(s3_server: LocalS3) -> Bucket:
+    """A new bucket for this test, with the REMOTE_URL/S3_ENDPOINT_URL/AWS_* settings that point at it."""
+    return Bucket(s3_server)

@@ -97,6 +97,26 @@ class LocalS3:
         }
 
 
+class Bucket:
+    """A new bucket of a server, and the settings that point a script at it."""
+
+    _numbers = iter(range(1, 1_000_000))
+
+    def __init__(self, server: LocalS3):
+        self.server = server
+        self.name = f"bucket-{next(self._numbers)}"
+        self.folder = server.bucket(self.name)
+        self.env = server.env(self.name)
+
+    def objects(self) -> dict[str, int]:
+        """Every object the server holds in this bucket, with its size."""
+        return objects_under(self.folder)
+
+    def blobs(self) -> dict[str, int]:
+        """The payload objects only."""
+        return {key: size for key, size in self.objects().items() if "/blobs/" in key}
+
+
 def objects_under(folder: Path) -> dict[str, int]:
     """Every object the server holds under a bucket folder: its key and size."""
     return {str(path.relative_to(folder)): path.stat().st_size for path in folder.rglob("*") if path.is_file()}

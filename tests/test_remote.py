@@ -7,50 +7,16 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from helpers import database_state, run_script, script_argv, tree_snapshot
-from s3_server import SECRET_KEY, LocalS3, objects_under
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
-    server = LocalS3(tmp_path_factory.mktemp("s3-root"))
-    server.start()
-    yield server
-    server.stop()
-
-
-_buckets = iter(range(1, 10_000))
-
-
-class Remote:
-    """A bucket of the server, and the settings that point a script at it."""
-
-    def __init__(self, server: LocalS3):
-        self.server = server
-        self.name = f"bucket-{next(_buckets)}"
-        self.folder = server.bucket(self.name)
-        self.env = server.env(self.name)
-
-    def objects(self) -> dict[str, int]:
-        return objects_under(self.folder)
-
-    def blobs(self) -> dict[str, int]:
-        return {key: size for key, size in self.objects().items() if "/blobs/" in key}
-
-
-@pytest.fixture
-def remote(s3_server: LocalS3) -> Remote:
-    return Remote(s3_server)
+from s3_server import SECRET_KEY, Bucket, LocalS3
 
 
 class ConfigSite:
     """A config folder and .env with their local store, pointed at a remote."""
 
-    def __init__(self, root: Path, remote: Remote, **settings: str):
+    def __init__(self, root: Path, remote: Bucket, **settings: str):
         self.root = root
         self.config = root / "config"
         (self.config / "services").mkdir(parents=True)
@@ -88,7 +54,7 @@ def make_code_tree(root: Path, files: int = 200, big: int = 0) -> None:
 
 
 class CodeSite:
-    def __init__(self, root: Path, remote: Remote, big: int = 0):
+    def __init__(self, root: Path, remote: Bucket, big: int = 0):
         self.root = root
         self.deploy = root / "deploy"
         make_code_tree(self.deploy, big=big)
@@ -113,7 +79,7 @@ def remote_ids(run) -> list[str]:
 # -- round trips --------------------------------------------------------------------------------------------
 
 
-def test_config_round_trip_and_restore_of_an_id_only_on_the_remote(tmp_path: Path, remote: Remote):
+def test_config_round_trip_and_restore_of_an_id_only_on_the_remote(tmp_path: Path, remote: Bucket):
     site = ConfigSite(tmp_path, remote)
     original = site.state()
     backup_id = site.backup()
@@ -130,7 +96,7 @@ def test_config_round_trip_and_restore_of_an_id_only_on_the_remote(tmp_path: Pat
     assert (site.store / backup_id / "manifest.json").is_file()
 
 
-def test_code_round_trip_keeps_symlinks_and_empty_folders(tmp_path: Path, remote: Remote):
+def test_code_round_trip_keeps_symlinks_and_empty_folders(tmp_path: Path, remote: Bucket):
     site = CodeSite(tmp_path, remote)
     original = tree_snapshot(site.deploy)
     backup_id = site.backup()
@@ -144,7 +110,7 @@ def test_code_round_trip_keeps_symlinks_and_empty_folders(tmp_path: Path, remote
     assert tree_snapshot(site.deploy) == original
 
 
-def test_database_dump_round_trip(tmp_path: Path, remote: Remote, pg_db):
+def test_database_dump_round_trip(tmp_path: Path, remote: Bucket, pg_db):
     with pg_db.connect() as conn, conn.cursor() as cur:
         cur.execute("CREATE TABLE t (id int PRIMARY KEY, note text);"
                     " INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 5000) i;")
@@ -169,7 +135,7 @@ def test_database_dump_round_trip(tmp_path: Path, remote: Remote, pg_db):
 # -- what goes up ---------------------------------------------------------------------------------------------
 
 
-def test_second_push_of_an_unchanged_code_backup_uploads_only_its_manifest(tmp_path: Path, remote: Remote):
+def test_second_push_of_an_unchanged_code_backup_uploads_only_its_manifest(tmp_path: Path, remote: Bucket):
     site = CodeSite(tmp_path, remote)
     site.backup()
     assert site.run("push").returncode == 0
@@ -185,7 +151,7 @@ def test_second_push_of_an_unchanged_code_backup_uploads_only_its_manifest(tmp_p
     assert pushed["objects"] == 1 and pushed["skipped"] == 200  # the 200 files, the manifest the only upload
 
 
-def test_config_edit_pushes_only_the_changed_file(tmp_path: Path, remote: Remote):
+def test_config_edit_pushes_only_the_changed_file(tmp_path: Path, remote: Bucket):
     site = ConfigSite(tmp_path, remote, REMOTE_AUTO_PUSH="1")
     site.backup()
     blobs = remote.blobs()
@@ -199,7 +165,7 @@ def test_server_killed_mid_push_leaves_nothing_listed_and_the_next_push_complete
     server = LocalS3(tmp_path / "s3")
     server.start()
     try:
-        remote = Remote(server)
+        remote = Bucket(server)
         site = CodeSite(tmp_path / "site", remote, big=160)
         backup_id = site.backup()
         push = subprocess.Popen(script_argv("code_rollback.py", "push"), env={**os.environ, **site.env},
@@ -233,7 +199,7 @@ def test_server_killed_mid_push_leaves_nothing_listed_and_the_next_push_complete
 # -- damage, retention, encryption, secrets ------------------------------------------------------------------
 
 
-def test_an_object_changed_on_the_server_is_refused_on_pull_and_named_by_deep_verify(tmp_path: Path, remote: Remote):
+def test_an_object_changed_on_the_server_is_refused_on_pull_and_named_by_deep_verify(tmp_path: Path, remote: Bucket):
     site = ConfigSite(tmp_path, remote)
     backup_id = site.backup()
     assert site.run("push").returncode == 0
@@ -251,7 +217,7 @@ def test_an_object_changed_on_the_server_is_refused_on_pull_and_named_by_deep_ve
     assert not [p for p in site.store.iterdir() if p.name.startswith((backup_id, ".staging"))]
 
 
-def test_remote_cleanup_keeps_every_blob_a_kept_manifest_names(tmp_path: Path, remote: Remote):
+def test_remote_cleanup_keeps_every_blob_a_kept_manifest_names(tmp_path: Path, remote: Bucket):
     site = ConfigSite(tmp_path, remote, REMOTE_AUTO_PUSH="1", REMOTE_CLEANUP_GRACE_SECONDS="0")
     old = site.backup()
     only_old = remote.blobs()
@@ -268,7 +234,7 @@ def test_remote_cleanup_keeps_every_blob_a_kept_manifest_names(tmp_path: Path, r
     assert site.run("pull", new).returncode == 0
 
 
-def test_with_encryption_the_server_holds_no_plaintext(tmp_path: Path, remote: Remote):
+def test_with_encryption_the_server_holds_no_plaintext(tmp_path: Path, remote: Bucket):
     key = tmp_path / "remote.key"
     key.write_text(os.urandom(32).hex() + "\n")
     os.chmod(key, 0o600)
@@ -295,7 +261,7 @@ def test_with_encryption_the_server_holds_no_plaintext(tmp_path: Path, remote: R
     assert site.state() == original
 
 
-def test_credentials_never_appear_in_output_logs_or_metrics(tmp_path: Path, remote: Remote):
+def test_credentials_never_appear_in_output_logs_or_metrics(tmp_path: Path, remote: Bucket):
     site = ConfigSite(tmp_path, remote, METRICS_FILE=str(tmp_path / "metrics.prom"))
     backup_id = site.backup()
     outputs = [site.run("-v", "--json", "push"), site.run("-v", "list", "--remote"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -261,3 +262,19 @@ def test_drill_reports_rto_figures_and_fails_when_an_rto_is_missed(system: Syste
     # The drill is recorded as a drill; its scratch restore does not pass for a restore of production.
     recorded = metrics.read_text()
     assert 'operation="drill"' in recorded and 'operation="restore"' not in recorded
+
+
+def test_a_point_pushed_off_host_is_restored_on_a_host_that_has_none_of_its_backups(system: System, remote):
+    system.env.update(remote.env)
+    before = system.state()
+    result = system.run("--json", "backup", "--push", "--label", "before release 2")
+    assert result.returncode == 0, result.stderr
+    point = json.loads(result.stdout)["point"]
+    for store in ("config_backups", "code_backups", "db_backups", "points"):
+        shutil.rmtree(system.root / store)  # the host's disk is gone; the bucket is not
+    system.break_everything()
+
+    result = system.run("--json", "restore", point["id"], "--yes")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert system.state() == before
+    assert json.loads(result.stdout)["restored"] == ["config", "code", "db"]
