@@ -71,7 +71,8 @@ class Context:
         if not self.quiet:
             print(message, file=sys.stderr, flush=True)
 
-    def progress(self, label: str, measure: Callable[[], int], total: int | None) -> AbstractContextManager:
+    def progress(self, label: str, measure: Callable[[], int],
+                 total: int | Callable[[], int | None] | None) -> AbstractContextManager:
         """Show progress of long work on stderr (terminal only; never with --quiet or --json)."""
         return show_progress(label, measure, total, enabled=not (self.quiet or self.json))
 

@@ -13,11 +13,13 @@ _INTERVAL_SECONDS = 0.5
 
 
 @contextmanager
-def show_progress(label: str, measure: Callable[[], int], total: int | None, enabled: bool) -> Iterator[None]:
+def show_progress(label: str, measure: Callable[[], int], total: int | Callable[[], int | None] | None,
+                  enabled: bool) -> Iterator[None]:
     """While the block runs, redraw `label: done of total, elapsed, time left` on stderr twice a second.
 
     `measure` returns the bytes done so far (e.g. the size of a dump being written); `total` is an
-    estimate, or None when there is none. Nothing is shown unless `enabled` and stderr is a terminal,
+    estimate, or None when there is none, or a function giving it once it is known (a push learns what
+    it has to send only after asking the remote). Nothing is shown unless `enabled` and stderr is a terminal,
     so cron mail, CI logs and --json output never see it.
     """
     if not enabled or not sys.stderr.isatty():
@@ -32,7 +34,8 @@ def show_progress(label: str, measure: Callable[[], int], total: int | None, ena
                 done = measure()
             except Exception:  # noqa: BLE001 - a failed measurement must never disturb the work itself
                 continue
-            sys.stderr.write("\r\033[K" + describe(label, done, total, time.monotonic() - started))
+            expected = total() if callable(total) else total
+            sys.stderr.write("\r\033[K" + describe(label, done, expected, time.monotonic() - started))
             sys.stderr.flush()
 
     thread = threading.Thread(target=draw, daemon=True)
@@ -47,15 +50,16 @@ def show_progress(label: str, measure: Callable[[], int], total: int | None, ena
 
 
 def describe(label: str, done: int, total: int | None, elapsed: float) -> str:
-    """One progress line: `dumping ariesone: 120.0 of 450.0 MiB (27%), 8 s, about 21 s left`."""
+    """One progress line: `pushing X: 120.0 of 450.0 MiB (27%), 15.0 MiB/s, 8 s, about 21 s left`."""
     if done < 0:  # nothing measurable: say that it is still going
         return f"{label}: {elapsed:.0f} s"
     mib = done / 1048576
+    rate = f", {mib / elapsed:.1f} MiB/s" if elapsed > 0 else ""
     if not total:
-        return f"{label}: {mib:.1f} MiB, {elapsed:.0f} s"
+        return f"{label}: {mib:.1f} MiB{rate}, {elapsed:.0f} s"
     fraction = min(done / total, 1.0)
     left = f", about {elapsed / fraction - elapsed:.0f} s left" if fraction > 0.01 else ""
-    return f"{label}: {mib:.1f} of {total / 1048576:.1f} MiB ({fraction:.0%}), {elapsed:.0f} s{left}"
+    return f"{label}: {mib:.1f} of {total / 1048576:.1f} MiB ({fraction:.0%}){rate}, {elapsed:.0f} s{left}"
 
 
 Progress = Callable[[str, Callable[[], int], "int | None"], AbstractContextManager]

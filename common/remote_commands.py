@@ -21,7 +21,7 @@ def remote_for(ctx: Context) -> Remote:
 
 
 def _transfer_progress(ctx: Context, label: str, transfer: Transfer) -> AbstractContextManager:
-    return ctx.progress(label, lambda: transfer.bytes, transfer.total_bytes or None)
+    return ctx.progress(label, lambda: transfer.bytes, lambda: transfer.total_bytes or None)
 
 
 def push_backups(ctx: Context, remote: Remote, backups: list[Backup]) -> tuple[dict, list[str]]:

@@ -274,3 +274,28 @@ def test_credentials_never_appear_in_output_logs_or_metrics(tmp_path: Path, remo
     seen = "".join(o.stdout + o.stderr for o in outputs)
     seen += (site.store / "audit.log").read_text() + (tmp_path / "metrics.prom").read_text()
     assert SECRET_KEY not in seen and "AWS_SECRET_ACCESS_KEY=" not in seen
+
+
+def test_a_long_push_shows_progress_on_a_terminal_and_nothing_on_stdout(tmp_path: Path, remote: Bucket):
+    import pty
+
+    site = CodeSite(tmp_path, remote, big=300)
+    site.backup()
+    leader, follower = pty.openpty()
+    push = subprocess.Popen(script_argv("code_rollback.py", "push"), env={**os.environ, **site.env}, cwd=site.root,
+                            stdout=subprocess.PIPE, stderr=follower, text=True)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    stdout, _ = push.communicate(timeout=120)
+    os.close(leader)
+    assert push.returncode == 0
+    assert b"pushing" in seen and b"MiB/s" in seen and b"left" in seen
+    assert stdout.startswith("pushed ") and "\r" not in stdout and "MiB/s" not in stdout
