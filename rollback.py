@@ -20,6 +20,7 @@ from common.cli import (
 )
 from common.commands import cleanup_backups, count, table
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
+from common.remote_commands import push_wanted
 from common.settings import Settings
 from common.store import MANIFEST, Backup, BackupStore, format_time, open_store
 from point_steps import BY_NAME, COMPONENTS, Component, Hooks, ScriptRun, ScriptRunner
@@ -65,7 +66,8 @@ def cmd_backup(ctx: Context) -> Result:
     with store.lock(f"{SCRIPT} backup"), store.new_backup(ctx.args.label) as staging:
         label = f"{ctx.args.label + ' ' if ctx.args.label else ''}(restore point {staging.backup_id})"
         for component in configured:
-            step = runner.run(component, "backup", "--label", label, *(["--push"] if ctx.args.push else []))
+            # Pushed below, once the point exists: a bucket out of reach must not cost the local restore point.
+            step = runner.run(component, "backup", "--label", label, env={"REMOTE_AUTO_PUSH": "0"})
             if not step.ok:
                 taken = f" (the backups already taken are kept: {', '.join(parts.values())})" if parts else ""
                 raise _step_failed(f"{component.title} backup", step, f"no restore point was made{taken}")
@@ -74,7 +76,25 @@ def cmd_backup(ctx: Context) -> Result:
         staging.extra = {"parts": parts, "skipped": [c.name for c in skipped]}
     point = staging.backup
     lines = [f"restore point {point.id}: " + ", ".join(f"{BY_NAME[n].title} {i}" for n, i in parts.items()), *notes]
-    return Result({"point": _describe(point)}, lines, backup_ids=[point.id, *parts.values()])
+    result = Result({"point": _describe(point)}, lines, backup_ids=[point.id, *parts.values()])
+    if push_wanted(ctx):
+        _push_parts(ctx, runner, parts, result)  # the point itself goes last, after the command (common.cli)
+    return result
+
+
+def _push_parts(ctx: Context, runner: ScriptRunner, parts: dict[str, str], result: Result) -> None:
+    """Push a new point's three backups; a failure keeps the point, says so, and exits 1 (the point stays local)."""
+    for name, backup_id in parts.items():
+        step = runner.run(BY_NAME[name], "push", backup_id)
+        if not step.ok:
+            message = (f"restore point {result.backup_ids[0]} was made, but the push of its {BY_NAME[name].title} "
+                       f"backup failed: {step.error}; `{SCRIPT} push` and the scripts' `push --all` send it later")
+            ctx.warn(message)
+            result.data["push_error"] = message
+            result.lines.append(message)
+            result.exit_code = EXIT_FAILED
+            return
+        ctx.info(f"{BY_NAME[name].title}: {backup_id} pushed")
 
 
 def _describe(point: Backup) -> dict:

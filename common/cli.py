@@ -239,6 +239,10 @@ def run(
     result: Result | None = None
     error: str | None = None
     objective: float | None = None
+    if args.dry_run:
+        from common.remote import forbid_downloads
+
+        forbid_downloads()
     try:
         settings = Settings.load(args.env_file)
         objective = _objective(args, settings, component)

@@ -6,8 +6,9 @@ from contextlib import AbstractContextManager
 
 from common.cli import Context, Result
 from common.commands import human_size, table
-from common.errors import EXIT_VERIFY, UsageError
-from common.remote import Remote, RemoteConfig, Transfer
+from common.errors import EXIT_FAILED, EXIT_VERIFY, ToolkitError, UsageError
+from common.remote import Remote, RemoteConfig
+from common.remote_io import Transfer
 from common.store import Backup, format_time
 
 
@@ -103,12 +104,24 @@ def cleanup_remote(ctx: Context) -> Result:
     return Result({"removed": removed, "kept": kept, "objects_removed": blobs}, lines)
 
 
+def push_wanted(ctx: Context) -> bool:
+    """backup --push, or REMOTE_AUTO_PUSH=1."""
+    return bool(getattr(ctx.args, "push", False)) or ctx.settings.text("REMOTE_AUTO_PUSH", "0") == "1"
+
+
 def push_after_backup(ctx: Context, result: Result) -> None:
-    """backup --push or REMOTE_AUTO_PUSH=1: the new backup goes off-host at once; a failed push is exit 1."""
-    if not (getattr(ctx.args, "push", False) or ctx.settings.text("REMOTE_AUTO_PUSH", "0") == "1"):
+    """The new backup goes off-host at once. A failed push keeps the backup and its report, and exits 1."""
+    if not push_wanted(ctx):
         return
-    store = ctx.store()
-    backups = [store.resolve(backup_id) for backup_id in result.backup_ids[:1]]
-    pushed, lines = push_backups(ctx, remote_for(ctx), backups)
+    backup_id = result.backup_ids[0]
+    try:
+        pushed, lines = push_backups(ctx, remote_for(ctx), [ctx.store().resolve(backup_id)])
+    except ToolkitError as exc:
+        message = f"backup {backup_id} was made, but the push failed: {exc}; `push {backup_id}` sends it later"
+        ctx.warn(message)
+        result.data["push_error"] = message
+        result.lines.append(message)
+        result.exit_code = EXIT_FAILED
+        return
     result.data["pushed"] = pushed
     result.lines += lines

@@ -6,6 +6,7 @@ look at (or damage) exactly what the server holds.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -44,7 +45,9 @@ class LocalS3:
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [rclone_binary(), "serve", "s3", "--config", "/dev/null", "--addr", f"127.0.0.1:{self.port}",
-             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", str(self.root)],
+             str(self.root)],
+            # Not in argv, as the toolkit never puts one there; quoted: rclone reads list flags as CSV.
+            env={**os.environ, "RCLONE_AUTH_KEY": f'"{ACCESS_KEY},{SECRET_KEY}"'},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + START_DEADLINE_SECONDS
@@ -77,13 +80,16 @@ class LocalS3:
                 self.proc.wait()
             self.proc = None
 
-    def bucket(self, name: str) -> Path:
-        """Create a bucket through the S3 API (the server caches its listing of the root) and return its folder."""
+    def client(self):
+        """A plain boto3 client of this server, for a test to change what it holds as anyone with access could."""
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                              aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
-        client.create_bucket(Bucket=name)
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
+
+    def bucket(self, name: str) -> Path:
+        """Create a bucket through the S3 API (the server caches its listing of the root) and return its folder."""
+        self.client().create_bucket(Bucket=name)
         return self.root / name
 
     def env(self, bucket: str, prefix: str = "backups") -> dict[str, str]:
@@ -107,6 +113,10 @@ class Bucket:
         self.name = f"bucket-{next(self._numbers)}"
         self.folder = server.bucket(self.name)
         self.env = server.env(self.name)
+
+    def client(self):
+        """A plain boto3 client of the bucket's server."""
+        return self.server.client()
 
     def objects(self) -> dict[str, int]:
         """Every object the server holds in this bucket, with its size."""

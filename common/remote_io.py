@@ -1,0 +1,143 @@
+"""The small parts under common.remote: one way to call S3, transfer counters, hashing streams, safe paths."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from common.errors import ToolkitError, UsageError
+
+SMALL_OBJECT = 8 * 1024 * 1024  # below this a file goes up or down in one request, above in parallel parts
+PART_SIZE = 8 * 1024 * 1024
+PARALLEL = 16  # requests in flight: small objects, or the parts of a large one
+
+
+class RemoteMissing(UsageError):
+    """The backup is not on the remote (its manifest is not there)."""
+
+
+class ObjectMissing(ToolkitError):
+    """An object a manifest names is not there: the remote copy is damaged."""
+
+
+def s3_call(call: Callable, missing: type[ToolkitError] | None = None, what: str = "not found"):
+    """Run one boto3 call; its errors become one line naming what failed, never the credentials.
+
+    With `missing`, a 404 raises that class with `what` as its message.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return call()
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        if missing is not None and code in ("404", "NoSuchKey", "NotFound"):
+            raise missing(what) from None
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            raise ToolkitError(f"the object storage refused the credentials or the access ({code}): check "
+                               "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile") from None
+        raise ToolkitError(f"object storage error {code}: {error.get('Message', '')}") from None
+    except BotoCoreError as exc:
+        raise ToolkitError(f"object storage unreachable or misconfigured: {type(exc).__name__}: {exc}") from None
+    except OSError as exc:  # a local file read or written on the way
+        raise ToolkitError(f"{type(exc).__name__}: {exc}") from None
+
+
+def transfer_config():
+    """Parallel parts of PART_SIZE above SMALL_OBJECT: s3transfer keeps a bounded number of parts in memory."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=SMALL_OBJECT, multipart_chunksize=PART_SIZE,
+                          max_concurrency=PARALLEL, use_threads=True)
+
+
+@dataclass
+class Transfer:
+    """What a push or pull moved, updated from several threads as it goes (for progress and the report)."""
+
+    objects: int = 0
+    bytes: int = 0
+    skipped: int = 0  # already there
+    total_bytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, objects: int = 0, size: int = 0) -> None:
+        """Count moved objects and bytes (`+=` on a shared attribute could lose updates between threads)."""
+        with self._lock:
+            self.objects += objects
+            self.bytes += size
+
+    def to_json(self) -> dict:
+        """For --json."""
+        return {"objects": self.objects, "bytes": self.bytes, "skipped": self.skipped}
+
+
+def check_content(backup_id: str, path: str, expected: tuple[int, str], size: int, digest: str) -> None:
+    """A local payload file about to be pushed must still be what its manifest says."""
+    if (size, digest) != expected:
+        raise ToolkitError(f"{backup_id}: {path} does not match its checksum in the local store (damaged): "
+                           "not pushed; `verify` names the damage")
+
+
+def safe_relative(rel: str, backup_id: str, folders: set[str]) -> list[str]:
+    """The parts of a manifest path, refused when it could lead out of the backup folder.
+
+    Absolute paths and `..` are refused, and so is anything whose parent is not one of the manifest's
+    own folders: a path under a symlink entry would otherwise be written through the link.
+    """
+    parts = rel.split("/")
+    parent = "/".join(parts[:-1])
+    if rel.startswith("/") or "\0" in rel or any(part in ("", ".", "..") for part in parts) or (
+            parent and parent not in folders):
+        raise ToolkitError(f"the remote manifest of {backup_id} has an entry {rel!r} that would leave the "
+                           "backup folder: refused")
+    return parts
+
+
+class HashingReader(io.RawIOBase):
+    """Reads a file for an upload, hashing what it hands over and counting it for progress."""
+
+    def __init__(self, raw: BinaryIO, done: Transfer):
+        self.raw, self.done = raw, done
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        self.done.add(size=len(data))
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class HashingWriter:
+    """Takes a download's bytes in order (it is not seekable, so parts arrive in order), hashing them."""
+
+    def __init__(self, out: BinaryIO | None, done: Transfer):
+        self.out, self.done = out, done
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        self.done.add(size=len(data))
+        if self.out is not None:
+            self.out.write(data)
+        return len(data)
+
+    def close(self) -> None:
+        """Nothing to release: the caller owns the file."""
