@@ -39,6 +39,7 @@ from common.remote_io import (
     RemoteMissing,
     Transfer,
     check_content,
+    hash_file,
     s3_call,
     safe_relative,
     transfer_config,
@@ -229,12 +230,21 @@ class Remote:
         done.add(objects=1, size=len(data))
 
     def _put_large(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
-        with open(backup.path / entry.path, "rb") as raw:
-            reader = HashingReader(raw, done)
-            body = self.sealer.sealing_reader(reader) if self.sealer else reader
-            s3_call(lambda: self.client.upload_fileobj(body, self.config.bucket, key, Config=transfer_config()))
+        path = backup.path / entry.path
+        if self.sealer:  # sealed as it is read: one stream, hashed on the way
+            with open(path, "rb") as raw:
+                reader = HashingReader(raw, done)
+                body = self.sealer.sealing_reader(reader)
+                s3_call(lambda: self.client.upload_fileobj(body, self.config.bucket, key, Config=transfer_config()))
+            size, digest = reader.size, reader.digest.hexdigest()
+        else:  # parts read in parallel by s3transfer; the checksum on another thread meanwhile
+            with ThreadPoolExecutor(1) as hasher:
+                hashed = hasher.submit(hash_file, path)
+                s3_call(lambda: self.client.upload_file(str(path), self.config.bucket, key, Config=transfer_config(),
+                                                        Callback=lambda sent: done.add(size=sent)))
+                size, digest = hashed.result()
         try:
-            check_content(backup.id, entry.path, (entry.size, entry.sha256), reader.size, reader.digest.hexdigest())
+            check_content(backup.id, entry.path, (entry.size, entry.sha256), size, digest)
         except ToolkitError:
             self._call("delete_object", Key=key)
             raise

@@ -99,6 +99,16 @@ def safe_relative(rel: str, backup_id: str, folders: set[str]) -> list[str]:
     return parts
 
 
+def hash_file(path) -> tuple[int, str]:
+    """Size and sha256 of a file, read in 1 MiB pieces (hashlib lets other threads run meanwhile)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1024 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
 class HashingReader(io.RawIOBase):
     """Reads a file for an upload, hashing what it hands over and counting it for progress."""
 
