@@ -351,3 +351,22 @@ def test_a_push_that_fails_after_a_backup_keeps_the_backup_and_says_so(tmp_path:
     report = json.loads(result.stdout)
     backup_id = report["backup"]["id"]
     assert "the push failed" in report["push_error"] and (site.store / backup_id / "manifest.json").is_file()
+
+
+def test_an_encrypted_large_file_goes_up_and_comes_back_in_parallel_parts(tmp_path: Path, remote: Bucket):
+    key = tmp_path / "remote.key"
+    key.write_text(os.urandom(32).hex())
+    os.chmod(key, 0o600)
+    site = CodeSite(tmp_path, remote, big=20)  # 20 MiB: above the 8 MiB threshold for parts
+    site.env["REMOTE_ENCRYPTION_KEY_FILE"] = str(key)
+    original = tree_snapshot(site.deploy)
+    backup_id = site.backup()
+    assert site.run("push").returncode == 0
+    assert max(remote.blobs().values()) > 20 * 1024 * 1024  # the sealed large file, frames and all
+    assert site.run("verify", "--remote", "--deep").returncode == 0
+    shutil.rmtree(tmp_path / "code_backups" / backup_id)
+    shutil.rmtree(site.deploy)
+    site.deploy.mkdir()
+    result = site.run("restore", backup_id, "--yes", "--no-backup")
+    assert result.returncode == 0, result.stderr
+    assert tree_snapshot(site.deploy) == original
