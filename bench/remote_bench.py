@@ -16,16 +16,14 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from code_bench import generate  # noqa: E402 - the same 20,000-file tree as the code benchmark
+from code_bench import generate, timed  # noqa: E402 - the code benchmark's tree and timing
 from s3_server import LocalS3, objects_under  # noqa: E402
 
 from common.store import BackupStore  # noqa: E402
@@ -43,15 +41,6 @@ if sys.argv[2] == "up":
 else:
     s3.download_file(sys.argv[3], sys.argv[4], sys.argv[5], Config=config)
 """
-
-
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
-    started = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"benchmark command failed: {' '.join(argv)}: {done.stderr.strip()}")
-    return seconds, done.stdout
 
 
 def make_dump_backup(store_root: Path, work: Path) -> str:

@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from common.errors import SettingError, ToolkitError, UsageError
-from common.files import PRIVATE_DIR, atomic_write
+from common.files import PRIVATE_DIR, atomic_write, flushing_meanwhile
 from common.remote_io import (
     PARALLEL,
     SMALL_OBJECT,
@@ -264,7 +264,8 @@ class Remote:
         folders = {"", *(entry.path for entry in backup.entries if entry.type == "dir")}
         paths = {entry.path: safe_relative(entry.path, backup_id, folders) for entry in backup.entries}
         done.total_bytes = sum(entry.size for entry in backup.files)
-        with store.receive(backup_id) as staging:
+        # Flushed to disk as it arrives, so making the pulled backup durable at the end costs little.
+        with store.receive(backup_id) as staging, flushing_meanwhile(staging):
             for entry in sorted(backup.entries, key=lambda e: e.path.count("/")):
                 if entry.type == "dir":
                     os.mkdir(staging.joinpath(*paths[entry.path]), PRIVATE_DIR)

@@ -370,3 +370,20 @@ def test_an_encrypted_large_file_goes_up_and_comes_back_in_parallel_parts(tmp_pa
     result = site.run("restore", backup_id, "--yes", "--no-backup")
     assert result.returncode == 0, result.stderr
     assert tree_snapshot(site.deploy) == original
+
+
+def test_bad_settings_and_a_second_run_at_once_change_nothing(tmp_path: Path, remote: Bucket):
+    from common.store import BackupStore
+
+    site = ConfigSite(tmp_path, remote)
+    backup_id = site.backup()
+    result = site.run("push", REMOTE_URL="http://not-s3/")
+    assert result.returncode == 2 and "REMOTE_URL must look like s3://bucket/prefix" in result.stderr
+    result = site.run("push", REMOTE_URL="")
+    assert result.returncode == 2 and "REMOTE_URL is not set" in result.stderr
+    assert site.run("push").returncode == 0
+    shutil.rmtree(site.store / backup_id)
+    with BackupStore(site.store, "config").lock("a restore in progress"):
+        assert site.run("pull", backup_id).returncode == 75
+    assert not (site.store / backup_id).exists()
+    assert site.run("pull", backup_id).returncode == 0
