@@ -49,6 +49,7 @@ from common.store import MANIFEST, Backup, BackupStore, Entry, backup_from_manif
 
 PAYLOAD_MODE = 0o400  # pulled payload files are read-only, like a code backup's
 LOCAL_ONLY_FIELDS = ("mtime_ns", "ctime_ns", "ino")  # a file's identity on this host: meaningless elsewhere
+CANDIDATES = "cleanup-candidates"  # blobs no manifest named at a cleanup, and since when
 CREDENTIAL_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                        "AWS_PROFILE")
 
@@ -113,14 +114,14 @@ class Remote:
             # Timestamps stay text: parsing 1,000 of them per listing page dominated an unchanged push.
             session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
             creds = self.config.credentials
-            self._client = boto3.Session(
+            self._client = s3_call(lambda: boto3.Session(
                 botocore_session=session, profile_name=creds.get("AWS_PROFILE"),
                 aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
                 aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
                 aws_session_token=creds.get("AWS_SESSION_TOKEN"), region_name=creds.get("AWS_DEFAULT_REGION"),
             ).client("s3", endpoint_url=self.config.endpoint, config=Config(
                 max_pool_connections=PARALLEL, retries={"max_attempts": 5, "mode": "standard"},
-                s3={"addressing_style": "path"} if self.config.endpoint else None))
+                s3={"addressing_style": "path"} if self.config.endpoint else None)))
         return self._client
 
     def _call(self, method: str, **kwargs):
@@ -186,7 +187,10 @@ class Remote:
             raise ToolkitError(f"the remote manifest of {backup_id} is unreadable ({exc})") from None
         if backup.id != backup_id or backup.component != component:
             raise ToolkitError(f"the remote manifest {key} describes {backup.component} {backup.id}: refused")
-        return RemoteBackup(backup, plain, {e.path: self.blob_key(e.sha256) for e in backup.files if e.sha256})
+        problem = manifest_problem(backup)
+        if problem:
+            raise ToolkitError(f"the remote manifest of {backup_id} is not a whole backup ({problem}): refused")
+        return RemoteBackup(backup, plain, {e.path: self.blob_key(e.sha256) for e in backup.files})
 
     # -- push ------------------------------------------------------------------------------------------------
 
@@ -200,26 +204,35 @@ class Remote:
             return done
         except RemoteMissing:
             pass
+        mark = self._cleanup_mark()
+        self._send_missing(backup, done)
+        if self._cleanup_mark() != mark:  # a cleanup ran meanwhile: it may have taken a blob this push skipped
+            self._send_missing(backup, done)
+        manifest = remote_manifest(backup.path / MANIFEST)
+        body = self.sealer.seal_bytes(manifest) if self.sealer else manifest
+        self._call("put_object", Key=manifest_key, Body=body)
+        done.add(objects=1, size=len(body))
+        return done
+
+    def _send_missing(self, backup: Backup, done: Transfer) -> None:
+        """Upload the files whose object is not on the remote with its size (one listing finds out)."""
         present = self.blob_sizes()
         wanted: dict[str, Entry] = {}
+        skipped = 0
         for entry in backup.files:
             key = self.blob_key(entry.sha256)
             if present.get(key, (None,))[0] == self.stored_size(entry.size) or key in wanted:
-                done.skipped += 1
+                skipped += 1
             else:
                 wanted[key] = entry
-        done.total_bytes = sum(entry.size for entry in wanted.values())
+        done.skipped = skipped
+        done.total_bytes += sum(entry.size for entry in wanted.values())
         small = [(key, entry) for key, entry in wanted.items() if entry.size < SMALL_OBJECT]
         with ThreadPoolExecutor(PARALLEL) as pool:
             list(pool.map(lambda item: self._put_small(backup, *item, done), small))
         for key, entry in wanted.items():  # large ones one at a time, each in parallel parts: bounded memory
             if entry.size >= SMALL_OBJECT:
                 self._put_large(backup, key, entry, done)
-        manifest = remote_manifest(backup.path / MANIFEST)
-        body = self.sealer.seal_bytes(manifest) if self.sealer else manifest
-        self._call("put_object", Key=manifest_key, Body=body)
-        done.add(objects=1, size=len(body))
-        return done
 
     def _put_small(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
         import hashlib
@@ -269,7 +282,7 @@ class Remote:
             for entry in sorted(backup.entries, key=lambda e: e.path.count("/")):
                 if entry.type == "dir":
                     os.mkdir(staging.joinpath(*paths[entry.path]), PRIVATE_DIR)
-            files = [entry for entry in backup.files if entry.sha256]
+            files = backup.files
             with ThreadPoolExecutor(PARALLEL) as pool:
                 list(pool.map(lambda e: self._get(backup, e, staging.joinpath(*paths[e.path]), done),
                               [e for e in files if e.size < SMALL_OBJECT]))
@@ -277,7 +290,7 @@ class Remote:
                 if entry.size >= SMALL_OBJECT:
                     self._get(backup, entry, staging.joinpath(*paths[entry.path]), done)
             for entry in backup.entries:
-                if entry.type == "symlink" and entry.target is not None:
+                if entry.type == "symlink":
                     os.symlink(entry.target, staging.joinpath(*paths[entry.path]))
             atomic_write(staging / MANIFEST, remote.manifest_bytes)
         return load_backup(store.root / backup_id)
@@ -362,21 +375,40 @@ class Remote:
         for component, backup_id in self.all_manifests():
             named.update(self.read(component, backup_id).blobs.values())
         now = datetime.now(UTC)
-        candidates_key = self._key("cleanup-candidates")
-        try:
-            seen = json.loads(s3_call(lambda: self.client.get_object(
-                Bucket=self.config.bucket, Key=candidates_key)["Body"].read(), RemoteMissing))
-        except RemoteMissing:
-            seen = {}
-        unnamed = {key: seen.get(key, now.isoformat()) for key in self.blob_sizes() if key not in named}
-        doomed = [key for key, since in unnamed.items()
-                  if now - datetime.fromisoformat(since) >= self.config.grace]
+        seen = self._candidates()
+        unnamed = {key: (seen.get(key) or now, _when(uploaded) or now)
+                   for key, (_, uploaded) in self.blob_sizes().items() if key not in named}
+        # Unnamed for the whole grace period, and uploaded before it: neither a push still uploading its
+        # blobs nor one that has just found an old blob to reuse loses it.
+        doomed = [key for key, (since, uploaded) in unnamed.items()
+                  if now - since >= self.config.grace and now - uploaded >= self.config.grace]
         for start in range(0, len(doomed), 1000):
             batch = [{"Key": key} for key in doomed[start:start + 1000]]
             self._call("delete_objects", Delete={"Objects": batch, "Quiet": True})
-        waiting = {key: since for key, since in unnamed.items() if key not in doomed}
-        self._call("put_object", Key=candidates_key, Body=json.dumps(waiting).encode())
+        waiting = {key: since.isoformat() for key, (since, _) in unnamed.items() if key not in doomed}
+        # Written after the deletions, every time: a push that sees it change re-checks its blobs.
+        self._call("put_object", Key=self._key(CANDIDATES), Body=json.dumps(waiting).encode())
         return len(doomed)
+
+    def _candidates(self) -> dict[str, datetime]:
+        """The blobs earlier cleanups found unnamed, and since when; an unreadable record starts afresh."""
+        try:
+            raw = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket,
+                                                         Key=self._key(CANDIDATES))["Body"].read(), RemoteMissing)
+        except RemoteMissing:
+            return {}
+        try:
+            return {key: when for key, since in json.loads(raw).items() if (when := _when(since)) is not None}
+        except (ValueError, AttributeError):
+            return {}  # every unnamed blob waits a whole grace period again: nothing is lost
+
+    def _cleanup_mark(self) -> str | None:
+        """The ETag of the record a cleanup rewrites at its end, or None when no cleanup ever ran."""
+        try:
+            return s3_call(lambda: self.client.head_object(Bucket=self.config.bucket,
+                                                           Key=self._key(CANDIDATES))["ETag"], RemoteMissing)
+        except RemoteMissing:
+            return None
 
     def _abort_stale_uploads(self) -> None:
         """Multipart uploads a killed push left behind cost storage until aborted."""
@@ -388,6 +420,32 @@ class Remote:
         for upload in uploads:
             if datetime.fromisoformat(str(upload["Initiated"]).replace("Z", "+00:00")) < cutoff:
                 self._call("abort_multipart_upload", Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+def manifest_problem(backup: Backup) -> str | None:
+    """What makes a manifest from the remote unfit to become a backup here, if anything."""
+    seen: set[str] = set()
+    for entry in backup.entries:
+        if entry.path in seen or entry.path == MANIFEST:
+            return f"{entry.path!r} twice, or in the manifest's own place"
+        seen.add(entry.path)
+        if entry.type not in ("file", "dir", "symlink"):
+            return f"{entry.path!r} has an unknown type {entry.type!r}"
+        if entry.type == "file" and not (isinstance(entry.sha256, str) and re.fullmatch(r"[0-9a-f]{64}", entry.sha256)
+                                         and isinstance(entry.size, int) and entry.size >= 0):
+            return f"{entry.path!r} has no sha256 or size"
+        if entry.type == "symlink" and not isinstance(entry.target, str):
+            return f"{entry.path!r} is a symlink without a target"
+    return None
+
+
+def _when(text: object) -> datetime | None:
+    """An ISO time with its zone (S3's `...Z` too), or None for anything else."""
+    try:
+        moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
 
 
 def remote_manifest(path: Path) -> bytes:

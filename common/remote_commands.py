@@ -6,7 +6,7 @@ from contextlib import AbstractContextManager
 
 from common.cli import Context, Result
 from common.commands import human_size, table
-from common.errors import EXIT_FAILED, EXIT_VERIFY, ToolkitError, UsageError
+from common.errors import EXIT_FAILED, EXIT_VERIFY, UsageError
 from common.remote import Remote, RemoteConfig
 from common.remote_io import Transfer
 from common.store import Backup, format_time
@@ -116,7 +116,7 @@ def push_after_backup(ctx: Context, result: Result) -> None:
     backup_id = result.backup_ids[0]
     try:
         pushed, lines = push_backups(ctx, remote_for(ctx), [ctx.store().resolve(backup_id)])
-    except ToolkitError as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the backup stands and its report must go out
         message = f"backup {backup_id} was made, but the push failed: {exc}; `push {backup_id}` sends it later"
         ctx.warn(message)
         result.data["push_error"] = message

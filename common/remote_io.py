@@ -46,6 +46,8 @@ def s3_call(call: Callable, missing: type[ToolkitError] | None = None, what: str
         raise ToolkitError(f"object storage unreachable or misconfigured: {type(exc).__name__}: {exc}") from None
     except OSError as exc:  # a local file read or written on the way
         raise ToolkitError(f"{type(exc).__name__}: {exc}") from None
+    except ValueError as exc:  # botocore's word for a malformed endpoint URL or region
+        raise ToolkitError(f"object storage settings: {exc} (check S3_ENDPOINT_URL and the region)") from None
 
 
 def transfer_config():

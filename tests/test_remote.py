@@ -230,7 +230,10 @@ def test_remote_cleanup_keeps_every_blob_a_kept_manifest_names(tmp_path: Path, r
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["removed"] == [old] and json.loads(result.stdout)["objects_removed"] == 0
     assert set(only_old) <= set(remote.blobs())
+    # A damaged record of what earlier cleanups noted is started afresh, never a failed cleanup.
+    remote.client().put_object(Bucket=remote.name, Key="backups/cleanup-candidates", Body=b"[not json")
     result = site.run("--json", "cleanup", "0", "--keep", "1", "--remote")
+    assert result.returncode == 0, result.stderr
     assert remote_ids(site.run) == [new]
     removed = set(only_old) - set(remote.blobs())
     assert len(removed) == 1  # the old app.yml: no kept manifest names it
@@ -327,6 +330,13 @@ def test_a_hostile_manifest_cannot_write_outside_the_store(tmp_path: Path, remot
     result = site.run("pull", backup_id)
     assert result.returncode == 1 and "would leave the backup folder" in result.stderr
     assert list(outside.iterdir()) == [] and not (site.store / backup_id).exists()
+
+    manifest["entries"] = [{"path": "tree", "type": "dir", "mode": 0o700}, {**blob, "sha256": None}]
+    remote.client().put_object(Bucket=remote.name, Key=f"backups/config/manifests/{backup_id}",
+                               Body=gzip.compress(json.dumps(manifest).encode()))
+    result = site.run("pull", backup_id)
+    assert result.returncode == 1 and "not a whole backup" in result.stderr
+    assert site.run("verify", "--remote").returncode == 3  # named, not a crash
 
 
 def test_dry_run_never_downloads_and_a_missing_object_is_damage_not_bad_input(tmp_path: Path, remote: Bucket):
