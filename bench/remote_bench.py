@@ -6,8 +6,9 @@
   push of an unchanged 20,000-file code backup                         (goal < 2 s, bytes sent < 1% of the tree)
 
 Every figure is a whole process (interpreter, imports, connection), ours and boto3's alike; the median of
-ROUNDS. The dump is 450 MB of random bytes (the size of a pgbench scale-30 dump; it does not compress,
-like a compressed dump) stored as a database backup.
+ROUNDS, with the filesystem synced before each timing and who goes first alternating between rounds. The
+dump is 450 MB of random bytes (the size of a pgbench scale-30 dump; it does not compress, like a
+compressed dump) stored as a database backup.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from s3_server import LocalS3, objects_under  # noqa: E402
 from common.store import BackupStore  # noqa: E402
 
 DUMP_MB = 450
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 
 BOTO3 = """
 import sys, boto3
@@ -68,13 +69,17 @@ def main() -> None:
         boto = [sys.executable, "-c", BOTO3, server.endpoint]
         figures: dict[str, list[float]] = {key: [] for key in ("push", "upload", "pull", "download")}
         for n in range(ROUNDS):
-            figures["upload"].append(timed([*boto, "up", "bench", f"plain/{n}", str(dump)], env)[0])
             env_n = {**env, "REMOTE_URL": f"s3://bench/round{n}"}  # a fresh prefix: a whole push each round
-            figures["push"].append(timed([*db, "push", backup_id], env_n)[0])
-            figures["download"].append(timed([*boto, "down", "bench", f"plain/{n}", str(work / "down.bin")], env)[0])
-            (work / "down.bin").unlink()
+            ups = [("upload", [*boto, "up", "bench", f"plain/{n}", str(dump)], env),
+                   ("push", [*db, "push", backup_id], env_n)]
+            for name, argv, run_env in ups if n % 2 == 0 else reversed(ups):  # who goes first alternates
+                figures[name].append(timed(argv, run_env)[0])
+            downs = [("download", [*boto, "down", "bench", f"plain/{n}", str(work / "down.bin")], env),
+                     ("pull", [*db, "pull", backup_id], env_n)]
             shutil.rmtree(work / "db_backups" / backup_id)
-            figures["pull"].append(timed([*db, "pull", backup_id], env_n)[0])
+            for name, argv, run_env in downs if n % 2 == 0 else reversed(downs):
+                figures[name].append(timed(argv, run_env)[0])
+            (work / "down.bin").unlink()
 
         generate(work / "deploy")
         code = [sys.executable, str(ROOT / "code_rollback.py"), "--json"]

@@ -301,7 +301,8 @@ class Remote:
         # O_EXCL|O_NOFOLLOW: a name already there, link or not, is never written through.
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:
-            writer = self._download(key, entry.size, HashingWriter(out, done), f"{what} is missing on the remote")
+            writer = self._download(key, entry.size, HashingWriter(out, done, background=entry.size >= SMALL_OBJECT),
+                                    f"{what} is missing on the remote")
             os.fchmod(out.fileno(), PAYLOAD_MODE)
         if writer.size != entry.size or writer.digest.hexdigest() != entry.sha256:
             raise ToolkitError(f"{what} does not match its checksum: it was changed or damaged on the remote; "

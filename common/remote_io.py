@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,15 +137,30 @@ class HashingReader(io.RawIOBase):
 
 
 class HashingWriter:
-    """Takes a download's bytes in order (it is not seekable, so parts arrive in order), hashing them."""
+    """Takes a download's bytes in order (it is not seekable, so parts arrive in order), hashing them.
 
-    def __init__(self, out: BinaryIO | None, done: Transfer):
+    With `background`, the hashing runs on its own thread (hashlib lets it use the other core) while the
+    bytes are written: on a large object it would otherwise add its whole time to the download's.
+    """
+
+    def __init__(self, out: BinaryIO | None, done: Transfer, background: bool = False):
         self.out, self.done = out, done
-        self.digest = hashlib.sha256()
+        self._digest = hashlib.sha256()
         self.size = 0
+        self._queue: queue.Queue | None = queue.Queue(maxsize=64) if background else None  # bounded memory
+        self._hasher = threading.Thread(target=self._hash_queued, daemon=True) if background else None
+        if self._hasher is not None:
+            self._hasher.start()
+
+    def _hash_queued(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._digest.update(data)
 
     def write(self, data: bytes) -> int:
-        self.digest.update(data)
+        if self._queue is not None:
+            self._queue.put(bytes(data))
+        else:
+            self._digest.update(data)
         self.size += len(data)
         self.done.add(size=len(data))
         if self.out is not None:
@@ -152,4 +168,13 @@ class HashingWriter:
         return len(data)
 
     def close(self) -> None:
-        """Nothing to release: the caller owns the file."""
+        """Finish the hashing; the file itself is the caller's."""
+        if self._hasher is not None and self._hasher.is_alive():
+            self._queue.put(None)
+            self._hasher.join()
+
+    @property
+    def digest(self):
+        """The sha256 of everything written (after close)."""
+        self.close()
+        return self._digest
