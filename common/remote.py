@@ -6,6 +6,7 @@ Layout under REMOTE_URL (s3://BUCKET/PREFIX):
                                                 HMAC of it when REMOTE_ENCRYPTION_KEY_FILE is set
     PREFIX/<component>/manifests/<backup id>    the backup's manifest (compressed), uploaded after its blobs
     PREFIX/cleanup-candidates                   blobs no manifest named at a cleanup, and since when
+                                                (verify and cleanup: common/remote_upkeep.py)
 
 A backup is on the remote once its manifest is: a push cut off at any moment leaves blobs that no manifest
 names, which `list --remote` does not show and the next push finds and does not send again. A pull checks
@@ -25,7 +26,7 @@ import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from common.errors import SettingError, ToolkitError, UsageError
@@ -45,7 +46,7 @@ from common.remote_io import (
     transfer_config,
 )
 from common.settings import Settings
-from common.store import MANIFEST, Backup, BackupStore, Entry, backup_from_manifest, load_backup, retention_split
+from common.store import MANIFEST, Backup, BackupStore, Entry, backup_from_manifest, load_backup
 
 PAYLOAD_MODE = 0o400  # pulled payload files are read-only, like a code backup's
 LOCAL_ONLY_FIELDS = ("mtime_ns", "ctime_ns", "ino")  # a file's identity on this host: meaningless elsewhere
@@ -124,22 +125,24 @@ class Remote:
                 s3={"addressing_style": "path"} if self.config.endpoint else None)))
         return self._client
 
-    def _call(self, method: str, **kwargs):
+    def call(self, method: str, **kwargs):
+        """One client method on this bucket, through s3_call."""
         return s3_call(lambda: getattr(self.client, method)(Bucket=self.config.bucket, **kwargs))
 
     # -- names ----------------------------------------------------------------------------------------
 
-    def _key(self, *parts: str) -> str:
+    def key(self, *parts: str) -> str:
+        """An object key under the prefix."""
         return "/".join(part for part in (self.config.prefix, *parts) if part)
 
     def blob_key(self, sha256: str) -> str:
         """The object holding content with this sha256."""
         name = self.sealer.name_for(sha256) if self.sealer else sha256
-        return self._key("blobs", name[:2], name)
+        return self.key("blobs", name[:2], name)
 
     def manifest_key(self, component: str, backup_id: str) -> str:
         """The object holding a backup's manifest."""
-        return self._key(component, "manifests", backup_id)
+        return self.key(component, "manifests", backup_id)
 
     def stored_size(self, size: int) -> int:
         """How big the object for `size` bytes of content is on the remote."""
@@ -159,16 +162,16 @@ class Remote:
 
     def blob_sizes(self) -> dict[str, tuple[int, str]]:
         """Every blob's key, size and time of upload (ISO text): one listing of 1,000 keys a request."""
-        return {item["Key"]: (item["Size"], item["LastModified"]) for item in self._list(self._key("blobs") + "/")}
+        return {item["Key"]: (item["Size"], item["LastModified"]) for item in self._list(self.key("blobs") + "/")}
 
     def backup_ids(self, component: str) -> list[str]:
         """The ids of the component's backups on the remote, newest first."""
-        prefix = self._key(component, "manifests") + "/"
+        prefix = self.key(component, "manifests") + "/"
         return sorted((item["Key"][len(prefix):] for item in self._list(prefix)), reverse=True)
 
     def all_manifests(self) -> Iterator[tuple[str, str]]:
         """(component, backup id) of every backup of every component on the remote."""
-        root = self._key() + "/" if self.config.prefix else ""
+        root = self.key() + "/" if self.config.prefix else ""
         for item in self._list(root):
             parts = item["Key"][len(root):].split("/")
             if len(parts) == 3 and parts[1] == "manifests":
@@ -210,7 +213,7 @@ class Remote:
             self._send_missing(backup, done)
         manifest = remote_manifest(backup.path / MANIFEST)
         body = self.sealer.seal_bytes(manifest) if self.sealer else manifest
-        self._call("put_object", Key=manifest_key, Body=body)
+        self.call("put_object", Key=manifest_key, Body=body)
         done.add(objects=1, size=len(body))
         return done
 
@@ -239,7 +242,7 @@ class Remote:
 
         data = (backup.path / entry.path).read_bytes()
         check_content(backup.id, entry.path, (entry.size, entry.sha256), len(data), hashlib.sha256(data).hexdigest())
-        self._call("put_object", Key=key, Body=self.sealer.seal_bytes(data) if self.sealer else data)
+        self.call("put_object", Key=key, Body=self.sealer.seal_bytes(data) if self.sealer else data)
         done.add(objects=1, size=len(data))
 
     def _put_large(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
@@ -259,7 +262,7 @@ class Remote:
         try:
             check_content(backup.id, entry.path, (entry.size, entry.sha256), size, digest)
         except ToolkitError:
-            self._call("delete_object", Key=key)
+            self.call("delete_object", Key=key)
             raise
         done.add(objects=1)
 
@@ -301,14 +304,14 @@ class Remote:
         # O_EXCL|O_NOFOLLOW: a name already there, link or not, is never written through.
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:
-            writer = self._download(key, entry.size, HashingWriter(out, done, background=entry.size >= SMALL_OBJECT),
+            writer = self.download(key, entry.size, HashingWriter(out, done, background=entry.size >= SMALL_OBJECT),
                                     f"{what} is missing on the remote")
             os.fchmod(out.fileno(), PAYLOAD_MODE)
         if writer.size != entry.size or writer.digest.hexdigest() != entry.sha256:
             raise ToolkitError(f"{what} does not match its checksum: it was changed or damaged on the remote; "
                                "pull refused, the local store is as it was")
 
-    def _download(self, key: str, size: int, writer: HashingWriter, missing: str) -> HashingWriter:
+    def download(self, key: str, size: int, writer: HashingWriter, missing: str) -> HashingWriter:
         """Stream an object through `writer` (opened first when encrypted); large ones in parallel parts."""
         sink = self.sealer.opening_writer(writer) if self.sealer else writer
         if size >= SMALL_OBJECT:
@@ -321,106 +324,13 @@ class Remote:
         sink.close()
         return writer
 
-    # -- verify and cleanup ------------------------------------------------------------------------------------
-
-    def verify(self, component: str, deep: bool) -> tuple[list[str], int]:
-        """Problems of the component's remote backups (every object exists with its size; `deep`: its sha256)."""
-        sizes = self.blob_sizes()
-        problems, ids = [], self.backup_ids(component)
-        checked: dict[str, str | None] = {}
-        for backup_id in ids:
-            try:
-                remote = self.read(component, backup_id)
-            except ToolkitError as exc:
-                problems.append(f"{backup_id}: {exc}")
-                continue
-            for entry in remote.backup.files:
-                key = remote.blobs[entry.path]
-                size = sizes.get(key, (None,))[0]
-                if size is None:
-                    problems.append(f"{backup_id}: {entry.path}: object {key} is missing")
-                elif size != self.stored_size(entry.size):
-                    problems.append(f"{backup_id}: {entry.path}: object {key} has {size} bytes, "
-                                    f"expected {self.stored_size(entry.size)}")
-                elif deep:
-                    if key not in checked:
-                        checked[key] = self._deep_problem(key, entry)
-                    if checked[key]:
-                        problems.append(f"{backup_id}: {entry.path}: {checked[key]}")
-        return problems, len(ids)
-
-    def _deep_problem(self, key: str, entry: Entry) -> str | None:
-        try:  # streamed through the hash, never held whole: a dump may be larger than memory
-            writer = self._download(key, entry.size, HashingWriter(None, Transfer()), f"object {key} is missing")
-        except ToolkitError as exc:
-            return f"object {key}: {exc}"
-        if writer.size != entry.size or writer.digest.hexdigest() != entry.sha256:
-            return f"object {key} does not match its checksum (changed or damaged on the remote)"
-        return None
-
-    def cleanup(self, component: str, days: int, keep: int, dry_run: bool) -> tuple[list[str], list[str], int]:
-        """Remove the component's remote backups older than `days` beyond the newest `keep`, then the blobs no
-        manifest of any component has named for the grace period. Returns (removed ids, kept ids, blobs removed)."""
-        backups = [self.read(component, backup_id).backup for backup_id in self.backup_ids(component)]
-        remove, kept = retention_split(backups, days, keep)
-        if dry_run:
-            return [b.id for b in remove], [b.id for b in kept], 0
-        for backup in remove:  # manifests first: a backup half-removed is never listed as whole
-            self._call("delete_object", Key=self.manifest_key(component, backup.id))
-        removed = self._remove_unreferenced()
-        self._abort_stale_uploads()
-        return [b.id for b in remove], [b.id for b in kept], removed
-
-    def _remove_unreferenced(self) -> int:
-        named: set[str] = set()
-        for component, backup_id in self.all_manifests():
-            named.update(self.read(component, backup_id).blobs.values())
-        now = datetime.now(UTC)
-        seen = self._candidates()
-        unnamed = {key: (seen.get(key) or now, _when(uploaded) or now)
-                   for key, (_, uploaded) in self.blob_sizes().items() if key not in named}
-        # Unnamed for the whole grace period, and uploaded before it: neither a push still uploading its
-        # blobs nor one that has just found an old blob to reuse loses it.
-        doomed = [key for key, (since, uploaded) in unnamed.items()
-                  if now - since >= self.config.grace and now - uploaded >= self.config.grace]
-        for start in range(0, len(doomed), 1000):
-            batch = [{"Key": key} for key in doomed[start:start + 1000]]
-            self._call("delete_objects", Delete={"Objects": batch, "Quiet": True})
-        waiting = {key: since.isoformat() for key, (since, _) in unnamed.items() if key not in doomed}
-        # Written after the deletions, every time: a push that sees it change re-checks its blobs.
-        self._call("put_object", Key=self._key(CANDIDATES), Body=json.dumps(waiting).encode())
-        return len(doomed)
-
-    def _candidates(self) -> dict[str, datetime]:
-        """The blobs earlier cleanups found unnamed, and since when; an unreadable record starts afresh."""
-        try:
-            raw = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket,
-                                                         Key=self._key(CANDIDATES))["Body"].read(), RemoteMissing)
-        except RemoteMissing:
-            return {}
-        try:
-            return {key: when for key, since in json.loads(raw).items() if (when := _when(since)) is not None}
-        except (ValueError, AttributeError):
-            return {}  # every unnamed blob waits a whole grace period again: nothing is lost
-
     def _cleanup_mark(self) -> str | None:
         """The ETag of the record a cleanup rewrites at its end, or None when no cleanup ever ran."""
         try:
             return s3_call(lambda: self.client.head_object(Bucket=self.config.bucket,
-                                                           Key=self._key(CANDIDATES))["ETag"], RemoteMissing)
+                                                           Key=self.key(CANDIDATES))["ETag"], RemoteMissing)
         except RemoteMissing:
             return None
-
-    def _abort_stale_uploads(self) -> None:
-        """Multipart uploads a killed push left behind cost storage until aborted."""
-        cutoff = datetime.now(UTC) - self.config.grace
-        try:
-            uploads = self._call("list_multipart_uploads", Prefix=self._key("blobs") + "/").get("Uploads", [])
-        except ToolkitError:  # not every S3-compatible server lists them; a lifecycle rule can do this instead
-            return
-        for upload in uploads:
-            if datetime.fromisoformat(str(upload["Initiated"]).replace("Z", "+00:00")) < cutoff:
-                self._call("abort_multipart_upload", Key=upload["Key"], UploadId=upload["UploadId"])
 
 
 def manifest_problem(backup: Backup) -> str | None:
@@ -438,15 +348,6 @@ def manifest_problem(backup: Backup) -> str | None:
         if entry.type == "symlink" and not isinstance(entry.target, str):
             return f"{entry.path!r} is a symlink without a target"
     return None
-
-
-def _when(text: object) -> datetime | None:
-    """An ISO time with its zone (S3's `...Z` too), or None for anything else."""
-    try:
-        moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
 
 
 def remote_manifest(path: Path) -> bytes:

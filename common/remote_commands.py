@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
+from common import remote_upkeep
 from common.cli import Context, Result
 from common.commands import human_size, table
 from common.errors import EXIT_FAILED, EXIT_VERIFY, UsageError
@@ -83,7 +84,7 @@ def list_remote(ctx: Context) -> Result:
 def verify_remote(ctx: Context) -> Result:
     """verify --remote [--deep]: every object a remote manifest names is there with its size (--deep: its sha256)."""
     remote = remote_for(ctx)
-    problems, count = remote.verify(ctx.component, ctx.args.deep)
+    problems, count = remote_upkeep.verify(remote, ctx.component, ctx.args.deep)
     what = "sha256 of every object" if ctx.args.deep else "every object and its size"
     lines = [f"verify {remote.describe()} ({ctx.component}, {count} backups, {what}): "
              + (f"{len(problems)} problems" if problems else "OK"), *[f"  {p}" for p in problems]]
@@ -94,7 +95,7 @@ def verify_remote(ctx: Context) -> Result:
 def cleanup_remote(ctx: Context) -> Result:
     """cleanup DAYS --remote: the local retention rules on the remote; a blob goes when no manifest names it."""
     remote = remote_for(ctx)
-    removed, kept, blobs = remote.cleanup(ctx.component, ctx.args.days, ctx.args.keep, ctx.dry_run)
+    removed, kept, blobs = remote_upkeep.cleanup(remote, ctx.component, ctx.args.days, ctx.args.keep, ctx.dry_run)
     if ctx.dry_run:
         return Result({"dry_run": True, "would_remove": removed, "kept": kept},
                       [f"would remove {backup_id} from the remote" for backup_id in removed] or ["nothing to remove"],

@@ -1,0 +1,117 @@
+"""Keeping the off-host copies sound: verify every object a manifest names, and remove what no backup needs."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from common.errors import ToolkitError
+from common.remote import CANDIDATES, Remote
+from common.remote_io import HashingWriter, RemoteMissing, Transfer, s3_call
+from common.store import Entry, retention_split
+
+
+def verify(remote: Remote, component: str, deep: bool) -> tuple[list[str], int]:
+    """Problems of the component's remote backups (every object exists with its size; `deep`: its sha256)."""
+    sizes = remote.blob_sizes()
+    problems, ids = [], remote.backup_ids(component)
+    checked: dict[str, str | None] = {}
+    for backup_id in ids:
+        try:
+            copy = remote.read(component, backup_id)
+        except ToolkitError as exc:
+            problems.append(f"{backup_id}: {exc}")
+            continue
+        for entry in copy.backup.files:
+            key = copy.blobs[entry.path]
+            size = sizes.get(key, (None,))[0]
+            if size is None:
+                problems.append(f"{backup_id}: {entry.path}: object {key} is missing")
+            elif size != remote.stored_size(entry.size):
+                problems.append(f"{backup_id}: {entry.path}: object {key} has {size} bytes, "
+                                f"expected {remote.stored_size(entry.size)}")
+            elif deep:
+                if key not in checked:
+                    checked[key] = _deep_problem(remote, key, entry)
+                if checked[key]:
+                    problems.append(f"{backup_id}: {entry.path}: {checked[key]}")
+    return problems, len(ids)
+
+
+def _deep_problem(remote: Remote, key: str, entry: Entry) -> str | None:
+    try:  # streamed through the hash, never held whole: a dump may be larger than memory
+        writer = remote.download(key, entry.size, HashingWriter(None, Transfer()), f"object {key} is missing")
+    except ToolkitError as exc:
+        return f"object {key}: {exc}"
+    if writer.size != entry.size or writer.digest.hexdigest() != entry.sha256:
+        return f"object {key} does not match its checksum (changed or damaged on the remote)"
+    return None
+
+
+def cleanup(remote: Remote, component: str, days: int, keep: int, dry_run: bool) -> tuple[list[str], list[str], int]:
+    """Remove the component's remote backups older than `days` beyond the newest `keep`, then the blobs no
+    manifest of any component has named for the grace period. Returns (removed ids, kept ids, blobs removed)."""
+    backups = [remote.read(component, backup_id).backup for backup_id in remote.backup_ids(component)]
+    remove, kept = retention_split(backups, days, keep)
+    if dry_run:
+        return [b.id for b in remove], [b.id for b in kept], 0
+    for backup in remove:  # manifests first: a backup half-removed is never listed as whole
+        remote.call("delete_object", Key=remote.manifest_key(component, backup.id))
+    removed = _remove_unreferenced(remote)
+    _abort_stale_uploads(remote)
+    return [b.id for b in remove], [b.id for b in kept], removed
+
+
+def _remove_unreferenced(remote: Remote) -> int:
+    named: set[str] = set()
+    for component, backup_id in remote.all_manifests():
+        named.update(remote.read(component, backup_id).blobs.values())
+    now = datetime.now(UTC)
+    seen = _candidates(remote)
+    unnamed = {key: (seen.get(key) or now, _when(uploaded) or now)
+               for key, (_, uploaded) in remote.blob_sizes().items() if key not in named}
+    # Unnamed for the whole grace period, and uploaded before it: neither a push still uploading its
+    # blobs nor one that has just found an old blob to reuse loses it.
+    doomed = [key for key, (since, uploaded) in unnamed.items()
+              if now - since >= remote.config.grace and now - uploaded >= remote.config.grace]
+    for start in range(0, len(doomed), 1000):
+        batch = [{"Key": key} for key in doomed[start:start + 1000]]
+        remote.call("delete_objects", Delete={"Objects": batch, "Quiet": True})
+    waiting = {key: since.isoformat() for key, (since, _) in unnamed.items() if key not in doomed}
+    # Written after the deletions, every time: a push that sees it change re-checks its blobs.
+    remote.call("put_object", Key=remote.key(CANDIDATES), Body=json.dumps(waiting).encode())
+    return len(doomed)
+
+
+def _candidates(remote: Remote) -> dict[str, datetime]:
+    """The blobs earlier cleanups found unnamed, and since when; an unreadable record starts afresh."""
+    try:
+        raw = s3_call(lambda: remote.client.get_object(Bucket=remote.config.bucket,
+                                                     Key=remote.key(CANDIDATES))["Body"].read(), RemoteMissing)
+    except RemoteMissing:
+        return {}
+    try:
+        return {key: when for key, since in json.loads(raw).items() if (when := _when(since)) is not None}
+    except (ValueError, AttributeError):
+        return {}  # every unnamed blob waits a whole grace period again: nothing is lost
+
+
+def _abort_stale_uploads(remote: Remote) -> None:
+    """Multipart uploads a killed push left behind cost storage until aborted."""
+    cutoff = datetime.now(UTC) - remote.config.grace
+    try:
+        uploads = remote.call("list_multipart_uploads", Prefix=remote.key("blobs") + "/").get("Uploads", [])
+    except ToolkitError:  # not every S3-compatible server lists them; a lifecycle rule can do this instead
+        return
+    for upload in uploads:
+        if datetime.fromisoformat(str(upload["Initiated"]).replace("Z", "+00:00")) < cutoff:
+            remote.call("abort_multipart_upload", Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+def _when(text: object) -> datetime | None:
+    """An ISO time with its zone (S3's `...Z` too), or None for anything else."""
+    try:
+        moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
