@@ -39,6 +39,7 @@ from common.files import (
     flushing_meanwhile,
     fsync_dir,
     is_inside,
+    relative_parts,
     sha256_file,
     temp_name,
 )
@@ -239,8 +240,7 @@ def build_tree(
 
 
 def _check_relative(rel: str, backup: Backup) -> None:
-    parts = rel.split("/")
-    if rel.startswith("/") or "\0" in rel or any(part in ("", ".", "..") for part in parts):
+    if relative_parts(rel) is None:
         raise ToolkitError(f"backup {backup.id} has an entry {rel!r} that would leave the tree: refused")
 
 

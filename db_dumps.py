@@ -279,14 +279,30 @@ def kept_databases(server: DbServer) -> list[tuple[str, datetime]]:
     return kept
 
 
+def quote_identifier(name: str) -> str:
+    """A database name as SQL text, for statements shown to the operator (the toolkit runs psycopg2.sql)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def rename_back_statements(live: str, before: str) -> list[str]:
+    """The SQL that puts the database kept as `before` back under the name `live`.
+
+    New connections are refused and sessions ended first, as the swap itself did: a database cannot be
+    renamed while anyone is connected to it. The one put aside gets a name that fits 63 bytes.
+    """
+    literal = "'" + live.replace("'", "''") + "'"
+    return [
+        f"ALTER DATABASE {quote_identifier(live)} WITH ALLOW_CONNECTIONS false",
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {literal} AND pid <> pg_backend_pid()",
+        f"ALTER DATABASE {quote_identifier(live)} RENAME TO {quote_identifier(scratch_name(live, 'undone'))}",
+        f"ALTER DATABASE {quote_identifier(before)} RENAME TO {quote_identifier(live)}",
+    ]
+
+
 def undo_hint(server: DbServer, before: str) -> str:
     """The SQL that puts the previous database back, for the operator."""
-    def quote(name: str) -> str:
-        return '"' + name.replace('"', '""') + '"'
-
-    return (f"to undo, rename back (as a superuser, connected to {MAINTENANCE_DB}): "
-            f"ALTER DATABASE {quote(server.name)} RENAME TO {quote(server.name + '__undone')}; "
-            f"ALTER DATABASE {quote(before)} RENAME TO {quote(server.name)};")
+    return (f"to undo, run as a superuser, connected to {MAINTENANCE_DB}: "
+            + "; ".join(rename_back_statements(server.name, before)) + ";")
 
 
 def plain_dump(ref: str) -> Path | None:

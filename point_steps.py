@@ -127,31 +127,19 @@ def undo_commands(step: ScriptRun, runner: ScriptRunner, settings: Settings) -> 
 
 
 def _rename_back(settings: Settings, database: str, previous: str) -> str:
-    """psql statements, on DB_HOST/DB_PORT as DB_USER, that put `previous` back under the name `database`.
+    """A psql command, on DB_HOST/DB_PORT as DB_USER, that puts `previous` back under the name `database`.
 
-    New connections are refused and sessions ended first, as the swap itself did: a database cannot be
-    renamed while anyone is connected to it. The password comes from the operator's PGPASSWORD or .pgpass.
+    The password comes from the operator's PGPASSWORD or .pgpass.
     """
-    from db_dumps import scratch_name
+    from db_dumps import rename_back_statements
     from db_server import DbServer
 
     server = DbServer.from_settings(settings)
-    live, literal = _identifier(database), "'" + database.replace("'", "''") + "'"
-    statements = [
-        f"ALTER DATABASE {live} WITH ALLOW_CONNECTIONS false",
-        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {literal} AND pid <> pg_backend_pid()",
-        f"ALTER DATABASE {live} RENAME TO {_identifier(scratch_name(database, 'undone'))}",
-        f"ALTER DATABASE {_identifier(previous)} RENAME TO {live}",
-    ]
     argv = ["psql", "-h", server.host, "-p", str(server.port), "-U", server.user, "-d", "postgres",
             "-v", "ON_ERROR_STOP=1", "-X", "-q"]
-    for statement in statements:
+    for statement in rename_back_statements(database, previous):
         argv += ["-c", statement]
     return shlex.join(argv)
-
-
-def _identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 @dataclass

@@ -20,7 +20,7 @@ from common.cli import (
 )
 from common.commands import cleanup_backups, count, table
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
-from common.remote_commands import push_wanted
+from common.remote_commands import push_failed, push_wanted
 from common.settings import Settings
 from common.store import MANIFEST, Backup, BackupStore, format_time, open_store
 from point_steps import BY_NAME, COMPONENTS, Component, Hooks, ScriptRun, ScriptRunner
@@ -87,12 +87,9 @@ def _push_parts(ctx: Context, runner: ScriptRunner, parts: dict[str, str], resul
     for name, backup_id in parts.items():
         step = runner.run(BY_NAME[name], "push", backup_id)
         if not step.ok:
-            message = (f"restore point {result.backup_ids[0]} was made, but the push of its {BY_NAME[name].title} "
-                       f"backup failed: {step.error}; `{SCRIPT} push` and the scripts' `push --all` send it later")
-            ctx.warn(message)
-            result.data["push_error"] = message
-            result.lines.append(message)
-            result.exit_code = EXIT_FAILED
+            push_failed(ctx, result, f"restore point {result.backup_ids[0]} was made, but the push of its "
+                                     f"{BY_NAME[name].title} backup failed: {step.error}; `{SCRIPT} push` and "
+                                     "the scripts' `push --all` send it later")
             return
         ctx.info(f"{BY_NAME[name].title}: {backup_id} pushed")
 

@@ -177,14 +177,20 @@ _UMASK = _read_umask()
 
 def sha256_file(path: str | Path) -> str:
     """The sha256 of a regular file, read without following a symlink."""
-    digest = hashlib.sha256()
+    return size_and_sha256(path)[1]
+
+
+def size_and_sha256(path: str | Path) -> tuple[int, str]:
+    """The size and sha256 of a regular file as read, without following a symlink (other threads run meanwhile)."""
+    digest, size = hashlib.sha256(), 0
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         while chunk := os.read(fd, _CHUNK):
             digest.update(chunk)
+            size += len(chunk)
     finally:
         os.close(fd)
-    return digest.hexdigest()
+    return size, digest.hexdigest()
 
 
 def file_mode(st: os.stat_result) -> int:
@@ -207,6 +213,15 @@ def resolve_inside(root: Path, relative: str | Path, what: str = "path") -> Path
     if target != real_root and real_root not in target.parents:
         raise UsageError(f"{what} {relative} resolves to {target}, outside {root}: refused")
     return target
+
+
+def relative_parts(rel: str) -> list[str] | None:
+    """The parts of a `/`-separated path recorded in a manifest, or None when it could lead out of its folder
+    (absolute, empty parts, `.`, `..`, a NUL byte)."""
+    parts = rel.split("/")
+    if rel.startswith("/") or "\0" in rel or any(part in ("", ".", "..") for part in parts):
+        return None
+    return parts
 
 
 def is_inside(path: Path, root: Path) -> bool:

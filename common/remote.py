@@ -30,7 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from common.errors import SettingError, ToolkitError, UsageError
-from common.files import PRIVATE_DIR, atomic_write, flushing_meanwhile
+from common.files import PRIVATE_DIR, atomic_write, flushing_meanwhile, size_and_sha256
 from common.remote_io import (
     PARALLEL,
     SMALL_OBJECT,
@@ -40,7 +40,6 @@ from common.remote_io import (
     RemoteMissing,
     Transfer,
     check_content,
-    hash_file,
     s3_call,
     safe_relative,
     transfer_config,
@@ -255,7 +254,7 @@ class Remote:
             size, digest = reader.size, reader.digest.hexdigest()
         else:  # parts read in parallel by s3transfer; the checksum on another thread meanwhile
             with ThreadPoolExecutor(1) as hasher:
-                hashed = hasher.submit(hash_file, path)
+                hashed = hasher.submit(size_and_sha256, path)
                 s3_call(lambda: self.client.upload_file(str(path), self.config.bucket, key, Config=transfer_config(),
                                                         Callback=lambda sent: done.add(size=sent)))
                 size, digest = hashed.result()

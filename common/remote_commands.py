@@ -118,11 +118,16 @@ def push_after_backup(ctx: Context, result: Result) -> None:
     try:
         pushed, lines = push_backups(ctx, remote_for(ctx), [ctx.store().resolve(backup_id)])
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the backup stands and its report must go out
-        message = f"backup {backup_id} was made, but the push failed: {exc}; `push {backup_id}` sends it later"
-        ctx.warn(message)
-        result.data["push_error"] = message
-        result.lines.append(message)
-        result.exit_code = EXIT_FAILED
+        push_failed(ctx, result, f"backup {backup_id} was made, but the push failed: {exc}; "
+                                 f"`push {backup_id}` sends it later")
         return
     result.data["pushed"] = pushed
     result.lines += lines
+
+
+def push_failed(ctx: Context, result: Result, message: str) -> None:
+    """A backup made but not pushed: its report stays whole, says so (stderr too), and the run exits 1."""
+    ctx.warn(message)
+    result.data["push_error"] = message
+    result.lines.append(message)
+    result.exit_code = EXIT_FAILED

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from common.errors import ToolkitError, UsageError
+from common.files import relative_parts
 
 SMALL_OBJECT = 8 * 1024 * 1024  # below this a file goes up or down in one request, above in parallel parts
 PART_SIZE = 8 * 1024 * 1024
@@ -93,23 +94,11 @@ def safe_relative(rel: str, backup_id: str, folders: set[str]) -> list[str]:
     Absolute paths and `..` are refused, and so is anything whose parent is not one of the manifest's
     own folders: a path under a symlink entry would otherwise be written through the link.
     """
-    parts = rel.split("/")
-    parent = "/".join(parts[:-1])
-    if rel.startswith("/") or "\0" in rel or any(part in ("", ".", "..") for part in parts) or (
-            parent and parent not in folders):
+    parts = relative_parts(rel)
+    if parts is None or (rel.rpartition("/")[0] or "") not in folders:
         raise ToolkitError(f"the remote manifest of {backup_id} has an entry {rel!r} that would leave the "
                            "backup folder: refused")
     return parts
-
-
-def hash_file(path) -> tuple[int, str]:
-    """Size and sha256 of a file, read in 1 MiB pieces (hashlib lets other threads run meanwhile)."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1024 * 1024):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 class HashingReader(io.RawIOBase):

@@ -13,8 +13,26 @@ from helpers import database_state, run_script, script_argv, tree_snapshot
 from s3_server import SECRET_KEY, Bucket, LocalS3
 
 
-class ConfigSite:
+class Site:
+    """One component's live files and local store, pointed at a remote; `script` runs against them."""
+
+    script = ""
+    root: Path
+    env: dict[str, str]
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return run_script(self.script, *args, env={**self.env, **env}, cwd=self.root)
+
+    def backup(self) -> str:
+        result = self.run("--json", "backup")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["backup"]["id"]
+
+
+class ConfigSite(Site):
     """A config folder and .env with their local store, pointed at a remote."""
+
+    script = "config_rollback.py"
 
     def __init__(self, root: Path, remote: Bucket, **settings: str):
         self.root = root
@@ -27,14 +45,6 @@ class ConfigSite:
         self.store = root / "config_backups"
         self.env = {"CONFIG_DIR": str(self.config), "CONFIG_BACKUP_DIR": str(self.store),
                     "ENV_FILE": str(root / ".env"), **remote.env, **settings}
-
-    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
-        return run_script("config_rollback.py", *args, env={**self.env, **env}, cwd=self.root)
-
-    def backup(self) -> str:
-        result = self.run("--json", "backup")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)["backup"]["id"]
 
     def state(self) -> dict:
         return {"tree": tree_snapshot(self.config), "env": (self.root / ".env").read_bytes()}
@@ -53,21 +63,17 @@ def make_code_tree(root: Path, files: int = 200, big: int = 0) -> None:
                 out.write(os.urandom(1024 * 1024))
 
 
-class CodeSite:
+class CodeSite(Site):
+    """A deployed tree with its local store, pointed at a remote."""
+
+    script = "code_rollback.py"
+
     def __init__(self, root: Path, remote: Bucket, big: int = 0):
         self.root = root
         self.deploy = root / "deploy"
         make_code_tree(self.deploy, big=big)
         self.env = {"DEPLOYMENT_DIR": str(self.deploy), "CODE_BACKUP_DIR": str(root / "code_backups"),
                     **remote.env}
-
-    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
-        return run_script("code_rollback.py", *args, env={**self.env, **env}, cwd=self.root)
-
-    def backup(self) -> str:
-        result = self.run("--json", "backup")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)["backup"]["id"]
 
 
 def remote_ids(run) -> list[str]:
@@ -391,7 +397,13 @@ def test_bad_settings_and_a_second_run_at_once_change_nothing(tmp_path: Path, re
     assert result.returncode == 2 and "REMOTE_URL must look like s3://bucket/prefix" in result.stderr
     result = site.run("push", REMOTE_URL="")
     assert result.returncode == 2 and "REMOTE_URL is not set" in result.stderr
-    assert site.run("push").returncode == 0
+    assert site.run("verify", "--deep").returncode == 2  # --deep only means something with --remote
+    (site.config / "app.yml").write_text("server:\n  port: 9090\n")
+    second = site.backup()
+    result = site.run("--json", "push", "--all")
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)["pushed"]) == {backup_id, second}
+    assert sorted(remote_ids(site.run)) == sorted([backup_id, second])
     shutil.rmtree(site.store / backup_id)
     with BackupStore(site.store, "config").lock("a restore in progress"):
         assert site.run("pull", backup_id).returncode == 75

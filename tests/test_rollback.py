@@ -278,3 +278,34 @@ def test_a_point_pushed_off_host_is_restored_on_a_host_that_has_none_of_its_back
     assert result.returncode == 0, result.stderr + result.stdout
     assert system.state() == before
     assert json.loads(result.stdout)["restored"] == ["config", "code", "db"]
+
+
+def test_a_restore_stopped_by_sigterm_still_reports_and_prints_its_undo(system: System):
+    import signal
+    import time
+
+    from helpers import script_argv
+
+    take_point(system)
+    system.break_everything()
+    broken = system.state()
+    started = system.root / "hook started"
+    env = {**os.environ, **system.env,
+           "POST_RESTORE_HOOK": f"sh -c 'touch \"{started}\"; exec sleep 60'"}  # a start that hangs
+    proc = subprocess.Popen(script_argv("rollback.py", "restore", "latest", "--yes"), env=env, cwd=system.root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not started.exists():  # every step is done and the hook is running: stop it there
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)  # polling for the hook's file, bounded by the deadline
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "STOPPED" in stdout and "interrupted by SIGTERM" in stdout
+    undo = undo_lines(stdout)
+    assert len(undo) == 3  # database, code, configuration: every step it had taken
+    for command in undo[1:]:  # the code and configuration undos (the database's needs psql's password)
+        assert subprocess.run(command, shell=True, env={**os.environ, **system.env}).returncode == 0
+    now = system.state()
+    assert now["config"] == broken["config"] and now["code"] == broken["code"]
