@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from common.copier import CopyJob, copy_all
 from common.errors import ToolkitError, UsageError
 from common.files import (
     PRIVATE_DIR,
-    copy_and_hash,
     file_mode,
     flush_filesystem,
     flushing_meanwhile,
@@ -84,7 +84,7 @@ class SnapshotStats:
     """What a snapshot did with the regular files of the tree."""
 
     files: int = 0
-    bytes: int = 0  # of every regular file taken, copied or linked (what progress counts)
+    bytes: int = 0  # of the regular files taken so far, copied or linked (what progress counts)
     linked: int = 0  # unchanged by their stat: linked from the previous backup without being read
     rehashed: int = 0  # in doubt, hashed, same content: linked too
     copied: int = 0  # new or changed: copied into the payload
@@ -120,9 +120,13 @@ def snapshot_tree(
     stats = stats if stats is not None else SnapshotStats()
     not_racy_before = time.time_ns() - RACY_NS
 
+    def copied(size: int) -> None:
+        stats.copied += 1
+        stats.bytes_copied += size
+        stats.bytes += size
+
     def regular(path: str, item_dest: str, st: os.stat_result) -> Entry:
         stats.files += 1
-        stats.bytes += st.st_size
         out = os.path.join(staging.path, item_dest)
         old = before.get(item_dest)
         stored = None
@@ -133,6 +137,7 @@ def snapshot_tree(
             # checksum); if it cannot be linked, it is copied.
             if _unchanged(old, st) and _link(stored, out):
                 stats.linked += 1
+                stats.bytes += st.st_size
                 return old
         entry = Entry(item_dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
         if st.st_mtime_ns < not_racy_before:
@@ -140,10 +145,9 @@ def snapshot_tree(
         if stored is not None and _linkable(stored, old) and sha256_file(path) == old.sha256 and _link(stored, out):
             entry.sha256 = old.sha256
             stats.rehashed += 1
+            stats.bytes += st.st_size
             return entry
-        entry.size, entry.sha256 = copy_and_hash(path, out, mode=PAYLOAD_FILE)
-        stats.copied += 1
-        stats.bytes_copied += entry.size
+        staging.copy_later(path, item_dest, entry, PAYLOAD_FILE, copied)
         return entry
 
     staging.add_tree(root, dest, code_excluder(exclude), regular=regular)
@@ -247,6 +251,19 @@ def _check_relative(rel: str, backup: Backup) -> None:
 def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool, stats: BuildStats) -> None:
     as_root = os.geteuid() == 0
     folders = {""}
+    copies: list[CopyJob] = []
+
+    def checked(entry: Entry) -> Callable[[int, str], None]:
+        def done(size: int, digest: str) -> None:
+            if verify and (size != entry.size or digest != entry.sha256):
+                raise ToolkitError(
+                    f"backup {backup.id}: {entry.path} does not match its checksum (damaged); nothing was switched"
+                )
+            stats.files += 1
+            stats.bytes += size
+
+        return done
+
     base, out_base = str(backup.path), str(target)  # plain strings: this runs once per file
     for rel, entry in sorted(entries.items(), key=lambda item: item[0].split("/")):  # parents first
         if not rel:
@@ -269,15 +286,10 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
             stats.symlinks += 1
         elif entry.type == "file":
             owner = _owner(entry) if as_root else None
-            size, digest = copy_and_hash(os.path.join(base, entry.path), out, mode=entry.mode, owner=owner)
-            if verify and (size != entry.size or digest != entry.sha256):
-                raise ToolkitError(
-                    f"backup {backup.id}: {entry.path} does not match its checksum (damaged); nothing was switched"
-                )
-            stats.files += 1
-            stats.bytes += size
+            copies.append(CopyJob(os.path.join(base, entry.path), out, entry.mode, owner, checked(entry)))
         else:
             raise ToolkitError(f"backup {backup.id}: {entry.path} has an unknown type {entry.type!r}")
+    copy_all(copies)  # once every folder exists: files on every core
     # Folder modes last and deepest first: a read-only folder must not stop what goes into it.
     for rel, entry in sorted(entries.items(), key=lambda item: item[0].count("/"), reverse=True):
         if entry.type == "dir":

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from common import __version__
+from common.copier import CopyJob, copy_all
 from common.errors import LockBusy, ToolkitError, UsageError
 from common.files import (
     PRIVATE_DIR,
@@ -140,6 +141,7 @@ class Staging:
         self.skipped: list[str] = []  # sockets, fifos and devices are not configuration or code
         self.unsynced = False  # whether files were copied in without fsync (flushed once when sealing)
         self.backup: Backup | None = None  # the sealed backup, once new_backup has renamed it into place
+        self._copies: list[CopyJob] = []  # queued while add_tree walks, made on every core once it has walked
 
     def add_tree(
         self,
@@ -151,10 +153,29 @@ class Staging:
         """Copy the folder `src` to `dest` in the payload; symlinks are kept as links, never followed.
 
         `regular`, when given, puts each regular file into the payload itself (given the file's path,
-        its path in the payload and its lstat) and returns its entry, instead of the plain copy.
+        its path in the payload and its lstat) and returns its entry, instead of the plain copy; it may
+        leave the copy to `copy_later`.
         """
-        with flushing_meanwhile(self.path):  # the payload reaches the disk as it is copied, not all at the seal
-            self._add_dir(str(src), dest, "", exclude, regular)
+        self._add_dir(str(src), dest, "", exclude, regular)
+        copies, self._copies = self._copies, []
+        if copies:
+            self.unsynced = True
+            with flushing_meanwhile(self.path):  # the payload reaches the disk as it is copied, not all at the seal
+                copy_all(copies)
+
+    def copy_later(self, src: str, dest: str, entry: Entry, mode: int = PRIVATE_FILE,
+                   copied: Callable[[int], None] | None = None) -> None:
+        """Queue the copy of the regular file `src` to `dest` in the payload, made before add_tree returns.
+
+        `entry` gets the size and sha256 of what was copied; `copied(size)`, when given, is called then.
+        """
+
+        def done(size: int, digest: str) -> None:
+            entry.size, entry.sha256 = size, digest
+            if copied is not None:
+                copied(size)
+
+        self._copies.append(CopyJob(src, os.path.join(self.path, dest), mode, None, done))
 
     def add_file(self, src: Path, dest: str) -> None:
         """Copy one regular file (or symlink) to `dest` in the payload."""
@@ -211,7 +232,9 @@ class Staging:
             elif stat.S_ISREG(st.st_mode) and regular is not None:
                 self.entries.append(regular(item.path, item_dest, st))
             elif stat.S_ISREG(st.st_mode):
-                self._add_regular(item.path, item_dest, st)
+                entry = Entry(item_dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
+                self.entries.append(entry)
+                self.copy_later(item.path, item_dest, entry)
             else:
                 self.skipped.append(item.path)
 

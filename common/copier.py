@@ -1,0 +1,199 @@
+"""Copy and hash many files on every core at once.
+
+Copying a 20,000-file tree and hashing it on the way is bound by the CPU, not the disk, and threads do
+not help: the per-file work holds the interpreter lock. So the copies are made by forked workers:
+- the files are cut into runs of consecutive files (one folder's files stay together, so two workers
+  seldom create files in the same folder at the same moment), and each run's number is written to a
+  pipe before the workers start; a worker reads a number, copies that run, and reads the next, so a
+  worker slowed by big files simply takes fewer runs;
+- each worker reports every file (size and sha256, or the error that stopped it) on one shared pipe, in
+  writes small enough to arrive whole, and the caller's `done` runs here, in the parent, as they arrive;
+- a worker dies with its parent (PR_SET_PDEATHSIG), so a killed run leaves no copier behind holding the
+  store's lock; any failure here kills the workers before it is raised.
+A worker runs only system calls and hashlib, so forking while other threads run (progress, flushing)
+cannot leave it waiting on a lock one of them held.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import struct
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from common.errors import ToolkitError
+from common.files import copy_and_hash
+
+PARALLEL_FROM = 256  # fewer files than this are copied here: starting workers would cost more than it saves
+MAX_WORKERS = 8  # past a few, the disk decides
+_RUN = 64  # files per run, unless there are very many
+_MAX_RUNS = 8192  # run numbers are written to the pipe before any worker reads: 32 KiB fits any pipe buffer
+_RECORD = struct.Struct("<cIQ32s")  # b"R", index, size, sha256; or b"E", index, errno, which path failed
+_PER_WRITE = 4096 // _RECORD.size  # records per write: a pipe write up to PIPE_BUF (4096) is never interleaved
+_SOURCE, _DESTINATION = b"s", b"d"
+
+
+@dataclass
+class CopyJob:
+    """One file to copy (as copy_and_hash does) and what to do with its size and sha256 once copied."""
+
+    src: str
+    dest: str
+    mode: int
+    owner: tuple[int, int] | None
+    done: Callable[[int, str], None]
+
+
+def worker_count() -> int:
+    """The cores this process may use, at most MAX_WORKERS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
+
+
+def copy_all(jobs: Sequence[CopyJob], workers: int | None = None) -> None:
+    """Copy every job's file and call its `done(size, sha256)` here; several processes when there are many.
+
+    Files are created with O_EXCL, so nothing already there is written through. The first failure (a
+    copy's OSError, or an exception from a `done`) stops every worker and is raised; the files already
+    written stay, for the caller to remove with the folder it was filling.
+    """
+    workers = worker_count() if workers is None else workers
+    if workers < 2 or len(jobs) < PARALLEL_FROM or not hasattr(os, "fork"):
+        for job in jobs:
+            job.done(*copy_and_hash(job.src, job.dest, mode=job.mode, owner=job.owner))
+        return
+    _copy_in_workers(jobs, workers)
+
+
+def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
+    run = max(_RUN, -(-len(jobs) // _MAX_RUNS))
+    runs = -(-len(jobs) // run)
+    tickets_read, tickets_write = os.pipe()
+    results_read, results_write = os.pipe()
+    children: list[int] = []
+    parent = os.getpid()
+    try:
+        os.write(tickets_write, b"".join(struct.pack("<I", n) for n in range(runs)))
+        os.close(tickets_write)
+        tickets_write = -1
+        die_with_parent = _die_with_parent_function()
+        with warnings.catch_warnings():  # Python 3.12+ warns of fork with threads; see the module's docstring
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for _ in range(min(workers, runs)):
+                pid = os.fork()
+                if pid == 0:
+                    _worker(jobs, run, tickets_read, results_read, results_write, parent, die_with_parent)
+                children.append(pid)
+        os.close(results_write)
+        results_write = -1
+        _collect(jobs, results_read)
+        _reap(children)
+        children = []
+    finally:
+        for pid in children:  # only on failure: stop and reap whatever still runs
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _reap(children, quiet=True)
+        for fd in (tickets_read, tickets_write, results_read, results_write):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _worker(jobs: Sequence[CopyJob], run: int, tickets: int, results_read: int, results: int,
+            parent: int, die_with_parent: Callable[[], None] | None) -> None:
+    """A forked worker's whole life: copy runs until there are none left, report, and leave with os._exit."""
+    status = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the parent's to handle
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if die_with_parent is not None:
+            die_with_parent()
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+        os.close(results_read)
+        while len(ticket := os.read(tickets, 4)) == 4:
+            (number,) = struct.unpack("<I", ticket)
+            records = []
+            for index in range(number * run, min((number + 1) * run, len(jobs))):
+                record, failed = _copy_one(jobs[index], index)
+                records.append(record)
+                if failed or len(records) == _PER_WRITE:
+                    os.write(results, b"".join(records))
+                    records = []
+                if failed:
+                    os._exit(1)
+            if records:
+                os.write(results, b"".join(records))
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _copy_one(job: CopyJob, index: int) -> tuple[bytes, bool]:
+    """The record of one copy, and whether it failed."""
+    try:
+        size, digest = copy_and_hash(job.src, job.dest, mode=job.mode, owner=job.owner)
+    except OSError as exc:
+        which = _SOURCE if exc.filename == job.src else _DESTINATION
+        return _RECORD.pack(b"E", index, exc.errno or 0, which), True
+    return _RECORD.pack(b"R", index, size, bytes.fromhex(digest)), False
+
+
+def _collect(jobs: Sequence[CopyJob], results: int) -> None:
+    """Read the workers' records until every worker has gone; run each job's `done` as its record arrives."""
+    pending = b""
+    reported = 0
+    while chunk := os.read(results, 65536):
+        pending += chunk
+        whole = len(pending) - len(pending) % _RECORD.size
+        for kind, index, size, digest in _RECORD.iter_unpack(pending[:whole]):
+            job = jobs[index]
+            if kind == b"E":
+                path = job.src if digest[:1] == _SOURCE else job.dest
+                raise OSError(size, os.strerror(size) if size else "copy failed", path)
+            job.done(size, digest.hex())
+            reported += 1
+        pending = pending[whole:]
+    if reported != len(jobs):
+        raise ToolkitError(f"a copying process ended unexpectedly after {reported} of {len(jobs)} files")
+
+
+def _reap(children: list[int], quiet: bool = False) -> None:
+    for pid in children:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
+            if not quiet and os.waitstatus_to_exitcode(status) != 0:
+                raise ToolkitError(f"a copying process failed (exit status {os.waitstatus_to_exitcode(status)})")
+            break
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent_function() -> Callable[[], None] | None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL), looked up before forking (a lookup may take the loader's lock)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):  # not Linux: workers then end when the ticket pipe runs dry
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+
+    def die_with_parent() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return die_with_parent
+
