@@ -8,7 +8,9 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -167,21 +169,23 @@ def cmd_restore(ctx: Context) -> Result:
         ctx.confirm(f"Replace the code in {live} with backup {backup.id}?")
         # Built beside the live tree (or its release folder), so the switch is a rename on one filesystem.
         # The build checks every file's size and sha256 as it copies: a damaged backup stops here, before
-        # the safety backup and before anything live changes, with no separate checksum pass.
+        # anything live changes, with no separate checksum pass.
         target = build_path(live, backup.id)
         started = time.perf_counter()
+        seconds = {"safety_backup": 0.0}
+        safety = None
+        if not ctx.args.no_backup and os.path.lexists(live):
+            safety = SafetyBackupMeanwhile(paths, f"before restore of {backup.id}", seconds)
         built = BuildStats()
-        with ctx.progress(f"building {target}", lambda: built.bytes, backup.size):
-            build_tree(backup, TREE, target, stats=built)
-        seconds = {"build": time.perf_counter() - started}
-        ids = []
         try:
-            if not ctx.args.no_backup and os.path.lexists(live):
-                ids.append(take_backup(paths, f"before restore of {backup.id}", True, ctx.progress)[0].id)
+            with safety or nullcontext(), ctx.progress(f"building {target}", lambda: built.bytes, backup.size):
+                build_tree(backup, TREE, target, stats=built)
+                seconds["build"] = time.perf_counter() - started
         except BaseException:
-            remove_tree(target)
+            if target.exists():
+                remove_tree(target)
             raise
-        seconds["safety_backup"] = time.perf_counter() - started - seconds["build"]
+        ids = [safety.backup.id] if safety else []
         switched, kept = switch_and_keep(target, live)
         seconds["switch"] = switched.seconds
         record_deployed(paths, backup)
@@ -194,6 +198,38 @@ def cmd_restore(ctx: Context) -> Result:
     return Result({"backup": backup.summary(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None,
                    "replaced_tree": str(kept) if kept else None, "seconds": seconds},
                   lines, backup_ids=[backup.id, *ids])
+
+
+class SafetyBackupMeanwhile:
+    """The safety backup of the live tree, taken on a thread while the new tree is built.
+
+    The snapshot mostly stats and links on one core while the build's copies keep the others busy, so
+    a restore costs about the build alone. Leaving the block waits for the snapshot and raises its
+    error, if the build did not fail first; a build that fails leaves a finished safety backup in place.
+    """
+
+    def __init__(self, paths: CodePaths, label: str, seconds: dict[str, float]):
+        self.paths, self.label, self.seconds = paths, label, seconds
+        self.backup: Backup | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._take, name="safety-backup", daemon=True)
+
+    def _take(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.backup = take_backup(self.paths, self.label, safety=True)[0]
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread when it leaves the block
+            self.error = exc
+        self.seconds["safety_backup"] = time.perf_counter() - started
+
+    def __enter__(self) -> SafetyBackupMeanwhile:
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: object) -> None:
+        self.thread.join()
+        if error is None and self.error is not None:
+            raise self.error
 
 
 def build_path(live: Path, release: str) -> Path:

@@ -8,8 +8,9 @@ not help: the per-file work holds the interpreter lock. So the copies are made b
   worker slowed by big files simply takes fewer runs;
 - each worker reports every file (size and sha256, or the error that stopped it) on one shared pipe, in
   writes small enough to arrive whole, and the caller's `done` runs here, in the parent, as they arrive;
-- a worker dies with its parent (PR_SET_PDEATHSIG), so a killed run leaves no copier behind holding the
-  store's lock; any failure here kills the workers before it is raised.
+- a worker keeps none of the parent's files open but its two pipes (not the store's lock), and dies
+  with its parent (PR_SET_PDEATHSIG), so a killed run leaves no copier behind; any failure here kills
+  the workers before it is raised.
 A worker runs only system calls and hashlib, so forking while other threads run (progress, flushing)
 cannot leave it waiting on a lock one of them held.
 """
@@ -17,6 +18,7 @@ cannot leave it waiting on a lock one of them held.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import signal
 import struct
@@ -34,6 +36,7 @@ _MAX_RUNS = 8192  # run numbers are written to the pipe before any worker reads:
 _RECORD = struct.Struct("<cIQ32s")  # b"R", index, size, sha256; or b"E", index, errno, which path failed
 _PER_WRITE = 4096 // _RECORD.size  # records per write: a pipe write up to PIPE_BUF (4096) is never interleaved
 _SOURCE, _DESTINATION = b"s", b"d"
+_MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
 
 
 @dataclass
@@ -83,12 +86,13 @@ def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
         os.close(tickets_write)
         tickets_write = -1
         die_with_parent = _die_with_parent_function()
+        hashlib.sha256()  # the digest is looked up here, not in a child that may hold a copy of a taken lock
         with warnings.catch_warnings():  # Python 3.12+ warns of fork with threads; see the module's docstring
             warnings.simplefilter("ignore", DeprecationWarning)
             for _ in range(min(workers, runs)):
                 pid = os.fork()
                 if pid == 0:
-                    _worker(jobs, run, tickets_read, results_read, results_write, parent, die_with_parent)
+                    _worker(jobs, run, tickets_read, results_write, parent, die_with_parent)
                 children.append(pid)
         os.close(results_write)
         results_write = -1
@@ -107,8 +111,8 @@ def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
                 os.close(fd)
 
 
-def _worker(jobs: Sequence[CopyJob], run: int, tickets: int, results_read: int, results: int,
-            parent: int, die_with_parent: Callable[[], None] | None) -> None:
+def _worker(jobs: Sequence[CopyJob], run: int, tickets: int, results: int, parent: int,
+            die_with_parent: Callable[[], None] | None) -> None:
     """A forked worker's whole life: copy runs until there are none left, report, and leave with os._exit."""
     status = 1
     try:
@@ -118,7 +122,11 @@ def _worker(jobs: Sequence[CopyJob], run: int, tickets: int, results_read: int, 
             die_with_parent()
         if os.getppid() != parent:  # the parent died before the line above took effect
             os._exit(1)
-        os.close(results_read)
+        # Nothing of the parent's but the two pipes: not its lock, nor a pipe another thread is waiting on.
+        low, high = sorted((tickets, results))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, _MAX_FD)
         while len(ticket := os.read(tickets, 4)) == 4:
             (number,) = struct.unpack("<I", ticket)
             records = []

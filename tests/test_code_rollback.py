@@ -69,6 +69,7 @@ def test_restore_gives_back_exactly_the_backup(cw: CodeWorkspace):
     (live / "pkg" / "__init__.py").unlink()
     (live / "new.py").write_text("x = 1\n")
     os.chmod(live / "run.sh", 0o644)
+    broken = cw.tree()
 
     result = cw.run("--json", "restore", "latest", "--yes")
     assert result.returncode == 0, result.stderr
@@ -78,6 +79,10 @@ def test_restore_gives_back_exactly_the_backup(cw: CodeWorkspace):
     assert report["switch"]["how"] == ("symlink" if cw.live.is_symlink() else "exchange")
     assert report["safety_backup"] in cw.backup_ids()
     assert not [p for p in cw.root.iterdir() if p.name.startswith(".deploy.tmp")]
+    # The safety backup, taken while the new tree was built, is the tree the restore replaced.
+    result = cw.run("restore", report["safety_backup"], "--yes")
+    assert result.returncode == 0, result.stderr
+    assert cw.tree() == broken
 
 
 def test_replaced_tree_is_set_aside_until_cleanup(tmp_path: Path):
