@@ -125,13 +125,15 @@ def snapshot_tree(
         stats.bytes_copied += size
         stats.bytes += size
 
+    payload = str(staging.path)
+
     def regular(path: str, item_dest: str, st: os.stat_result) -> Entry:
         stats.files += 1
-        out = os.path.join(staging.path, item_dest)
+        out = f"{payload}/{item_dest}"  # not os.path.join: this runs once per file, and both parts are plain
         old = before.get(item_dest)
         stored = None
         if old is not None and old.sha256 and old.size == st.st_size:
-            stored = os.path.join(base, old.path)
+            stored = f"{base}/{old.path}"
             # Unchanged by its stat: linked without being read, and its entry is the previous one as it
             # stands. The stored file is trusted as the previous backup recorded it (restore checks every
             # checksum); if it cannot be linked, it is copied.

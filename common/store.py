@@ -65,8 +65,8 @@ class Entry:
 
     def to_json(self) -> dict:
         """The manifest form: only the fields that apply to this type."""
-        # Read the fields directly: dataclasses.asdict deep-copies, which dominates a 20,000-entry manifest.
-        return {name: value for name in self.__dataclass_fields__ if (value := getattr(self, name)) is not None}
+        # The instance's own dict: dataclasses.asdict deep-copies, which dominates a 20,000-entry manifest.
+        return {name: value for name, value in self.__dict__.items() if value is not None}
 
     @classmethod
     def from_json(cls, data: dict) -> Entry:
