@@ -16,11 +16,11 @@ from common.cli import (
     add_store_commands,
     add_verify_command,
     make_parser,
+    push_wanted,
     run,
 )
 from common.commands import cleanup_backups, count, table
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
-from common.remote_commands import push_failed, push_wanted
 from common.settings import Settings
 from common.store import MANIFEST, Backup, BackupStore, format_time, open_store
 from point_steps import BY_NAME, COMPONENTS, Component, Hooks, ScriptRun, ScriptRunner
@@ -84,6 +84,8 @@ def cmd_backup(ctx: Context) -> Result:
 
 def _push_parts(ctx: Context, runner: ScriptRunner, parts: dict[str, str], result: Result) -> None:
     """Push a new point's three backups; a failure keeps the point, says so, and exits 1 (the point stays local)."""
+    from common.remote_commands import push_failed
+
     for name, backup_id in parts.items():
         step = runner.run(BY_NAME[name], "push", backup_id)
         if not step.ok:

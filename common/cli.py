@@ -249,7 +249,7 @@ def run(
         ctx = Context(args, settings, script, component, store_setting)
         result = args.handler(ctx)
         _attach_rto(ctx, result, component, objective, time.monotonic() - started)
-        if args.command == "backup" and result.exit_code == 0 and not ctx.dry_run:
+        if args.command == "backup" and result.exit_code == 0 and not ctx.dry_run and push_wanted(ctx):
             from common.remote_commands import push_after_backup
 
             push_after_backup(ctx, result)
@@ -270,6 +270,11 @@ def run(
     _audit(script, args, settings, store_setting, started_at, duration, code, error, result)
     _record_metrics(script, args, settings, component, store_setting, code, duration, objective)
     return code
+
+
+def push_wanted(ctx: Context) -> bool:
+    """backup --push, or REMOTE_AUTO_PUSH=1."""
+    return bool(getattr(ctx.args, "push", False)) or ctx.settings.text("REMOTE_AUTO_PUSH", "0") == "1"
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:

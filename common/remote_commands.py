@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 
 from common import remote_upkeep
-from common.cli import Context, Result
+from common.cli import Context, Result, push_wanted
 from common.commands import human_size, table
 from common.errors import EXIT_FAILED, EXIT_VERIFY, UsageError
 from common.remote import Remote, RemoteConfig
@@ -103,11 +103,6 @@ def cleanup_remote(ctx: Context) -> Result:
     lines = [f"removed {backup_id} from the remote" for backup_id in removed]
     lines.append(f"{len(removed)} remote backups removed, {len(kept)} kept, {blobs} objects no backup names removed")
     return Result({"removed": removed, "kept": kept, "objects_removed": blobs}, lines)
-
-
-def push_wanted(ctx: Context) -> bool:
-    """backup --push, or REMOTE_AUTO_PUSH=1."""
-    return bool(getattr(ctx.args, "push", False)) or ctx.settings.text("REMOTE_AUTO_PUSH", "0") == "1"
 
 
 def push_after_backup(ctx: Context, result: Result) -> None:
