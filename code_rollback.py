@@ -442,14 +442,16 @@ def build_parser():
     )
     sub = add_command(commands, "backup", cmd_backup, "snapshot the deployed tree",
                       "Files unchanged since the previous backup are hard-linked to it (stored files are\n"
-                      "read-only), so a backup of an unchanged tree costs almost no time or space.")
+                      "read-only), so a backup of an unchanged tree costs almost no time or space; the\n"
+                      "others are copied and hashed on every core.")
     add_backup_arguments(sub)
 
     sub = add_command(commands, "restore", cmd_restore, "make DEPLOYMENT_DIR exactly a backup",
-                      "Checks the backup's checksums, saves the current tree as a backup, builds the backup's\n"
-                      "tree beside DEPLOYMENT_DIR and switches it in: a `current` symlink is replaced\n"
-                      "atomically; a plain folder is exchanged with the new tree in one rename, and the\n"
-                      "replaced folder is set aside beside it (.NAME.replaced-TIME-X) until cleanup.")
+                      "Builds the backup's tree beside DEPLOYMENT_DIR, checking every checksum as it\n"
+                      "copies, while it saves the current tree as a backup; then switches it in: a\n"
+                      "`current` symlink is replaced atomically; a plain folder is exchanged with the new\n"
+                      "tree in one rename, and the replaced folder is set aside beside it\n"
+                      "(.NAME.replaced-TIME-X) until cleanup.")
     add_backup_argument(sub)
     add_no_backup_argument(sub, "the current tree")
 
