@@ -85,6 +85,26 @@ def test_restore_gives_back_exactly_the_backup(cw: CodeWorkspace):
     assert cw.tree() == broken
 
 
+def test_restore_of_a_large_tree_while_the_safety_backup_copies_it_too(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    for i in range(600):  # enough for both the build and the safety backup to copy on several processes
+        folder = cw.live / f"mod{i % 12:02d}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"f{i:03d}.py").write_bytes(os.urandom(1000 + i))
+    assert cw.run("backup").returncode == 0
+    before = cw.tree()
+    for path in cw.live.rglob("f*.py"):
+        path.write_bytes(os.urandom(900))  # every file changed: the safety backup copies them all
+    changed = cw.tree()
+
+    result = cw.run("--json", "restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert cw.tree() == before
+    safety = json.loads(result.stdout)["safety_backup"]
+    assert cw.run("restore", safety, "--yes").returncode == 0
+    assert cw.tree() == changed
+
+
 def test_replaced_tree_is_set_aside_until_cleanup(tmp_path: Path):
     cw = CodeWorkspace(tmp_path, symlink_layout=False)
     assert cw.run("backup").returncode == 0
