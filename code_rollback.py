@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,7 +41,7 @@ from common.cli import (
     run,
 )
 from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
-from common.errors import ToolkitError, UsageError
+from common.errors import Interrupted, ToolkitError, UsageError
 from common.files import atomic_write, temp_name
 from common.proc import run_tool
 from common.progress import Progress, no_progress
@@ -104,11 +105,13 @@ def git_state(repo: Path | None) -> dict:
             "dirty": bool(git("status", "--porcelain"))}
 
 
-def take_backup(paths: CodePaths, label: str | None, safety: bool = False,
-                progress: Progress = no_progress, deployed_commit: str | None = None) -> tuple[Backup, dict]:
+def take_backup(paths: CodePaths, label: str | None, safety: bool = False, progress: Progress = no_progress,
+                deployed_commit: str | None = None, cancelled: Callable[[], bool] | None = None
+                ) -> tuple[Backup, dict]:
     """Snapshot the deployed tree, hard-linking files unchanged since the newest backup (caller holds the lock).
 
-    `deployed_commit` (after a rollback) is recorded as the backup's commit instead of REPO_PATH's HEAD."""
+    `deployed_commit` (after a rollback) is recorded as the backup's commit instead of REPO_PATH's HEAD;
+    `cancelled` stops a snapshot taken on a thread (see snapshot_tree)."""
     previous = paths.store.newest()
     stats = SnapshotStats()
     with paths.store.new_backup(label, safety=safety) as staging:
@@ -118,7 +121,7 @@ def take_backup(paths: CodePaths, label: str | None, safety: bool = False,
             staging.source["commit"] = deployed_commit
         # The previous backup's size is the estimate: code trees change little between deploys.
         with progress(f"backing up {paths.live}", lambda: stats.bytes, previous.size if previous else None):
-            snapshot_tree(staging, paths.live, TREE, previous, paths.exclude, stats)
+            snapshot_tree(staging, paths.live, TREE, previous, paths.exclude, stats, cancelled)
     return staging.backup, stats.to_json()
 
 
@@ -184,6 +187,8 @@ def cmd_restore(ctx: Context) -> Result:
         except BaseException:
             if target.exists():
                 remove_tree(target)
+            if safety and safety.backup:
+                ctx.warn(f"nothing was switched; the backup of the live tree taken meanwhile stays: {safety.backup.id}")
             raise
         ids = [safety.backup.id] if safety else []
         switched, kept = switch_and_keep(target, live)
@@ -205,30 +210,49 @@ class SafetyBackupMeanwhile:
 
     The snapshot mostly stats and links on one core while the build's copies keep the others busy, so
     a restore costs about the build alone. Leaving the block waits for the snapshot and raises its
-    error, if the build did not fail first; a build that fails leaves a finished safety backup in place.
+    error. When the block fails, or a signal comes while waiting, the snapshot is cancelled (its
+    staging folder removed) before the error goes on; one that had finished stays (`backup`).
     """
 
     def __init__(self, paths: CodePaths, label: str, seconds: dict[str, float]):
         self.paths, self.label, self.seconds = paths, label, seconds
         self.backup: Backup | None = None
         self.error: BaseException | None = None
+        self.stop = threading.Event()
+        # Waited on instead of Thread.join: before Python 3.13 a join cut short by a signal can mark a
+        # running thread as ended.
+        self.finished = threading.Event()
         self.thread = threading.Thread(target=self._take, name="safety-backup", daemon=True)
 
     def _take(self) -> None:
         started = time.perf_counter()
         try:
-            self.backup = take_backup(self.paths, self.label, safety=True)[0]
+            self.backup = take_backup(self.paths, self.label, safety=True, cancelled=self.stop.is_set)[0]
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread when it leaves the block
             self.error = exc
-        self.seconds["safety_backup"] = time.perf_counter() - started
+        finally:
+            self.seconds["safety_backup"] = time.perf_counter() - started
+            self.finished.set()
 
     def __enter__(self) -> SafetyBackupMeanwhile:
         self.thread.start()
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, trace: object) -> None:
-        self.thread.join()
-        if error is None and self.error is not None:
+        if error is not None:
+            self.stop.set()
+        stopped = None
+        while not self.finished.is_set():  # a stop while waiting cancels the snapshot, and still waits for it
+            try:
+                self.finished.wait()
+            except (Interrupted, KeyboardInterrupt) as exc:
+                self.stop.set()
+                stopped = stopped or exc
+        if error is not None:
+            return  # the block's own error goes on
+        if stopped is not None:
+            raise stopped
+        if self.error is not None:
             raise self.error
 
 

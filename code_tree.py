@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from common.copier import CopyJob, copy_all
-from common.errors import ToolkitError, UsageError
+from common.errors import Interrupted, ToolkitError, UsageError
 from common.files import (
     PRIVATE_DIR,
     file_mode,
@@ -102,13 +102,15 @@ def snapshot_tree(
     previous: Backup | None = None,
     exclude: Iterable[str] = (),
     stats: SnapshotStats | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> SnapshotStats:
     """Put the tree `src` into the backup being built, at `dest`; link what the previous backup already has.
 
     `src` may be a symlink to the release folder (`current`): the folder it points at is taken.
     `exclude` holds the CODE_EXCLUDE patterns (see code_excluder). Symlinks are recorded as links and
     never followed; sockets, fifos and devices are skipped (`staging.skipped`). `stats`, when given,
-    is updated as the snapshot goes, for progress.
+    is updated as the snapshot goes, for progress. `cancelled`, when given, is asked at every file: once
+    it says yes the snapshot stops with Interrupted (a snapshot on a thread cannot be sent a signal).
     """
     root = Path(os.path.realpath(src))
     if not root.is_dir():
@@ -121,6 +123,8 @@ def snapshot_tree(
     not_racy_before = time.time_ns() - RACY_NS
 
     def copied(size: int) -> None:
+        if cancelled is not None and cancelled():
+            raise Interrupted("the snapshot was cancelled")
         stats.copied += 1
         stats.bytes_copied += size
         stats.bytes += size
@@ -128,6 +132,8 @@ def snapshot_tree(
     payload = str(staging.path)
 
     def regular(path: str, item_dest: str, st: os.stat_result) -> Entry:
+        if cancelled is not None and cancelled():
+            raise Interrupted("the snapshot was cancelled")
         stats.files += 1
         out = f"{payload}/{item_dest}"  # not os.path.join: this runs once per file, and both parts are plain
         old = before.get(item_dest)

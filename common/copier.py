@@ -32,10 +32,13 @@ from common.files import copy_and_hash
 PARALLEL_FROM = 256  # fewer files than this are copied here: starting workers would cost more than it saves
 MAX_WORKERS = 8  # past a few, the disk decides
 _RUN = 64  # files per run, unless there are very many
-_MAX_RUNS = 8192  # run numbers are written to the pipe before any worker reads: 32 KiB fits any pipe buffer
+# Run numbers are written to the pipe before any worker reads it: 4,000 bytes fit the smallest pipe buffer
+# Linux gives (one page, for a user over pipe-user-pages-soft).
+_MAX_RUNS = 1000
 _RECORD = struct.Struct("<cIQ32s")  # b"R", index, size, sha256; or b"E", index, errno, which path failed
 _PER_WRITE = 4096 // _RECORD.size  # records per write: a pipe write up to PIPE_BUF (4096) is never interleaved
-_SOURCE, _DESTINATION = b"s", b"d"
+_SOURCE, _DESTINATION, _NEITHER = b"s", b"d", b"-"
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
 
 
@@ -63,15 +66,39 @@ def copy_all(jobs: Sequence[CopyJob], workers: int | None = None) -> None:
     """Copy every job's file and call its `done(size, sha256)` here; several processes when there are many.
 
     Files are created with O_EXCL, so nothing already there is written through. The first failure (a
-    copy's OSError, or an exception from a `done`) stops every worker and is raised; the files already
-    written stay, for the caller to remove with the folder it was filling.
+    copy that fails, raised as CopyFailed, or an exception from a `done`) stops every worker and is
+    raised; the files already written stay, for the caller to remove with the folder it was filling.
     """
     workers = worker_count() if workers is None else workers
     if workers < 2 or len(jobs) < PARALLEL_FROM or not hasattr(os, "fork"):
         for job in jobs:
-            job.done(*copy_and_hash(job.src, job.dest, mode=job.mode, owner=job.owner))
+            try:
+                size, digest = copy_and_hash(job.src, job.dest, mode=job.mode, owner=job.owner)
+            except OSError as exc:
+                raise CopyFailed(job, exc.errno or 0, _side(job, exc)) from None
+            job.done(size, digest)
         return
     _copy_in_workers(jobs, workers)
+
+
+class CopyFailed(ToolkitError):
+    """A file could not be copied; the message names the file read or written and why."""
+
+    def __init__(self, job: CopyJob, code: int, side: bytes):
+        self.errno = code
+        self.filename = job.src if side == _SOURCE else job.dest if side == _DESTINATION else None
+        reason = os.strerror(code) if code else "failed"
+        if side == _SOURCE:
+            super().__init__(f"could not read {job.src}: {reason}")
+        elif side == _DESTINATION:
+            super().__init__(f"could not write {job.dest}: {reason}")
+        else:
+            super().__init__(f"could not copy {job.src} to {job.dest}: {reason}")
+
+
+def _side(job: CopyJob, exc: OSError) -> bytes:
+    """Which file an error of copy_and_hash is about (it names the one it was reading or writing)."""
+    return _SOURCE if exc.filename == job.src else _DESTINATION if exc.filename == job.dest else _NEITHER
 
 
 def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
@@ -87,13 +114,18 @@ def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
         tickets_write = -1
         die_with_parent = _die_with_parent_function()
         hashlib.sha256()  # the digest is looked up here, not in a child that may hold a copy of a taken lock
-        with warnings.catch_warnings():  # Python 3.12+ warns of fork with threads; see the module's docstring
-            warnings.simplefilter("ignore", DeprecationWarning)
-            for _ in range(min(workers, runs)):
-                pid = os.fork()
-                if pid == 0:
-                    _worker(jobs, run, tickets_read, results_write, parent, die_with_parent)
-                children.append(pid)
+        # SIGINT and SIGTERM wait until each child is recorded (so a stop kills it) and has its own handlers.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            with warnings.catch_warnings():  # Python 3.12+ warns of fork with threads; see the module's docstring
+                warnings.simplefilter("ignore", DeprecationWarning)
+                for _ in range(min(workers, runs)):
+                    pid = os.fork()
+                    if pid == 0:
+                        _worker(jobs, run, tickets_read, results_write, parent, die_with_parent, blocked)
+                    children.append(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(results_write)
         results_write = -1
         _collect(jobs, results_read)
@@ -112,12 +144,13 @@ def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
 
 
 def _worker(jobs: Sequence[CopyJob], run: int, tickets: int, results: int, parent: int,
-            die_with_parent: Callable[[], None] | None) -> None:
+            die_with_parent: Callable[[], None] | None, signal_mask: set) -> None:
     """A forked worker's whole life: copy runs until there are none left, report, and leave with os._exit."""
     status = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the parent's to handle
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
         if die_with_parent is not None:
             die_with_parent()
         if os.getppid() != parent:  # the parent died before the line above took effect
@@ -150,8 +183,7 @@ def _copy_one(job: CopyJob, index: int) -> tuple[bytes, bool]:
     try:
         size, digest = copy_and_hash(job.src, job.dest, mode=job.mode, owner=job.owner)
     except OSError as exc:
-        which = _SOURCE if exc.filename == job.src else _DESTINATION
-        return _RECORD.pack(b"E", index, exc.errno or 0, which), True
+        return _RECORD.pack(b"E", index, exc.errno or 0, _side(job, exc)), True
     return _RECORD.pack(b"R", index, size, bytes.fromhex(digest)), False
 
 
@@ -165,8 +197,7 @@ def _collect(jobs: Sequence[CopyJob], results: int) -> None:
         for kind, index, size, digest in _RECORD.iter_unpack(pending[:whole]):
             job = jobs[index]
             if kind == b"E":
-                path = job.src if digest[:1] == _SOURCE else job.dest
-                raise OSError(size, os.strerror(size) if size else "copy failed", path)
+                raise CopyFailed(job, size, digest[:1])
             job.done(size, digest.hex())
             reported += 1
         pending = pending[whole:]

@@ -131,13 +131,14 @@ def copy_and_hash(
     """Copy a regular file without following links into the new file `dest`; return its size and sha256.
 
     `dest` gets `mode` (whatever the umask) and, when given, `owner` (uid, gid): set through the open
-    file, so a large tree is not walked again to fix them.
+    file, so a large tree is not walked again to fix them. An OSError names the file it is about.
     """
     digest = hashlib.sha256()
     size = 0
     # Created with its final mode when the umask cannot change it: one system call fewer per file.
     exact = owner is None and not mode & 0o7000 and _UMASK is not None and not mode & _UMASK
     src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    reading = True  # which file a failed read, write or chmod is about
     try:
         dest_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode if exact else PRIVATE_FILE)
         try:
@@ -145,16 +146,23 @@ def copy_and_hash(
                 digest.update(chunk)
                 size += len(chunk)
                 view = memoryview(chunk)
+                reading = False
                 while view:
                     view = view[os.write(dest_fd, view):]
+                reading = True
                 if len(chunk) < _CHUNK:  # a short read of a regular file is its end: no read to learn it
                     break
+            reading = False
             if owner is not None:
                 os.fchown(dest_fd, *owner)
             if not exact:
                 os.fchmod(dest_fd, mode)  # after fchown, which clears setuid and setgid bits
         finally:
             os.close(dest_fd)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(src if reading else dest)) from None
     finally:
         os.close(src_fd)
     return size, digest.hexdigest()

@@ -311,3 +311,82 @@ def test_sigkill_at_any_moment_of_a_restore_leaves_old_or_new_and_a_retry_comple
         assert retry.returncode == 0, retry.stderr
         assert cw.tree() == new_tree
     assert "old" in outcomes
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_restore_stopped_mid_build_changes_nothing_and_leaves_nothing_behind(tmp_path: Path, stop):
+    """Stopped while a copy worker waits on a payload file: the live tree, the store and the folder are as before."""
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    for i in range(600):
+        (cw.live / f"f{i:03d}.py").write_bytes(os.urandom(2000))
+    assert cw.run("backup").returncode == 0
+    backup_id = cw.backup_ids()[0]
+    for path in cw.live.glob("f*.py"):
+        path.write_bytes(os.urandom(500))  # the safety backup has every file to copy
+    before, stored = cw.tree(), sorted(os.listdir(cw.store))
+    held = cw.store / backup_id / "tree" / "f300.py"  # the worker that reaches it waits to open it
+    held.unlink()
+    os.mkfifo(held)
+    proc = subprocess.Popen(script_argv("code_rollback.py", "restore", backup_id, "--yes"),
+                            env={**os.environ, **cw.env}, cwd=cw.root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    writer = None
+    while writer is None:  # the fifo's writing end opens once a copy is reading it
+        assert proc.poll() is None and time.monotonic() < deadline
+        try:
+            writer = os.open(held, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.001)
+    try:
+        proc.send_signal(stop)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(writer)
+    assert proc.returncode == 1 and "interrupted by SIG" in err
+    assert cw.tree() == before
+    left = sorted(os.listdir(cw.store))
+    assert not [name for name in left if name.startswith(".staging-")]
+    assert set(left) - set(stored) <= {name for name in left if name.endswith("-code")}  # at most a safety backup
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code_backups", "deploy", "releases", "repo"]
+
+
+def test_a_restore_stopped_while_its_safety_backup_runs_cancels_it(tmp_path: Path):
+    """SIGTERM after the build, while the safety backup is still busy: it is cancelled, nothing is left behind."""
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    assert cw.run("backup").returncode == 0
+    backed_up = cw.tree()
+    (cw.live / "app.py").write_text("print('deployed')\n")
+    before, stored = cw.tree(), sorted(os.listdir(cw.store))
+    # The safety backup asks git for the working copy's state; git's fsmonitor hook holds it there.
+    hold = tmp_path / "hold"
+    os.mkfifo(hold)
+    hook = tmp_path / "releases" / "fsmonitor.sh"
+    hook.write_text(f"#!/bin/sh\n[ -p {hold} ] && cat {hold} > /dev/null && rm -f {hold}\nexit 1\n")
+    os.chmod(hook, 0o755)
+    git(cw.repo, "config", "core.fsmonitor", str(hook))
+    proc = subprocess.Popen(script_argv("code_rollback.py", "restore", "latest", "--yes"),
+                            env={**os.environ, **cw.env}, cwd=cw.root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    writer = None
+    while writer is None:  # the hook is reading: the safety backup has begun and waits
+        assert proc.poll() is None and time.monotonic() < deadline
+        try:
+            writer = os.open(hold, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.001)
+    try:
+        built = None
+        while built is None or tree_snapshot(built) != backed_up:
+            assert proc.poll() is None and time.monotonic() < deadline  # the build runs on meanwhile
+            built = next((p for p in tmp_path.iterdir() if p.name.startswith(".deploy.tmp")), None)
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        os.close(writer)  # the hook, then git, then the cancelled snapshot end
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "interrupted by SIGTERM" in err
+    assert cw.tree() == before
+    assert sorted(os.listdir(cw.store)) == stored  # no safety backup, no staging folder
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".deploy")]

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, tree_snapshot
 
+import common.copier
 from code_tree import build_tree, snapshot_tree
-from common.copier import PARALLEL_FROM, CopyJob, copy_all
+from common.copier import PARALLEL_FROM, CopyFailed, CopyJob, copy_all
 from common.errors import ToolkitError
 from common.store import BackupStore, load_backup
 
@@ -56,7 +57,10 @@ def jobs_for(sources: list[Path], dest: Path, seen: dict[int, tuple[int, str]]) 
     return jobs
 
 
-def test_many_files_are_copied_byte_for_byte_and_each_reported_once(tmp_path):
+@pytest.mark.parametrize("runs", ["short", "long"])
+def test_many_files_are_copied_byte_for_byte_and_each_reported_once(tmp_path, monkeypatch, runs):
+    if runs == "long":  # runs of 200 files: reported in several pipe writes each
+        monkeypatch.setattr(common.copier, "_MAX_RUNS", 3)
     sources = make_files(tmp_path / "src")
     before = children()
     seen: dict[int, tuple[int, str]] = {}
@@ -68,13 +72,16 @@ def test_many_files_are_copied_byte_for_byte_and_each_reported_once(tmp_path):
     assert children() == before  # every worker reaped
 
 
-def test_a_failed_copy_stops_every_worker_and_names_the_file(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_copy_stops_every_worker_and_names_the_file(tmp_path, workers):
     sources = make_files(tmp_path / "src")
     sources[MANY // 2].unlink()
+    sources[MANY // 2].mkdir()  # opens, but cannot be read
     before = children()
-    with pytest.raises(FileNotFoundError) as failed:
-        copy_all(jobs_for(sources, tmp_path / "out", {}), workers=2)
-    assert failed.value.filename == str(sources[MANY // 2])
+    with pytest.raises(CopyFailed) as failed:
+        copy_all(jobs_for(sources, tmp_path / "out", {}), workers=workers)
+    assert failed.value.errno == errno.EISDIR and failed.value.filename == str(sources[MANY // 2])
+    assert str(failed.value) == f"could not read {sources[MANY // 2]}: Is a directory"
     assert children() == before
 
 
@@ -84,9 +91,10 @@ def test_an_existing_destination_is_never_written_through(tmp_path):
     outside.write_text("not yours\n")
     jobs = jobs_for(sources, tmp_path / "out", {})
     os.symlink(outside, jobs[7].dest)
-    with pytest.raises(OSError) as failed:
+    with pytest.raises(CopyFailed) as failed:
         copy_all(jobs, workers=2)
     assert failed.value.errno == errno.EEXIST and failed.value.filename == jobs[7].dest
+    assert str(failed.value) == f"could not write {jobs[7].dest}: File exists"
     assert outside.read_text() == "not yours\n"
 
 
@@ -155,8 +163,11 @@ def test_workers_die_with_a_killed_parent_and_hold_no_lock(tmp_path):
             assert exc.errno == errno.ENXIO
             time.sleep(0.001)
     try:
-        workers = [int(pid) for pid in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()]
-        assert len(workers) == 2
+        listing = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+        while len(workers := listing.read_text().split()) < 2:  # the fifo may be opened before the second fork
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        workers = [int(pid) for pid in workers]
         while not (reading := [pid for pid in workers if str(fifo) in open_files(pid)]):
             assert time.monotonic() < deadline  # the reader's open returns once the writer is there
             time.sleep(0.001)
