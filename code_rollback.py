@@ -43,10 +43,11 @@ from common.cli import (
 from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
 from common.errors import Interrupted, ToolkitError, UsageError
 from common.files import atomic_write, temp_name
+from common.manifest import Backup, load_backup
 from common.proc import run_tool
 from common.progress import Progress, no_progress
 from common.settings import Settings
-from common.store import Backup, BackupStore, load_backup, open_store
+from common.store import BackupStore, open_store
 from common.trees import diff_tree, live_paths, restore_tree, tree_entries
 
 COMPONENT = "code"

@@ -43,7 +43,8 @@ from common.files import (
     sha256_file,
     temp_name,
 )
-from common.store import Backup, Entry, Staging
+from common.manifest import Backup, Entry
+from common.staging import Staging
 from common.trees import tree_entries
 
 PAYLOAD_FILE = 0o400  # stored code files: read-only, so a hard link shared by two backups stays as taken

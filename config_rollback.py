@@ -24,8 +24,9 @@ from common.cli import (
 from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
 from common.errors import UsageError
 from common.files import atomic_write, file_mode, is_inside, resolve_inside
+from common.manifest import Backup, check_backup
 from common.settings import Settings
-from common.store import Backup, BackupStore, check_backup, open_store
+from common.store import BackupStore, open_store
 from common.trees import TreeDiff, diff_tree, matches, restore_file, restore_tree, tree_entries
 
 COMPONENT = "config"

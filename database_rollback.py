@@ -31,9 +31,10 @@ from common.commands import (
     table,
 )
 from common.errors import ToolkitError, UsageError
+from common.manifest import Backup, check_backup
 from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
-from common.store import Backup, BackupStore, check_backup, open_store
+from common.store import BackupStore, open_store
 from db_dumps import (
     PgTools,
     ServerInfo,

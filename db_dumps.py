@@ -14,8 +14,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from common.errors import ToolkitError, UsageError
+from common.manifest import Backup
 from common.proc import run_tool
-from common.store import Backup, Staging
+from common.staging import Staging
 from db_server import DbServer
 
 DUMP_FILE = "db.dump"  # custom format: one file plain pg_restore reads

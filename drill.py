@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.errors import EXIT_FAILED, EXIT_VERIFY
+from common.manifest import Backup, check_backup
 from common.settings import Settings
-from common.store import Backup, BackupStore, check_backup
+from common.store import BackupStore
 from point_steps import BY_NAME, COMPONENTS, Component, ScriptRunner
 
 NO_METRICS = {"METRICS_FILE": ""}

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from common.errors import EXIT_FAILED, EXIT_VERIFY, Interrupted, ToolkitError
 from common.health import HealthReport
+from common.manifest import Backup
 from common.rto import RtoReport, rto_for
 from common.settings import Settings
-from common.store import Backup
 from point_steps import Component, Hooks, ScriptRun, ScriptRunner, undo_commands
 
 # Between steps the application is expected to be unwell, so the check there is short: a few requests.

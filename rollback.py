@@ -21,8 +21,9 @@ from common.cli import (
 )
 from common.commands import cleanup_backups, count, table
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
+from common.manifest import MANIFEST, Backup, format_time
 from common.settings import Settings
-from common.store import MANIFEST, Backup, BackupStore, format_time, open_store
+from common.store import BackupStore, open_store
 from point_steps import BY_NAME, COMPONENTS, Component, Hooks, ScriptRun, ScriptRunner
 
 if TYPE_CHECKING:  # the health module pulls in urllib; --help stays instant without it

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 from common.cli import Context, Result
 from common.errors import ToolkitError, UsageError
-from common.store import Backup, BackupStore, check_backup, format_time
+from common.manifest import Backup, check_backup, format_time
+from common.store import BackupStore
 
 
 def list_backups(store: BackupStore, extra: dict[str, Callable[[Backup], str]] | None = None) -> Result:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from common.errors import SettingError, ToolkitError, UsageError
 from common.files import PRIVATE_DIR, atomic_write, flushing_meanwhile, size_and_sha256
+from common.manifest import MANIFEST, Backup, Entry, backup_from_manifest, load_backup
 from common.remote_io import (
     PARALLEL,
     SMALL_OBJECT,
@@ -45,7 +46,7 @@ from common.remote_io import (
     transfer_config,
 )
 from common.settings import Settings
-from common.store import MANIFEST, Backup, BackupStore, Entry, backup_from_manifest, load_backup
+from common.store import BackupStore
 
 PAYLOAD_MODE = 0o400  # pulled payload files are read-only, like a code backup's
 LOCAL_ONLY_FIELDS = ("mtime_ns", "ctime_ns", "ino")  # a file's identity on this host: meaningless elsewhere

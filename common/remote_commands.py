@@ -8,9 +8,9 @@ from common import remote_upkeep
 from common.cli import Context, Result, push_wanted
 from common.commands import human_size, table
 from common.errors import EXIT_FAILED, EXIT_VERIFY, UsageError
+from common.manifest import Backup, format_time
 from common.remote import Remote, RemoteConfig
 from common.remote_io import Transfer
-from common.store import Backup, format_time
 
 
 def remote_for(ctx: Context) -> Remote:

@@ -6,9 +6,10 @@ import json
 from datetime import UTC, datetime
 
 from common.errors import ToolkitError
+from common.manifest import Entry
 from common.remote import CANDIDATES, Remote
 from common.remote_io import HashingWriter, RemoteMissing, Transfer, s3_call
-from common.store import Entry, retention_split
+from common.store import retention_split
 
 
 def verify(remote: Remote, component: str, deep: bool) -> tuple[list[str], int]:

@@ -14,241 +14,22 @@ import re
 import secrets
 import shutil
 import socket
-import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from common import __version__
-from common.copier import CopyJob, copy_all
 from common.errors import LockBusy, ToolkitError, UsageError
-from common.files import (
-    PRIVATE_DIR,
-    PRIVATE_FILE,
-    atomic_write,
-    copy_and_hash,
-    file_mode,
-    flush_filesystem,
-    flushing_meanwhile,
-    fsync_dir,
-    make_private_dir,
-    sha256_file,
-)
+from common.files import PRIVATE_DIR, atomic_write, flush_filesystem, fsync_dir, make_private_dir
+from common.manifest import MANIFEST, MANIFEST_FORMAT, Backup, backup_from_manifest, format_time, load_backup
 from common.settings import Settings
+from common.staging import Staging
 
-MANIFEST = "manifest.json"
 _SAFE_ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[A-Za-z0-9_.-]+")
-MANIFEST_FORMAT = 1
 STAGING_PREFIX = ".staging-"
 DELETING_PREFIX = ".deleting-"
 LOCK_FILE = ".lock"
-
-
-@dataclass
-class Entry:
-    """One item of a backup's payload, as the manifest records it."""
-
-    path: str  # relative to the backup folder
-    type: str  # "file", "dir" or "symlink"
-    mode: int = 0
-    size: int = 0
-    sha256: str | None = None
-    target: str | None = None  # a symlink's target, as written
-    uid: int | None = None  # owner, put back when restoring as root
-    gid: int | None = None
-    # The source file's identity when it was taken (code backups): a later backup links an unchanged file.
-    mtime_ns: int | None = None
-    ctime_ns: int | None = None
-    ino: int | None = None
-
-    def to_json(self) -> dict:
-        """The manifest form: only the fields that apply to this type."""
-        # The instance's own dict: dataclasses.asdict deep-copies, which dominates a 20,000-entry manifest.
-        return {name: value for name, value in self.__dict__.items() if value is not None}
-
-    @classmethod
-    def from_json(cls, data: dict) -> Entry:
-        """Read one manifest entry (fields this version does not know are ignored)."""
-        try:
-            return cls(**data)
-        except TypeError:
-            return cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
-
-
-@dataclass
-class Backup:
-    """A whole backup: its folder and what its manifest says."""
-
-    path: Path
-    id: str
-    component: str
-    created_at: datetime
-    label: str | None
-    source: dict
-    entries: list[Entry]
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def files(self) -> list[Entry]:
-        """The regular files of the payload."""
-        return [entry for entry in self.entries if entry.type == "file"]
-
-    @property
-    def is_safety(self) -> bool:
-        """Taken automatically before a restore, update, migrate or rollback (not by `backup`)."""
-        return self.extra.get("kind") == "safety"
-
-    @property
-    def size(self) -> int:
-        """Bytes of payload."""
-        return sum(entry.size for entry in self.files)
-
-    def summary(self) -> dict:
-        """What `list` and `--json` show of a backup."""
-        return {
-            "id": self.id,
-            "component": self.component,
-            "created_at": format_time(self.created_at),
-            "label": self.label,
-            "safety": self.is_safety,
-            "files": len(self.files),
-            "size": self.size,
-            "path": str(self.path),
-        }
-
-
-def format_time(moment: datetime) -> str:
-    """UTC, ISO 8601, milliseconds, with a Z."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def parse_time(text: str) -> datetime:
-    """Read a time written by format_time."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-class Staging:
-    """A backup under construction: payload goes in, then `BackupStore.new_backup` seals it."""
-
-    def __init__(self, path: Path, backup_id: str):
-        self.path = path
-        self.backup_id = backup_id
-        self.entries: list[Entry] = []
-        self.source: dict = {}
-        self.extra: dict = {}
-        self.skipped: list[str] = []  # sockets, fifos and devices are not configuration or code
-        self.unsynced = False  # whether files were copied in without fsync (flushed once when sealing)
-        self.backup: Backup | None = None  # the sealed backup, once new_backup has renamed it into place
-        self._copies: list[CopyJob] = []  # queued while add_tree walks, made on every core once it has walked
-
-    def add_tree(
-        self,
-        src: Path,
-        dest: str,
-        exclude: Callable[[str], bool] | None = None,
-        regular: Callable[[str, str, os.stat_result], Entry] | None = None,
-    ) -> None:
-        """Copy the folder `src` to `dest` in the payload; symlinks are kept as links, never followed.
-
-        `regular`, when given, puts each regular file into the payload itself (given the file's path,
-        its path in the payload and its lstat) and returns its entry, instead of the plain copy; it may
-        leave the copy to `copy_later`.
-        """
-        self._add_dir(str(src), dest, "", exclude, regular)
-        copies, self._copies = self._copies, []
-        if copies:
-            self.unsynced = True
-            with flushing_meanwhile(self.path):  # the payload reaches the disk as it is copied, not all at the seal
-                copy_all(copies)
-
-    def copy_later(self, src: str, dest: str, entry: Entry, mode: int = PRIVATE_FILE,
-                   copied: Callable[[int], None] | None = None) -> None:
-        """Queue the copy of the regular file `src` to `dest` in the payload, made before add_tree returns.
-
-        `entry` gets the size and sha256 of what was copied; `copied(size)`, when given, is called then.
-        """
-
-        def done(size: int, digest: str) -> None:
-            entry.size, entry.sha256 = size, digest
-            if copied is not None:
-                copied(size)
-
-        self._copies.append(CopyJob(src, os.path.join(self.path, dest), mode, None, done))
-
-    def add_file(self, src: Path, dest: str) -> None:
-        """Copy one regular file (or symlink) to `dest` in the payload."""
-        st = os.lstat(src)
-        if stat.S_ISLNK(st.st_mode):
-            self._add_symlink(src, dest, st)
-        elif stat.S_ISREG(st.st_mode):
-            self._add_regular(src, dest, st)
-        else:
-            raise UsageError(f"{src} is not a regular file")
-
-    def adopt(self, rel: str) -> None:
-        """Record a file or folder a tool wrote straight into the staging folder and made durable itself.
-
-        pg_dump fsyncs its own output (unless --no-sync), so adopted files need no flush from us.
-        """
-        path = self.path / rel
-        st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
-            os.chmod(path, PRIVATE_DIR)
-            self.entries.append(Entry(rel, "dir", mode=PRIVATE_DIR))
-            for name in sorted(os.listdir(path)):
-                self.adopt(f"{rel}/{name}")
-        elif stat.S_ISREG(st.st_mode):
-            os.chmod(path, PRIVATE_FILE)
-            self.entries.append(Entry(rel, "file", mode=PRIVATE_FILE, size=st.st_size, sha256=sha256_file(path)))
-        else:
-            raise ToolkitError(f"{path} is neither a file nor a folder: not adopted into the backup")
-
-    def _add_dir(
-        self,
-        src: str,
-        dest: str,
-        rel: str,
-        exclude: Callable[[str], bool] | None,
-        regular: Callable[[str, str, os.stat_result], Entry] | None = None,
-    ) -> None:
-        # Plain strings, not Path objects: this runs once per file of a 20,000-file tree.
-        os.mkdir(os.path.join(self.path, dest), PRIVATE_DIR)
-        st = os.lstat(src)
-        self.entries.append(Entry(dest, "dir", mode=file_mode(st), uid=st.st_uid, gid=st.st_gid))
-        with os.scandir(src) as listing:
-            items = sorted(listing, key=lambda item: item.name)
-        for item in items:
-            item_rel = f"{rel}/{item.name}" if rel else item.name
-            if exclude is not None and exclude(item_rel):
-                continue
-            item_dest = f"{dest}/{item.name}"
-            st = item.stat(follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                self._add_symlink(item.path, item_dest, st)
-            elif stat.S_ISDIR(st.st_mode):
-                self._add_dir(item.path, item_dest, item_rel, exclude, regular)
-            elif stat.S_ISREG(st.st_mode) and regular is not None:
-                self.entries.append(regular(item.path, item_dest, st))
-            elif stat.S_ISREG(st.st_mode):
-                entry = Entry(item_dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
-                self.entries.append(entry)
-                self.copy_later(item.path, item_dest, entry)
-            else:
-                self.skipped.append(item.path)
-
-    def _add_regular(self, src: str | Path, dest: str, st: os.stat_result) -> None:
-        self.unsynced = True
-        size, digest = copy_and_hash(src, os.path.join(self.path, dest))
-        self.entries.append(
-            Entry(dest, "file", mode=file_mode(st), size=size, sha256=digest, uid=st.st_uid, gid=st.st_gid)
-        )
-
-    def _add_symlink(self, src: str | Path, dest: str, st: os.stat_result) -> None:
-        target = os.readlink(src)
-        os.symlink(target, os.path.join(self.path, dest))
-        self.entries.append(Entry(dest, "symlink", target=target, uid=st.st_uid, gid=st.st_gid))
 
 
 class BackupStore:
@@ -330,9 +111,7 @@ class BackupStore:
             os.rename(staging.path, self.root / backup_id)
             fsync_dir(self.root)
             # What load_backup would read back, without reading a 20,000-entry manifest again.
-            extra = {key: value for key, value in manifest.items() if key not in _MANIFEST_CORE}
-            staging.backup = Backup(self.root / backup_id, backup_id, self.component,
-                                    parse_time(manifest["created_at"]), label, staging.source, staging.entries, extra)
+            staging.backup = backup_from_manifest(self.root / backup_id, manifest, staging.entries)
         except BaseException:
             shutil.rmtree(staging.path, ignore_errors=True)
             raise
@@ -491,62 +270,6 @@ def retention_split(backups: list[Backup], days: int, keep: int, now: datetime |
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
     remove = [backup for backup in newest_first[keep:] if backup.created_at < cutoff]
     return remove, [backup for backup in newest_first if backup not in remove]
-
-
-def backup_from_manifest(folder: Path, data: dict) -> Backup:
-    """A Backup from a manifest's parsed JSON (`folder` is where it is, or would be, in a store)."""
-    return Backup(
-        path=folder,
-        id=data["id"],
-        component=data["component"],
-        created_at=parse_time(data["created_at"]),
-        label=data.get("label"),
-        source=data.get("source") or {},
-        entries=[Entry.from_json(item) for item in data["entries"]],
-        extra={key: value for key, value in data.items() if key not in _MANIFEST_CORE},
-    )
-
-
-def load_backup(folder: Path) -> Backup:
-    """Read a backup folder's manifest."""
-    try:
-        return backup_from_manifest(folder, json.loads((folder / MANIFEST).read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ToolkitError(f"{folder / MANIFEST} is unreadable or incomplete ({exc}): not a usable backup") from None
-
-
-_MANIFEST_CORE = {"id", "component", "created_at", "label", "source", "entries"}  # the rest is `extra`
-
-
-def check_backup(backup: Backup) -> list[str]:
-    """Compare a backup's payload with its manifest; each problem is one line naming the file."""
-    problems = []
-    listed = {MANIFEST}
-    for entry in backup.entries:
-        listed.add(entry.path)
-        path = backup.path / entry.path
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            problems.append(f"{entry.path}: missing from the backup")
-            continue
-        if entry.type == "file":
-            if not stat.S_ISREG(st.st_mode):
-                problems.append(f"{entry.path}: not a regular file")
-            elif st.st_size != entry.size:
-                problems.append(f"{entry.path}: size {st.st_size}, manifest says {entry.size} (damaged)")
-            elif sha256_file(path) != entry.sha256:
-                problems.append(f"{entry.path}: checksum mismatch (damaged)")
-        elif entry.type == "dir" and not stat.S_ISDIR(st.st_mode):
-            problems.append(f"{entry.path}: not a folder")
-        elif entry.type == "symlink" and (not stat.S_ISLNK(st.st_mode) or os.readlink(path) != entry.target):
-            problems.append(f"{entry.path}: symlink changed")
-    for dirpath, dirnames, filenames in os.walk(backup.path):
-        for name in dirnames + filenames:
-            rel = os.path.relpath(os.path.join(dirpath, name), backup.path)
-            if rel not in listed:
-                problems.append(f"{rel}: in the backup folder but not in its manifest")
-    return problems
 
 
 def _user() -> str:

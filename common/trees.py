@@ -18,7 +18,7 @@ from common.files import (
     sha256_file,
     temp_name,
 )
-from common.store import Backup, Entry
+from common.manifest import Backup, Entry
 
 
 @dataclass

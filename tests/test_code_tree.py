@@ -23,7 +23,8 @@ from code_tree import (
     switch_in,
 )
 from common.errors import ToolkitError, UsageError
-from common.store import Backup, BackupStore, Entry, check_backup, load_backup
+from common.manifest import Backup, Entry, check_backup, load_backup
+from common.store import BackupStore
 
 TREE = "tree"
 HOUR_NS = 3600 * 10**9
@@ -401,7 +402,7 @@ RESTORE_SCRIPT = """
 import sys
 from pathlib import Path
 from code_tree import build_tree, switch_in
-from common.store import load_backup
+from common.manifest import load_backup
 backup, target, live = load_backup(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
 build_tree(backup, "tree", target)
 switch_in(target, live)

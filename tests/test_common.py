@@ -13,9 +13,10 @@ from helpers import ROOT
 
 from common.errors import LockBusy, SettingError, ToolkitError, UsageError
 from common.files import atomic_write, make_private_dir, resolve_inside
+from common.manifest import check_backup
 from common.proc import run_tool
 from common.settings import Settings
-from common.store import BackupStore, check_backup
+from common.store import BackupStore
 
 
 def test_atomic_write_sets_mode_whatever_the_umask_and_leaves_no_temp(tmp_path: Path):

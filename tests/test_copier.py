@@ -19,7 +19,8 @@ import common.copier
 from code_tree import build_tree, snapshot_tree
 from common.copier import PARALLEL_FROM, CopyFailed, CopyJob, copy_all
 from common.errors import ToolkitError
-from common.store import BackupStore, load_backup
+from common.manifest import load_backup
+from common.store import BackupStore
 
 MANY = PARALLEL_FROM + 344  # enough for the workers to share the runs
 
