@@ -6,8 +6,11 @@ before; the filesystem is synced before each timing, and nothing is deleted unti
 writeback or discards do not land in the next):
   first backup             vs cp -a of the tree (a fresh store each round)
   unchanged second backup  vs cp -a (files hard-linked to the first backup)
-  restore                  vs cp -a (checksums, a backup of the live tree, the build beside it, the switch)
+  restore                  vs cp -a (the build beside the live tree, checking every checksum, with a backup of
+                           the live tree meanwhile, then the switch)
   cp -al                   (hard links of every file by coreutils, for the unchanged backup's floor)
+  CPU time                 (user and system, every process of the command): divided by the cores, the
+                           least the command could take if its work were spread perfectly
   the switch itself        (reported by restore)
   two backups on disk      vs the tree's size on disk
 Targets (issue 4): first <= 1.5x, second <= 0.2x, restore <= 1.3x cp -a; two backups <= 1.1x the tree;
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -28,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = 20_000
+CORES = len(os.sched_getaffinity(0))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 
 
@@ -50,15 +55,19 @@ def disk_usage(path: Path) -> int:
     return int(out.split()[0])
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
-    """Seconds the command took, after a sync so earlier writes are not paid for here; and its stdout."""
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Seconds the command took, after a sync so earlier writes are not paid for here; the CPU seconds
+    (user and system) of it and its children, on all cores; and its stdout."""
     subprocess.run(["sync"], check=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"benchmark command failed: {' '.join(argv)}: {done.stderr.strip()}")
-    return elapsed, done.stdout
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return elapsed, cpu, done.stdout
 
 
 def one_round(work: Path, live: Path, n: int) -> dict[str, float]:
@@ -69,14 +78,15 @@ def one_round(work: Path, live: Path, n: int) -> dict[str, float]:
     """
     env = {**os.environ, "DEPLOYMENT_DIR": str(live), "CODE_BACKUP_DIR": str(work / f"store{n}")}
     script = [sys.executable, str(ROOT / "code_rollback.py"), "--json"]
-    figures = {"cp": timed(["cp", "-a", str(live), str(work / f"copy{n}")], env)[0]}
-    figures["first"] = timed([*script, "backup"], env)[0]
-    figures["second"] = timed([*script, "backup"], env)[0]
+    figures: dict[str, float] = {}
+    figures["cp"], figures["cp_cpu"], _ = timed(["cp", "-a", str(live), str(work / f"copy{n}")], env)
+    figures["first"], figures["first_cpu"], _ = timed([*script, "backup"], env)
+    figures["second"], figures["second_cpu"], _ = timed([*script, "backup"], env)
     # Of the copy, not the live tree: a new link changes a file's ctime, which the next snapshot would doubt.
     figures["links"] = timed(["cp", "-al", str(work / f"copy{n}"), str(work / f"links{n}")], env)[0]
     figures["two_backups"] = disk_usage(work / f"store{n}") / disk_usage(live)
     figures["cp_again"] = timed(["cp", "-a", str(live), str(work / f"copy{n}b")], env)[0]
-    figures["restore"], out = timed([*script, "restore", "latest", "--yes"], env)
+    figures["restore"], figures["restore_cpu"], out = timed([*script, "restore", "latest", "--yes"], env)
     report = json.loads(out)
     figures["switch"] = report["switch"]["seconds"]
     figures.update({f"restore_{phase}": value for phase, value in report["seconds"].items()})
@@ -84,6 +94,9 @@ def one_round(work: Path, live: Path, n: int) -> dict[str, float]:
     figures["second_ratio"] = figures["second"] / figures["cp"]
     figures["links_ratio"] = figures["links"] / figures["cp"]
     figures["restore_ratio"] = figures["restore"] / figures["cp_again"]
+    # The least time the work could take, its CPU seconds spread perfectly over every core, against cp -a.
+    for key, cp in (("first", "cp"), ("second", "cp"), ("restore", "cp_again")):
+        figures[f"{key}_floor_ratio"] = figures[f"{key}_cpu"] / CORES / figures[cp]
     return figures
 
 
@@ -106,12 +119,14 @@ def main() -> None:
     print(f"code_rollback.py on {FILES} files ({tree_size / 1e6:.0f} MB on disk), {os.cpu_count()} cores, "
           f"median of {ROUNDS} rounds; each ratio against the cp -a timed just before")
     for r in rounds:
-        print(f"  round: cp {r['cp']:.2f} first {r['first']:.2f} second {r['second']:.2f} cp -al {r['links']:.2f}"
-              f" | cp {r['cp_again']:.2f} restore {r['restore']:.2f}")
+        print(f"  round: cp {r['cp']:.2f} (cpu {r['cp_cpu']:.2f}) first {r['first']:.2f} (cpu {r['first_cpu']:.2f})"
+              f" second {r['second']:.2f} (cpu {r['second_cpu']:.2f}) cp -al {r['links']:.2f}"
+              f" | cp {r['cp_again']:.2f} restore {r['restore']:.2f} (cpu {r['restore_cpu']:.2f})")
     print(f"  cp -a                 {median('cp'):6.2f} s")
     for key, name, target in (("first", "first backup", 1.5), ("second", "unchanged 2nd backup", 0.2),
                               ("restore", "restore", 1.3)):
-        print(f"  {name:<21} {median(key):6.2f} s   {median(key + '_ratio'):5.2f}x cp -a   (target <= {target})")
+        print(f"  {name:<21} {median(key):6.2f} s   {median(key + '_ratio'):5.2f}x cp -a   (target <= {target});"
+              f" its CPU time over {CORES} cores alone: {median(key + '_floor_ratio'):5.2f}x")
     print(f"  cp -al (hard links only, no checks, no manifest) {median('links'):.2f} s   "
           f"{median('links_ratio'):5.2f}x cp -a: the least any snapshot that hard-links every file can cost")
     print(f"    restore: build {median('restore_build'):.2f} s, and meanwhile the backup of the live tree "
