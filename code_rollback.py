@@ -41,12 +41,13 @@ from common.cli import (
     run,
 )
 from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
-from common.errors import Interrupted, ToolkitError, UsageError
+from common.errors import ToolkitError, UsageError
 from common.files import atomic_write, temp_name
 from common.manifest import Backup, load_backup
 from common.proc import run_tool
 from common.progress import Progress, no_progress
 from common.settings import Settings
+from common.signals import stop_signals_held
 from common.store import BackupStore, open_store
 from common.trees import diff_tree, live_paths, restore_tree, tree_entries
 
@@ -159,7 +160,7 @@ def cmd_backup(ctx: Context) -> Result:
 
 
 def cmd_restore(ctx: Context) -> Result:
-    """restore BACKUP: checksums first, a backup of what it replaces, then the tree built aside and switched in."""
+    """restore BACKUP: the tree built aside (every checksum checked) while the live one is saved, then switched in."""
     paths = CodePaths.from_settings(ctx.settings)
     if paths.in_place:
         return _restore_in_place(ctx, paths)
@@ -176,26 +177,30 @@ def cmd_restore(ctx: Context) -> Result:
         # anything live changes, with no separate checksum pass.
         target = build_path(live, backup.id)
         started = time.perf_counter()
-        seconds = {"safety_backup": 0.0}
         safety = None
         if not ctx.args.no_backup and os.path.lexists(live):
-            safety = SafetyBackupMeanwhile(paths, f"before restore of {backup.id}", seconds)
+            safety = SafetyBackupMeanwhile(paths, f"before restore of {backup.id}")
         built = BuildStats()
         try:
             with safety or nullcontext(), ctx.progress(f"building {target}", lambda: built.bytes, backup.size):
                 build_tree(backup, TREE, target, stats=built)
-                seconds["build"] = time.perf_counter() - started
+                build_seconds = time.perf_counter() - started
         except BaseException:
             if target.exists():
                 remove_tree(target)
-            if safety and safety.backup:
-                ctx.warn(f"nothing was switched; the backup of the live tree taken meanwhile stays: {safety.backup.id}")
+            if safety and safety.backup:  # nothing changed, so the copy of the unchanged live tree goes too
+                paths.store.remove(safety.backup)
             raise
-        ids = [safety.backup.id] if safety else []
-        switched, kept = switch_and_keep(target, live)
-        seconds["switch"] = switched.seconds
+        ids = [safety.backup.id] if safety and safety.backup else []
+        try:
+            switched, kept = switch_and_keep(target, live)
+        except BaseException:
+            if ids:
+                ctx.warn(f"the backup of the live tree taken before the switch failed: {ids[0]}")
+            raise
         record_deployed(paths, backup)
-        seconds["total"] = time.perf_counter() - started
+        seconds = {"build": build_seconds, "safety_backup": safety.seconds if safety else 0.0,
+                   "switch": switched.seconds, "total": time.perf_counter() - started}
     lines = [f"restored {backup.id} into {live} ({switched.how}, {switched.seconds * 1000:.1f} ms)"]
     if ids:
         lines.append(f"saved the previous code as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
@@ -211,18 +216,16 @@ class SafetyBackupMeanwhile:
 
     The snapshot mostly stats and links on one core while the build's copies keep the others busy, so
     a restore costs about the build alone. Leaving the block waits for the snapshot and raises its
-    error. When the block fails, or a signal comes while waiting, the snapshot is cancelled (its
-    staging folder removed) before the error goes on; one that had finished stays (`backup`).
+    error. When the block fails, or a stop signal comes, the snapshot is cancelled (its staging folder
+    removed) and waited for before the error goes on; one that had finished is `backup`.
     """
 
-    def __init__(self, paths: CodePaths, label: str, seconds: dict[str, float]):
-        self.paths, self.label, self.seconds = paths, label, seconds
+    def __init__(self, paths: CodePaths, label: str):
+        self.paths, self.label = paths, label
         self.backup: Backup | None = None
         self.error: BaseException | None = None
+        self.seconds = 0.0
         self.stop = threading.Event()
-        # Waited on instead of Thread.join: before Python 3.13 a join cut short by a signal can mark a
-        # running thread as ended.
-        self.finished = threading.Event()
         self.thread = threading.Thread(target=self._take, name="safety-backup", daemon=True)
 
     def _take(self) -> None:
@@ -231,30 +234,29 @@ class SafetyBackupMeanwhile:
             self.backup = take_backup(self.paths, self.label, safety=True, cancelled=self.stop.is_set)[0]
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread when it leaves the block
             self.error = exc
-        finally:
-            self.seconds["safety_backup"] = time.perf_counter() - started
-            self.finished.set()
+        self.seconds = time.perf_counter() - started
 
     def __enter__(self) -> SafetyBackupMeanwhile:
-        self.thread.start()
+        try:
+            with stop_signals_held(self.stop.set):
+                self.thread.start()
+        except BaseException:  # stopped while starting: the cancelled snapshot ends before the stop goes on
+            self._wait(cancel=True)
+            raise
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, trace: object) -> None:
-        if error is not None:
-            self.stop.set()
-        stopped = None
-        while not self.finished.is_set():  # a stop while waiting cancels the snapshot, and still waits for it
-            try:
-                self.finished.wait()
-            except (Interrupted, KeyboardInterrupt) as exc:
-                self.stop.set()
-                stopped = stopped or exc
-        if error is not None:
-            return  # the block's own error goes on
-        if stopped is not None:
-            raise stopped
-        if self.error is not None:
+        self._wait(cancel=error is not None)
+        if error is None and self.error is not None:
             raise self.error
+
+    def _wait(self, cancel: bool) -> None:
+        """Wait for the snapshot to end; a stop signal meanwhile cancels it, and is delivered once it has ended."""
+        if cancel:
+            self.stop.set()
+        with stop_signals_held(self.stop.set):
+            if self.thread.ident is not None:
+                self.thread.join()
 
 
 def build_path(live: Path, release: str) -> Path:
@@ -280,7 +282,11 @@ def switch_and_keep(target: Path, live: Path) -> tuple[Switched, Path | None]:
         raise
     if switched.how == "symlink" or switched.previous is None:
         return switched, None  # a symlink layout keeps its old release folder, as its deploy tool does
-    return switched, set_aside(switched.previous, live)
+    try:
+        return switched, set_aside(switched.previous, live)
+    except OSError as exc:
+        raise ToolkitError(f"the new tree is live in {live}, but the one it replaced could not be set aside "
+                           f"({exc.strerror}): it is at {switched.previous}") from None
 
 
 def _restore_in_place(ctx: Context, paths: CodePaths) -> Result:

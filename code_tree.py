@@ -123,9 +123,12 @@ def snapshot_tree(
     stats = stats if stats is not None else SnapshotStats()
     not_racy_before = time.time_ns() - RACY_NS
 
-    def copied(size: int) -> None:
+    def check_cancelled() -> None:
         if cancelled is not None and cancelled():
             raise Interrupted("the snapshot was cancelled")
+
+    def copied(size: int) -> None:
+        check_cancelled()
         stats.copied += 1
         stats.bytes_copied += size
         stats.bytes += size
@@ -133,8 +136,7 @@ def snapshot_tree(
     payload = str(staging.path)
 
     def regular(path: str, item_dest: str, st: os.stat_result) -> Entry:
-        if cancelled is not None and cancelled():
-            raise Interrupted("the snapshot was cancelled")
+        check_cancelled()
         stats.files += 1
         out = f"{payload}/{item_dest}"  # not os.path.join: this runs once per file, and both parts are plain
         old = before.get(item_dest)

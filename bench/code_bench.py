@@ -116,7 +116,7 @@ def main() -> None:
     def median(key: str) -> float:
         return statistics.median(r[key] for r in rounds)
 
-    print(f"code_rollback.py on {FILES} files ({tree_size / 1e6:.0f} MB on disk), {os.cpu_count()} cores, "
+    print(f"code_rollback.py on {FILES} files ({tree_size / 1e6:.0f} MB on disk), {CORES} cores, "
           f"median of {ROUNDS} rounds; each ratio against the cp -a timed just before")
     for r in rounds:
         print(f"  round: cp {r['cp']:.2f} (cpu {r['cp_cpu']:.2f}) first {r['first']:.2f} (cpu {r['first_cpu']:.2f})"

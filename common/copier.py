@@ -9,8 +9,8 @@ not help: the per-file work holds the interpreter lock. So the copies are made b
 - each worker reports every file (size and sha256, or the error that stopped it) on one shared pipe, in
   writes small enough to arrive whole, and the caller's `done` runs here, in the parent, as they arrive;
 - a worker keeps none of the parent's files open but its two pipes (not the store's lock), and dies
-  with its parent (PR_SET_PDEATHSIG), so a killed run leaves no copier behind; any failure here kills
-  the workers before it is raised.
+  when the thread that started it ends (PR_SET_PDEATHSIG), which copy_all never outlives, so a killed
+  run leaves no copier behind; any failure here, a stop included, kills the workers before it is raised.
 A worker runs only system calls and hashlib, so forking while other threads run (progress, flushing)
 cannot leave it waiting on a lock one of them held.
 """
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from common.errors import ToolkitError
 from common.files import copy_and_hash
+from common.signals import stop_signals_held
 
 PARALLEL_FROM = 256  # fewer files than this are copied here: starting workers would cost more than it saves
 MAX_WORKERS = 8  # past a few, the disk decides
@@ -38,7 +39,6 @@ _MAX_RUNS = 1000
 _RECORD = struct.Struct("<cIQ32s")  # b"R", index, size, sha256; or b"E", index, errno, which path failed
 _PER_WRITE = 4096 // _RECORD.size  # records per write: a pipe write up to PIPE_BUF (4096) is never interleaved
 _SOURCE, _DESTINATION, _NEITHER = b"s", b"d", b"-"
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
 
 
@@ -114,18 +114,14 @@ def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
         tickets_write = -1
         die_with_parent = _die_with_parent_function()
         hashlib.sha256()  # the digest is looked up here, not in a child that may hold a copy of a taken lock
-        # SIGINT and SIGTERM wait until each child is recorded (so a stop kills it) and has its own handlers.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
-            with warnings.catch_warnings():  # Python 3.12+ warns of fork with threads; see the module's docstring
-                warnings.simplefilter("ignore", DeprecationWarning)
-                for _ in range(min(workers, runs)):
-                    pid = os.fork()
-                    if pid == 0:
-                        _worker(jobs, run, tickets_read, results_write, parent, die_with_parent, blocked)
-                    children.append(pid)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        # A stop waits until every child is recorded, so that the cleanup below kills each one.
+        with stop_signals_held(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+ on fork with threads: see above
+            for _ in range(min(workers, runs)):
+                pid = os.fork()
+                if pid == 0:
+                    _worker(jobs, run, tickets_read, results_write, parent, die_with_parent)
+                children.append(pid)
         os.close(results_write)
         results_write = -1
         _collect(jobs, results_read)
@@ -144,13 +140,12 @@ def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
 
 
 def _worker(jobs: Sequence[CopyJob], run: int, tickets: int, results: int, parent: int,
-            die_with_parent: Callable[[], None] | None, signal_mask: set) -> None:
+            die_with_parent: Callable[[], None] | None) -> None:
     """A forked worker's whole life: copy runs until there are none left, report, and leave with os._exit."""
     status = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the parent's to handle
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
         if die_with_parent is not None:
             die_with_parent()
         if os.getppid() != parent:  # the parent died before the line above took effect

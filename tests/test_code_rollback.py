@@ -163,11 +163,12 @@ def test_damaged_backup_is_refused_and_live_tree_unchanged(cw: CodeWorkspace):
     os.chmod(payload, 0o600)
     payload.write_text("print('v1!')\n")
     (Path(os.path.realpath(cw.live)) / "app.py").write_text("print('deployed')\n")
-    before = cw.tree()
+    before, backups = cw.tree(), cw.backup_ids()
     result = cw.run("restore", "latest", "--yes")
     assert result.returncode == 1
     assert "damaged" in result.stderr
     assert cw.tree() == before
+    assert cw.backup_ids() == backups  # the safety backup taken meanwhile went with the failed build
 
 
 def test_lock_held_exits_75_and_commit_is_recorded(cw: CodeWorkspace):
@@ -345,9 +346,7 @@ def test_a_restore_stopped_mid_build_changes_nothing_and_leaves_nothing_behind(t
         os.close(writer)
     assert proc.returncode == 1 and "interrupted by SIG" in err
     assert cw.tree() == before
-    left = sorted(os.listdir(cw.store))
-    assert not [name for name in left if name.startswith(".staging-")]
-    assert set(left) - set(stored) <= {name for name in left if name.endswith("-code")}  # at most a safety backup
+    assert sorted(os.listdir(cw.store)) == stored  # no safety backup, no staging folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["code_backups", "deploy", "releases", "repo"]
 
 

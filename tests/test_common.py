@@ -16,6 +16,7 @@ from common.files import atomic_write, make_private_dir, resolve_inside
 from common.manifest import check_backup
 from common.proc import run_tool
 from common.settings import Settings
+from common.signals import stop_signals_held
 from common.store import BackupStore
 
 
@@ -141,3 +142,17 @@ def test_failed_backup_leaves_nothing(tmp_path: Path):
         staging.add_file(tmp_path, "not-a-file")
     assert [p.name for p in store.root.iterdir()] == [".lock"]
     assert store.backups() == []
+
+
+def test_stop_signals_held_notes_a_signal_and_delivers_it_when_the_block_ends():
+    seen, noted = [], []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append("handled"))
+    try:
+        with stop_signals_held(lambda: noted.append("noted")):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # handlers run between bytecodes: give it some
+                pass
+            seen.append("block went on")
+        assert seen == ["block went on", "handled"] and noted == ["noted"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
