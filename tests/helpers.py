@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,3 +84,19 @@ def database_state(pg_db, dbname: str | None = None) -> dict:
             rows[sequence] = cur.fetchone()
     conn.close()
     return {"schema": schema, "rows": rows}
+
+
+def writer_once_read(fifo: Path, proc: subprocess.Popen, timeout: float = 60) -> int:
+    """Open the fifo's writing end as soon as something reads it (the moment `proc` reaches it); the fd.
+
+    The reader then waits for data, or for the end this fd's closing gives it, for as long as the test needs.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the process ended before it read the fifo"
+        assert time.monotonic() < deadline, f"nothing read {fifo} within {timeout} s"
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO  # no reader yet
+            time.sleep(0.001)

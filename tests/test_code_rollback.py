@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import git, run_script, script_argv, tree_snapshot
+from helpers import git, run_script, script_argv, tree_snapshot, writer_once_read
 
 
 class CodeWorkspace:
@@ -331,14 +331,7 @@ def test_a_restore_stopped_mid_build_changes_nothing_and_leaves_nothing_behind(t
     proc = subprocess.Popen(script_argv("code_rollback.py", "restore", backup_id, "--yes"),
                             env={**os.environ, **cw.env}, cwd=cw.root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    writer = None
-    while writer is None:  # the fifo's writing end opens once a copy is reading it
-        assert proc.poll() is None and time.monotonic() < deadline
-        try:
-            writer = os.open(held, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:
-            time.sleep(0.001)
+    writer = writer_once_read(held, proc)  # a copy worker is reading it
     try:
         proc.send_signal(stop)
         _, err = proc.communicate(timeout=60)
@@ -367,14 +360,8 @@ def test_a_restore_stopped_while_its_safety_backup_runs_cancels_it(tmp_path: Pat
     proc = subprocess.Popen(script_argv("code_rollback.py", "restore", "latest", "--yes"),
                             env={**os.environ, **cw.env}, cwd=cw.root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    writer = writer_once_read(hold, proc)  # the hook is reading: the safety backup has begun and waits
     deadline = time.monotonic() + 60
-    writer = None
-    while writer is None:  # the hook is reading: the safety backup has begun and waits
-        assert proc.poll() is None and time.monotonic() < deadline
-        try:
-            writer = os.open(hold, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:
-            time.sleep(0.001)
     try:
         built = None
         while built is None or tree_snapshot(built) != backed_up:

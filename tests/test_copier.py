@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, tree_snapshot
+from helpers import ROOT, tree_snapshot, writer_once_read
 
 import common.copier
 from code_tree import build_tree, snapshot_tree
@@ -154,15 +154,8 @@ def test_workers_die_with_a_killed_parent_and_hold_no_lock(tmp_path):
     lock = tmp_path / "lock"
     parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, str(tmp_path / "src"), str(tmp_path / "out"),
                                str(lock)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    writer = writer_once_read(fifo, parent)  # a worker is reading it, mid-copy
     deadline = time.monotonic() + 30
-    writer = None
-    while writer is None:  # opening the fifo's writing end succeeds once a worker is reading it
-        assert parent.poll() is None and time.monotonic() < deadline
-        try:
-            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            assert exc.errno == errno.ENXIO
-            time.sleep(0.001)
     try:
         listing = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
         while len(workers := listing.read_text().split()) < 2:  # the fifo may be opened before the second fork
