@@ -41,6 +41,10 @@ _PER_WRITE = 4096 // _RECORD.size  # records per write: a pipe write up to PIPE_
 _SOURCE, _DESTINATION, _NEITHER = b"s", b"d", b"-"
 _MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
 
+# Python 3.12+ warns of any fork while other threads run; a worker is safe (see above). Set once, here:
+# catch_warnings around each fork would race between two threads copying at once.
+warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning)
+
 
 @dataclass
 class CopyJob:
@@ -115,8 +119,7 @@ def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
         die_with_parent = _die_with_parent_function()
         hashlib.sha256()  # the digest is looked up here, not in a child that may hold a copy of a taken lock
         # A stop waits until every child is recorded, so that the cleanup below kills each one.
-        with stop_signals_held(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+ on fork with threads: see above
+        with stop_signals_held():
             for _ in range(min(workers, runs)):
                 pid = os.fork()
                 if pid == 0:
