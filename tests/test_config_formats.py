@@ -430,7 +430,7 @@ def test_json_hand_formatting_next_to_a_change_stays():
 @pytest.mark.parametrize(("text", "message"), [
     ("[1, 2]", "must be an object, got a list"),
     ('"text"', "must be an object, got a string"),
-    ('{"a": 1,}', "does not parse: line 1 column 9"),
+    ('{"a": 1,}', "does not parse: line 1 column "),  # the column and wording are the json module's own
 ])
 def test_json_documents_that_cannot_be_patched(text, message):
     with pytest.raises(UsageError, match=re.escape(message)):
