@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common.copier import CopyJob, copy_all
 from common.errors import ToolkitError, UsageError
-from common.files import PRIVATE_DIR, PRIVATE_FILE, copy_and_hash, file_mode, flushing_meanwhile, sha256_file
+from common.files import PRIVATE_DIR, PRIVATE_FILE, file_mode, flushing_meanwhile, sha256_file
 from common.manifest import Backup, Entry
 
 
@@ -41,11 +41,7 @@ class Staging:
         leave the copy to `copy_later`.
         """
         self._add_dir(str(src), dest, "", exclude, regular)
-        copies, self._copies = self._copies, []
-        if copies:
-            self.unsynced = True
-            with flushing_meanwhile(self.path):  # the payload reaches the disk as it is copied, not all at the seal
-                copy_all(copies)
+        self._copy_queued()
 
     def copy_later(self, src: str, dest: str, entry: Entry, mode: int = PRIVATE_FILE,
                    copied: Callable[[int], None] | None = None) -> None:
@@ -67,7 +63,8 @@ class Staging:
         if stat.S_ISLNK(st.st_mode):
             self._add_symlink(src, dest, st)
         elif stat.S_ISREG(st.st_mode):
-            self._add_regular(src, dest, st)
+            self._add_regular(str(src), dest, st)
+            self._copy_queued()
         else:
             raise UsageError(f"{src} is not a regular file")
 
@@ -116,18 +113,22 @@ class Staging:
             elif stat.S_ISREG(st.st_mode) and regular is not None:
                 self.entries.append(regular(item.path, item_dest, st))
             elif stat.S_ISREG(st.st_mode):
-                entry = Entry(item_dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
-                self.entries.append(entry)
-                self.copy_later(item.path, item_dest, entry)
+                self._add_regular(item.path, item_dest, st)
             else:
                 self.skipped.append(item.path)
 
-    def _add_regular(self, src: str | Path, dest: str, st: os.stat_result) -> None:
-        self.unsynced = True
-        size, digest = copy_and_hash(src, os.path.join(self.path, dest))
-        self.entries.append(
-            Entry(dest, "file", mode=file_mode(st), size=size, sha256=digest, uid=st.st_uid, gid=st.st_gid)
-        )
+    def _add_regular(self, src: str, dest: str, st: os.stat_result) -> None:
+        entry = Entry(dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
+        self.entries.append(entry)
+        self.copy_later(src, dest, entry)
+
+    def _copy_queued(self) -> None:
+        """Make the queued copies, on every core when there are many."""
+        copies, self._copies = self._copies, []
+        if copies:
+            self.unsynced = True
+            with flushing_meanwhile(self.path):  # the payload reaches the disk as it is copied, not all at the seal
+                copy_all(copies)
 
     def _add_symlink(self, src: str | Path, dest: str, st: os.stat_result) -> None:
         target = os.readlink(src)
