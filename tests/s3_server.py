@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -128,8 +129,22 @@ class Bucket:
 
 
 def objects_under(folder: Path) -> dict[str, int]:
-    """Every object the server holds under a bucket folder: its key and size."""
-    return {str(path.relative_to(folder)): path.stat().st_size for path in folder.rglob("*") if path.is_file()}
+    """Every object the server holds under a bucket folder: its key and size.
+
+    rclone writes an upload under a hidden temporary name and renames it when whole: those are not objects
+    yet, and one may vanish between the listing and its stat.
+    """
+    found = {}
+    for path in folder.rglob("*"):
+        if path.name.startswith(".rclone_temp"):
+            continue
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found[str(path.relative_to(folder))] = st.st_size
+    return found
 
 
 def _free_port() -> int:
