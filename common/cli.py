@@ -220,7 +220,8 @@ def add_cleanup_arguments(sub: argparse.ArgumentParser) -> None:
     """DAYS and --keep, the same for every component's cleanup."""
     sub.add_argument("days", metavar="DAYS", type=int, help="remove backups older than this many days")
     sub.add_argument("--keep", type=int, default=3, metavar="N",
-                     help="always keep the newest N backups (default 3, at least 1)")
+                     help="always keep the newest N backups taken with `backup` (default 3, at least 1); "
+                          "safety backups are not counted and go once older than DAYS")
 
 
 def run(

@@ -189,27 +189,26 @@ class BackupStore:
         return next(self._loaded(), None)
 
     def latest(self, match: Callable[[Backup], bool] | None = None) -> Backup | None:
-        """The newest backup taken with `backup` (safety backups only when there is nothing else).
+        """The newest backup taken with `backup` (among those `match` accepts); never a safety backup.
 
         Passing over safety backups keeps `restore latest` meaning "the restore point I took", so a
         retried restore does not bring back the state the first one saved before replacing it.
         """
-        fallback = None
         for backup in self._loaded():
-            if match is not None and not match(backup):
-                continue
-            if not backup.is_safety:
+            if not backup.is_safety and (match is None or match(backup)):
                 return backup
-            fallback = fallback or backup
-        return fallback
+        return None
 
     def resolve(self, ref: str, match: Callable[[Backup], bool] | None = None) -> Backup:
         """Find a backup by `latest` (among those `match` accepts), its id, its folder, or a file inside it."""
         if ref == "latest":
             newest = self.latest(match)
-            if newest is None:
-                raise UsageError(f"no backups in {self.root} yet: take one with `backup`")
-            return newest
+            if newest is not None:
+                return newest
+            if any(backup.is_safety and (match is None or match(backup)) for backup in self._loaded()):
+                raise UsageError(f"no backup taken with `backup` in {self.root}, only safety backups, which "
+                                 "`latest` never means: `list` shows them; restore one by its id")
+            raise UsageError(f"no backups in {self.root} yet: take one with `backup`")
         if "/" not in ref and not ref.startswith("."):
             candidate = self.root / ref
             if (candidate / MANIFEST).is_file():
@@ -261,15 +260,23 @@ def open_store(settings: Settings, store_setting: tuple[str, str], component: st
 
 def retention_split(backups: list[Backup], days: int, keep: int, now: datetime | None = None
                     ) -> tuple[list[Backup], list[Backup]]:
-    """The retention rule, wherever the backups are: older than `days` and beyond the newest `keep` go."""
+    """The retention rule, wherever the backups are: (to remove, to keep).
+
+    Backups taken with `backup` older than `days` go, except the newest `keep` of them. Safety backups
+    (what a restore, update or rollback replaced) are not counted among those `keep`, so they can never
+    push a regular backup out; they go once older than `days`, except the newest when no regular backup is left.
+    """
     if keep < 1:
         raise UsageError("--keep must be at least 1: the newest backup is never removed")
     if days < 0:
         raise UsageError("DAYS must be 0 or more")
     newest_first = sorted(backups, key=lambda backup: (backup.created_at, backup.id), reverse=True)
+    regular = [backup for backup in newest_first if not backup.is_safety]
+    safety = [backup for backup in newest_first if backup.is_safety]
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
-    remove = [backup for backup in newest_first[keep:] if backup.created_at < cutoff]
-    return remove, [backup for backup in newest_first if backup not in remove]
+    doomed = {backup.id for backup in regular[keep:] + safety[0 if regular else 1:] if backup.created_at < cutoff}
+    remove = [backup for backup in newest_first if backup.id in doomed]
+    return remove, [backup for backup in newest_first if backup.id not in doomed]
 
 
 def _user() -> str:
