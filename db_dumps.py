@@ -94,8 +94,9 @@ def dump_into(staging: Staging, server: DbServer, tools: PgTools, fmt: str, jobs
 
 def dump_path(backup: Backup) -> Path:
     """The dump inside a database backup."""
-    for name in (DUMP_FILE, DUMP_DIR):
-        if (backup.path / name).exists():
+    # From the manifest, not the folder: a dump that is a symlink would make pg_restore read anything.
+    for name, kind in ((DUMP_FILE, "file"), (DUMP_DIR, "dir")):
+        if any(entry.path == name and entry.type == kind for entry in backup.entries):
             return backup.path / name
     raise ToolkitError(f"backup {backup.id} holds no {DUMP_FILE} or {DUMP_DIR}")
 

@@ -140,7 +140,7 @@ def copy_and_hash(
     src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     reading = True  # which file a failed read, write or chmod is about
     try:
-        dest_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode if exact else PRIVATE_FILE)
+        dest_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode if exact else PRIVATE_FILE)
         try:
             while chunk := os.read(src_fd, _CHUNK):
                 digest.update(chunk)

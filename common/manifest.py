@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from common.errors import ToolkitError
-from common.files import sha256_file
+from common.files import relative_parts, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -105,7 +107,13 @@ def parse_time(text: str) -> datetime:
 def backup_from_manifest(folder: Path, data: dict, entries: list[Entry] | None = None) -> Backup:
     """A Backup from a manifest's parsed JSON (`folder` is where it is, or would be, in a store).
 
-    `entries`, when given, are the manifest's entries as objects already (a backup just written)."""
+    `entries`, when given, are the manifest's entries as objects already (a backup just written); otherwise
+    they are read and checked with entries_problem, and a manifest that fails it raises UnsafeManifest."""
+    if entries is None:
+        entries = [Entry.from_json(item) for item in data["entries"]]
+        problem = entries_problem(entries)
+        if problem:
+            raise UnsafeManifest(f"the manifest of {data['id']} is refused: {problem}")
     return Backup(
         path=folder,
         id=data["id"],
@@ -113,13 +121,46 @@ def backup_from_manifest(folder: Path, data: dict, entries: list[Entry] | None =
         created_at=parse_time(data["created_at"]),
         label=data.get("label"),
         source=data.get("source") or {},
-        entries=entries if entries is not None else [Entry.from_json(item) for item in data["entries"]],
+        entries=entries,
         extra={key: value for key, value in data.items() if key not in _MANIFEST_CORE},
     )
 
 
+class UnsafeManifest(ToolkitError):
+    """A manifest whose entries could lead a reader out of the backup folder, or that no backup could have."""
+
+
+def entries_problem(entries: list[Entry]) -> str | None:
+    """What makes a manifest's entries unfit to read or write, if anything: the one rule for every reader.
+
+    Each path is relative, without `.`, `..` or empty parts, listed once, and directly inside the payload's
+    top or inside a folder entry of the same manifest, so no path can lead through a symlink (of the
+    backup or of a tree it is written to) or out of the folder. Files carry a size and sha256, symlinks a target.
+    """
+    folders = {entry.path for entry in entries if entry.type == "dir"}
+    seen: set[str] = set()
+    for entry in entries:
+        rel = entry.path
+        if not isinstance(rel, str) or relative_parts(rel) is None:
+            return f"{rel!r} is not a plain relative path"
+        if rel in seen or rel == MANIFEST:
+            return f"{rel!r} twice, or in the manifest's own place"
+        seen.add(rel)
+        parent = rel.rpartition("/")[0]
+        if parent and parent not in folders:
+            return f"{rel!r} is not inside one of the backup's own folders"
+        if entry.type not in ("file", "dir", "symlink"):
+            return f"{rel!r} has an unknown type {entry.type!r}"
+        if entry.type == "file" and not (isinstance(entry.sha256, str) and _SHA256.fullmatch(entry.sha256)
+                                         and isinstance(entry.size, int) and entry.size >= 0):
+            return f"{rel!r} has no sha256 or size"
+        if entry.type == "symlink" and not isinstance(entry.target, str):
+            return f"{rel!r} is a symlink without a target"
+    return None
+
+
 def load_backup(folder: Path) -> Backup:
-    """Read a backup folder's manifest."""
+    """Read a backup folder's manifest; one that entries_problem refuses raises UnsafeManifest."""
     try:
         return backup_from_manifest(folder, json.loads((folder / MANIFEST).read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:

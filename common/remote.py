@@ -31,7 +31,7 @@ from pathlib import Path
 
 from common.errors import SettingError, ToolkitError, UsageError
 from common.files import PRIVATE_DIR, atomic_write, flushing_meanwhile, size_and_sha256
-from common.manifest import MANIFEST, Backup, Entry, backup_from_manifest, load_backup
+from common.manifest import MANIFEST, Backup, Entry, UnsafeManifest, backup_from_manifest, load_backup
 from common.remote_io import (
     PARALLEL,
     SMALL_OBJECT,
@@ -42,7 +42,6 @@ from common.remote_io import (
     Transfer,
     check_content,
     s3_call,
-    safe_relative,
     transfer_config,
 )
 from common.settings import Settings
@@ -188,11 +187,10 @@ class Remote:
             backup = backup_from_manifest(Path(backup_id), json.loads(plain))
         except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
             raise ToolkitError(f"the remote manifest of {backup_id} is unreadable ({exc})") from None
+        except UnsafeManifest as exc:
+            raise ToolkitError(f"the remote {exc}") from None
         if backup.id != backup_id or backup.component != component:
             raise ToolkitError(f"the remote manifest {key} describes {backup.component} {backup.id}: refused")
-        problem = manifest_problem(backup)
-        if problem:
-            raise ToolkitError(f"the remote manifest of {backup_id} is not a whole backup ({problem}): refused")
         return RemoteBackup(backup, plain, {e.path: self.blob_key(e.sha256) for e in backup.files})
 
     # -- push ------------------------------------------------------------------------------------------------
@@ -277,8 +275,7 @@ class Remote:
         done = done or Transfer()
         remote = self.read(store.component, backup_id)
         backup = remote.backup
-        folders = {"", *(entry.path for entry in backup.entries if entry.type == "dir")}
-        paths = {entry.path: safe_relative(entry.path, backup_id, folders) for entry in backup.entries}
+        paths = {entry.path: entry.path.split("/") for entry in backup.entries}  # checked by read()
         done.total_bytes = sum(entry.size for entry in backup.files)
         # Flushed to disk as it arrives, so making the pulled backup durable at the end costs little.
         with store.receive(backup_id) as staging, flushing_meanwhile(staging):
@@ -331,23 +328,6 @@ class Remote:
                                                            Key=self.key(CANDIDATES))["ETag"], RemoteMissing)
         except RemoteMissing:
             return None
-
-
-def manifest_problem(backup: Backup) -> str | None:
-    """What makes a manifest from the remote unfit to become a backup here, if anything."""
-    seen: set[str] = set()
-    for entry in backup.entries:
-        if entry.path in seen or entry.path == MANIFEST:
-            return f"{entry.path!r} twice, or in the manifest's own place"
-        seen.add(entry.path)
-        if entry.type not in ("file", "dir", "symlink"):
-            return f"{entry.path!r} has an unknown type {entry.type!r}"
-        if entry.type == "file" and not (isinstance(entry.sha256, str) and re.fullmatch(r"[0-9a-f]{64}", entry.sha256)
-                                         and isinstance(entry.size, int) and entry.size >= 0):
-            return f"{entry.path!r} has no sha256 or size"
-        if entry.type == "symlink" and not isinstance(entry.target, str):
-            return f"{entry.path!r} is a symlink without a target"
-    return None
 
 
 def remote_manifest(path: Path) -> bytes:

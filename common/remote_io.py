@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from common.errors import ToolkitError, UsageError
-from common.files import relative_parts
 
 SMALL_OBJECT = 8 * 1024 * 1024  # below this a file goes up or down in one request, above in parallel parts
 PART_SIZE = 8 * 1024 * 1024
@@ -86,19 +85,6 @@ def check_content(backup_id: str, path: str, expected: tuple[int, str], size: in
     if (size, digest) != expected:
         raise ToolkitError(f"{backup_id}: {path} does not match its checksum in the local store (damaged): "
                            "not pushed; `verify` names the damage")
-
-
-def safe_relative(rel: str, backup_id: str, folders: set[str]) -> list[str]:
-    """The parts of a manifest path, refused when it could lead out of the backup folder.
-
-    Absolute paths and `..` are refused, and so is anything whose parent is not one of the manifest's
-    own folders: a path under a symlink entry would otherwise be written through the link.
-    """
-    parts = relative_parts(rel)
-    if parts is None or (rel.rpartition("/")[0] or "") not in folders:
-        raise ToolkitError(f"the remote manifest of {backup_id} has an entry {rel!r} that would leave the "
-                           "backup folder: refused")
-    return parts
 
 
 class HashingReader(io.RawIOBase):

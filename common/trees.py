@@ -18,7 +18,7 @@ from common.files import (
     sha256_file,
     temp_name,
 )
-from common.manifest import Backup, Entry
+from common.manifest import Backup, Entry, UnsafeManifest
 
 
 @dataclass
@@ -49,6 +49,8 @@ def tree_entries(backup: Backup, prefix: str) -> dict[str, Entry]:
     found = {}
     for entry in backup.entries:
         if entry.path == prefix:
+            if entry.type != "dir":  # a symlink would carry every write into the tree out of it
+                raise UnsafeManifest(f"backup {backup.id}: {prefix} is a {entry.type}, not a folder: refused")
             found[""] = entry
         elif entry.path.startswith(prefix + "/"):
             found[entry.path[len(prefix) + 1:]] = entry
