@@ -21,7 +21,7 @@ from common.cli import (
 )
 from common.commands import cleanup_backups, count, table
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
-from common.manifest import MANIFEST, Backup, format_time
+from common.manifest import MANIFEST, Backup, check_backup, format_time, load_backup
 from common.settings import Settings
 from common.store import BackupStore, open_store
 from point_steps import BY_NAME, COMPONENTS, Component, Hooks, ScriptRun, ScriptRunner
@@ -146,9 +146,7 @@ def cmd_restore(ctx: Context) -> Result:
         if not plan:
             raise UsageError(f"restore point {point.id} holds none of {', '.join(sorted(wanted))}")
         # Everything that could stop the run part-way is checked before the first change.
-        missing = _missing_parts(ctx.settings, point, plan)
-        if missing:
-            raise UsageError(f"restore point {point.id} cannot be restored: {'; '.join(missing)}; nothing changed")
+        _check_parts(ctx.settings, point, plan)
         url = _health_url(ctx)
         if url:
             validate_url(url)
@@ -174,18 +172,30 @@ def cmd_restore(ctx: Context) -> Result:
                                           if s.restore.data.get("safety_backup"))])
 
 
-def _missing_parts(settings: Settings, point: Backup, plan: list[Component]) -> list[str]:
-    """The parts of the point whose backups are gone (removed by a component's cleanup, say).
-
-    With REMOTE_URL set, a part found only off-host is pulled now, before anything changes."""
-    parts, missing = point.extra["parts"], []
+def _check_parts(settings: Settings, point: Backup, plan: list[Component]) -> None:
+    """Refuse the point unless every part's backup is here (a part found only off-host, with REMOTE_URL set,
+    is pulled now) and whole: its manifest sound and every checksum holding. Nothing has changed yet."""
+    parts, missing, damaged = point.extra["parts"], [], []
     for component in plan:
         store = component.store(settings)
-        here = (store.root / parts[component.name] / MANIFEST).is_file()
-        if not here and not (store.fetch is not None and store.fetch(parts[component.name])):
-            missing.append(f"the {component.title} backup {parts[component.name]} is no longer in {store.root}"
+        backup_id = parts[component.name]
+        here = (store.root / backup_id / MANIFEST).is_file()
+        if not here and not (store.fetch is not None and store.fetch(backup_id)):
+            missing.append(f"the {component.title} backup {backup_id} is no longer in {store.root}"
                            + (" nor on the remote" if store.fetch is not None else ""))
-    return missing
+            continue
+        try:
+            problems = check_backup(load_backup(store.root / backup_id))
+        except ToolkitError as exc:
+            problems = [str(exc)]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            damaged.append(f"the {component.title} backup {backup_id} is damaged: {problems[0]}{more}")
+    if missing:
+        raise UsageError(f"restore point {point.id} cannot be restored: {'; '.join(missing + damaged)}; "
+                         "nothing changed")
+    if damaged:
+        raise ToolkitError(f"restore point {point.id} cannot be restored: {'; '.join(damaged)}; nothing changed")
 
 
 def _only(text: str | None) -> set[str]:

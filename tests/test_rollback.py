@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import threading
@@ -104,15 +105,34 @@ def test_restore_point_puts_all_three_back_in_order(system: System):
     assert [p["id"] for p in listing] == [point["id"]]
 
 
+def test_a_damaged_part_stops_the_restore_before_anything_changes(system: System):
+    point = take_point(system)
+    system.break_everything()
+    broken = system.state()
+    dump = system.root / "db_backups" / point["parts"]["db"] / "db.dump"
+    os.chmod(dump, 0o600)
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped byte in the last step's part
+    dump.write_bytes(bytes(data))
+
+    for args in (["restore", point["id"], "--yes"], ["restore", point["id"], "--dry-run"]):
+        result = system.run(*args)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "database backup" in result.stderr and "damaged" in result.stderr and "nothing changed" in result.stderr
+    assert system.state() == broken
+    config_backups = [p for p in (system.root / "config_backups").iterdir() if not p.name.startswith(".")]
+    assert [p.name for p in config_backups if p.is_dir()] == [point["parts"]["config"]]  # no safety backup taken
+
+
 def test_failure_in_the_code_step_stops_before_the_database_and_prints_working_undo(system: System):
     point = take_point(system)
     system.break_everything()
     broken = system.state()
+    # Damaged after the checks that precede the first step (the pre-restore hook runs after them).
     payload = system.root / "code_backups" / point["parts"]["code"] / "tree" / "app.py"
-    os.chmod(payload, 0o600)
-    payload.write_text("print('damaged in the store')\n")
+    damage = f"chmod 600 {payload} && echo \"print('damaged in the store')\" > {payload}"
 
-    result = system.run("restore", point["id"], "--yes")
+    result = system.run("restore", point["id"], "--yes", PRE_RESTORE_HOOK=f"sh -c {shlex.quote(damage)}")
     assert result.returncode == 1, result.stdout
     assert "STOPPED: code restore failed" in result.stdout and "damaged" in result.stdout
     assert "not restored: code, database" in result.stdout
