@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add_command(commands, "backup", cmd_backup, "take a restore point of every configured component")
     add_backup_arguments(sub)
     sub = add_command(commands, "restore", cmd_restore, "restore a point: configuration, then code, then database",
+                      "Checks first that every part is here (pulled if only off-host) and whole (checksums).\n"
                       "Runs PRE_RESTORE_HOOK, restores each component with its script (which saves what it\n"
                       "replaces first), verifies it, checks health, and stops at the first failure with the\n"
                       "commands that undo the steps already taken; then POST_RESTORE_HOOK and a last health\n"
