@@ -24,4 +24,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/config_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-system .venv-newest .pytest_cache .ruff_cache

@@ -67,6 +67,14 @@ def _version_key(bindir: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".")) if re.fullmatch(r"\d+(\.\d+)*", version) else (-1,)
 
 
+def _runuser() -> str:
+    """runuser, which lives in /usr/sbin: cron's PATH and many CI images' (/usr/bin:/bin) leave that out."""
+    found = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+    if found is None:
+        raise ClusterError("runuser not found (it is in util-linux): needed to start the server as postgres")
+    return found
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -278,7 +286,7 @@ class ThrowawayCluster:
         self._own(path)
 
     def _run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        prefix = ["runuser", "-u", SERVER_OS_USER, "--"] if self._server_account else []
+        prefix = [_runuser(), "-u", SERVER_OS_USER, "--"] if self._server_account else []
         # Inherited PG* variables (PGDATA, PGPORT, PGOPTIONS...) would change what the server does.
         env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
         env["LC_ALL"] = "C"
