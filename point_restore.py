@@ -89,8 +89,9 @@ class Outcome:
             lines.append("not restored: " + (", ".join(c.title for c in self.plan if c not in restored)
                                              or "nothing left"))
         lines += self.notes
-        if self.failure and self.undo:
-            lines.append("to undo the steps already taken, in this order:")
+        if self.undo:
+            lines.append("to undo the steps already taken, in this order:" if self.failure
+                         else "to undo this restore, in this order:")
             lines += [f"  {command}" for command in self.undo]
         return lines
 

@@ -110,6 +110,14 @@ class ScriptRunner:
             data = {}
         return ScriptRun(component, list(args), done.returncode, data, done.stderr, time.monotonic() - started)
 
+    def preview(self, component: Component, backup_id: str) -> tuple[int, list[str]]:
+        """What the script's `restore BACKUP --dry-run` says it would change: its exit code and its lines
+        (its report, or its one-line error)."""
+        done = run_tool(self.argv(component, "restore", backup_id, "--dry-run"), component.script, cwd=self.cwd,
+                        check=False, keep_secrets=True)
+        text = done.stdout.decode(errors="replace") if done.returncode == 0 else done.stderr
+        return done.returncode, [line for line in text.splitlines() if line.strip()]
+
     def shell_line(self, component: Component, *args: str) -> str:
         """A command an operator can paste: run from the same folder, with the same settings."""
         return f"cd {shlex.quote(str(self.cwd))} && {shlex.join(self.argv(component, *args))}"

@@ -155,8 +155,7 @@ def cmd_restore(ctx: Context) -> Result:
                   if c.name in wanted and c.name not in parts]
         order = " -> ".join(f"{c.title} {parts[c.name]}" for c in plan)
         if ctx.dry_run:
-            return Result({"dry_run": True, "point": _describe(point), "plan": [c.name for c in plan]},
-                          [f"would restore, in this order: {order}", *absent], report=True)
+            return _preview(ctx, point, plan, order, absent)
         ctx.confirm(f"Restore {order}?")
 
         def health(check_url: str | None, requests: int | None) -> HealthReport:
@@ -170,6 +169,21 @@ def cmd_restore(ctx: Context) -> Result:
     return Result(outcome.to_json(), outcome.lines(), exit_code=outcome.exit_code, report=True,
                   backup_ids=[point.id, *(s.restore.data["safety_backup"] for s in outcome.done
                                           if s.restore.data.get("safety_backup"))])
+
+
+def _preview(ctx: Context, point: Backup, plan: list[Component], order: str, absent: list[str]) -> Result:
+    """restore --dry-run: the order, and what each step's own `restore --dry-run` says it would change."""
+    runner, parts = runner_for(ctx), point.extra["parts"]
+    steps, lines, exit_code = [], [f"would restore, in this order: {order}"], 0
+    for component in plan:
+        code, said = runner.preview(component, parts[component.name])
+        steps.append({"component": component.name, "backup": parts[component.name], "exit_code": code,
+                      "would": said})
+        lines.append(f"{component.title} ({parts[component.name]}):")
+        lines += [f"  {line}" for line in said]
+        exit_code = exit_code or code
+    return Result({"dry_run": True, "point": _describe(point), "plan": [c.name for c in plan], "steps": steps},
+                  lines + absent, exit_code=exit_code, report=True)
 
 
 def _check_parts(settings: Settings, point: Backup, plan: list[Component]) -> None:

@@ -160,9 +160,12 @@ def test_only_restores_the_named_components(system: System):
     assert system.run("restore", point["id"], "--only", "cache", "--yes").returncode == 2
 
 
-def undo_lines(stdout: str) -> list[str]:
-    return [line.strip() for line in stdout.split("to undo the steps already taken, in this order:")[1]
-            .strip().splitlines()]
+def undo_lines(stdout: str, heading: str = "to undo the steps already taken, in this order:") -> list[str]:
+    return [line.strip() for line in stdout.split(heading)[1].strip().splitlines()]
+
+
+def undo_kinds(undo: list[str]) -> list[tuple[bool, bool, bool]]:
+    return [("database_rollback" in u, "code_rollback" in u, "config_rollback" in u) for u in undo]
 
 
 def test_hooks_run_before_and_after_every_step_and_every_undo_command_works(system: System):
@@ -170,10 +173,13 @@ def test_hooks_run_before_and_after_every_step_and_every_undo_command_works(syst
     system.break_everything()
     broken = system.state()
     seen_before, seen_after = system.root / "seen-before.yml", system.root / "seen-after.yml"
-    result = system.run("--json", "restore", "latest", "--yes",
+    result = system.run("restore", "latest", "--yes",
                         PRE_RESTORE_HOOK=f"cp {system.config / 'app.yml'} {seen_before}",
                         POST_RESTORE_HOOK=f"cp {system.config / 'app.yml'} {seen_after}")
     assert result.returncode == 0, result.stderr + result.stdout
+    # A successful restore's report ends with its undo commands too: psql for the database, newest first.
+    assert undo_kinds(undo_lines(result.stdout, "to undo this restore, in this order:")) == [
+        (False, False, False), (False, True, False), (False, False, True)]
     assert seen_before.read_text() == "server: [broken\n"  # PRE ran before the first step
     assert seen_after.read_text() == "server:\n  port: 8080  # public\n"  # POST ran after the steps
     restored = system.state()
@@ -185,14 +191,28 @@ def test_hooks_run_before_and_after_every_step_and_every_undo_command_works(syst
     assert "POST_RESTORE_HOOK (false) failed" in result.stdout and "everything was restored" in result.stdout
     assert system.state() == restored
     undo = undo_lines(result.stdout)
-    assert [("database_rollback" in u, "code_rollback" in u, "config_rollback" in u) for u in undo] == [
-        (False, False, False), (False, True, False), (False, False, True)]  # psql for the database, newest first
+    assert undo_kinds(undo) == [(False, False, False), (False, True, False), (False, False, True)]
     for command in undo:
         done = subprocess.run(command, shell=True, env={**os.environ, **system.env,
                                                          "PGPASSWORD": system.pg_db.env["DB_PASSWORD"]},
                               capture_output=True, text=True)
         assert done.returncode == 0, (command, done.stderr)
     assert system.state() == broken  # every step undone: the state the rollback replaced is back
+
+
+def test_dry_run_shows_what_each_step_would_change_and_changes_nothing(system: System):
+    point = take_point(system)
+    system.break_everything()
+    broken = system.state()
+    result = system.run("restore", point["id"], "--dry-run")
+    assert result.returncode == 0, result.stderr
+    config, code, database = (result.stdout.split(f"{title} (")[1] for title in ("configuration", "code", "database"))
+    assert "services/cache.json" in config and ".env.app" in config
+    assert "would switch" in code and point["parts"]["code"] in code
+    assert "would restore" in database and system.pg_db.name in database
+    steps = json.loads(system.run("--json", "restore", point["id"], "--dry-run").stdout)["steps"]
+    assert [(s["component"], s["exit_code"]) for s in steps] == [("config", 0), ("code", 0), ("db", 0)]
+    assert system.state() == broken
 
 
 def test_a_failing_pre_hook_stops_the_restore_before_anything_changes(system: System):
