@@ -22,7 +22,7 @@ from common.cli import (
     run,
 )
 from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
-from common.errors import UsageError
+from common.errors import SettingError, UsageError
 from common.files import atomic_write, file_mode, is_inside, resolve_inside
 from common.manifest import Backup, check_backup
 from common.settings import Settings
@@ -45,12 +45,17 @@ class ConfigPaths:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConfigPaths:
-        """CONFIG_DIR, ENV_FILE and CONFIG_BACKUP_DIR with the documented defaults."""
-        return cls(
+        """CONFIG_DIR, ENV_FILE and CONFIG_BACKUP_DIR with the documented defaults; backups inside CONFIG_DIR
+        are refused (each backup would copy the ones before it, until a name grew too long)."""
+        paths = cls(
             config_dir=settings.path("CONFIG_DIR", "./config"),
             env_file=settings.path("ENV_FILE", ".env"),
             store=open_store(settings, STORE_SETTING, COMPONENT),
         )
+        if is_inside(paths.store.root, paths.config_dir):
+            raise SettingError(f"CONFIG_BACKUP_DIR {paths.store.root} is inside CONFIG_DIR {paths.config_dir}: "
+                               "keep the backups outside the configuration they back up")
+        return paths
 
     @property
     def env_in_tree(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from common.audit import append_audit
-from common.errors import EXIT_FAILED, Interrupted, ToolkitError, UsageError
+from common.errors import EXIT_FAILED, Interrupted, SettingError, ToolkitError, UsageError
 from common.metrics import record_run
 from common.progress import show_progress
 from common.rto import OBJECTIVES, RtoReport, rto_for
@@ -237,6 +238,7 @@ def run(
     started, started_at = time.monotonic(), datetime.now(UTC)
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
     settings: Settings | None = None
+    settings_broken = False
     result: Result | None = None
     error: str | None = None
     objective: float | None = None
@@ -248,6 +250,8 @@ def run(
         settings = Settings.load(args.env_file)
         objective = _objective(args, settings, component)
         ctx = Context(args, settings, script, component, store_setting)
+        for warning in settings.warnings:
+            ctx.warn(warning)
         result = args.handler(ctx)
         _attach_rto(ctx, result, component, objective, time.monotonic() - started)
         if args.command == "backup" and result.exit_code == 0 and not ctx.dry_run and push_wanted(ctx):
@@ -260,6 +264,8 @@ def run(
         if isinstance(exc, KeyboardInterrupt):
             exc = Interrupted("interrupted by SIGINT")
         error, code = str(exc), exc.exit_code
+        # With a setting wrong, where the audit log would go (in the backup folder) may be wrong too.
+        settings_broken = isinstance(exc, SettingError)
         _report_error(script, args, error, code)
     except Exception as exc:  # a bug: still one line, the traceback only with --verbose
         error, code = f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILED
@@ -268,7 +274,8 @@ def run(
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     duration = time.monotonic() - started
-    _audit(script, args, settings, store_setting, started_at, duration, code, error, result)
+    if not settings_broken:
+        _audit(script, args, settings, store_setting, started_at, duration, code, error, result)
     _record_metrics(script, args, settings, component, store_setting, code, duration, objective)
     return code
 
@@ -339,9 +346,20 @@ def _store_state(settings: Settings | None, component: str, store_setting: Store
 def _emit(result: Result, args: argparse.Namespace) -> None:
     if args.json:
         document = {"ok": result.exit_code == 0, "command": args.command, **result.data}
-        print(json.dumps(document, indent=2, default=str))
+        _print_out(json.dumps(document, indent=2, default=str))
     elif result.lines and (result.report or result.exit_code != 0 or not args.quiet):
-        print("\n".join(result.lines))
+        _print_out("\n".join(result.lines))
+
+
+def _print_out(text: str) -> None:
+    """Print on stdout; a reader that has gone (`list | head`) took all it wanted, which is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Later writes, and the flush at exit, go nowhere instead of failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _report_error(script: str, args: argparse.Namespace, message: str, code: int) -> None:
@@ -349,7 +367,7 @@ def _report_error(script: str, args: argparse.Namespace, message: str, code: int
         traceback.print_exc()
     print(f"{script}: error: {message}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"ok": False, "command": args.command, "exit_code": code, "error": message}, indent=2))
+        _print_out(json.dumps({"ok": False, "command": args.command, "exit_code": code, "error": message}, indent=2))
 
 
 def _audit(

@@ -26,9 +26,11 @@ def cleanup_backups(ctx: Context, store: BackupStore, script: str) -> Result:
     """cleanup DAYS --keep N: remove old backups and unfinished leftovers; --dry-run only lists them."""
     remove, keep = store.retention_plan(ctx.args.days, ctx.args.keep)
     if ctx.dry_run:
-        lines = [f"would remove {b.id} ({format_time(b.created_at)})" for b in remove] or ["nothing to remove"]
-        return Result({"dry_run": True, "would_remove": [b.id for b in remove], "kept": [b.id for b in keep]},
-                      lines, report=True)
+        leftovers = store.leftovers()
+        lines = [f"would remove {b.id} ({format_time(b.created_at)})" for b in remove]
+        lines += [f"would remove unfinished {name}" for name in leftovers]
+        return Result({"dry_run": True, "would_remove": [b.id for b in remove], "kept": [b.id for b in keep],
+                       "would_remove_leftovers": leftovers}, lines or ["nothing to remove"], report=True)
     with store.lock(f"{script} cleanup"):
         remove, keep = store.retention_plan(ctx.args.days, ctx.args.keep)
         for backup in remove:

@@ -72,9 +72,12 @@ class RemoteConfig:
         url = settings.text("REMOTE_URL")
         if url is None:
             return None
-        match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?", url.strip())
+        match = re.fullmatch(r"s3://([^/]*)(?:/(.*))?", url.strip())
         if not match:
             raise SettingError(f"REMOTE_URL must look like s3://bucket/prefix, got {url!r}")
+        problem = bucket_name_problem(match.group(1))
+        if problem:
+            raise SettingError(f"REMOTE_URL {url!r}: the bucket name {match.group(1)!r} {problem}")
         credentials = {name: value for name in CREDENTIAL_SETTINGS
                        if name not in os.environ and (value := settings.text(name))}
         return cls(match.group(1), (match.group(2) or "").strip("/"), settings.text("S3_ENDPOINT_URL"),
@@ -328,6 +331,17 @@ class Remote:
                                                            Key=self.key(CANDIDATES))["ETag"], RemoteMissing)
         except RemoteMissing:
             return None
+
+
+def bucket_name_problem(name: str) -> str | None:
+    """Why S3 would refuse `name` as a bucket name, if it would (3-63 of a-z 0-9 . -, a letter or digit at each end)."""
+    if not 3 <= len(name) <= 63:
+        return f"has {len(name)} characters; S3 bucket names have 3 to 63"
+    if not re.fullmatch(r"[a-z0-9.\-]+", name):
+        return "may hold only lowercase letters, digits, dots and hyphens"
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        return "must begin and end with a letter or a digit"
+    return None
 
 
 def remote_manifest(path: Path) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import io
 import math
 import os
 from pathlib import Path
@@ -9,6 +11,21 @@ from pathlib import Path
 from common.errors import SettingError
 
 DEFAULT_ENV_FILE = ".env"
+
+# Every setting the toolkit reads (README's table lists each); a near miss of one of these is warned about.
+KNOWN_SETTINGS = frozenset({
+    "CONFIG_DIR", "CONFIG_BACKUP_DIR", "ENV_FILE", "AUDIT_LOG",
+    "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD", "BACKUP_DIR", "MIGRATIONS_DIR", "DB_LOCK_TIMEOUT",
+    "PG_BINDIR",
+    "REPO_PATH", "DEPLOYMENT_DIR", "CODE_BACKUP_DIR", "CODE_EXCLUDE",
+    "POINTS_DIR", "PRE_RESTORE_HOOK", "POST_RESTORE_HOOK", "HOOK_TIMEOUT_SECONDS", "HEALTHCHECK_URL",
+    "HEALTH_MAX_ERROR_RATE", "HEALTH_MAX_P95_MS", "HEALTH_MAX_CPU", "HEALTH_MAX_MEMORY", "HEALTH_REQUESTS",
+    "HEALTH_TIMEOUT", "HEALTH_MAX_CONNECTIONS_PERCENT", "HEALTH_MAX_TRANSACTION_SECONDS", "HEALTH_MAX_BLOCKED",
+    "RTO_CONFIG_SECONDS", "RTO_CODE_SECONDS", "RTO_DATABASE_SECONDS", "METRICS_FILE",
+    "REMOTE_URL", "S3_ENDPOINT_URL", "REMOTE_AUTO_PUSH", "REMOTE_ENCRYPTION_KEY_FILE", "REMOTE_CLEANUP_GRACE_SECONDS",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+})
+_NEAR_MISS = 0.9  # difflib's ratio: CONFG_DIR and DB_PASWORD are 0.95 from the real names
 
 
 class Settings:
@@ -18,6 +35,7 @@ class Settings:
         self._environ = environ
         self._file_values = file_values
         self.env_file = env_file  # the file the settings were read from, if any
+        self.warnings = _near_misses(file_values, env_file) + _near_misses(environ, None)
 
     @classmethod
     def load(cls, env_file: str | None = None, environ: dict[str, str] | None = None) -> Settings:
@@ -90,11 +108,31 @@ class Settings:
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
+    """The file's settings; a line python-dotenv cannot read stops the run (its value would silently be lost)."""
     from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
 
     try:
-        values = dotenv_values(path, interpolate=True)
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingError(f"cannot read settings file {path}: {exc}") from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:  # the line itself is not shown: it may hold a password
+            raise SettingError(f"settings file {path}, line {binding.original.line}: not KEY=value "
+                               "(e.g. DB_PORT=5432); fix or remove the line")
+    values = dotenv_values(stream=io.StringIO(text), interpolate=True)
     # A bare `KEY` line yields None: treat it as unset rather than as an empty string.
     return {key: value for key, value in values.items() if value is not None}
+
+
+def _near_misses(values: dict[str, str], source: Path | None) -> list[str]:
+    """A warning for each name that is not a setting but is one letter or so away from one (CONFG_DIR)."""
+    where = f"{source}: " if source else "the environment: "
+    found = []
+    for name in sorted(values):
+        if name in KNOWN_SETTINGS:
+            continue
+        close = difflib.get_close_matches(name, KNOWN_SETTINGS, n=1, cutoff=_NEAR_MISS)
+        if close:
+            found.append(f"{where}{name} is not a setting of the toolkit: did you mean {close[0]}?")
+    return found

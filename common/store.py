@@ -236,16 +236,22 @@ class BackupStore:
         fsync_dir(self.root)
         shutil.rmtree(doomed)
 
+    def leftovers(self) -> list[str]:
+        """The staging and deleting folders in the store: what runs that died left, unless a run holding the lock
+        is writing one now."""
+        if not self.root.is_dir():
+            return []
+        return [item.name for item in sorted(self.root.iterdir())
+                if item.name.startswith((STAGING_PREFIX, DELETING_PREFIX)) and item.is_dir()]
+
     def remove_leftovers(self) -> list[str]:
         """Remove staging and deleting folders of runs that died; only safe while holding the lock."""
         if not self.locked:
             raise RuntimeError("remove_leftovers needs the store lock")
-        removed = []
-        for item in sorted(self.root.iterdir()):
-            if item.name.startswith((STAGING_PREFIX, DELETING_PREFIX)) and item.is_dir():
-                shutil.rmtree(item)
-                removed.append(item.name)
-        return removed
+        names = self.leftovers()
+        for name in names:
+            shutil.rmtree(self.root / name)
+        return names
 
 
 def open_store(settings: Settings, store_setting: tuple[str, str], component: str) -> BackupStore:

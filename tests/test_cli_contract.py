@@ -1,0 +1,98 @@
+"""What every script promises at its edges: settings read strictly, one-line errors, a pipe closed early."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, run_script, script_argv
+
+from common.settings import KNOWN_SETTINGS
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "app.yml").write_text("port: 8080\n")
+    return tmp_path
+
+
+def config(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return run_script("config_rollback.py", *args, cwd=site,
+                      env={"CONFIG_DIR": str(site / "config"), "CONFIG_BACKUP_DIR": str(site / "store"),
+                           "ENV_FILE": str(site / "app.env"), **env})
+
+
+def test_a_malformed_line_in_the_settings_file_stops_the_run(site: Path):
+    (site / "settings.env").write_text("DB_NAME=app\nDB_PASSWORD hunter2\n")
+    result = config(site, "--env-file", str(site / "settings.env"), "backup")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"config_rollback.py: error: settings file {site / 'settings.env'}, line 2: not KEY=value "
+        "(e.g. DB_PORT=5432); fix or remove the line"]
+    assert "hunter2" not in result.stderr + result.stdout and not (site / "store").exists()
+
+
+def test_a_near_miss_of_a_setting_is_warned_about(site: Path):
+    (site / ".env").write_text("CONFG_DIR=elsewhere\nDB_PASWORD=x\nAPI_URL=https://example.test\n")
+    result = config(site, "list")
+    assert result.returncode == 0, result.stderr
+    warnings = result.stderr.strip().splitlines()
+    assert len(warnings) == 2
+    assert "CONFG_DIR is not a setting of the toolkit: did you mean CONFIG_DIR?" in warnings[0]
+    assert "did you mean DB_PASSWORD?" in warnings[1] and "API_URL" not in result.stderr
+
+
+def test_every_setting_is_in_readme_and_known():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Settings")[1].split("\n## ")[0]
+    documented = set(re.findall(r"^\| (.*?) \|", table, re.M)) - {"variable", "---"}
+    documented = {name for cell in documented for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cell)}
+    assert documented == KNOWN_SETTINGS
+    read = set()
+    for path in ROOT.glob("**/*.py"):
+        if ".venv" in path.parts or "tests" in path.parts:
+            continue
+        read |= set(re.findall(r"settings\.(?:text|path|integer|number|raw)\(\s*\"([A-Z][A-Z0-9_]+)\"",
+                               path.read_text()))
+        read |= set(re.findall(r"\(\"([A-Z][A-Z0-9_]+_(?:DIR|SECONDS|FILE))\", ", path.read_text()))
+    assert read <= KNOWN_SETTINGS, read - KNOWN_SETTINGS
+
+
+def test_a_bucket_name_is_refused_for_its_real_reason(site: Path):
+    result = config(site, "list", "--remote", REMOTE_URL="s3://bk/app1")
+    assert result.returncode == 2
+    assert "the bucket name 'bk' has 2 characters; S3 bucket names have 3 to 63" in result.stderr
+
+
+def test_a_reader_that_has_gone_is_not_an_error(site: Path):
+    assert config(site, "backup").returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `list | head` once head has exited: every write finds no reader
+    env = {**os.environ, "CONFIG_DIR": str(site / "config"), "CONFIG_BACKUP_DIR": str(site / "store")}
+    done = subprocess.run(script_argv("config_rollback.py", "list"), cwd=site, env=env, stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write_end)
+    assert done.returncode == 0 and done.stderr == ""
+
+
+def test_cleanup_dry_run_names_the_leftovers_the_real_run_removes(site: Path):
+    assert config(site, "backup").returncode == 0
+    leftover = site / "store" / ".staging-20260101T000000.000Z-config"
+    leftover.mkdir()
+    result = config(site, "--json", "--dry-run", "cleanup", "30")
+    assert json.loads(result.stdout)["would_remove_leftovers"] == [leftover.name] and leftover.is_dir()
+    assert "would remove unfinished .staging-" in config(site, "--dry-run", "cleanup", "30").stdout
+    result = config(site, "--json", "cleanup", "30")
+    assert json.loads(result.stdout)["leftovers_removed"] == [leftover.name] and not leftover.exists()
+
+
+def test_backups_inside_the_config_folder_are_refused_at_start(site: Path):
+    for command in (["backup"], ["list"], ["verify"]):
+        result = config(site, *command, CONFIG_BACKUP_DIR=str(site / "config" / "backups"))
+        assert result.returncode == 2 and "is inside CONFIG_DIR" in result.stderr
+    assert not (site / "config" / "backups").exists()
