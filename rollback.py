@@ -23,7 +23,7 @@ from common.commands import cleanup_backups, count, table
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
 from common.manifest import MANIFEST, Backup, check_backup, format_time, load_backup
 from common.settings import Settings
-from common.store import BackupStore, open_store
+from common.store import BACKUP_ID, BackupStore, open_store
 from point_steps import BY_NAME, COMPONENTS, Component, Hooks, ScriptRun, ScriptRunner
 
 if TYPE_CHECKING:  # the health module pulls in urllib; --help stays instant without it
@@ -193,6 +193,9 @@ def _check_parts(settings: Settings, point: Backup, plan: list[Component]) -> No
     for component in plan:
         store = component.store(settings)
         backup_id = parts[component.name]
+        if not isinstance(backup_id, str) or not BACKUP_ID.fullmatch(backup_id):
+            raise ToolkitError(f"restore point {point.id} names {backup_id!r} as its {component.title} backup, "
+                               "which is not a backup id: refused, nothing changed")
         here = (store.root / backup_id / MANIFEST).is_file()
         if not here and not (store.fetch is not None and store.fetch(backup_id)):
             missing.append(f"the {component.title} backup {backup_id} is no longer in {store.root}"

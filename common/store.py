@@ -26,7 +26,8 @@ from common.manifest import MANIFEST, MANIFEST_FORMAT, Backup, backup_from_manif
 from common.settings import Settings
 from common.staging import Staging
 
-_SAFE_ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[A-Za-z0-9_.-]+")
+# What a backup id looks like: one path component that sorts by time (see _new_id).
+BACKUP_ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[A-Za-z0-9_.-]+")
 STAGING_PREFIX = ".staging-"
 DELETING_PREFIX = ".deleting-"
 LOCK_FILE = ".lock"
@@ -125,7 +126,7 @@ class BackupStore:
         """
         if not self.locked:
             raise RuntimeError("receive needs the store lock")
-        if not _SAFE_ID.fullmatch(backup_id):
+        if not BACKUP_ID.fullmatch(backup_id):
             raise ToolkitError(f"{backup_id!r} is not a backup id: refused")
         if (self.root / backup_id).exists():
             raise UsageError(f"backup {backup_id} is already in {self.root}")

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import run_script
 from test_code_rollback import CodeWorkspace
 from test_config_rollback import APP_YML, Workspace
 from test_database_rollback import DbWorkspace
@@ -143,3 +144,23 @@ def test_database_restore_refuses_a_dump_that_is_a_symlink(pg_db, tmp_path: Path
     result = dbw.run("restore", str(crafted), "--yes")
     assert result.returncode == 1, result.stderr
     assert dbw.sql("SELECT n FROM t ORDER BY n") == [(1,), (2,)]
+
+
+def test_a_restore_point_naming_a_path_instead_of_a_backup_id_is_refused(ws: Workspace, tmp_path: Path):
+    env = {**ws.env, "POINTS_DIR": str(tmp_path / "points")}
+    result = run_script("rollback.py", "--json", "backup", env=env, cwd=ws.root)
+    assert result.returncode == 0, result.stderr
+    point = json.loads(result.stdout)["point"]
+    part = point["parts"]["config"]
+    # A whole, consistent backup, but outside the config store, reached from it through `..`.
+    shutil.copytree(ws.store / part, tmp_path / "elsewhere" / part)
+    point_manifest = tmp_path / "points" / point["id"] / "manifest.json"
+    os.chmod(point_manifest, 0o600)
+    data = json.loads(point_manifest.read_text())
+    data["parts"]["config"] = f"../../../elsewhere/{part}"
+    point_manifest.write_text(json.dumps(data))
+    before = ws.live()
+
+    result = run_script("rollback.py", "restore", point["id"], "--yes", env=env, cwd=ws.root)
+    assert result.returncode == 1 and "not a backup id" in result.stderr, result.stderr
+    assert ws.live() == before
