@@ -191,7 +191,7 @@ class Remote:
         except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
             raise ToolkitError(f"the remote manifest of {backup_id} is unreadable ({exc})") from None
         except UnsafeManifest as exc:
-            raise ToolkitError(f"the remote {exc}") from None
+            raise ToolkitError(f"{exc} (on {self.describe()})") from None
         if backup.id != backup_id or backup.component != component:
             raise ToolkitError(f"the remote manifest {key} describes {backup.component} {backup.id}: refused")
         return RemoteBackup(backup, plain, {e.path: self.blob_key(e.sha256) for e in backup.files})

@@ -337,7 +337,7 @@ def test_a_hostile_manifest_cannot_write_outside_the_store(tmp_path: Path, remot
     assert result.returncode == 1 and "refused" in result.stderr and "tree/link/evil" in result.stderr
     assert list(outside.iterdir()) == [] and not (site.store / backup_id).exists()
 
-    manifest["entries"] = [{"path": "tree", "type": "dir", "mode": 0o700}, {**blob, "sha256": None}]
+    manifest["entries"] = [{"path": "config", "type": "dir", "mode": 0o700}, {**blob, "sha256": None}]
     remote.client().put_object(Bucket=remote.name, Key=f"backups/config/manifests/{backup_id}",
                                Body=gzip.compress(json.dumps(manifest).encode()))
     result = site.run("pull", backup_id)
