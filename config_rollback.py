@@ -344,17 +344,20 @@ def build_parser():
     sub = add_command(commands, "update", cmd_update, "merge-patch one YAML, JSON or .env file",
                       "Applies JSON as an RFC 7386 merge patch (objects merge, null deletes a key, anything\n"
                       "else replaces) and shows the diff. Lines the patch does not touch stay byte for byte.\n"
-                      "Values of password/secret/token keys are masked in the diff.",
+                      "Values of password/secret/token keys are masked in the diff. A file or patch nested\n"
+                      "deeper than 100 levels, YAML aliases adding more than 100,000 values, NaN, Infinity\n"
+                      "or a number JSON cannot hold is refused (exit 2).",
                       secret_args=("patch",))
     sub.add_argument("file", metavar="FILE", help="a file relative to CONFIG_DIR, or the ENV_FILE")
     sub.add_argument("patch", metavar="JSON", help="the merge patch, a JSON object")
     add_no_backup_argument(sub)
 
     sub = add_verify_command(commands, cmd_verify, "check that the configuration parses and matches a backup",
-                      "Every YAML/JSON/.env/TOML/INI file must parse; ENV_FILE must not be readable by group\n"
-                      "or others and must have the keys of a .env.example beside it; the newest backup's\n"
-                      "checksums must hold. Drift from the newest backup is reported; with --against any\n"
-                      "drift from that backup is a problem. Problems exit 3.")
+                      "Every YAML/JSON/.env/TOML/INI file must parse within the bounds of update (see its\n"
+                      "--help); ENV_FILE must not be readable by group or others and must have the keys of a\n"
+                      ".env.example beside it; the newest backup's checksums must hold. Drift from the newest\n"
+                      "backup is reported; with --against any drift from that backup is a problem. Problems\n"
+                      "exit 3.")
     sub.add_argument("--against", metavar="BACKUP", help="fail (exit 3) on any drift from this backup")
 
     add_store_commands(commands, cmd_cleanup, cmd_list)

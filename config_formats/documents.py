@@ -12,6 +12,7 @@ from typing import Any
 
 from common.errors import UsageError
 
+from .bounds import Refused, bounded_yaml, load_json
 from .checks import _yaml_error_position
 from .envfile import _patch_env
 from .linemerge import _first_reading_back, _in_style_of, _merged
@@ -41,9 +42,7 @@ def patch_text(fmt: str, text: str, patch: dict) -> str:
 
 
 def _yaml_rt() -> Any:
-    from ruamel.yaml import YAML
-
-    yaml = YAML(typ="rt")
+    yaml = bounded_yaml("rt")
     yaml.preserve_quotes = True
     yaml.width = 1 << 30  # never fold long lines
     return yaml
@@ -54,6 +53,8 @@ def _yaml_load_one(yaml: Any, text: str) -> Any:
 
     try:
         docs = list(yaml.load_all(text))
+    except Refused as exc:
+        raise UsageError(f"the YAML file is refused: line {exc.line} column {exc.column}: {exc.message}") from None
     except YAMLError as exc:
         line, column, message = _yaml_error_position(exc, text)
         raise UsageError(f"the YAML file does not parse: line {line} column {column}: {message}") from None
@@ -241,7 +242,9 @@ def _json_style(text: str) -> tuple[str | None, tuple[str, str]]:
 def _patch_json(text: str, patch: dict) -> str:
     bom, original = _split_bom(text)
     try:
-        data = json.loads(original)
+        data = load_json(original)
+    except Refused as exc:
+        raise UsageError(f"the JSON file is refused: line {exc.line} column {exc.column}: {exc.message}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"the JSON file does not parse: line {exc.lineno} column {exc.colno}: {exc.msg}"
                          ) from None

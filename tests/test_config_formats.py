@@ -8,6 +8,7 @@ import io
 import json
 import random
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from ruamel.yaml import YAML
 
 import config_formats as cf
 from common.errors import ToolkitError, UsageError
+from config_formats.bounds import MAX_DEPTH
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
@@ -563,6 +565,96 @@ def test_check_file_reports_undecodable_bytes(tmp_path):
     path.write_bytes(b"a: 1\nb: caf\xe9\n")
     problem = cf.check_file(path, "yaml")
     assert (problem.line, problem.column) == (2, 7) and "UTF-8" in problem.message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bounds: crafted documents are refused at once, with their position, by every reader
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """The "billion laughs": each level a list of nine aliases of the level before (9**9 strings)."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\nport: 1\n"
+
+
+def nested(depth: int, opening: str = "[", closing: str = "]") -> str:
+    return opening * depth + closing * depth
+
+
+BEYOND_BOUNDS = [  # (file name, text, line, column, message)
+    ("bomb.yaml", alias_bomb(), 6, 10, "aliases expand the document by more than 100,000 values"),
+    ("endless.yaml", "a: 1\nb: &b [1, *b]\n", 2, 11, "the alias *b is inside what it names"),
+    ("flow.yaml", "a: " + nested(5000) + "\n", 1, 104, "nested deeper than 100 levels"),
+    ("block.yaml", "".join(" " * i + f"k{i}:\n" for i in range(150)) + " " * 150 + "x: 1\n", 101, 101,
+     "nested deeper than 100 levels"),
+    ("deep.json", '{"a": ' + nested(900) + "}", 1, 106, "nested deeper than 100 levels"),
+    ("deeper.json", '{"a": ' + nested(100_000) + "}", 1, 106, "nested deeper than 100 levels"),
+    ("deep.toml", "a = " + nested(5000) + "\n", 1, 105, "nested deeper than 100 levels"),
+    ("long.json", '{"n": ' + "7" * 5000 + "}", 1, 7, "an integer of 5000 digits"),
+    ("long.yaml", "a: 1\nn: " + "7" * 5000 + "\n", 2, 4, "an integer of 5000 digits"),
+    ("long.toml", "n = " + "7" * 5000 + "\n", 1, 5, "an integer of 5000 digits"),
+    ("huge.json", '{"a": [1, 1e999]}', 1, 11, "1e999 is beyond the range of a number"),
+    ("nan.json", '{"a": [1, NaN]}', 1, 11, "NaN is not a JSON value"),
+    ("inf.json", '{"a": -Infinity}', 1, 7, "-Infinity is not a JSON value"),
+    ("month.yaml", "a: 1\nb: 2024-13-01\n", 2, 4, "month must be in 1..12"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "line", "column", "message"), BEYOND_BOUNDS,
+                         ids=[case[0] for case in BEYOND_BOUNDS])
+def test_check_file_refuses_documents_beyond_the_bounds_at_once(tmp_path, name, text, line, column, message):
+    path = write(tmp_path / name, text)
+    started = time.monotonic()
+    problem = cf.check_file(path, cf.file_format(path))
+    assert time.monotonic() - started < 1
+    assert problem is not None and (problem.line, problem.column) == (line, column), problem
+    assert message in problem.message
+
+
+@pytest.mark.parametrize(("name", "text", "line", "column", "message"),
+                         [case for case in BEYOND_BOUNDS if not case[0].endswith(".toml")],
+                         ids=[case[0] for case in BEYOND_BOUNDS if not case[0].endswith(".toml")])
+def test_update_refuses_documents_beyond_the_bounds_at_once(name, text, line, column, message):
+    started = time.monotonic()
+    with pytest.raises(UsageError, match=rf"line {line} column {column}: .*{re.escape(message)}"):
+        cf.patch_text(cf.editable_format(Path(name)), text, {"port": 2})
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ('{"a": ' + nested(900) + "}", "the patch is refused: nested deeper than 100 levels at line 1 column 106"),
+    ('{"a": ' + nested(100_000, "{", "}") + "}", "nested deeper than 100 levels"),
+    ('{"a": 1e999}', "the patch is refused: 1e999 is beyond the range of a number"),
+    ('{"a": -1E+400}', "-1E+400 is beyond the range of a number"),
+    ('{"a": Infinity}', "the patch is not valid JSON: Infinity is not a JSON value at line 1 column 7"),
+    ('{"a": [-Infinity]}', "-Infinity is not a JSON value"),
+    ('{"a": ' + "9" * 4301 + "}", "an integer of 4301 digits"),
+])
+def test_patches_beyond_the_bounds_are_refused(patch, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        cf.parse_merge_patch(patch)
+
+
+def test_documents_just_within_the_bounds_are_patched():
+    deepest: object = 1
+    for _ in range(MAX_DEPTH):  # collections inside collections, the document's own included
+        deepest = {"k": deepest}
+    patch: dict = {"new": 2}
+    for _ in range(MAX_DEPTH - 1):
+        patch = {"k": patch}
+    assert cf.parse_merge_patch(json.dumps(patch)) == patch
+    text = json.dumps(deepest, indent=2)
+    assert json.loads(cf.patch_text("json", text, patch)) == cf.apply_merge_patch(copy.deepcopy(deepest), patch)
+    block = io.StringIO()
+    YAML().dump(deepest, block)
+    for text in (block.getvalue(), "a: " + json.dumps(deepest["k"]) + "\n"):
+        expected = cf.apply_merge_patch(yaml_data(text), patch if text is block.getvalue() else {"a": patch["k"]})
+        new = cf.patch_text("yaml", text, patch if text is block.getvalue() else {"a": patch["k"]})
+        assert yaml_data(new) == expected
+    # aliases that add fewer values than the bound are read as before
+    shared = "base: &b [" + ", ".join(map(str, range(999))) + "]\n" + "".join(f"u{i}: *b\n" for i in range(99))
+    assert yaml_data(cf.patch_text("yaml", shared + "x: 1\n", {"x": 2}))["u98"] == list(range(999))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -53,8 +54,9 @@ class Workspace:
             "ENV_FILE": str(self.env_file),
         }
 
-    def run(self, *args: str, umask: int | None = None) -> subprocess.CompletedProcess:
-        return run_script("config_rollback.py", *args, env=self.env, cwd=self.root, umask=umask)
+    def run(self, *args: str, umask: int | None = None, **options) -> subprocess.CompletedProcess:
+        """The script run in this workspace; `options` go to run_script (stdin, limits, timeout)."""
+        return run_script("config_rollback.py", *args, env=self.env, cwd=self.root, umask=umask, **options)
 
     def backup_ids(self) -> list[str]:
         listing = self.run("--json", "list")
@@ -255,6 +257,42 @@ def test_update_bad_input_is_exit_2_with_nothing_changed(ws: Workspace, name: st
     assert message.lower() in result.stderr.lower()
     assert ws.live() == before
     assert ws.backup_ids() == []
+
+
+def test_alias_bomb_is_refused_at_once_and_frees_the_lock(ws: Workspace):
+    levels = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (ws.config / "bomb.yml").write_text("\n".join(levels) + "\nport: 1\n")
+    before = ws.live()
+    started = time.monotonic()
+    # With 1 GiB of memory at most, a run that expanded the aliases would fail, not take the machine's.
+    result = ws.run("update", "bomb.yml", '{"port": 2}', limits={resource.RLIMIT_AS: 1 << 30}, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 10
+    assert result.stderr.strip().splitlines() == [
+        "config_rollback.py: error: the YAML file is refused: line 6 column 10: aliases expand the document by "
+        "more than 100,000 values (an alias bomb?)"]
+    assert ws.live() == before and ws.backup_ids() == []
+    assert ws.run("backup").returncode == 0  # the lock was let go
+
+    result = ws.run("verify", limits={resource.RLIMIT_AS: 1 << 30}, timeout=30)
+    assert result.returncode == 3
+    assert "bomb.yml:6:10: aliases expand the document by more than 100,000 values" in result.stdout
+
+
+@pytest.mark.parametrize(("file", "patch", "message"), [
+    ("app.yml", '{"a": ' + "[" * 900 + "]" * 900 + "}", "the patch is refused: nested deeper than 100 levels"),
+    ("app.yml", '{"a": 1e999}', "the patch is refused: 1e999 is beyond the range of a number"),
+    ("app.yml", '{"a": NaN}', "the patch is not valid JSON: NaN is not a JSON value"),
+    ("deep.json", '{"a": 1}', "the JSON file is refused: line 1 column 106: nested deeper than 100 levels"),
+])
+def test_update_refuses_what_it_cannot_hold_with_exit_2(ws: Workspace, file: str, patch: str, message: str):
+    (ws.config / "deep.json").write_text('{"a": ' + "[" * 900 + "]" * 900 + "}\n")
+    before = ws.live()
+    result = ws.run("update", file, patch)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert ws.live() == before and ws.backup_ids() == []
 
 
 def test_verify_names_broken_file_with_line_and_column(ws: Workspace):
