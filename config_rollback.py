@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import config_formats
 from common.cli import (
     Context,
     Result,
@@ -126,8 +127,6 @@ def resolve_target(paths: ConfigPaths, name: str) -> Path:
 
 def patch_file(target: Path, patch_json: str, env_file: Path) -> tuple[bytes, str, str]:
     """Apply a merge patch to a config file's text; return (new bytes, old text, new text)."""
-    import config_formats
-
     fmt = config_formats.editable_format(target, env_file)
     patch = config_formats.parse_merge_patch(patch_json)
     try:
@@ -210,8 +209,6 @@ def _restore_plan(paths: ConfigPaths, ref: str) -> tuple[Backup, TreeDiff, str |
 
 def cmd_update(ctx: Context) -> Result:
     """update FILE JSON: merge-patch one YAML, JSON or .env file, keeping every untouched line."""
-    import config_formats
-
     paths = ConfigPaths.from_settings(ctx.settings)
     target = resolve_target(paths, ctx.args.file)
     if ctx.dry_run:
@@ -236,8 +233,6 @@ def cmd_update(ctx: Context) -> Result:
 
 def cmd_verify(ctx: Context) -> Result:
     """verify: files parse, ENV_FILE is private and complete, the newest backup is sound; report drift."""
-    import config_formats
-
     paths = ConfigPaths.from_settings(ctx.settings)
     if not paths.config_dir.is_dir():
         raise UsageError(f"CONFIG_DIR {paths.config_dir} is not a folder")
@@ -252,7 +247,7 @@ def cmd_verify(ctx: Context) -> Result:
         problem = config_formats.check_file(path, fmt)
         if problem:
             problems.append(f"{problem.path}:{problem.line}:{problem.column}: {problem.message}")
-    problems += _env_file_problems(paths, config_formats)
+    problems += _env_file_problems(paths)
     newest = paths.store.latest()
     against = resolve_component(paths.store, ctx.args.against) if ctx.args.against else newest
     drift = None
@@ -291,7 +286,7 @@ def cmd_list(ctx: Context) -> Result:
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _env_file_problems(paths: ConfigPaths, config_formats) -> list[str]:
+def _env_file_problems(paths: ConfigPaths) -> list[str]:
     problems = []
     env_file = paths.env_file
     if env_file.is_file():
