@@ -339,7 +339,9 @@ def build_parser():
     sub = add_command(commands, "update", cmd_update, "merge-patch one YAML, JSON or .env file",
                       "Applies JSON as an RFC 7386 merge patch (objects merge, null deletes a key, anything\n"
                       "else replaces) and shows the diff. Lines the patch does not touch stay byte for byte.\n"
-                      "Values of password/secret/token keys are masked in the diff. A file or patch nested\n"
+                      "Values of password/secret/token keys are masked in the diff. In YAML, strings that\n"
+                      "YAML 1.1 or 1.2 readers would take for booleans, numbers or null (yes, off, 12:30...)\n"
+                      "are written quoted, floats with a dot (1.0e+300). A file or patch nested\n"
                       "deeper than 100 levels, YAML aliases adding more than 100,000 values, NaN, Infinity\n"
                       "or a number JSON cannot hold is refused (exit 2).",
                       secret_args=("patch",))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml as pyyaml
 from dotenv import dotenv_values
 from ruamel.yaml import YAML
 
@@ -221,9 +222,10 @@ def test_yaml_layout_kept_after_change_inside_flow_mapping(tmp_path, layout):
     old = path.read_text()
     new = patch_file(path, {"server": {"options": {"b": 5}, "names": ["x", "y", "z"]}})
     indent = "    " if layout.startswith("map4") else "  "
+    # The line of `names` is written anew, so its y is quoted: a YAML 1.1 reader takes a bare y for true.
     assert changed(old, new) == [
         ([f"{indent}options: {{a: 1, b: 2}}   # flow mapping\n", f"{indent}names: [x, y]\n"],
-         [f"{indent}options: {{a: 1, b: 5}}   # flow mapping\n", f"{indent}names: [x, y, z]\n"]),
+         [f"{indent}options: {{a: 1, b: 5}}   # flow mapping\n", f"{indent}names: [x, 'y', z]\n"]),
     ]
 
 
@@ -565,6 +567,27 @@ def test_check_file_reports_undecodable_bytes(tmp_path):
     path.write_bytes(b"a: 1\nb: caf\xe9\n")
     problem = cf.check_file(path, "yaml")
     assert (problem.line, problem.column) == (2, 7) and "UTF-8" in problem.message
+
+
+# Strings that a YAML 1.1 or 1.2 reader takes for something else when they are written bare.
+AMBIGUOUS_STRINGS = ["yes", "no", "on", "off", "y", "n", "Y", "No", "ON", "true", "False", "null", "~", "",
+                     "1e3", "0x10", "0o10", "010", "1_000", "12:30", "1:20:30.5", "-0", "+1", ".5", "1.",
+                     ".inf", "-.Inf", ".NaN", "2001-12-14", "2001-12-14 21:59:43.10 -5", "=", "<<", "0b101"]
+FLOATS = [1e300, 1e-05, 1e16, -2.5e-10, 0.1, 1.7976931348623157e308, 5e-324, -0.0]
+
+
+def test_yaml_written_by_update_means_what_the_json_meant_to_yaml_1_1_and_1_2_readers():
+    patch = {"values": AMBIGUOUS_STRINGS, "keys": {text: text for text in AMBIGUOUS_STRINGS if text != "<<"},
+             "floats": FLOATS, "flow": {"mode": "on", "n": 1e300}, "big": 10**30, "flag": True, "nothing": [None]}
+    for text in ("flow: {min: 2}\n", "# comments only\n", "flow: {min: 2}\nother: [a, b]\n"):
+        new = cf.patch_text("yaml", text, patch)
+        for read in (pyyaml.safe_load, yaml_data):  # YAML 1.1 (PyYAML) and YAML 1.2 (ruamel.yaml)
+            data = read(new)
+            for key, value in patch.items():
+                expected = {"min": 2, **value} if key == "flow" and "min" in text else value
+                assert json.dumps(data[key]) == json.dumps(expected), (read, key, new)
+    # an existing key whose value becomes an ambiguous string
+    assert pyyaml.safe_load(cf.patch_text("yaml", "feature: off-peak\n", {"feature": "off"})) == {"feature": "off"}
 
 
 # ---------------------------------------------------------------------------------------------------------

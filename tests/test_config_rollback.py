@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml as pyyaml
 from helpers import run_script, script_argv, tree_snapshot
 
 from common.store import BackupStore
@@ -186,6 +187,15 @@ def test_update_yaml_changes_exactly_one_line_and_keeps_mode(ws: Workspace):
     assert target.stat().st_mode & 0o777 == 0o640
     assert "+  port: 9090" in result.stdout
     assert len(ws.backup_ids()) == 1  # the backup taken first
+
+
+def test_update_writes_yaml_that_yaml_1_1_readers_read_as_the_json_meant(ws: Workspace):
+    patch = {"server": {"tls": "on", "ratio": 1e300, "no": "yes", "at": "12:30"}, "features": ["off", "y"]}
+    result = ws.run("update", "app.yml", json.dumps(patch))
+    assert result.returncode == 0, result.stderr
+    data = pyyaml.safe_load((ws.config / "app.yml").read_text())  # PyYAML reads YAML 1.1
+    assert data["server"] == {"host": "0.0.0.0", "port": 8080, "workers": 4, **patch["server"]}
+    assert data["features"] == ["off", "y"]
 
 
 def test_update_null_deletes_a_key(ws: Workspace):
