@@ -137,6 +137,22 @@ def patch_file(target: Path, patch_json: str, env_file: Path) -> tuple[bytes, st
     return new.encode("utf-8"), old, new
 
 
+def read_patch(args) -> str:
+    """The merge patch's text: the JSON argument, standard input for `-`, or the --patch-file."""
+    if (args.patch is None) == (args.patch_file is None):
+        raise UsageError("give the patch once: as JSON, as - (read from standard input) or with --patch-file PATH")
+    if args.patch_file is None and args.patch != "-":
+        return args.patch
+    try:
+        raw = sys.stdin.buffer.read() if args.patch_file is None else Path(args.patch_file).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the patch file {args.patch_file}: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        raise UsageError(f"the patch in {args.patch_file or 'standard input'} is not UTF-8 text") from None
+
+
 def config_files(paths: ConfigPaths) -> list[Path]:
     """Every file verify parses: regular files in CONFIG_DIR (links inside it followed) and ENV_FILE."""
     found = []
@@ -208,16 +224,17 @@ def _restore_plan(paths: ConfigPaths, ref: str) -> tuple[Backup, TreeDiff, str |
 
 
 def cmd_update(ctx: Context) -> Result:
-    """update FILE JSON: merge-patch one YAML, JSON or .env file, keeping every untouched line."""
+    """update FILE JSON|-|--patch-file F: merge-patch one YAML, JSON or .env file, keeping every untouched line."""
     paths = ConfigPaths.from_settings(ctx.settings)
     target = resolve_target(paths, ctx.args.file)
+    patch = read_patch(ctx.args)
     if ctx.dry_run:
-        _, old, new = patch_file(target, ctx.args.patch, paths.env_file)
+        _, old, new = patch_file(target, patch, paths.env_file)
         diff = config_formats.masked_diff(old, new, ctx.args.file)
         return Result({"file": str(target), "changed": old != new, "dry_run": True, "diff": diff},
                       [diff or f"{ctx.args.file}: no change"], report=True)
     with paths.store.lock("config_rollback.py update"):
-        data, old, new = patch_file(target, ctx.args.patch, paths.env_file)
+        data, old, new = patch_file(target, patch, paths.env_file)
         diff = config_formats.masked_diff(old, new, ctx.args.file)
         if old == new:
             return Result({"file": str(target), "changed": False, "diff": ""}, [f"{ctx.args.file}: no change"])
@@ -322,6 +339,7 @@ def build_parser():
         "examples:\n"
         "  config_rollback.py backup --label before-deploy\n"
         "  config_rollback.py update app.yml '{\"server\": {\"port\": 8081}}'\n"
+        "  config_rollback.py update .env - < rotated-secrets.json\n"
         "  config_rollback.py restore latest --yes\n"
         "  config_rollback.py verify --against latest\n"
         "  config_rollback.py cleanup 30 --keep 5",
@@ -339,14 +357,20 @@ def build_parser():
     sub = add_command(commands, "update", cmd_update, "merge-patch one YAML, JSON or .env file",
                       "Applies JSON as an RFC 7386 merge patch (objects merge, null deletes a key, anything\n"
                       "else replaces) and shows the diff. Lines the patch does not touch stay byte for byte.\n"
-                      "Values of password/secret/token keys are masked in the diff. In YAML, strings that\n"
-                      "YAML 1.1 or 1.2 readers would take for booleans, numbers or null (yes, off, 12:30...)\n"
-                      "are written quoted, floats with a dot (1.0e+300). A file or patch nested\n"
-                      "deeper than 100 levels, YAML aliases adding more than 100,000 values, NaN, Infinity\n"
-                      "or a number JSON cannot hold is refused (exit 2).",
+                      "Values of password/secret/token keys are masked in the diff.\n\n"
+                      "A patch holding a secret goes in as - (read from standard input) or --patch-file,\n"
+                      "never on the command line, where every user of the machine can see it; the audit log\n"
+                      "never records the patch's content.\n\n"
+                      "YAML is written so that YAML 1.1 and 1.2 readers read what the JSON meant: strings\n"
+                      "they could take for booleans, numbers or null (yes, off, 12:30...) are quoted, floats\n"
+                      "keep a dot (1.0e+300). Refused (exit 2): a file or patch nested deeper than 100\n"
+                      "levels, YAML aliases adding more than 100,000 values, NaN, Infinity, numbers JSON\n"
+                      "cannot hold.",
                       secret_args=("patch",))
     sub.add_argument("file", metavar="FILE", help="a file relative to CONFIG_DIR, or the ENV_FILE")
-    sub.add_argument("patch", metavar="JSON", help="the merge patch, a JSON object")
+    sub.add_argument("patch", metavar="JSON", nargs="?",
+                     help="the merge patch, a JSON object; - reads it from standard input")
+    sub.add_argument("--patch-file", metavar="PATH", help="read the merge patch from this file instead")
     add_no_backup_argument(sub)
 
     sub = add_verify_command(commands, cmd_verify, "check that the configuration parses and matches a backup",

@@ -223,6 +223,37 @@ def test_update_env_keeps_comments_and_quotes_and_masks_secrets(ws: Workspace):
     assert "n3w pass" not in audit and "<redacted>" in audit
 
 
+@pytest.mark.parametrize("source", ["stdin", "file"])
+def test_update_reads_the_patch_from_stdin_or_a_file_and_never_records_it(ws: Workspace, source: str):
+    patch = json.dumps({"DB_PASSWORD": "r0tated secret"})
+    (ws.root / "rotated.json").write_text("\ufeff" + patch)  # as some editors save it
+    args = ["-"] if source == "stdin" else ["--patch-file", str(ws.root / "rotated.json")]
+    result = ws.run("update", str(ws.env_file), *args, stdin=patch)
+    assert result.returncode == 0, result.stderr
+    from dotenv import dotenv_values
+
+    assert dotenv_values(ws.env_file)["DB_PASSWORD"] == "r0tated secret"
+    assert "r0tated" not in result.stdout + result.stderr
+    audit = (ws.store / "audit.log").read_text()
+    assert "r0tated" not in audit and json.loads(audit)["arguments"]["patch"] == "<redacted>"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "give the patch once"),
+    (['{"A": 1}', "--patch-file", "p.json"], "give the patch once"),
+    (["--patch-file", "missing.json"], "cannot read the patch file missing.json: No such file or directory"),
+    (["--patch-file", "latin1.json"], "the patch in latin1.json is not UTF-8 text"),
+])
+def test_update_needs_exactly_one_readable_patch(ws: Workspace, args: list[str], message: str):
+    (ws.root / "p.json").write_text('{"A": 1}')
+    (ws.root / "latin1.json").write_bytes(b'{"A": "caf\xe9"}')
+    before = ws.live()
+    result = ws.run("update", "app.yml", *args)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and f"config_rollback.py: error: {message}" in result.stderr
+    assert ws.live() == before and ws.backup_ids() == []
+
+
 def test_update_dry_run_shows_diff_and_changes_nothing(ws: Workspace):
     before = ws.live()
     result = ws.run("update", "db.json", '{"port": 6432}', "--dry-run")
