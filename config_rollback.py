@@ -114,6 +114,8 @@ def restore_backup(backup: Backup, paths: ConfigPaths, diff: TreeDiff, env_chang
 
 def resolve_target(paths: ConfigPaths, name: str) -> Path:
     """The file `update` may change: ENV_FILE by name, or a path that stays inside CONFIG_DIR."""
+    if name.endswith(("/", "/.")) or Path(name).name in ("", ".", ".."):  # Path() would drop a final "/"
+        raise UsageError(f"{name} names a folder: give the file's own name")
     if name == str(paths.env_file) or Path(name).resolve() == paths.env_file.resolve():
         target = paths.env_file.resolve()
     else:
@@ -357,7 +359,9 @@ def build_parser():
     sub = add_command(commands, "update", cmd_update, "merge-patch one YAML, JSON or .env file",
                       "Applies JSON as an RFC 7386 merge patch (objects merge, null deletes a key, anything\n"
                       "else replaces) and shows the diff. Lines the patch does not touch stay byte for byte.\n"
-                      "Values of password/secret/token keys are masked in the diff.\n\n"
+                      "Values of keys naming a secret are masked in the diff: a word of the key is pass, pwd,\n"
+                      "pw, key(s), pin, private or apikey, or holds password, secret, token or credential\n"
+                      "(DB_PASS, SESSION_KEY, apiToken; not KEYBOARD_LAYOUT).\n\n"
                       "A patch holding a secret goes in as - (read from standard input) or --patch-file,\n"
                       "never on the command line, where every user of the machine can see it; the audit log\n"
                       "never records the patch's content.\n\n"
@@ -367,7 +371,8 @@ def build_parser():
                       "levels, YAML aliases adding more than 100,000 values, NaN, Infinity, numbers JSON\n"
                       "cannot hold.",
                       secret_args=("patch",))
-    sub.add_argument("file", metavar="FILE", help="a file relative to CONFIG_DIR, or the ENV_FILE")
+    sub.add_argument("file", metavar="FILE", help="a file relative to CONFIG_DIR, or the ENV_FILE (not a folder: "
+                                                  "no final /)")
     sub.add_argument("patch", metavar="JSON", nargs="?",
                      help="the merge patch, a JSON object; - reads it from standard input")
     sub.add_argument("--patch-file", metavar="PATH", help="read the merge patch from this file instead")

@@ -706,6 +706,30 @@ def test_masked_diff_hides_secret_values():
     assert cf.masked_diff("same\n", "same\n", "x") == ""
 
 
+SECRET_KEYS = ["DB_PASS", "PWD", "SESSION_KEY", "dbpassword", "apiKey", "x-api-key", "GITHUB_TOKEN", "PIN",
+               "client_secret", "AWS_SECRET_ACCESS_KEY", "ssh_private_key", "credentials", "PASSPHRASE", "keys"]
+PLAIN_KEYS = ["KEYBOARD_LAYOUT", "PASSENGER_COUNT", "MONKEY", "DB_HOST", "bypass", "PINNED_VERSION"]
+
+
+@pytest.mark.parametrize("fmt", ["env", "yaml", "json", "flow"])
+def test_masked_diff_hides_keys_that_name_a_secret_anywhere_in_the_key(fmt):
+    def text(value: str) -> str:
+        pairs = [(key, f"{value}{i}z") for i, key in enumerate(SECRET_KEYS + PLAIN_KEYS)]
+        if fmt == "env":
+            return "".join(f"{key}={v}\n" for key, v in pairs)
+        if fmt == "yaml":
+            return "".join(f"{key}: {v}\n" for key, v in pairs)
+        if fmt == "json":
+            return "{\n" + ",\n".join(f'  "{key}": "{v}"' for key, v in pairs) + "\n}\n"
+        return "all: {" + ", ".join(f"{key}: {v}" for key, v in pairs) + "}\n"
+
+    diff = cf.masked_diff(text("old"), text("new"), "f")
+    for i, key in enumerate(SECRET_KEYS):
+        assert f"old{i}z" not in diff and f"new{i}z" not in diff, key
+    for i, key in enumerate(PLAIN_KEYS, start=len(SECRET_KEYS)):
+        assert f"old{i}z" in diff and f"new{i}z" in diff, key
+
+
 def test_masked_diff_hides_nested_secret_blocks():
     old = "secrets:\n- s1\n- s2\nx: 1\n"
     diff = cf.masked_diff(old, old.replace("s1", "s3").replace("x: 1", "x: 2"), "f.yaml")

@@ -287,13 +287,16 @@ def test_update_refuses_paths_outside_config_dir(ws: Workspace, name: str):
         ("list.yml", '{"a": 1}', "mapping"),
         ("notes.txt", '{"a": 1}', "unknown file type"),
         ("missing.yml", '{"a": 1}', "no such file"),
+        ("app.yml/", '{"a": 1}', "app.yml/ names a folder"),
+        ("sub/feature.yaml/.", '{"a": 1}', "names a folder"),
+        ("{env_file}/", '{"A": 1}', ".env/ names a folder"),
     ],
 )
 def test_update_bad_input_is_exit_2_with_nothing_changed(ws: Workspace, name: str, patch: str, message: str):
     (ws.config / "list.yml").write_text("- a\n- b\n")
     (ws.config / "notes.txt").write_text("hello\n")
     before = ws.live()
-    result = ws.run("update", name, patch)
+    result = ws.run("update", name.format(env_file=ws.env_file), patch)
     assert result.returncode == 2, result.stderr
     assert message.lower() in result.stderr.lower()
     assert ws.live() == before
