@@ -28,7 +28,15 @@ from common.files import atomic_write, file_mode, is_inside, resolve_inside
 from common.manifest import Backup, check_backup
 from common.settings import Settings
 from common.store import BackupStore, open_store
-from common.trees import TreeDiff, diff_tree, matches, restore_file, restore_tree, tree_entries
+from common.trees import (
+    TreeDiff,
+    diff_tree,
+    matches,
+    restore_file,
+    restore_label,
+    restore_tree,
+    tree_entries,
+)
 
 COMPONENT = "config"
 STORE_SETTING = ("CONFIG_BACKUP_DIR", "./config_backups")  # the backup folder
@@ -189,20 +197,20 @@ def cmd_restore(ctx: Context) -> Result:
     """restore BACKUP: checksums first, a backup of the current state, then the backup's exact tree."""
     paths = ConfigPaths.from_settings(ctx.settings)
     if ctx.dry_run:
-        backup, diff, env_change, changes = _restore_plan(paths, ctx.args.backup)
-        return Result({"backup": backup.summary(), "changes": {**diff.to_json(), "env_file": env_change},
-                       "dry_run": True},
-                      [f"restoring {backup.id} would change:", *changes] if changes else
+        backup, diff, env_change = _restore_plan(paths, ctx.args.backup)
+        changes, planned = _restore_changes(paths, diff, env_change, done=False)
+        return Result({"backup": backup.summary(), "changes": changes, "dry_run": True},
+                      [f"restoring {backup.id} would:", *planned] if planned else
                       [f"{paths.config_dir} already matches backup {backup.id}"], report=True)
     ids = []
     lines = []
     # Everything from resolving the backup to the last file happens under the lock, so a cleanup or
     # another restore cannot remove the backup or change the tree between the check and the writes.
     with paths.store.lock("config_rollback.py restore"):
-        backup, diff, env_change, changes = _restore_plan(paths, ctx.args.backup)
-        data = {"backup": backup.summary(), "changes": {**diff.to_json(), "env_file": env_change}}
-        if not changes:
-            return Result({**data, "restored": False}, [f"{paths.config_dir} already matches backup {backup.id}"])
+        backup, diff, env_change = _restore_plan(paths, ctx.args.backup)
+        if not diff and not env_change:
+            return Result({"backup": backup.summary(), "changes": _restore_changes(paths, diff, None)[0],
+                           "restored": False}, [f"{paths.config_dir} already matches backup {backup.id}"])
         ctx.confirm(f"Replace the configuration in {paths.config_dir} and {paths.env_file} with backup {backup.id}?")
         if not ctx.args.no_backup:
             safety = take_backup(paths, f"before restore of {backup.id}", safety=True)
@@ -210,19 +218,27 @@ def cmd_restore(ctx: Context) -> Result:
             lines.append(f"saved the current configuration as {safety.id}")
         diff, env_change = compare(backup, paths)  # the tree as it is now, not as it was before the prompt
         restore_backup(backup, paths, diff, env_change)
-    lines = [f"restored {backup.id}: {len(changes)} paths changed", *changes, *lines]
+    changes, done = _restore_changes(paths, diff, env_change)
+    lines = [f"restored {backup.id}: {count(len(done), 'path')} changed", *done, *lines]
     if ids:
         lines.append(f"to undo: {ctx.script} restore {ids[0]} --yes")
-    data.update(restored=True, safety_backup=ids[0] if ids else None)
-    return Result(data, lines, backup_ids=[backup.id, *ids])
+    return Result({"backup": backup.summary(), "changes": changes, "restored": True,
+                   "safety_backup": ids[0] if ids else None}, lines, backup_ids=[backup.id, *ids])
 
 
-def _restore_plan(paths: ConfigPaths, ref: str) -> tuple[Backup, TreeDiff, str | None, list[str]]:
+def _restore_plan(paths: ConfigPaths, ref: str) -> tuple[Backup, TreeDiff, str | None]:
     backup = resolve_component(paths.store, ref)
     refuse_damaged(backup)
-    diff, env_change = compare(backup, paths)
-    changes = diff.lines(str(paths.config_dir)) + ([f"  {env_change:8} {paths.env_file}"] if env_change else [])
-    return backup, diff, env_change, changes
+    return backup, *compare(backup, paths)
+
+
+def _restore_changes(paths: ConfigPaths, diff: TreeDiff, env_change: str | None,
+                     done: bool = True) -> tuple[dict, list[str]]:
+    """What a restore did (done) or would do, by what it does to each path: for --json, and for people."""
+    lines = diff.restore_lines(str(paths.config_dir), done)
+    if env_change:
+        lines.append(f"  {restore_label(env_change, done):10} {paths.env_file}")
+    return {**diff.restore_json(), "env_file": restore_label(env_change) if env_change else None}, lines
 
 
 def cmd_update(ctx: Context) -> Result:

@@ -20,6 +20,15 @@ from common.files import (
 )
 from common.manifest import Backup, Entry
 
+# What a restore does about each way a live path differs from the backup: after it ran, and before (a plan)
+_RESTORE_DONE = {"added": "deleted", "removed": "re-created", "changed": "changed"}
+_RESTORE_PLANNED = {"added": "delete", "removed": "re-create", "changed": "change"}
+
+
+def restore_label(drift: str, done: bool = True) -> str:
+    """What a restore did (done) or would do to a path that is `added`, `removed` or `changed` live."""
+    return (_RESTORE_DONE if done else _RESTORE_PLANNED)[drift]
+
 
 @dataclass
 class TreeDiff:
@@ -33,14 +42,25 @@ class TreeDiff:
         return bool(self.added or self.removed or self.changed)
 
     def to_json(self) -> dict:
-        """The lists, for --json."""
+        """The lists, for --json: how the live tree differs from the backup (drift)."""
         return {"added": self.added, "removed": self.removed, "changed": self.changed}
 
     def lines(self, root: str) -> list[str]:
-        """One line per difference, for people."""
+        """One line per difference, for people: how the live tree differs from the backup (drift)."""
         out = [f"  added    {root}/{path}" for path in self.added]
         out += [f"  removed  {root}/{path}" for path in self.removed]
         out += [f"  changed  {root}/{path}" for path in self.changed]
+        return out
+
+    def restore_json(self) -> dict:
+        """The lists, for --json, named by what a restore does to them."""
+        return {"re_created": self.removed, "deleted": self.added, "changed": self.changed}
+
+    def restore_lines(self, root: str, done: bool = True) -> list[str]:
+        """One line per path a restore re-created, deleted or changed (done), or would (a plan)."""
+        out = []
+        for drift, paths in (("removed", self.removed), ("added", self.added), ("changed", self.changed)):
+            out += [f"  {restore_label(drift, done):10} {root}/{path}" for path in paths]
         return out
 
 

@@ -134,8 +134,34 @@ def test_restore_dry_run_lists_changes_and_changes_nothing(ws: Workspace):
     before = ws.live()
     result = ws.run("restore", "latest", "--dry-run")
     assert result.returncode == 0
-    assert "changed" in result.stdout and "app.yml" in result.stdout
+    assert f"  change     {ws.config}/app.yml" in result.stdout
     assert ws.live() == before
+
+
+def test_restore_reports_what_it_does_and_verify_how_the_live_tree_differs(ws: Workspace):
+    assert ws.run("backup").returncode == 0
+    (ws.config / "sub" / "feature.yaml").unlink()
+    (ws.config / ".flake8").write_text("[flake8]\n")
+    (ws.config / "app.yml").write_text("deployed: true\n")
+    ws.env_file.unlink()
+    drift = ws.run("verify").stdout.splitlines()
+    assert drift[-4:] == [f"  added    {ws.config}/.flake8", f"  removed  {ws.config}/sub/feature.yaml",
+                          f"  changed  {ws.config}/app.yml", f"  removed  {ws.env_file}"]
+
+    plan = ws.run("restore", "latest", "--dry-run")
+    assert plan.stdout.splitlines() == [
+        f"restoring {ws.backup_ids()[0]} would:", f"  re-create  {ws.config}/sub/feature.yaml",
+        f"  delete     {ws.config}/.flake8", f"  change     {ws.config}/app.yml", f"  re-create  {ws.env_file}"]
+    result = ws.run("--json", "restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["changes"] == {"re_created": ["sub/feature.yaml"], "deleted": [".flake8"],
+                                                    "changed": ["app.yml"], "env_file": "re-created"}
+    safety = json.loads(result.stdout)["safety_backup"]
+    result = ws.run("restore", safety, "--yes")  # the undo: back to the deployed state
+    assert result.stdout.splitlines()[:5] == [
+        f"restored {safety}: 4 paths changed", f"  re-created {ws.config}/.flake8",
+        f"  deleted    {ws.config}/sub/feature.yaml", f"  changed    {ws.config}/app.yml",
+        f"  deleted    {ws.env_file}"]
 
 
 def test_restore_accepts_folder_and_file_inside_it(ws: Workspace):
