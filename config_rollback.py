@@ -23,8 +23,8 @@ from common.cli import (
     run,
 )
 from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
-from common.errors import UsageError
-from common.files import atomic_write, file_mode, is_inside, resolve_inside
+from common.errors import ToolkitError, UsageError
+from common.files import WriteFailed, atomic_write, file_mode, is_inside, resolve_inside
 from common.manifest import Backup, check_backup
 from common.settings import Settings
 from common.store import BackupStore, open_store
@@ -32,7 +32,6 @@ from common.trees import (
     TreeDiff,
     diff_tree,
     matches,
-    restore_file,
     restore_label,
     restore_tree,
     tree_entries,
@@ -111,13 +110,12 @@ def compare(backup: Backup, paths: ConfigPaths) -> tuple[TreeDiff, str | None]:
 
 
 def restore_backup(backup: Backup, paths: ConfigPaths, diff: TreeDiff, env_change: str | None) -> None:
-    """Make CONFIG_DIR and ENV_FILE exactly the backup; each file is replaced atomically."""
-    restore_tree(backup, TREE, paths.config_dir, diff)
+    """Make CONFIG_DIR and ENV_FILE exactly the backup; each file is replaced atomically, and only once
+    every file is written, so a full disk changes neither."""
+    env = [(e, paths.env_file) for e in backup.entries if e.path == ENV_ENTRY and env_change in ("removed", "changed")]
+    restore_tree(backup, TREE, paths.config_dir, diff, env)
     if env_change == "added":
         paths.env_file.unlink()
-    elif env_change:
-        entry = next(e for e in backup.entries if e.path == ENV_ENTRY)
-        restore_file(backup, entry, paths.env_file)
 
 
 def resolve_target(paths: ConfigPaths, name: str) -> Path:
@@ -259,7 +257,10 @@ def cmd_update(ctx: Context) -> Result:
         ids = [] if ctx.args.no_backup else [take_backup(paths, f"before update of {ctx.args.file}",
                                                                safety=True).id]
         st = target.stat()
-        atomic_write(target, data, mode=file_mode(st), owner=(st.st_uid, st.st_gid))
+        try:
+            atomic_write(target, data, mode=file_mode(st), owner=(st.st_uid, st.st_gid))
+        except WriteFailed as exc:
+            raise ToolkitError(f"{exc}; the file was left as it was") from None
     lines = [diff] + ([f"saved the previous configuration as {ids[0]}; to undo: {ctx.script} restore {ids[0]} --yes"]
                       if ids else [])
     return Result({"file": str(target), "changed": True, "diff": diff, "safety_backup": ids[0] if ids else None},
@@ -368,7 +369,8 @@ def build_parser():
     sub = add_command(commands, "restore", cmd_restore, "make CONFIG_DIR and ENV_FILE exactly a backup",
                       "Checks the backup's checksums, saves the current state as a new backup, then makes\n"
                       "CONFIG_DIR and ENV_FILE exactly the backup (bytes and modes; files it lacks are\n"
-                      "removed), replacing each file atomically.")
+                      "removed), replacing each file atomically once every file is written: a file that\n"
+                      "cannot be written (a full disk) is named, and nothing is changed (exit 1).")
     add_backup_argument(sub)
     add_no_backup_argument(sub)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -533,6 +534,48 @@ def test_restore_puts_a_file_back_where_a_folder_now_stands(ws: Workspace):
     result = ws.run("restore", "latest", "--yes")
     assert result.returncode == 0, result.stderr
     assert ws.live() == before
+
+
+FILE_SIZE_LIMIT = {resource.RLIMIT_FSIZE: 32 * 1024}  # a file written past 32 KiB fails, like on a full disk
+
+
+def temporary_files(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if ".tmp-" in path.name or path.name.startswith(".staging")]
+
+
+@pytest.mark.parametrize("too_big", ["config/big.json", ".env"])
+def test_restore_that_cannot_write_a_file_changes_nothing_and_leaves_nothing_behind(ws: Workspace, too_big: str):
+    (ws.config / "big.json").write_text("{}\n")
+    (ws.root / too_big).write_text("BLOB=" + "x" * 64 * 1024 + "\n")  # past the limit
+    (ws.config / "newdir" / "inner").mkdir(parents=True)
+    (ws.config / "newdir" / "inner" / "a.yml").write_text("a: 1\n")
+    assert ws.run("backup").returncode == 0
+    (ws.config / "big.json").unlink()
+    shutil.rmtree(ws.config / "newdir")
+    shutil.rmtree(ws.config / "sub")
+    (ws.config / "sub").write_text("a file where the backup has a folder\n")
+    (ws.config / "app.yml").write_text("deployed: true\n")
+    ws.env_file.write_text("DB_PASSWORD=deployed\n")
+    before = ws.live()
+
+    result = ws.run("restore", "latest", "--yes", limits=FILE_SIZE_LIMIT)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"config_rollback.py: error: could not write {ws.root / too_big}: File too large; nothing was changed"]
+    assert ws.live() == before
+    assert temporary_files(ws.root) == []
+    assert ws.run("restore", "latest", "--yes").returncode == 0  # with room to write, the same restore works
+
+
+def test_update_that_cannot_write_the_file_names_it_and_leaves_nothing_behind(ws: Workspace):
+    before = ws.live()
+    patch = json.dumps({"notes": "x" * 40 * 1024})
+    result = ws.run("update", "app.yml", "-", stdin=patch, limits=FILE_SIZE_LIMIT)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"config_rollback.py: error: could not write {ws.config}/app.yml: File too large; the file was left as it was"]
+    assert ws.live() == before
+    assert temporary_files(ws.root) == []
 
 
 def test_restore_after_config_dir_was_deleted(ws: Workspace):
