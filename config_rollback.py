@@ -41,6 +41,7 @@ COMPONENT = "config"
 STORE_SETTING = ("CONFIG_BACKUP_DIR", "./config_backups")  # the backup folder
 TREE = "config"  # where CONFIG_DIR lives inside a backup
 ENV_ENTRY = "env_file"  # where ENV_FILE lives inside a backup
+MAX_PATCH_BYTES = 16 << 20  # a patch read from standard input or a file
 
 
 @dataclass
@@ -151,14 +152,21 @@ def read_patch(args) -> str:
         raise UsageError("give the patch once: as JSON, as - (read from standard input) or with --patch-file PATH")
     if args.patch_file is None and args.patch != "-":
         return args.patch
+    source = args.patch_file or "standard input"
     try:
-        raw = sys.stdin.buffer.read() if args.patch_file is None else Path(args.patch_file).read_bytes()
+        if args.patch_file is None:
+            raw = sys.stdin.buffer.read(MAX_PATCH_BYTES + 1)
+        else:
+            with open(args.patch_file, "rb") as patch_file:
+                raw = patch_file.read(MAX_PATCH_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"cannot read the patch file {args.patch_file}: {exc.strerror}") from None
+    if len(raw) > MAX_PATCH_BYTES:  # /dev/zero or a wrong file: stop reading rather than fill the memory
+        raise UsageError(f"the patch in {source} is larger than {MAX_PATCH_BYTES >> 20} MiB: not a patch")
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
-        raise UsageError(f"the patch in {args.patch_file or 'standard input'} is not UTF-8 text") from None
+        raise UsageError(f"the patch in {source} is not UTF-8 text") from None
 
 
 def config_files(paths: ConfigPaths) -> list[Path]:

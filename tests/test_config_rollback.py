@@ -270,6 +270,7 @@ def test_update_reads_the_patch_from_stdin_or_a_file_and_never_records_it(ws: Wo
     (['{"A": 1}', "--patch-file", "p.json"], "give the patch once"),
     (["--patch-file", "missing.json"], "cannot read the patch file missing.json: No such file or directory"),
     (["--patch-file", "latin1.json"], "the patch in latin1.json is not UTF-8 text"),
+    (["--patch-file", "/dev/zero"], "the patch in /dev/zero is larger than 16 MiB"),
 ])
 def test_update_needs_exactly_one_readable_patch(ws: Workspace, args: list[str], message: str):
     (ws.root / "p.json").write_text('{"A": 1}')
