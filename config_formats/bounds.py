@@ -177,13 +177,13 @@ def _bounded_composer(base: type) -> type:
             if self.depth >= MAX_DEPTH and not isinstance(event, ScalarEvent):  # as JSON counts: collections
                 raise Refused(_too_deep(), mark.line + 1, mark.column + 1)
             node = super().compose_node(parent, index)
+            sizes = self.expanded_sizes
             if isinstance(node, SequenceNode):
-                children = node.value
+                sizes[id(node)] = 1 + sum(sizes[id(item)] for item in node.value)
             elif isinstance(node, MappingNode):
-                children = [child for pair in node.value for child in pair]
+                sizes[id(node)] = 1 + sum(sizes[id(key)] + sizes[id(value)] for key, value in node.value)
             else:
-                children = []
-            self.expanded_sizes[id(node)] = 1 + sum(self.expanded_sizes[id(child)] for child in children)
+                sizes[id(node)] = 1
             return node
 
     return BoundedComposer
