@@ -28,14 +28,7 @@ from common.files import WriteFailed, atomic_write, file_mode, is_inside, resolv
 from common.manifest import Backup, check_backup
 from common.settings import Settings
 from common.store import BackupStore, open_store
-from common.trees import (
-    TreeDiff,
-    diff_tree,
-    matches,
-    restore_label,
-    restore_tree,
-    tree_entries,
-)
+from common.trees import TreeDiff, diff_tree, matches, restore_label, restore_tree, tree_entries
 
 COMPONENT = "config"
 STORE_SETTING = ("CONFIG_BACKUP_DIR", "./config_backups")  # the backup folder

@@ -24,6 +24,11 @@ from common.files import (
 )
 from common.manifest import Backup, Entry
 
+
+class PayloadUnreadable(ToolkitError):
+    """A file of a backup's payload could not be read while restoring it."""
+
+
 # What a restore does about each way a live path differs from the backup: after it ran, and before (a plan)
 _RESTORE_DONE = {"added": "deleted", "removed": "re-created", "changed": "changed"}
 _RESTORE_PLANNED = {"added": "delete", "removed": "re-create", "changed": "change"}
@@ -154,10 +159,11 @@ def restore_tree(backup: Backup, prefix: str, root: Path, diff: TreeDiff,
             staging.file(backup, entry, live)
         if staging.files:
             flush_filesystem(root)
-    except BaseException as exc:
+    except (WriteFailed, PayloadUnreadable) as exc:
         staging.undo()
-        if isinstance(exc, ToolkitError):
-            raise ToolkitError(f"{exc}; nothing was changed") from None
+        raise ToolkitError(f"{exc}; nothing was changed") from None
+    except BaseException:
+        staging.undo()
         raise
     staging.commit()
     for rel in sorted(diff.added, key=lambda rel: rel.count("/"), reverse=True):
@@ -236,7 +242,7 @@ def _stage(backup: Backup, entry: Entry, live: Path) -> Path:
         if exc.errno != errno.EEXIST:  # a name already there is not ours to remove
             temp.unlink(missing_ok=True)
         if str(exc.filename) == str(source):
-            raise ToolkitError(f"could not read {source}: {exc.strerror}") from None
+            raise PayloadUnreadable(f"could not read {source}: {exc.strerror}") from None
         raise WriteFailed(live, exc) from None
     return temp
 
