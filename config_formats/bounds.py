@@ -55,33 +55,70 @@ def load_json(text: str) -> Any:
     Raises json.JSONDecodeError for what is not JSON (NaN and Infinity included), Refused for nesting
     deeper than MAX_DEPTH, a number beyond a float's range or an integer longer than Python reads.
     """
+    try:
+        data = json.loads(text, parse_float=_finite_float, parse_constant=_not_a_constant)
+    except json.JSONDecodeError:
+        raise
+    except (RecursionError, ValueError):  # too deep, a number out of range, NaN or Infinity: find where
+        raise _first_problem(text) from None
+    if _depth(data) > MAX_DEPTH:
+        raise _first_problem(text)
+    return data
+
+
+def _finite_float(number: str) -> float:
+    value = float(number)
+    if math.isinf(value):
+        raise ValueError(number)
+    return value
+
+
+def _not_a_constant(name: str) -> None:
+    raise ValueError(name)
+
+
+def _depth(data: Any) -> int:
+    """How deep lists and objects nest in DATA (1: a flat one), counted up to just past MAX_DEPTH."""
+    deepest = 0
+    stack = [(data, 1)] if isinstance(data, dict | list) else []
+    while stack and deepest <= MAX_DEPTH:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _first_problem(text: str) -> Exception:
+    """Where TEXT, which json.loads read or could not read for a bound, first goes beyond one."""
     depth = 0
     for token in _JSON_TOKEN.finditer(text):
         first = text[token.start()]
         if first in "[{":
             depth += 1
             if depth > MAX_DEPTH:
-                raise Refused.at(_too_deep(), text, token.start())
+                return Refused.at(_too_deep(), text, token.start())
         elif first in "]}":
             depth -= 1
-        elif first != '"':
-            _check_json_number(token.group(), text, token.start())
-    return json.loads(text)
+        elif first != '"' and (problem := _json_number_problem(token.group(), text, token.start())):
+            return problem
+    return Refused("a value that cannot be read", 1, 1)
 
 
-def _check_json_number(number: str, text: str, offset: int) -> None:
+def _json_number_problem(number: str, text: str, offset: int) -> Exception | None:
     if number.endswith(("Infinity", "NaN")):
-        raise json.JSONDecodeError(f"{number} is not a JSON value", text, offset)
+        return json.JSONDecodeError(f"{number} is not a JSON value", text, offset)
     if any(c in number for c in ".eE"):
         try:
             value = float(number)
         except ValueError:
-            return  # not a number: json.loads says where the syntax is wrong
+            return None
         if math.isinf(value):
-            raise Refused.at(f"{number} is beyond the range of a number (it would be read as infinity)",
-                             text, offset)
+            return Refused.at(f"{number} is beyond the range of a number (it would be read as infinity)",
+                              text, offset)
     elif _MAX_DIGITS and len(number.lstrip("-")) > _MAX_DIGITS:
-        raise Refused.at(_too_long(len(number.lstrip("-"))), text, offset)
+        return Refused.at(_too_long(len(number.lstrip("-"))), text, offset)
+    return None
 
 
 # --- TOML -------------------------------------------------------------------------------------------------

@@ -601,8 +601,8 @@ def alias_bomb(levels: int = 9) -> str:
     return "\n".join(lines) + "\nport: 1\n"
 
 
-def nested(depth: int, opening: str = "[", closing: str = "]") -> str:
-    return opening * depth + closing * depth
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
 
 
 BEYOND_BOUNDS = [  # (file name, text, line, column, message)
@@ -647,7 +647,7 @@ def test_update_refuses_documents_beyond_the_bounds_at_once(name, text, line, co
 
 @pytest.mark.parametrize(("patch", "message"), [
     ('{"a": ' + nested(900) + "}", "the patch is refused: nested deeper than 100 levels at line 1 column 106"),
-    ('{"a": ' + nested(100_000, "{", "}") + "}", "nested deeper than 100 levels"),
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested deeper than 100 levels at line 1 column 601"),
     ('{"a": 1e999}', "the patch is refused: 1e999 is beyond the range of a number"),
     ('{"a": -1E+400}', "-1E+400 is beyond the range of a number"),
     ('{"a": Infinity}', "the patch is not valid JSON: Infinity is not a JSON value at line 1 column 7"),
