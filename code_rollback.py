@@ -300,20 +300,21 @@ def _restore_in_place(ctx: Context, paths: CodePaths) -> Result:
         refuse_damaged(backup)
         excluded = code_excluder(paths.exclude)
         diff = diff_tree(tree_entries(backup, TREE), paths.live, excluded)
-        changes = diff.lines(str(paths.live))
-        if ctx.dry_run or not changes:
-            return Result({"backup": backup.summary(), "changes": diff.to_json(), "dry_run": ctx.dry_run},
-                          [f"restoring {backup.id} would change:", *changes] if changes
-                          else [f"{paths.live} already matches backup {backup.id}"], report=ctx.dry_run)
+        if ctx.dry_run or not diff:
+            return Result({"backup": backup.summary(), "changes": diff.restore_json(), "dry_run": ctx.dry_run},
+                          [f"restoring {backup.id} would:", *diff.restore_lines(str(paths.live), done=False)]
+                          if diff else [f"{paths.live} already matches backup {backup.id}"], report=ctx.dry_run)
         ctx.confirm(f"Replace the files of the working copy {paths.live} with backup {backup.id}?")
         ids = [] if ctx.args.no_backup else [take_backup(paths, f"before restore of {backup.id}", safety=True)[0].id]
-        restore_tree(backup, TREE, paths.live, diff_tree(tree_entries(backup, TREE), paths.live, excluded))
+        diff = diff_tree(tree_entries(backup, TREE), paths.live, excluded)  # as it is now, after the prompt
+        restore_tree(backup, TREE, paths.live, diff)
         record_deployed(paths, backup)
+    changes = diff.restore_lines(str(paths.live))
     lines = [f"restored {backup.id} into the working copy {paths.live}: {len(changes)} paths changed", *changes]
     if ids:
         lines.append(f"saved the previous files as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
-    return Result({"backup": backup.summary(), "changes": diff.to_json(), "safety_backup": ids[0] if ids else None},
-                  lines, backup_ids=[backup.id, *ids])
+    return Result({"backup": backup.summary(), "changes": diff.restore_json(),
+                   "safety_backup": ids[0] if ids else None}, lines, backup_ids=[backup.id, *ids])
 
 
 def resolve_commit(repo: Path, revision: str) -> str:

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import config_formats
 from common.cli import (
     Context,
     Result,
@@ -22,17 +23,18 @@ from common.cli import (
     run,
 )
 from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
-from common.errors import SettingError, UsageError
-from common.files import atomic_write, file_mode, is_inside, resolve_inside
+from common.errors import SettingError, ToolkitError, UsageError
+from common.files import WriteFailed, atomic_write, file_mode, is_inside, resolve_inside
 from common.manifest import Backup, check_backup
 from common.settings import Settings
 from common.store import BackupStore, open_store
-from common.trees import TreeDiff, diff_tree, matches, restore_file, restore_tree, tree_entries
+from common.trees import TreeDiff, diff_tree, matches, restore_label, restore_tree, tree_entries
 
 COMPONENT = "config"
 STORE_SETTING = ("CONFIG_BACKUP_DIR", "./config_backups")  # the backup folder
 TREE = "config"  # where CONFIG_DIR lives inside a backup
 ENV_ENTRY = "env_file"  # where ENV_FILE lives inside a backup
+MAX_PATCH_BYTES = 16 << 20  # a patch read from standard input or a file
 
 
 @dataclass
@@ -107,17 +109,18 @@ def compare(backup: Backup, paths: ConfigPaths) -> tuple[TreeDiff, str | None]:
 
 
 def restore_backup(backup: Backup, paths: ConfigPaths, diff: TreeDiff, env_change: str | None) -> None:
-    """Make CONFIG_DIR and ENV_FILE exactly the backup; each file is replaced atomically."""
-    restore_tree(backup, TREE, paths.config_dir, diff)
+    """Make CONFIG_DIR and ENV_FILE exactly the backup; each file is replaced atomically, and only once
+    every file is written, so a full disk changes neither."""
+    env = [(e, paths.env_file) for e in backup.entries if e.path == ENV_ENTRY and env_change in ("removed", "changed")]
+    restore_tree(backup, TREE, paths.config_dir, diff, env)
     if env_change == "added":
         paths.env_file.unlink()
-    elif env_change:
-        entry = next(e for e in backup.entries if e.path == ENV_ENTRY)
-        restore_file(backup, entry, paths.env_file)
 
 
 def resolve_target(paths: ConfigPaths, name: str) -> Path:
     """The file `update` may change: ENV_FILE by name, or a path that stays inside CONFIG_DIR."""
+    if name.endswith(("/", "/.")) or Path(name).name in ("", ".", ".."):  # Path() would drop a final "/"
+        raise UsageError(f"{name} names a folder: give the file's own name")
     if name == str(paths.env_file) or Path(name).resolve() == paths.env_file.resolve():
         target = paths.env_file.resolve()
     else:
@@ -131,8 +134,6 @@ def resolve_target(paths: ConfigPaths, name: str) -> Path:
 
 def patch_file(target: Path, patch_json: str, env_file: Path) -> tuple[bytes, str, str]:
     """Apply a merge patch to a config file's text; return (new bytes, old text, new text)."""
-    import config_formats
-
     fmt = config_formats.editable_format(target, env_file)
     patch = config_formats.parse_merge_patch(patch_json)
     try:
@@ -141,6 +142,29 @@ def patch_file(target: Path, patch_json: str, env_file: Path) -> tuple[bytes, st
         raise UsageError(f"{target} is not UTF-8 text") from None
     new = config_formats.patch_text(fmt, old, patch)
     return new.encode("utf-8"), old, new
+
+
+def read_patch(args) -> str:
+    """The merge patch's text: the JSON argument, standard input for `-`, or the --patch-file."""
+    if (args.patch is None) == (args.patch_file is None):
+        raise UsageError("give the patch once: as JSON, as - (read from standard input) or with --patch-file PATH")
+    if args.patch_file is None and args.patch != "-":
+        return args.patch
+    source = args.patch_file or "standard input"
+    try:
+        if args.patch_file is None:
+            raw = sys.stdin.buffer.read(MAX_PATCH_BYTES + 1)
+        else:
+            with open(args.patch_file, "rb") as patch_file:
+                raw = patch_file.read(MAX_PATCH_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read the patch file {args.patch_file}: {exc.strerror}") from None
+    if len(raw) > MAX_PATCH_BYTES:  # /dev/zero or a wrong file: stop reading rather than fill the memory
+        raise UsageError(f"the patch in {source} is larger than {MAX_PATCH_BYTES >> 20} MiB: not a patch")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        raise UsageError(f"the patch in {source} is not UTF-8 text") from None
 
 
 def config_files(paths: ConfigPaths) -> list[Path]:
@@ -177,20 +201,20 @@ def cmd_restore(ctx: Context) -> Result:
     """restore BACKUP: checksums first, a backup of the current state, then the backup's exact tree."""
     paths = ConfigPaths.from_settings(ctx.settings)
     if ctx.dry_run:
-        backup, diff, env_change, changes = _restore_plan(paths, ctx.args.backup)
-        return Result({"backup": backup.summary(), "changes": {**diff.to_json(), "env_file": env_change},
-                       "dry_run": True},
-                      [f"restoring {backup.id} would change:", *changes] if changes else
+        backup, diff, env_change = _restore_plan(paths, ctx.args.backup)
+        changes, planned = _restore_changes(paths, diff, env_change, done=False)
+        return Result({"backup": backup.summary(), "changes": changes, "dry_run": True},
+                      [f"restoring {backup.id} would:", *planned] if planned else
                       [f"{paths.config_dir} already matches backup {backup.id}"], report=True)
     ids = []
     lines = []
     # Everything from resolving the backup to the last file happens under the lock, so a cleanup or
     # another restore cannot remove the backup or change the tree between the check and the writes.
     with paths.store.lock("config_rollback.py restore"):
-        backup, diff, env_change, changes = _restore_plan(paths, ctx.args.backup)
-        data = {"backup": backup.summary(), "changes": {**diff.to_json(), "env_file": env_change}}
-        if not changes:
-            return Result({**data, "restored": False}, [f"{paths.config_dir} already matches backup {backup.id}"])
+        backup, diff, env_change = _restore_plan(paths, ctx.args.backup)
+        if not diff and not env_change:
+            return Result({"backup": backup.summary(), "changes": _restore_changes(paths, diff, None)[0],
+                           "restored": False}, [f"{paths.config_dir} already matches backup {backup.id}"])
         ctx.confirm(f"Replace the configuration in {paths.config_dir} and {paths.env_file} with backup {backup.id}?")
         if not ctx.args.no_backup:
             safety = take_backup(paths, f"before restore of {backup.id}", safety=True)
@@ -198,41 +222,51 @@ def cmd_restore(ctx: Context) -> Result:
             lines.append(f"saved the current configuration as {safety.id}")
         diff, env_change = compare(backup, paths)  # the tree as it is now, not as it was before the prompt
         restore_backup(backup, paths, diff, env_change)
-    lines = [f"restored {backup.id}: {len(changes)} paths changed", *changes, *lines]
+    changes, done = _restore_changes(paths, diff, env_change)
+    lines = [f"restored {backup.id}: {count(len(done), 'path')} changed", *done, *lines]
     if ids:
         lines.append(f"to undo: {ctx.script} restore {ids[0]} --yes")
-    data.update(restored=True, safety_backup=ids[0] if ids else None)
-    return Result(data, lines, backup_ids=[backup.id, *ids])
+    return Result({"backup": backup.summary(), "changes": changes, "restored": True,
+                   "safety_backup": ids[0] if ids else None}, lines, backup_ids=[backup.id, *ids])
 
 
-def _restore_plan(paths: ConfigPaths, ref: str) -> tuple[Backup, TreeDiff, str | None, list[str]]:
+def _restore_plan(paths: ConfigPaths, ref: str) -> tuple[Backup, TreeDiff, str | None]:
     backup = resolve_component(paths.store, ref)
     refuse_damaged(backup)
-    diff, env_change = compare(backup, paths)
-    changes = diff.lines(str(paths.config_dir)) + ([f"  {env_change:8} {paths.env_file}"] if env_change else [])
-    return backup, diff, env_change, changes
+    return backup, *compare(backup, paths)
+
+
+def _restore_changes(paths: ConfigPaths, diff: TreeDiff, env_change: str | None,
+                     done: bool = True) -> tuple[dict, list[str]]:
+    """What a restore did (done) or would do, by what it does to each path: for --json, and for people."""
+    lines = diff.restore_lines(str(paths.config_dir), done)
+    if env_change:
+        lines.append(f"  {restore_label(env_change, done):10} {paths.env_file}")
+    return {**diff.restore_json(), "env_file": restore_label(env_change) if env_change else None}, lines
 
 
 def cmd_update(ctx: Context) -> Result:
-    """update FILE JSON: merge-patch one YAML, JSON or .env file, keeping every untouched line."""
-    import config_formats
-
+    """update FILE JSON|-|--patch-file F: merge-patch one YAML, JSON or .env file, keeping every untouched line."""
     paths = ConfigPaths.from_settings(ctx.settings)
     target = resolve_target(paths, ctx.args.file)
+    patch = read_patch(ctx.args)
     if ctx.dry_run:
-        _, old, new = patch_file(target, ctx.args.patch, paths.env_file)
+        _, old, new = patch_file(target, patch, paths.env_file)
         diff = config_formats.masked_diff(old, new, ctx.args.file)
         return Result({"file": str(target), "changed": old != new, "dry_run": True, "diff": diff},
                       [diff or f"{ctx.args.file}: no change"], report=True)
     with paths.store.lock("config_rollback.py update"):
-        data, old, new = patch_file(target, ctx.args.patch, paths.env_file)
+        data, old, new = patch_file(target, patch, paths.env_file)
         diff = config_formats.masked_diff(old, new, ctx.args.file)
         if old == new:
             return Result({"file": str(target), "changed": False, "diff": ""}, [f"{ctx.args.file}: no change"])
         ids = [] if ctx.args.no_backup else [take_backup(paths, f"before update of {ctx.args.file}",
                                                                safety=True).id]
         st = target.stat()
-        atomic_write(target, data, mode=file_mode(st), owner=(st.st_uid, st.st_gid))
+        try:
+            atomic_write(target, data, mode=file_mode(st), owner=(st.st_uid, st.st_gid))
+        except WriteFailed as exc:
+            raise ToolkitError(f"{exc}; the file was left as it was") from None
     lines = [diff] + ([f"saved the previous configuration as {ids[0]}; to undo: {ctx.script} restore {ids[0]} --yes"]
                       if ids else [])
     return Result({"file": str(target), "changed": True, "diff": diff, "safety_backup": ids[0] if ids else None},
@@ -241,8 +275,6 @@ def cmd_update(ctx: Context) -> Result:
 
 def cmd_verify(ctx: Context) -> Result:
     """verify: files parse, ENV_FILE is private and complete, the newest backup is sound; report drift."""
-    import config_formats
-
     paths = ConfigPaths.from_settings(ctx.settings)
     if not paths.config_dir.is_dir():
         raise UsageError(f"CONFIG_DIR {paths.config_dir} is not a folder")
@@ -257,7 +289,7 @@ def cmd_verify(ctx: Context) -> Result:
         problem = config_formats.check_file(path, fmt)
         if problem:
             problems.append(f"{problem.path}:{problem.line}:{problem.column}: {problem.message}")
-    problems += _env_file_problems(paths, config_formats)
+    problems += _env_file_problems(paths)
     newest = paths.store.latest()
     against = resolve_component(paths.store, ctx.args.against) if ctx.args.against else newest
     drift = None
@@ -296,7 +328,7 @@ def cmd_list(ctx: Context) -> Result:
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _env_file_problems(paths: ConfigPaths, config_formats) -> list[str]:
+def _env_file_problems(paths: ConfigPaths) -> list[str]:
     problems = []
     env_file = paths.env_file
     if env_file.is_file():
@@ -332,6 +364,7 @@ def build_parser():
         "examples:\n"
         "  config_rollback.py backup --label before-deploy\n"
         "  config_rollback.py update app.yml '{\"server\": {\"port\": 8081}}'\n"
+        "  config_rollback.py update .env - < rotated-secrets.json\n"
         "  config_rollback.py restore latest --yes\n"
         "  config_rollback.py verify --against latest\n"
         "  config_rollback.py cleanup 30 --keep 5",
@@ -342,24 +375,39 @@ def build_parser():
     sub = add_command(commands, "restore", cmd_restore, "make CONFIG_DIR and ENV_FILE exactly a backup",
                       "Checks the backup's checksums, saves the current state as a new backup, then makes\n"
                       "CONFIG_DIR and ENV_FILE exactly the backup (bytes and modes; files it lacks are\n"
-                      "removed), replacing each file atomically.")
+                      "removed), replacing each file atomically once every file is written: a file that\n"
+                      "cannot be written (a full disk) is named, and nothing is changed (exit 1).")
     add_backup_argument(sub)
     add_no_backup_argument(sub)
 
     sub = add_command(commands, "update", cmd_update, "merge-patch one YAML, JSON or .env file",
                       "Applies JSON as an RFC 7386 merge patch (objects merge, null deletes a key, anything\n"
                       "else replaces) and shows the diff. Lines the patch does not touch stay byte for byte.\n"
-                      "Values of password/secret/token keys are masked in the diff.",
+                      "Values of keys naming a secret are masked in the diff: a word of the key is pass, pwd,\n"
+                      "pw, key(s), pin, private or apikey, or holds password, secret, token or credential\n"
+                      "(DB_PASS, SESSION_KEY, apiToken; not KEYBOARD_LAYOUT).\n\n"
+                      "A patch holding a secret goes in as - (read from standard input) or --patch-file,\n"
+                      "never on the command line, where every user of the machine can see it; the audit log\n"
+                      "never records the patch's content.\n\n"
+                      "YAML is written so that YAML 1.1 and 1.2 readers read what the JSON meant: strings\n"
+                      "they could take for booleans, numbers or null (yes, off, 12:30...) are quoted, floats\n"
+                      "keep a dot (1.0e+300). Refused (exit 2): a file or patch nested deeper than 100\n"
+                      "levels, YAML aliases adding more than 100,000 values, NaN, Infinity, numbers JSON\n"
+                      "cannot hold.",
                       secret_args=("patch",))
-    sub.add_argument("file", metavar="FILE", help="a file relative to CONFIG_DIR, or the ENV_FILE")
-    sub.add_argument("patch", metavar="JSON", help="the merge patch, a JSON object")
+    sub.add_argument("file", metavar="FILE", help="a file relative to CONFIG_DIR, or the ENV_FILE (not a folder: "
+                                                  "no final /)")
+    sub.add_argument("patch", metavar="JSON", nargs="?",
+                     help="the merge patch, a JSON object; - reads it from standard input")
+    sub.add_argument("--patch-file", metavar="PATH", help="read the merge patch from this file instead")
     add_no_backup_argument(sub)
 
     sub = add_verify_command(commands, cmd_verify, "check that the configuration parses and matches a backup",
-                      "Every YAML/JSON/.env/TOML/INI file must parse; ENV_FILE must not be readable by group\n"
-                      "or others and must have the keys of a .env.example beside it; the newest backup's\n"
-                      "checksums must hold. Drift from the newest backup is reported; with --against any\n"
-                      "drift from that backup is a problem. Problems exit 3.")
+                      "Every YAML/JSON/.env/TOML/INI file must parse within the bounds of update (see its\n"
+                      "--help); ENV_FILE must not be readable by group or others and must have the keys of a\n"
+                      ".env.example beside it; the newest backup's checksums must hold. Drift from the newest\n"
+                      "backup is reported; with --against any drift from that backup is a problem. Problems\n"
+                      "exit 3.")
     sub.add_argument("--against", metavar="BACKUP", help="fail (exit 3) on any drift from this backup")
 
     add_store_commands(commands, cmd_cleanup, cmd_list)

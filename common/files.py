@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common.errors import UsageError
+from common.errors import ToolkitError, UsageError
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -83,6 +83,15 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
 
 
+class WriteFailed(ToolkitError):
+    """A file could not be written (a full disk, a size limit); the message names the file it was for."""
+
+    def __init__(self, path: str | Path, exc: OSError):
+        super().__init__(f"could not write {path}: {exc.strerror or exc}")
+        self.path = path
+        self.errno = exc.errno
+
+
 def atomic_write(
     path: Path, data: bytes, mode: int = PRIVATE_FILE, owner: tuple[int, int] | None = None, durable: bool = True
 ) -> None:
@@ -90,23 +99,30 @@ def atomic_write(
 
     `owner` (uid, gid) is kept when running as root, so an edit does not take a file away from its service.
     With durable=False the caller promises to flush the filesystem before relying on the file.
+    A failure (WriteFailed, naming `path`) leaves `path` as it was and no temporary file behind.
     """
     tmp = temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
     try:
-        with os.fdopen(fd, "wb", closefd=False) as out:
-            out.write(data)
-        if owner is not None and os.geteuid() == 0:
-            os.fchown(fd, *owner)
-        os.fchmod(fd, mode)  # explicit, so the umask has no say
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    except OSError as exc:
+        raise WriteFailed(path, exc) from None
+    try:
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as out:
+                out.write(data)
+            if owner is not None and os.geteuid() == 0:
+                os.fchown(fd, *owner)
+            os.fchmod(fd, mode)  # explicit, so the umask has no say
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteFailed(path, exc) from None
         raise
-    os.close(fd)
-    os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
 

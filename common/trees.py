@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import ToolkitError
 from common.files import (
     PRIVATE_FILE,
+    WriteFailed,
     copy_and_hash,
     file_mode,
     flush_filesystem,
@@ -19,6 +23,20 @@ from common.files import (
     temp_name,
 )
 from common.manifest import Backup, Entry, UnsafeManifest
+
+
+class PayloadUnreadable(ToolkitError):
+    """A file of a backup's payload could not be read while restoring it."""
+
+
+# What a restore does about each way a live path differs from the backup: after it ran, and before (a plan)
+_RESTORE_DONE = {"added": "deleted", "removed": "re-created", "changed": "changed"}
+_RESTORE_PLANNED = {"added": "delete", "removed": "re-create", "changed": "change"}
+
+
+def restore_label(drift: str, done: bool = True) -> str:
+    """What a restore did (done) or would do to a path that is `added`, `removed` or `changed` live."""
+    return (_RESTORE_DONE if done else _RESTORE_PLANNED)[drift]
 
 
 @dataclass
@@ -33,14 +51,25 @@ class TreeDiff:
         return bool(self.added or self.removed or self.changed)
 
     def to_json(self) -> dict:
-        """The lists, for --json."""
+        """The lists, for --json: how the live tree differs from the backup (drift)."""
         return {"added": self.added, "removed": self.removed, "changed": self.changed}
 
     def lines(self, root: str) -> list[str]:
-        """One line per difference, for people."""
+        """One line per difference, for people: how the live tree differs from the backup (drift)."""
         out = [f"  added    {root}/{path}" for path in self.added]
         out += [f"  removed  {root}/{path}" for path in self.removed]
         out += [f"  changed  {root}/{path}" for path in self.changed]
+        return out
+
+    def restore_json(self) -> dict:
+        """The lists, for --json, named by what a restore does to them."""
+        return {"re_created": self.removed, "deleted": self.added, "changed": self.changed}
+
+    def restore_lines(self, root: str, done: bool = True) -> list[str]:
+        """One line per path a restore re-created, deleted or changed (done), or would (a plan)."""
+        out = []
+        for drift, paths in (("removed", self.removed), ("added", self.added), ("changed", self.changed)):
+            out += [f"  {restore_label(drift, done):10} {root}/{path}" for path in paths]
         return out
 
 
@@ -107,67 +136,116 @@ def diff_tree(wanted: dict[str, Entry], root: Path, exclude: Callable[[str], boo
     return diff
 
 
-def restore_tree(backup: Backup, prefix: str, root: Path, diff: TreeDiff) -> None:
+def restore_tree(backup: Backup, prefix: str, root: Path, diff: TreeDiff,
+                 files: Sequence[tuple[Entry, Path]] = ()) -> None:
     """Make `root` exactly the backup's tree under `prefix`; only what `diff` names is touched.
 
-    Each file is written beside its live copy and renamed over it, so no reader sees a half-written
-    file. Folders are made real before anything goes into them, so a live symlink where the backup
-    has a folder is replaced, never followed out of the tree.
+    `files` are single entries of the backup to put at paths of their own (an .env outside the tree).
+    Everything is first written beside its live copy, and renamed over it only once all of it is written:
+    a failure to write (a full disk) changes nothing live, leaves no temporary file and says so. No reader
+    sees a half-written file. Folders are made real before anything goes into them, so a live symlink
+    where the backup has a folder is replaced, never followed out of the tree.
     """
     wanted = tree_entries(backup, prefix)
     todo = sorted(set(diff.removed) | set(diff.changed), key=lambda rel: (rel.count("/"), rel))
-    folders = [rel for rel in todo if wanted[_key(rel)].type == "dir"]
-    others = [rel for rel in todo if wanted[_key(rel)].type != "dir"]
-    for rel in folders:
-        _ensure_folder(root / rel if rel != "." else root)
-    staged: list[tuple[Path, Path]] = []
+    staging = _Staging()
     try:
-        for rel in others:
-            staged.append((_stage(backup, wanted[_key(rel)], root / rel), root / rel))
-        if staged:
+        for rel in todo:
+            if wanted[_key(rel)].type == "dir":
+                staging.folder(root / rel if rel != "." else root)
+        for rel in todo:
+            if wanted[_key(rel)].type != "dir":
+                staging.file(backup, wanted[_key(rel)], root / rel)
+        for entry, live in files:
+            staging.parents(live.parent)
+            staging.file(backup, entry, live)
+        if staging.files:
             flush_filesystem(root)
+    except (WriteFailed, PayloadUnreadable) as exc:
+        staging.undo()
+        raise ToolkitError(f"{exc}; nothing was changed") from None
     except BaseException:
-        for temp, _live in staged:  # nothing live was touched yet: leave no temporary files behind
-            temp.unlink(missing_ok=True)
+        staging.undo()
         raise
-    for temp, live in staged:
-        _replace(temp, live)
+    staging.commit()
     for rel in sorted(diff.added, key=lambda rel: rel.count("/"), reverse=True):
         _remove(root / rel)
     # Modes and owners of folders last: a read-only folder must not stop the files going in.
     for rel, entry in sorted(wanted.items(), key=lambda item: item[0].count("/"), reverse=True):
         if entry.type == "dir":
             _set_owner_and_mode(root / rel if rel else root, entry)
-    for parent in {live.parent for _, live in staged} | {root}:
+    for parent in {live.parent for _, live in staging.files} | {root}:
         fsync_dir(parent)
 
 
-def restore_file(backup: Backup, entry: Entry, live: Path) -> None:
-    """Put one file (or symlink) of a backup at `live`, atomically."""
-    live.parent.mkdir(parents=True, exist_ok=True)
-    temp = _stage(backup, entry, live)
-    flush_filesystem(live.parent)
-    _replace(temp, live)
-    fsync_dir(live.parent)
+class _Staging:
+    """What a restore puts beside the live tree before it changes anything there, and how to take it back."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[Path, Path]] = []  # (written beside, live path)
+        self.made: list[Path] = []  # folders made, parents first
+        self.aside: list[tuple[Path, Path]] = []  # (renamed to, live path): a non-folder where a folder goes
+
+    def folder(self, path: Path, mode: int = 0o700) -> None:
+        """Make `path` a real folder; a file or symlink there is renamed aside until the restore commits."""
+        try:
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                moved = temp_name(path)
+                os.rename(path, moved)
+                self.aside.append((moved, path))
+            if not path.is_dir():
+                path.mkdir(mode=mode)
+                self.made.append(path)
+        except OSError as exc:
+            raise WriteFailed(path, exc) from None
+
+    def parents(self, path: Path) -> None:
+        """Make the missing folders of `path`, as a plain mkdir -p would."""
+        for folder in reversed([path, *path.parents]):
+            if not folder.is_dir():
+                self.folder(folder, mode=0o777)
+
+    def file(self, backup: Backup, entry: Entry, live: Path) -> None:
+        """Write the entry's file or symlink beside `live`."""
+        self.files.append((_stage(backup, entry, live), live))
+
+    def commit(self) -> None:
+        """Rename every file over its live copy; drop what was renamed aside."""
+        for temp, live in self.files:
+            _replace(temp, live)
+        for moved, _live in self.aside:
+            moved.unlink()
+
+    def undo(self) -> None:
+        """Remove what was written and made, and put back what was renamed aside: the live tree as it was."""
+        for temp, _live in self.files:
+            temp.unlink(missing_ok=True)
+        for folder in reversed(self.made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        for moved, live in reversed(self.aside):
+            os.rename(moved, live)
 
 
 def _key(rel: str) -> str:
     return "" if rel == "." else rel
 
 
-def _ensure_folder(path: Path) -> None:
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        path.unlink()
-    path.mkdir(mode=0o700, exist_ok=True)
-
-
 def _stage(backup: Backup, entry: Entry, live: Path) -> Path:
     temp = temp_name(live)
-    if entry.type == "symlink":
-        os.symlink(entry.target, temp)
-    else:
-        copy_and_hash(backup.path / entry.path, temp, mode=PRIVATE_FILE)
-    _set_owner_and_mode(temp, entry)
+    source = backup.path / entry.path
+    try:
+        if entry.type == "symlink":
+            os.symlink(entry.target, temp)
+        else:
+            copy_and_hash(source, temp, mode=PRIVATE_FILE)
+        _set_owner_and_mode(temp, entry)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:  # a name already there is not ours to remove
+            temp.unlink(missing_ok=True)
+        if str(exc.filename) == str(source):
+            raise PayloadUnreadable(f"could not read {source}: {exc.strerror}") from None
+        raise WriteFailed(live, exc) from None
     return temp
 
 

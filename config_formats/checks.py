@@ -11,6 +11,7 @@ from typing import Any
 
 from common.errors import UsageError
 
+from .bounds import Refused, bounded_yaml, check_toml_depth, load_json, long_integer
 from .text import _BOM, _ends_with_newline, _split_lines
 
 
@@ -65,7 +66,6 @@ def _yaml_error_position(exc: Exception, text: str) -> tuple[int, int, str]:
 
 
 def _check_yaml(text: str) -> tuple[int, int, str] | None:
-    from ruamel.yaml import YAML
     from ruamel.yaml.constructor import SafeConstructor
     from ruamel.yaml.error import YAMLError
 
@@ -81,11 +81,12 @@ def _check_yaml(text: str) -> tuple[int, int, str] | None:
         return constructor.construct_scalar(node)
 
     TolerantConstructor.add_multi_constructor("", untagged)
-    yaml = YAML(typ="safe", pure=True)
-    yaml.Constructor = TolerantConstructor
+    yaml = bounded_yaml("safe", TolerantConstructor)
     try:
         for _ in yaml.load_all(text):
             pass
+    except Refused as exc:
+        return exc.line, exc.column, exc.message
     except YAMLError as exc:
         return _yaml_error_position(exc, text)
     return None
@@ -93,7 +94,9 @@ def _check_yaml(text: str) -> tuple[int, int, str] | None:
 
 def _check_json(text: str) -> tuple[int, int, str] | None:
     try:
-        json.loads(text)
+        load_json(text)
+    except Refused as exc:
+        return exc.line, exc.column, exc.message
     except json.JSONDecodeError as exc:
         return exc.lineno, exc.colno, exc.msg
     return None
@@ -103,7 +106,10 @@ def _check_toml(text: str) -> tuple[int, int, str] | None:
     import tomllib
 
     try:
+        check_toml_depth(text)
         tomllib.loads(text)
+    except Refused as exc:
+        return exc.line, exc.column, exc.message
     except tomllib.TOMLDecodeError as exc:
         # Python 3.11's TOMLDecodeError has no position attributes, only "... (at line L, column C)".
         message = str(exc)
@@ -114,6 +120,9 @@ def _check_toml(text: str) -> tuple[int, int, str] | None:
         end_line = len(lines) + (1 if not lines or _ends_with_newline(text) else 0)
         end_column = 1 if not lines or _ends_with_newline(text) else len(lines[-1]) + 1
         return end_line, end_column, re.sub(r"\s*\(at end of document\)$", " at the end of the file", message)
+    except ValueError:  # not a TOMLDecodeError: an integer longer than Python reads
+        found = long_integer(text)
+        return (found.line, found.column, found.message) if found else (1, 1, "a value that cannot be read")
     return None
 
 

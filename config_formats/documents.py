@@ -12,11 +12,13 @@ from typing import Any
 
 from common.errors import UsageError
 
+from .bounds import Refused, bounded_yaml, load_json
 from .checks import _yaml_error_position
 from .envfile import _patch_env
 from .linemerge import _first_reading_back, _in_style_of, _merged
 from .merge_patch import _kind, _same, apply_merge_patch
 from .text import _ends_with_newline, _newline_of, _split_bom
+from .yaml_writer import yaml_writer
 
 # Lines without data: blank, only a comment, or a document marker
 _YAML_FILLER = re.compile(r"[ \t]*(?:#.*)?|(?:---|\.\.\.)(?:[ \t].*)?")
@@ -41,11 +43,9 @@ def patch_text(fmt: str, text: str, patch: dict) -> str:
 
 
 def _yaml_rt() -> Any:
-    from ruamel.yaml import YAML
-
-    yaml = YAML(typ="rt")
+    """A round-trip loader (see yaml_writer for dumping)."""
+    yaml = bounded_yaml("rt")
     yaml.preserve_quotes = True
-    yaml.width = 1 << 30  # never fold long lines
     return yaml
 
 
@@ -54,6 +54,8 @@ def _yaml_load_one(yaml: Any, text: str) -> Any:
 
     try:
         docs = list(yaml.load_all(text))
+    except Refused as exc:
+        raise UsageError(f"the YAML file is refused: line {exc.line} column {exc.column}: {exc.message}") from None
     except YAMLError as exc:
         line, column, message = _yaml_error_position(exc, text)
         raise UsageError(f"the YAML file does not parse: line {line} column {column}: {message}") from None
@@ -174,8 +176,7 @@ def _patch_yaml(text: str, patch: dict) -> str:
 
     bom, original = _split_bom(text)
     source = re.sub(r"\r\n?", "\n", original)
-    yaml = _yaml_rt()
-    data = _yaml_load_one(yaml, source)
+    data = _yaml_load_one(_yaml_rt(), source)
     if data is not None and not isinstance(data, CommentedMap):
         raise UsageError(f"the YAML document must be a mapping, got {_kind(data)}")
     before = _yaml_plain(data) if data is not None else {}
@@ -183,14 +184,15 @@ def _patch_yaml(text: str, patch: dict) -> str:
     if _same(before, expected):
         return text
 
+    writer = yaml_writer()
     mapping, sequence, offset = _yaml_layout(data)
-    yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
+    writer.indent(mapping=mapping, sequence=sequence, offset=offset)
     # ruamel drops a "---" that follows leading comments; keep it when the file has one before its content
-    yaml.explicit_start = bool(re.match(r"(?:[ \t]*(?:#[^\n]*)?\n)*---(?:[ \t]|$)", source, re.M))
+    writer.explicit_start = bool(re.match(r"(?:[ \t]*(?:#[^\n]*)?\n)*---(?:[ \t]|$)", source, re.M))
 
     def dump(doc: Any) -> str:
         out = io.StringIO()
-        yaml.dump(doc, out)
+        writer.dump(doc, out)
         return out.getvalue()
 
     def reads_back(candidate: str) -> bool:
@@ -241,7 +243,9 @@ def _json_style(text: str) -> tuple[str | None, tuple[str, str]]:
 def _patch_json(text: str, patch: dict) -> str:
     bom, original = _split_bom(text)
     try:
-        data = json.loads(original)
+        data = load_json(original)
+    except Refused as exc:
+        raise UsageError(f"the JSON file is refused: line {exc.line} column {exc.column}: {exc.message}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"the JSON file does not parse: line {exc.lineno} column {exc.colno}: {exc.msg}"
                          ) from None

@@ -6,7 +6,11 @@ import difflib
 import re
 
 MASK = "********"
-_SECRET_NAME = re.compile(r"password|passwd|secret|token|api[_-]?key|private[_-]?key|credential", re.I)
+# A key names a secret when one of its words (DB_PASS, sessionKey, x-api-key) is one of these: short words
+# count only whole (KEYBOARD_LAYOUT and PASSENGERS are not secrets), long ones anywhere (dbpassword).
+_SECRET_WORD = re.compile(r"pass|pwd|pw|keys?|private|apikey|pin")
+_SECRET_PART = re.compile(r"password|passwd|passphrase|secret|token|credential")
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")  # DB_PASS -> DB PASS, apiKey -> api Key
 # KEY=value (.env), key: value (YAML, also in a "- key: value" item), "key": value (JSON)
 _ASSIGNMENT = re.compile(
     r"""(?P<indent>[ \t]*(?:-[ \t]+)*)
@@ -18,9 +22,10 @@ _ASSIGNMENT = re.compile(
 )
 # A value that continues on the lines below: a YAML block scalar, a nested mapping, a JSON object or array
 _OPENS_BLOCK = re.compile(r"(?:![^\s]*[ \t]+)?(?:[|>][0-9+-]*)?(?:[ \t]+#.*)?|[{\[]")
-# key: value inside a one-line flow mapping or JSON object
+# key: value inside a one-line flow mapping or JSON object; a value does not open a collection, so that
+# "all: {password: x" is read as the key `password` inside `all`, not as `all` with a value "{password:"
 _INLINE = re.compile(
-    r"""(?P<key>["']?[A-Za-z0-9_.-]+["']?[ \t]*:[ \t]*)(?P<value>"(?:\\.|[^"\\])*"|'[^']*'|[^,}\]\s]+)""")
+    r"""(?P<key>["']?[A-Za-z0-9_.-]+["']?[ \t]*:[ \t]*)(?P<value>"(?:\\.|[^"\\])*"|'[^']*'|[^,{}\[\]\s][^,}\]\s]*)""")
 _URL_PASSWORD = re.compile(r"(?P<user>://[^/\s:@]*:)[^/\s@]+@")
 
 
@@ -45,6 +50,12 @@ def masked_diff(old: str, new: str, name: str) -> str:
     return "".join(line if line.endswith("\n") else line + "\n" for line in out)
 
 
+def names_a_secret(key: str) -> bool:
+    """Whether KEY (DB_PASS, PWD, SESSION_KEY, apiToken, client-secret) names a value to keep out of sight."""
+    words = [word.lower() for word in _WORDS.findall(key)]
+    return any(_SECRET_WORD.fullmatch(word) or _SECRET_PART.search(word) for word in words)
+
+
 def _mask_line(content: str, block_indent: int | None) -> tuple[str, int | None]:
     """CONTENT with secret values masked, and the indent of a secret block still open after it."""
     body = content.rstrip("\r\n")
@@ -59,7 +70,7 @@ def _mask_line(content: str, block_indent: int | None) -> tuple[str, int | None]
         block_indent = None
     match = _ASSIGNMENT.fullmatch(body)
     key = match and (match.group("envkey") or match.group("qkey") or match.group("key") or "")
-    if match and _SECRET_NAME.search(key):
+    if match and names_a_secret(key):
         value = match.group("value")
         if not match.group("envkey") and _OPENS_BLOCK.fullmatch(value.strip()):
             block_indent = len(match.group("indent"))
@@ -67,6 +78,5 @@ def _mask_line(content: str, block_indent: int | None) -> tuple[str, int | None]
         else:
             shown = MASK + ("," if match.group("q") == '"' and value.rstrip().endswith(",") else "")
         return body[: match.start("value")] + shown + ending, block_indent
-    body = _INLINE.sub(lambda m: m.group("key") + MASK if _SECRET_NAME.search(m.group("key")) else m.group(),
-                       body)
+    body = _INLINE.sub(lambda m: m.group("key") + MASK if names_a_secret(m.group("key")) else m.group(), body)
     return _URL_PASSWORD.sub(r"\g<user>" + MASK + "@", body) + ending, block_indent

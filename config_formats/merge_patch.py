@@ -12,21 +12,21 @@ from typing import Any
 
 from common.errors import UsageError
 
+from .bounds import Refused, load_json
+
 
 def parse_merge_patch(text: str) -> dict:
-    """Parse a JSON merge patch given on the command line; UsageError unless it is a JSON object."""
+    """Parse a JSON merge patch given by the operator; UsageError unless it is a JSON object within the bounds."""
     try:
-        patch = json.loads(text, parse_constant=_not_json)
+        patch = load_json(text)
+    except Refused as exc:
+        raise UsageError(f"the patch is refused: {exc.message} at line {exc.line} column {exc.column}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"the patch is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
                          ) from None
     if not isinstance(patch, dict):
         raise UsageError(f"the patch must be a JSON object, got {_kind(patch)}")
     return patch
-
-
-def _not_json(name: str) -> None:
-    raise UsageError(f"the patch is not valid JSON: {name} is not a JSON value")
 
 
 def apply_merge_patch(target: Any, patch: Any) -> Any:

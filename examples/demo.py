@@ -64,7 +64,11 @@ def config_part(work: Path) -> None:
     cr("backup", "--label", "before release 1.4")
     step("The deployment changes the port (comments and layout kept; only those lines change)")
     cr("update", "app.yml", '{"server": {"port": 9090}, "logging": {"level": "debug"}}')
-    cr("update", ".env", '{"DB_PASSWORD": "rotated secret", "FEATURE_FLAGS": null}')
+    step("A rotated secret goes in from a private file (or standard input), never on the command line")
+    rotated = work / "rotated.json"
+    rotated.write_text('{"DB_PASSWORD": "rotated secret", "FEATURE_FLAGS": null}')
+    os.chmod(rotated, 0o600)
+    cr("update", ".env", "--patch-file", rotated.name)
     step("Something goes wrong: a file is broken and another deleted")
     (work / "config" / "app.yml").write_text("server: [unclosed\n")
     (work / "config" / "services" / "cache.json").unlink()

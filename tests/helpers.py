@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -18,9 +19,13 @@ def script_argv(script: str, *args: str) -> list[str]:
 
 
 def run_script(
-    script: str, *args: str, env: dict[str, str], cwd: Path, umask: int | None = None, stdin: str | None = None
+    script: str, *args: str, env: dict[str, str], cwd: Path, umask: int | None = None, stdin: str | None = None,
+    limits: dict[int, int] | None = None, timeout: float = 120,
 ) -> subprocess.CompletedProcess:
-    """Run a script to completion with only `env` as settings (no terminal, like cron and CI)."""
+    """Run a script to completion with only `env` as settings (no terminal, like cron and CI).
+
+    `limits` are resource limits of the child ({resource.RLIMIT_FSIZE: bytes, ...}), set before it starts.
+    """
     own = ("CONFIG", "ENV_", "DB_", "RTO_", "METRICS_FILE")  # the toolkit's settings come from `env` only
     full_env = {key: value for key, value in os.environ.items() if not key.startswith(own)}
     full_env.update(env)
@@ -31,9 +36,16 @@ def run_script(
         input=stdin if stdin is not None else "",
         capture_output=True,
         text=True,
-        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
-        timeout=120,
+        preexec_fn=(lambda: _limit_child(umask, limits or {})) if umask is not None or limits else None,
+        timeout=timeout,
     )
+
+
+def _limit_child(umask: int | None, limits: dict[int, int]) -> None:
+    if umask is not None:
+        os.umask(umask)
+    for which, value in limits.items():
+        resource.setrlimit(which, (value, value))
 
 
 def git(repo: Path, *args: str) -> str:

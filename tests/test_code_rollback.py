@@ -376,3 +376,18 @@ def test_a_restore_stopped_while_its_safety_backup_runs_cancels_it(tmp_path: Pat
     assert cw.tree() == before
     assert sorted(os.listdir(cw.store)) == stored  # no safety backup, no staging folder
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".deploy")]
+
+
+def test_in_place_restore_reports_what_it_does_not_how_the_tree_differed(in_place: CodeWorkspace):
+    assert in_place.run("backup").returncode == 0
+    (in_place.repo / "app.py").write_text("print('hot fix')\n")
+    (in_place.repo / "v2.py").unlink()
+    (in_place.repo / "stray.txt").write_text("?\n")
+    repo = in_place.repo
+    plan = in_place.run("restore", "latest", "--dry-run")
+    assert plan.stdout.splitlines()[1:] == [f"  re-create  {repo}/v2.py", f"  delete     {repo}/stray.txt",
+                                            f"  change     {repo}/app.py"]
+    result = in_place.run("restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:4] == [f"  re-created {repo}/v2.py", f"  deleted    {repo}/stray.txt",
+                                               f"  changed    {repo}/app.py"]

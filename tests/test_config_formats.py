@@ -8,14 +8,17 @@ import io
 import json
 import random
 import re
+import time
 from pathlib import Path
 
 import pytest
+import yaml as pyyaml
 from dotenv import dotenv_values
 from ruamel.yaml import YAML
 
 import config_formats as cf
 from common.errors import ToolkitError, UsageError
+from config_formats.bounds import MAX_DEPTH
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
@@ -219,9 +222,10 @@ def test_yaml_layout_kept_after_change_inside_flow_mapping(tmp_path, layout):
     old = path.read_text()
     new = patch_file(path, {"server": {"options": {"b": 5}, "names": ["x", "y", "z"]}})
     indent = "    " if layout.startswith("map4") else "  "
+    # The line of `names` is written anew, so its y is quoted: a YAML 1.1 reader takes a bare y for true.
     assert changed(old, new) == [
         ([f"{indent}options: {{a: 1, b: 2}}   # flow mapping\n", f"{indent}names: [x, y]\n"],
-         [f"{indent}options: {{a: 1, b: 5}}   # flow mapping\n", f"{indent}names: [x, y, z]\n"]),
+         [f"{indent}options: {{a: 1, b: 5}}   # flow mapping\n", f"{indent}names: [x, 'y', z]\n"]),
     ]
 
 
@@ -565,6 +569,117 @@ def test_check_file_reports_undecodable_bytes(tmp_path):
     assert (problem.line, problem.column) == (2, 7) and "UTF-8" in problem.message
 
 
+# Strings that a YAML 1.1 or 1.2 reader takes for something else when they are written bare.
+AMBIGUOUS_STRINGS = ["yes", "no", "on", "off", "y", "n", "Y", "No", "ON", "true", "False", "null", "~", "",
+                     "1e3", "0x10", "0o10", "010", "1_000", "12:30", "1:20:30.5", "-0", "+1", ".5", "1.",
+                     ".inf", "-.Inf", ".NaN", "2001-12-14", "2001-12-14 21:59:43.10 -5", "=", "<<", "0b101"]
+FLOATS = [1e300, 1e-05, 1e16, -2.5e-10, 0.1, 1.7976931348623157e308, 5e-324, -0.0]
+
+
+def test_yaml_written_by_update_means_what_the_json_meant_to_yaml_1_1_and_1_2_readers():
+    patch = {"values": AMBIGUOUS_STRINGS, "keys": {text: text for text in AMBIGUOUS_STRINGS if text != "<<"},
+             "floats": FLOATS, "flow": {"mode": "on", "n": 1e300}, "big": 10**30, "flag": True, "nothing": [None]}
+    for text in ("flow: {min: 2}\n", "# comments only\n", "flow: {min: 2}\nother: [a, b]\n"):
+        new = cf.patch_text("yaml", text, patch)
+        for read in (pyyaml.safe_load, yaml_data):  # YAML 1.1 (PyYAML) and YAML 1.2 (ruamel.yaml)
+            data = read(new)
+            for key, value in patch.items():
+                expected = {"min": 2, **value} if key == "flow" and "min" in text else value
+                assert json.dumps(data[key]) == json.dumps(expected), (read, key, new)
+    # an existing key whose value becomes an ambiguous string
+    assert pyyaml.safe_load(cf.patch_text("yaml", "feature: off-peak\n", {"feature": "off"})) == {"feature": "off"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bounds: crafted documents are refused at once, with their position, by every reader
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """The "billion laughs": each level a list of nine aliases of the level before (9**9 strings)."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\nport: 1\n"
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+BEYOND_BOUNDS = [  # (file name, text, line, column, message)
+    ("bomb.yaml", alias_bomb(), 6, 10, "aliases expand the document by more than 100,000 values"),
+    ("endless.yaml", "a: 1\nb: &b [1, *b]\n", 2, 11, "the alias *b is inside what it names"),
+    ("flow.yaml", "a: " + nested(5000) + "\n", 1, 104, "nested deeper than 100 levels"),
+    ("block.yaml", "".join(" " * i + f"k{i}:\n" for i in range(150)) + " " * 150 + "x: 1\n", 101, 101,
+     "nested deeper than 100 levels"),
+    ("deep.json", '{"a": ' + nested(900) + "}", 1, 106, "nested deeper than 100 levels"),
+    ("deeper.json", '{"a": ' + nested(100_000) + "}", 1, 106, "nested deeper than 100 levels"),
+    ("deep.toml", "a = " + nested(5000) + "\n", 1, 105, "nested deeper than 100 levels"),
+    ("long.json", '{"n": ' + "7" * 5000 + "}", 1, 7, "an integer of 5000 digits"),
+    ("long.yaml", "a: 1\nn: " + "7" * 5000 + "\n", 2, 4, "an integer of 5000 digits"),
+    ("long.toml", "n = " + "7" * 5000 + "\n", 1, 5, "an integer of 5000 digits"),
+    ("huge.json", '{"a": [1, 1e999]}', 1, 11, "1e999 is beyond the range of a number"),
+    ("nan.json", '{"a": [1, NaN]}', 1, 11, "NaN is not a JSON value"),
+    ("inf.json", '{"a": -Infinity}', 1, 7, "-Infinity is not a JSON value"),
+    ("month.yaml", "a: 1\nb: 2024-13-01\n", 2, 4, "month must be in 1..12"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "line", "column", "message"), BEYOND_BOUNDS,
+                         ids=[case[0] for case in BEYOND_BOUNDS])
+def test_check_file_refuses_documents_beyond_the_bounds_at_once(tmp_path, name, text, line, column, message):
+    path = write(tmp_path / name, text)
+    started = time.monotonic()
+    problem = cf.check_file(path, cf.file_format(path))
+    assert time.monotonic() - started < 1
+    assert problem is not None and (problem.line, problem.column) == (line, column), problem
+    assert message in problem.message
+
+
+@pytest.mark.parametrize(("name", "text", "line", "column", "message"),
+                         [case for case in BEYOND_BOUNDS if not case[0].endswith(".toml")],
+                         ids=[case[0] for case in BEYOND_BOUNDS if not case[0].endswith(".toml")])
+def test_update_refuses_documents_beyond_the_bounds_at_once(name, text, line, column, message):
+    started = time.monotonic()
+    with pytest.raises(UsageError, match=rf"line {line} column {column}: .*{re.escape(message)}"):
+        cf.patch_text(cf.editable_format(Path(name)), text, {"port": 2})
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ('{"a": ' + nested(900) + "}", "the patch is refused: nested deeper than 100 levels at line 1 column 106"),
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested deeper than 100 levels at line 1 column 601"),
+    ('{"a": 1e999}', "the patch is refused: 1e999 is beyond the range of a number"),
+    ('{"a": -1E+400}', "-1E+400 is beyond the range of a number"),
+    ('{"a": Infinity}', "the patch is not valid JSON: Infinity is not a JSON value at line 1 column 7"),
+    ('{"a": [-Infinity]}', "-Infinity is not a JSON value"),
+    ('{"a": ' + "9" * 4301 + "}", "an integer of 4301 digits"),
+])
+def test_patches_beyond_the_bounds_are_refused(patch, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        cf.parse_merge_patch(patch)
+
+
+def test_documents_just_within_the_bounds_are_patched():
+    deepest: object = 1
+    for _ in range(MAX_DEPTH):  # collections inside collections, the document's own included
+        deepest = {"k": deepest}
+    patch: dict = {"new": 2}
+    for _ in range(MAX_DEPTH - 1):
+        patch = {"k": patch}
+    assert cf.parse_merge_patch(json.dumps(patch)) == patch
+    text = json.dumps(deepest, indent=2)
+    assert json.loads(cf.patch_text("json", text, patch)) == cf.apply_merge_patch(copy.deepcopy(deepest), patch)
+    block = io.StringIO()
+    YAML().dump(deepest, block)
+    for text in (block.getvalue(), "a: " + json.dumps(deepest["k"]) + "\n"):
+        expected = cf.apply_merge_patch(yaml_data(text), patch if text is block.getvalue() else {"a": patch["k"]})
+        new = cf.patch_text("yaml", text, patch if text is block.getvalue() else {"a": patch["k"]})
+        assert yaml_data(new) == expected
+    # aliases that add fewer values than the bound are read as before
+    shared = "base: &b [" + ", ".join(map(str, range(999))) + "]\n" + "".join(f"u{i}: *b\n" for i in range(99))
+    assert yaml_data(cf.patch_text("yaml", shared + "x: 1\n", {"x": 2}))["u98"] == list(range(999))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # masked_diff
 
@@ -589,6 +704,30 @@ def test_masked_diff_hides_secret_values():
     diff = cf.masked_diff("db: {user: a, Secret_Key: s1}\n", "db: {user: b, Secret_Key: s2}\n", "f.yml")
     assert "s1" not in diff and "+db: {user: b, Secret_Key: ********}\n" in diff
     assert cf.masked_diff("same\n", "same\n", "x") == ""
+
+
+SECRET_KEYS = ["DB_PASS", "PWD", "SESSION_KEY", "dbpassword", "apiKey", "x-api-key", "GITHUB_TOKEN", "PIN",
+               "client_secret", "AWS_SECRET_ACCESS_KEY", "ssh_private_key", "credentials", "PASSPHRASE", "keys"]
+PLAIN_KEYS = ["KEYBOARD_LAYOUT", "PASSENGER_COUNT", "MONKEY", "DB_HOST", "bypass", "PINNED_VERSION"]
+
+
+@pytest.mark.parametrize("fmt", ["env", "yaml", "json", "flow"])
+def test_masked_diff_hides_keys_that_name_a_secret_anywhere_in_the_key(fmt):
+    def text(value: str) -> str:
+        pairs = [(key, f"{value}{i}z") for i, key in enumerate(SECRET_KEYS + PLAIN_KEYS)]
+        if fmt == "env":
+            return "".join(f"{key}={v}\n" for key, v in pairs)
+        if fmt == "yaml":
+            return "".join(f"{key}: {v}\n" for key, v in pairs)
+        if fmt == "json":
+            return "{\n" + ",\n".join(f'  "{key}": "{v}"' for key, v in pairs) + "\n}\n"
+        return "all: {" + ", ".join(f"{key}: {v}" for key, v in pairs) + "}\n"
+
+    diff = cf.masked_diff(text("old"), text("new"), "f")
+    for i, key in enumerate(SECRET_KEYS):
+        assert f"old{i}z" not in diff and f"new{i}z" not in diff, key
+    for i, key in enumerate(PLAIN_KEYS, start=len(SECRET_KEYS)):
+        assert f"old{i}z" in diff and f"new{i}z" in diff, key
 
 
 def test_masked_diff_hides_nested_secret_blocks():

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import yaml as pyyaml
 from helpers import run_script, script_argv, tree_snapshot
 
 from common.store import BackupStore
@@ -53,8 +56,9 @@ class Workspace:
             "ENV_FILE": str(self.env_file),
         }
 
-    def run(self, *args: str, umask: int | None = None) -> subprocess.CompletedProcess:
-        return run_script("config_rollback.py", *args, env=self.env, cwd=self.root, umask=umask)
+    def run(self, *args: str, umask: int | None = None, **options) -> subprocess.CompletedProcess:
+        """The script run in this workspace; `options` go to run_script (stdin, limits, timeout)."""
+        return run_script("config_rollback.py", *args, env=self.env, cwd=self.root, umask=umask, **options)
 
     def backup_ids(self) -> list[str]:
         listing = self.run("--json", "list")
@@ -131,8 +135,34 @@ def test_restore_dry_run_lists_changes_and_changes_nothing(ws: Workspace):
     before = ws.live()
     result = ws.run("restore", "latest", "--dry-run")
     assert result.returncode == 0
-    assert "changed" in result.stdout and "app.yml" in result.stdout
+    assert f"  change     {ws.config}/app.yml" in result.stdout
     assert ws.live() == before
+
+
+def test_restore_reports_what_it_does_and_verify_how_the_live_tree_differs(ws: Workspace):
+    assert ws.run("backup").returncode == 0
+    (ws.config / "sub" / "feature.yaml").unlink()
+    (ws.config / ".flake8").write_text("[flake8]\n")
+    (ws.config / "app.yml").write_text("deployed: true\n")
+    ws.env_file.unlink()
+    drift = ws.run("verify").stdout.splitlines()
+    assert drift[-4:] == [f"  added    {ws.config}/.flake8", f"  removed  {ws.config}/sub/feature.yaml",
+                          f"  changed  {ws.config}/app.yml", f"  removed  {ws.env_file}"]
+
+    plan = ws.run("restore", "latest", "--dry-run")
+    assert plan.stdout.splitlines() == [
+        f"restoring {ws.backup_ids()[0]} would:", f"  re-create  {ws.config}/sub/feature.yaml",
+        f"  delete     {ws.config}/.flake8", f"  change     {ws.config}/app.yml", f"  re-create  {ws.env_file}"]
+    result = ws.run("--json", "restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["changes"] == {"re_created": ["sub/feature.yaml"], "deleted": [".flake8"],
+                                                    "changed": ["app.yml"], "env_file": "re-created"}
+    safety = json.loads(result.stdout)["safety_backup"]
+    result = ws.run("restore", safety, "--yes")  # the undo: back to the deployed state
+    assert result.stdout.splitlines()[:5] == [
+        f"restored {safety}: 4 paths changed", f"  re-created {ws.config}/.flake8",
+        f"  deleted    {ws.config}/sub/feature.yaml", f"  changed    {ws.config}/app.yml",
+        f"  deleted    {ws.env_file}"]
 
 
 def test_restore_accepts_folder_and_file_inside_it(ws: Workspace):
@@ -186,6 +216,15 @@ def test_update_yaml_changes_exactly_one_line_and_keeps_mode(ws: Workspace):
     assert len(ws.backup_ids()) == 1  # the backup taken first
 
 
+def test_update_writes_yaml_that_yaml_1_1_readers_read_as_the_json_meant(ws: Workspace):
+    patch = {"server": {"tls": "on", "ratio": 1e300, "no": "yes", "at": "12:30"}, "features": ["off", "y"]}
+    result = ws.run("update", "app.yml", json.dumps(patch))
+    assert result.returncode == 0, result.stderr
+    data = pyyaml.safe_load((ws.config / "app.yml").read_text())  # PyYAML reads YAML 1.1
+    assert data["server"] == {"host": "0.0.0.0", "port": 8080, "workers": 4, **patch["server"]}
+    assert data["features"] == ["off", "y"]
+
+
 def test_update_null_deletes_a_key(ws: Workspace):
     result = ws.run("update", "app.yml", '{"server": {"workers": null}}')
     assert result.returncode == 0, result.stderr
@@ -209,6 +248,38 @@ def test_update_env_keeps_comments_and_quotes_and_masks_secrets(ws: Workspace):
     assert ws.env_file.stat().st_mode & 0o777 == 0o600
     audit = (ws.store / "audit.log").read_text()
     assert "n3w pass" not in audit and "<redacted>" in audit
+
+
+@pytest.mark.parametrize("source", ["stdin", "file"])
+def test_update_reads_the_patch_from_stdin_or_a_file_and_never_records_it(ws: Workspace, source: str):
+    patch = json.dumps({"DB_PASSWORD": "r0tated secret"})
+    (ws.root / "rotated.json").write_text("\ufeff" + patch)  # as some editors save it
+    args = ["-"] if source == "stdin" else ["--patch-file", str(ws.root / "rotated.json")]
+    result = ws.run("update", str(ws.env_file), *args, stdin=patch)
+    assert result.returncode == 0, result.stderr
+    from dotenv import dotenv_values
+
+    assert dotenv_values(ws.env_file)["DB_PASSWORD"] == "r0tated secret"
+    assert "r0tated" not in result.stdout + result.stderr
+    audit = (ws.store / "audit.log").read_text()
+    assert "r0tated" not in audit and json.loads(audit)["arguments"]["patch"] == "<redacted>"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "give the patch once"),
+    (['{"A": 1}', "--patch-file", "p.json"], "give the patch once"),
+    (["--patch-file", "missing.json"], "cannot read the patch file missing.json: No such file or directory"),
+    (["--patch-file", "latin1.json"], "the patch in latin1.json is not UTF-8 text"),
+    (["--patch-file", "/dev/zero"], "the patch in /dev/zero is larger than 16 MiB"),
+])
+def test_update_needs_exactly_one_readable_patch(ws: Workspace, args: list[str], message: str):
+    (ws.root / "p.json").write_text('{"A": 1}')
+    (ws.root / "latin1.json").write_bytes(b'{"A": "caf\xe9"}')
+    before = ws.live()
+    result = ws.run("update", "app.yml", *args)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and f"config_rollback.py: error: {message}" in result.stderr
+    assert ws.live() == before and ws.backup_ids() == []
 
 
 def test_update_dry_run_shows_diff_and_changes_nothing(ws: Workspace):
@@ -244,17 +315,56 @@ def test_update_refuses_paths_outside_config_dir(ws: Workspace, name: str):
         ("list.yml", '{"a": 1}', "mapping"),
         ("notes.txt", '{"a": 1}', "unknown file type"),
         ("missing.yml", '{"a": 1}', "no such file"),
+        ("app.yml/", '{"a": 1}', "app.yml/ names a folder"),
+        ("sub/feature.yaml/.", '{"a": 1}', "names a folder"),
+        ("{env_file}/", '{"A": 1}', ".env/ names a folder"),
     ],
 )
 def test_update_bad_input_is_exit_2_with_nothing_changed(ws: Workspace, name: str, patch: str, message: str):
     (ws.config / "list.yml").write_text("- a\n- b\n")
     (ws.config / "notes.txt").write_text("hello\n")
     before = ws.live()
-    result = ws.run("update", name, patch)
+    result = ws.run("update", name.format(env_file=ws.env_file), patch)
     assert result.returncode == 2, result.stderr
     assert message.lower() in result.stderr.lower()
     assert ws.live() == before
     assert ws.backup_ids() == []
+
+
+def test_alias_bomb_is_refused_at_once_and_frees_the_lock(ws: Workspace):
+    levels = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (ws.config / "bomb.yml").write_text("\n".join(levels) + "\nport: 1\n")
+    before = ws.live()
+    started = time.monotonic()
+    # With 1 GiB of memory at most, a run that expanded the aliases would fail, not take the machine's.
+    result = ws.run("update", "bomb.yml", '{"port": 2}', limits={resource.RLIMIT_AS: 1 << 30}, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 10
+    assert result.stderr.strip().splitlines() == [
+        "config_rollback.py: error: the YAML file is refused: line 6 column 10: aliases expand the document by "
+        "more than 100,000 values (an alias bomb?)"]
+    assert ws.live() == before and ws.backup_ids() == []
+    assert ws.run("backup").returncode == 0  # the lock was let go
+
+    result = ws.run("verify", limits={resource.RLIMIT_AS: 1 << 30}, timeout=30)
+    assert result.returncode == 3
+    assert "bomb.yml:6:10: aliases expand the document by more than 100,000 values" in result.stdout
+
+
+@pytest.mark.parametrize(("file", "patch", "message"), [
+    ("app.yml", '{"a": ' + "[" * 900 + "]" * 900 + "}", "the patch is refused: nested deeper than 100 levels"),
+    ("app.yml", '{"a": 1e999}', "the patch is refused: 1e999 is beyond the range of a number"),
+    ("app.yml", '{"a": NaN}', "the patch is not valid JSON: NaN is not a JSON value"),
+    ("deep.json", '{"a": 1}', "the JSON file is refused: line 1 column 106: nested deeper than 100 levels"),
+])
+def test_update_refuses_what_it_cannot_hold_with_exit_2(ws: Workspace, file: str, patch: str, message: str):
+    (ws.config / "deep.json").write_text('{"a": ' + "[" * 900 + "]" * 900 + "}\n")
+    before = ws.live()
+    result = ws.run("update", file, patch)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert ws.live() == before and ws.backup_ids() == []
 
 
 def test_verify_names_broken_file_with_line_and_column(ws: Workspace):
@@ -425,6 +535,48 @@ def test_restore_puts_a_file_back_where_a_folder_now_stands(ws: Workspace):
     result = ws.run("restore", "latest", "--yes")
     assert result.returncode == 0, result.stderr
     assert ws.live() == before
+
+
+FILE_SIZE_LIMIT = {resource.RLIMIT_FSIZE: 32 * 1024}  # a file written past 32 KiB fails, like on a full disk
+
+
+def temporary_files(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if ".tmp-" in path.name or path.name.startswith(".staging")]
+
+
+@pytest.mark.parametrize("too_big", ["config/big.json", ".env"])
+def test_restore_that_cannot_write_a_file_changes_nothing_and_leaves_nothing_behind(ws: Workspace, too_big: str):
+    (ws.config / "big.json").write_text("{}\n")
+    (ws.root / too_big).write_text("BLOB=" + "x" * 64 * 1024 + "\n")  # past the limit
+    (ws.config / "newdir" / "inner").mkdir(parents=True)
+    (ws.config / "newdir" / "inner" / "a.yml").write_text("a: 1\n")
+    assert ws.run("backup").returncode == 0
+    (ws.config / "big.json").unlink()
+    shutil.rmtree(ws.config / "newdir")
+    shutil.rmtree(ws.config / "sub")
+    (ws.config / "sub").write_text("a file where the backup has a folder\n")
+    (ws.config / "app.yml").write_text("deployed: true\n")
+    ws.env_file.write_text("DB_PASSWORD=deployed\n")
+    before = ws.live()
+
+    result = ws.run("restore", "latest", "--yes", limits=FILE_SIZE_LIMIT)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"config_rollback.py: error: could not write {ws.root / too_big}: File too large; nothing was changed"]
+    assert ws.live() == before
+    assert temporary_files(ws.root) == []
+    assert ws.run("restore", "latest", "--yes").returncode == 0  # with room to write, the same restore works
+
+
+def test_update_that_cannot_write_the_file_names_it_and_leaves_nothing_behind(ws: Workspace):
+    before = ws.live()
+    patch = json.dumps({"notes": "x" * 40 * 1024})
+    result = ws.run("update", "app.yml", "-", stdin=patch, limits=FILE_SIZE_LIMIT)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"config_rollback.py: error: could not write {ws.config}/app.yml: File too large; the file was left as it was"]
+    assert ws.live() == before
+    assert temporary_files(ws.root) == []
 
 
 def test_restore_after_config_dir_was_deleted(ws: Workspace):
