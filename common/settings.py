@@ -6,6 +6,7 @@ import difflib
 import io
 import math
 import os
+import re
 from pathlib import Path
 
 from common.errors import SettingError
@@ -25,6 +26,8 @@ KNOWN_SETTINGS = frozenset({
     "REMOTE_URL", "S3_ENDPOINT_URL", "REMOTE_AUTO_PUSH", "REMOTE_ENCRYPTION_KEY_FILE", "REMOTE_CLEANUP_GRACE_SECONDS",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE",
 })
+MAX_SETTINGS_BYTES = 1 << 20  # what a settings file may expand to
+_REFERENCE = re.compile(r"\$\{([^}:]*)(?::-([^}]*))?\}")  # python-dotenv's ${NAME} and ${NAME:-default}
 _NEAR_MISS = 0.9  # difflib's ratio: CONFG_DIR and DB_PASWORD are 0.95 from the real names
 
 
@@ -116,13 +119,29 @@ def _read_env_file(path: Path) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingError(f"cannot read settings file {path}: {exc}") from None
+    expanded: dict[str, int] = {}  # each key's length once its ${...} references are expanded, at most
     for binding in parse_stream(io.StringIO(text)):
+        where = f"settings file {path}, line {binding.original.line}"
         if binding.error:  # the line itself is not shown: it may hold a password
-            raise SettingError(f"settings file {path}, line {binding.original.line}: not KEY=value "
-                               "(e.g. DB_PORT=5432); fix or remove the line")
+            raise SettingError(f"{where}: not KEY=value (e.g. DB_PORT=5432); fix or remove the line")
+        if binding.key is not None and binding.value is not None:
+            expanded[binding.key] = _expanded_length(binding.value, expanded)
+            # B=${A}${A}, C=${B}${B}, ... doubles at each line: refused before python-dotenv builds it.
+            if sum(expanded.values()) > MAX_SETTINGS_BYTES:
+                raise SettingError(f"{where}: the values, with their ${{...}} references expanded, pass "
+                                   f"{MAX_SETTINGS_BYTES >> 20} MiB: refused")
     values = dotenv_values(stream=io.StringIO(text), interpolate=True)
     # A bare `KEY` line yields None: treat it as unset rather than as an empty string.
     return {key: value for key, value in values.items() if value is not None}
+
+
+def _expanded_length(value: str, expanded: dict[str, int]) -> int:
+    """An upper bound of `value`'s length once python-dotenv has replaced its ${NAME} and ${NAME:-default}."""
+    length = len(value)
+    for reference in _REFERENCE.finditer(value):
+        name, default = reference.group(1), reference.group(2) or ""
+        length += max(expanded.get(name, 0), len(os.environ.get(name, "")), len(default)) - len(reference.group(0))
+    return length
 
 
 def _near_misses(values: dict[str, str], source: Path | None) -> list[str]:

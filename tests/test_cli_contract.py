@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import subprocess
 from pathlib import Path
 
@@ -21,8 +22,8 @@ def site(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def config(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return run_script("config_rollback.py", *args, cwd=site,
+def config(site: Path, *args: str, limits: dict[int, int] | None = None, **env: str) -> subprocess.CompletedProcess:
+    return run_script("config_rollback.py", *args, cwd=site, limits=limits, timeout=60,
                       env={"CONFIG_DIR": str(site / "config"), "CONFIG_BACKUP_DIR": str(site / "store"),
                            "ENV_FILE": str(site / "app.env"), **env})
 
@@ -96,3 +97,14 @@ def test_backups_inside_the_config_folder_are_refused_at_start(site: Path):
         result = config(site, *command, CONFIG_BACKUP_DIR=str(site / "config" / "backups"))
         assert result.returncode == 2 and "is inside CONFIG_DIR" in result.stderr
     assert not (site / "config" / "backups").exists()
+
+
+def test_a_settings_file_that_expands_without_bound_is_refused_at_once(site: Path):
+    lines = ["A=xxxxxxxxxx"] + [f"V{i}=${{{'A' if i == 0 else f'V{i - 1}'}}}${{{'A' if i == 0 else f'V{i - 1}'}}}"
+                                for i in range(40)]  # V39 would be 10 * 2**40 bytes
+    (site / "settings.env").write_text("\n".join(lines) + "\n")
+    # Under 1 GiB of address space: without the bound, the run would die of it instead of exiting 2.
+    result = config(site, "--env-file", str(site / "settings.env"), "list", limits={resource.RLIMIT_AS: 1 << 30})
+    assert result.returncode == 2 and "pass 1 MiB: refused" in result.stderr
+    (site / "settings.env").write_text("A=x\nB=${A}/y\nC=${MISSING:-z}\n")
+    assert config(site, "--env-file", str(site / "settings.env"), "list").returncode == 0
