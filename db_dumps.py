@@ -1,7 +1,7 @@
 """pg_dump into the backup store, and pg_restore back: into a fresh database switched in by renames, or in place.
 
 User-supplied names never reach argv: the database to dump comes through PGDATABASE, the one to restore
-into as a quoted conninfo value, and the password through the private PGPASSFILE of DbServer.tool_env().
+into as a quoted conninfo value, and the password through the memory-only PGPASSFILE of DbServer.run_client().
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from common.errors import ToolkitError, UsageError
 from common.manifest import Backup
 from common.proc import run_tool
 from common.staging import Staging
-from db_server import DbServer
+from db_server import MAINTENANCE_DB, DbServer
 
 DUMP_FILE = "db.dump"  # custom format: one file plain pg_restore reads
 DUMP_DIR = "db.dir"  # directory format: dumped and restored in parallel
-MAINTENANCE_DB = "postgres"
 SESSION_END_TIMEOUT_SECONDS = 10
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
@@ -86,8 +85,7 @@ def dump_into(staging: Staging, server: DbServer, tools: PgTools, fmt: str, jobs
         argv.append(f"--jobs={jobs}")
     if compress is not None:
         argv.append(f"--compress={compress}")
-    with server.tool_env() as env:
-        run_tool(argv, f"pg_dump of {server.name}", env={**env, "PGDATABASE": server.name})
+    server.run_client(argv, f"pg_dump of {server.name}", env={"PGDATABASE": server.name})
     staging.adopt(target)
     return target
 
@@ -102,9 +100,8 @@ def dump_path(backup: Backup) -> Path:
 
 def list_dump(server: DbServer, tools: PgTools, path: Path) -> int:
     """Check that pg_restore can read the dump's table of contents; return its number of entries."""
-    with server.tool_env() as env:
-        result = run_tool([tools.path("pg_restore"), "--list", str(path)], f"pg_restore --list of {path}",
-                          env=env, check=False)
+    result = server.run_client([tools.path("pg_restore"), "--list", str(path)], f"pg_restore --list of {path}",
+                               check=False)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no error message"])[-1]
         raise ToolkitError(f"{path} is not a dump pg_restore can read: {last}")
@@ -210,8 +207,7 @@ def restore_into(server: DbServer, tools: PgTools, path: Path, dbname: str, jobs
     elif jobs > 1:
         argv.append(f"--jobs={jobs}")
     argv.append(str(path))
-    with server.tool_env() as env:
-        run_tool(argv, f"pg_restore into {dbname}", env=env)
+    server.run_client(argv, f"pg_restore into {dbname}")
 
 
 def swap_in(server: DbServer, restored: str, before: str) -> float:

@@ -100,3 +100,57 @@ def writer_once_read(fifo: Path, proc: subprocess.Popen, timeout: float = 60) ->
         except OSError as exc:
             assert exc.errno == errno.ENXIO  # no reader yet
             time.sleep(0.001)
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of a process (Z for a zombie nobody has reaped yet), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def wait_until_dead(pid: int, timeout: float = 30) -> bool:
+    """Whether `pid` has died (gone, or a zombie) within `timeout` seconds: a kernel's kill is not instant."""
+    deadline = time.monotonic() + timeout
+    while process_state(pid) not in ("gone", "Z"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every living process below `pid` (children, their children...), with its program's file name."""
+    parents, programs = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            argv0 = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+            programs[int(entry)] = Path(argv0.decode(errors="replace")).name
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in found:
+                found[child] = programs[child]
+                frontier.append(child)
+    return found
+
+
+def wait_for_child(proc: subprocess.Popen, program: str, timeout: float = 60) -> int:
+    """The pid of the first `program` (file name) that `proc` runs, as soon as it is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the run ended before it started {program}"
+        assert time.monotonic() < deadline, f"no {program} started within {timeout} s"
+        for pid, name in descendants(proc.pid).items():
+            if name == program:
+                return pid

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import database_state, run_script, script_argv
+from helpers import database_state, process_state, run_script, script_argv, wait_for_child, wait_until_dead
 
 RICH_SCHEMA = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -246,6 +246,25 @@ def test_sigterm_during_backup_leaves_no_pg_dump_and_no_backup(dbw: DbWorkspace)
     assert b"interrupted by SIGTERM" in err
     for pid in dump_pids:
         assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z"
+    assert dbw.backup_ids() == []
+
+
+def test_sigkill_during_backup_leaves_no_pg_dump_and_no_password_file(dbw: DbWorkspace):
+    dbw.sql("CREATE TABLE filler AS SELECT i FROM generate_series(1, 300000) i")
+    tmp = dbw.root / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(script_argv("database_rollback.py", "backup"), cwd=dbw.root,
+                            env={**os.environ, **dbw.env, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL)
+    dump_pid = wait_for_child(proc, "pg_dump")
+    os.kill(dump_pid, signal.SIGSTOP)  # held mid-dump, so the kill below lands while it runs
+    proc.kill()
+    proc.wait()
+    try:
+        assert wait_until_dead(dump_pid), "pg_dump outlived the killed backup"
+    finally:
+        if process_state(dump_pid) not in ("gone", "Z"):
+            os.kill(dump_pid, signal.SIGKILL)
+    assert list(tmp.iterdir()) == []  # no password file, nor anything else
     assert dbw.backup_ids() == []
 
 
