@@ -42,18 +42,25 @@ from db_dumps import (
     copy_database_settings,
     create_database_like,
     database_size,
-    drop_database,
     dump_into,
     dump_path,
-    kept_databases,
     list_dump,
     plain_dump,
     restore_into,
-    scratch_names,
     swap_in,
     undo_hint,
 )
-from db_server import DbServer
+from db_scratch import (
+    KEPT,
+    RESTORING,
+    being_built,
+    claimed,
+    drop_database,
+    drop_if_unclaimed,
+    scratch_databases,
+    scratch_names,
+)
+from db_server import MAINTENANCE_DB, DbServer
 
 COMPONENT = "db"
 STORE_SETTING = ("BACKUP_DIR", "./backups")  # the backup folder
@@ -130,19 +137,25 @@ def backup_before(db: DbContext, version: int) -> Backup | None:
 
 
 def restore_into_fresh_database(db: DbContext, dump: Path, jobs: int, expected_size: int | None,
-                                progress: Progress = no_progress) -> tuple[str, float]:
-    """Restore into `<name>__restore_<stamp>`, then swap names; returns (previous database's name, outage s)."""
+                                progress: Progress = no_progress) -> tuple[str | None, float]:
+    """Restore into a new `<name>__restore_...` database, then swap names.
+
+    Returns the name the replaced database is kept under (None if there was none: a new --target-db) and
+    how long the live name was out of service. The scratch name is claimed before the database exists and
+    until it is switched in or dropped, so that cleanup never drops it under a running restore.
+    """
     restored, before = scratch_names(db.server.name)
-    create_database_like(db.server, restored)
-    try:
-        with progress(f"restoring into {restored}", lambda: database_size(db.server, restored), expected_size):
-            restore_into(db.server, db.tools, dump, restored, jobs, single_transaction=jobs <= 1)
-        copy_database_settings(db.server, db.server.name, restored)
-        outage = swap_in(db.server, restored, before)
-    except BaseException:
-        drop_database(db.server, restored)
-        raise
-    return before, outage
+    with claimed(db.server, restored):
+        create_database_like(db.server, restored)
+        try:
+            with progress(f"restoring into {restored}", lambda: database_size(db.server, restored), expected_size):
+                restore_into(db.server, db.tools, dump, restored, jobs, single_transaction=jobs <= 1)
+            copy_database_settings(db.server, db.server.name, restored)
+            outage = swap_in(db.server, restored, before)
+        except BaseException:
+            drop_database(db.server, restored)
+            raise
+    return (before, outage) if outage is not None else (None, 0.0)
 
 
 # -- the commands -----------------------------------------------------------------------------------
@@ -199,9 +212,13 @@ def cmd_restore(ctx: Context) -> Result:
             expected = backup.extra.get("database_size") if backup else None
             before, outage = restore_into_fresh_database(db, dump, args.jobs, expected, ctx.progress)
             data.update(previous_database=before, outage_seconds=round(outage, 3))
-            lines.append(f"the previous database is kept as {before} ({db.server.name} was out of service "
-                         f"for {outage * 1000:.0f} ms)")
-            lines.append(undo_hint(db.server, before))
+            if before is None:
+                lines.append(f"{db.server.name} did not exist: it was created, so there is nothing to undo "
+                             f"but dropping it")
+            else:
+                lines.append(f"the previous database is kept as {before} ({db.server.name} was out of service "
+                             f"for {outage * 1000:.0f} ms)")
+                lines.append(undo_hint(db.server, before))
     lines.insert(0, f"restored {source} into {db.server.name} ({mode})")
     return Result({**data, "restored": True}, lines, backup_ids=ids)
 
@@ -229,23 +246,32 @@ def cmd_list(ctx: Context) -> Result:
 
 
 def cmd_cleanup(ctx: Context) -> Result:
-    """cleanup DAYS: remove backups older than DAYS and old `__before_` databases, keeping the newest --keep."""
+    """cleanup DAYS: remove backups older than DAYS, old `__before_` databases beyond the newest --keep, and
+    the `__restore_` databases of restores that did not finish (not those of a restore running now)."""
     db = DbContext.from_settings(ctx.settings)
     # The server first: if it cannot be reached, nothing is removed and the next run tries again.
     cutoff = datetime.now(UTC) - timedelta(days=ctx.args.days)
-    kept = sorted(kept_databases(db.server), key=lambda item: item[1], reverse=True)
-    old = [name for name, stamp in kept[max(ctx.args.keep, 1):] if stamp < cutoff]
+    with db.server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+        scratch = scratch_databases(cur, db.server.name)
+        building = being_built(cur, [s.name for s in scratch if s.role == RESTORING])
+    kept = sorted((s for s in scratch if s.role == KEPT), key=lambda s: s.made, reverse=True)
+    old = [s.name for s in kept[max(ctx.args.keep, 1):] if s.made < cutoff]
+    leftovers = [s.name for s in scratch if s.role == RESTORING and s.name not in building]
     result = cleanup_backups(ctx, db.store, SCRIPT)
+    result.lines += [f"kept database {name}: a restore running now is building it" for name in sorted(building)]
     if ctx.dry_run:
-        result.data["would_drop_databases"] = old
-        result.lines += [f"would drop database {name}" for name in old]
+        result.data["would_drop_databases"] = old + leftovers
+        result.lines += [f"would drop database {name}" for name in old + leftovers]
         return result
     with db.store.lock(f"{SCRIPT} cleanup"):
         for name in old:
             drop_database(db.server, name)
-    result.data["dropped_databases"] = old
+        dropped_leftovers = [name for name in leftovers if drop_if_unclaimed(db.server, name)]
+    result.data["dropped_databases"] = old + dropped_leftovers
     result.lines += [f"dropped database {name} (kept by an earlier restore)" for name in old]
+    result.lines += [f"dropped database {name} (left by a restore that did not finish)" for name in dropped_leftovers]
     return result
+
 
 def cmd_migrate(ctx: Context) -> Result:
     """migrate [TARGET]: apply pending migrations, after a backup tagged with the current version."""
@@ -415,12 +441,13 @@ def build_parser():
     sub = add_command(
         commands, "restore", cmd_restore, "restore a backup or a plain pg_dump file",
         "Checks the backup's checksums and `pg_restore --list` before anything is touched. By default the\n"
-        "dump is restored into a fresh database <name>__restore_<stamp>, then names are switched in one\n"
-        "short step (new connections refused, sessions ended, live renamed to <name>__before_<stamp>,\n"
-        "restored renamed to live): the live name is out of service for well under a second, and the\n"
-        "previous database is kept whole for an instant undo. --in-place (for users without CREATEDB)\n"
-        "first takes a backup, then runs pg_restore --clean --single-transaction. Either way a failure\n"
-        "leaves the live database as it was.")
+        "dump is restored into a fresh database <name>__restore_<stamp>_<random>, then names are switched\n"
+        "in one short step (new connections refused, sessions ended, live renamed to\n"
+        "<name>__before_<stamp>_<random>, restored renamed to live): the live name is out of service for\n"
+        "well under a second, and the previous database is kept whole for an instant undo. A restore\n"
+        "killed before the switch leaves its __restore_ database: `verify` names it, `cleanup` drops it.\n"
+        "--in-place (for users without CREATEDB) first takes a backup, then runs pg_restore --clean\n"
+        "--single-transaction. Either way a failure leaves the live database as it was.")
     add_backup_argument(sub, ", or a .dump made by plain pg_dump")
     sub.add_argument("--target-db", metavar="NAME",
                      help="restore into this database instead of DB_NAME (created if missing, else replaced)")
@@ -452,14 +479,19 @@ def build_parser():
 
     sub = add_verify_command(commands, cmd_verify, "check the database and a backup (problems exit 3)",
                       "Connects and reports the server version; applied migrations must have unchanged files;\n"
-                      "no invalid indexes; long transactions and lock waits are warned of; the newest backup\n"
-                      "(or BACKUP) must pass its checksums and pg_restore --list.")
+                      "no invalid indexes; no <name>__restore_ database left by a killed restore (one a running\n"
+                      "restore is building is only noted); long transactions and lock waits are warned of; the\n"
+                      "newest backup (or BACKUP) must pass its checksums and pg_restore --list.")
     sub.add_argument("backup", metavar="BACKUP", nargs="?", help="the backup to check (default: the newest)")
 
     sub = add_command(commands, "locks", cmd_locks, "blocked sessions and who blocks them")
     sub.add_argument("--terminate", type=int, metavar="PID", help="end this session")
 
     add_store_commands(commands, cmd_cleanup, cmd_list)
+    commands.choices["cleanup"].description = (
+        "Removes backups older than DAYS, keeping the newest --keep; drops <name>__before_ databases older\n"
+        "than DAYS beyond the newest --keep; and drops every <name>__restore_ database a restore left when it\n"
+        "was killed, but never one that a restore running now is still building.")
     return parser
 
 

@@ -10,13 +10,14 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from common.errors import ToolkitError, UsageError
 from common.manifest import Backup
 from common.proc import run_tool
 from common.staging import Staging
+from db_scratch import drop_database as drop_database  # re-exported: drill.py imports it from here
+from db_scratch import scratch_name
 from db_server import MAINTENANCE_DB, DbServer
 
 DUMP_FILE = "db.dump"  # custom format: one file plain pg_restore reads
@@ -108,17 +109,6 @@ def list_dump(server: DbServer, tools: PgTools, path: Path) -> int:
     return sum(1 for line in result.stdout.decode().splitlines() if line and not line.startswith(";"))
 
 
-def scratch_names(live: str, moment: datetime | None = None) -> tuple[str, str]:
-    """(`<name>__restore_<stamp>`, `<name>__before_<stamp>`), cut to PostgreSQL's 63 bytes."""
-    return scratch_name(live, "restore", moment), scratch_name(live, "before", moment)
-
-
-def scratch_name(live: str, role: str, moment: datetime | None = None) -> str:
-    """`<name>__<role>_<UTC stamp>`, the name cut so the whole fits PostgreSQL's 63 bytes."""
-    suffix = f"__{role}_{(moment or datetime.now(UTC)).strftime('%Y%m%d%H%M%S')}"
-    return live.encode()[: 63 - len(suffix)].decode(errors="ignore") + suffix
-
-
 def conninfo_dbname(name: str) -> str:
     """A conninfo string naming only the database, quoted so the name is data, never options."""
     return "dbname='" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -188,14 +178,6 @@ def database_size(server: DbServer, name: str) -> int:
         return cur.fetchone()[0] or 0
 
 
-def drop_database(server: DbServer, name: str) -> None:
-    """Drop a scratch database, ending any session on it."""
-    from psycopg2 import sql
-
-    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
 def restore_into(server: DbServer, tools: PgTools, path: Path, dbname: str, jobs: int, single_transaction: bool,
                  clean: bool = False) -> None:
     """pg_restore a dump into `dbname`, stopping at the first error."""
@@ -210,8 +192,9 @@ def restore_into(server: DbServer, tools: PgTools, path: Path, dbname: str, jobs
     server.run_client(argv, f"pg_restore into {dbname}")
 
 
-def swap_in(server: DbServer, restored: str, before: str) -> float:
-    """Switch names: live -> `before`, `restored` -> live. Returns how long the live name was out of service.
+def swap_in(server: DbServer, restored: str, before: str) -> float | None:
+    """Switch names: live -> `before`, `restored` -> live. Returns how long the live name was out of service,
+    or None if there was no live database to replace (`restored` simply took the name).
 
     New connections to the live database are refused, its sessions ended, then both renames commit in one
     transaction. Whatever fails, the live database accepts connections again afterwards.
@@ -228,7 +211,7 @@ def swap_in(server: DbServer, restored: str, before: str) -> float:
             if cur.fetchone() is None:  # nothing to replace (e.g. --target-db with a new name)
                 cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), live))
                 swapped = True
-                return 0.0
+                return None
             cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(live))
             _end_sessions(cur, server.name)
             conn.autocommit = False
@@ -260,20 +243,6 @@ def _end_sessions(cur, dbname: str) -> None:
         if time.monotonic() > deadline:
             raise ToolkitError(f"sessions on {dbname} did not end within {SESSION_END_TIMEOUT_SECONDS} s")
         time.sleep(0.005)  # pg_terminate_backend only signals; the backend exits a moment later
-
-
-def kept_databases(server: DbServer) -> list[tuple[str, datetime]]:
-    """The `<name>__before_<stamp>` databases earlier restores kept, with the time in their stamp."""
-    pattern = re.compile(re.escape(server.name.encode()[:63 - 23].decode(errors="ignore")) + r"__before_(\d{14})")
-    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT datname FROM pg_database ORDER BY datname")
-        names = [row[0] for row in cur.fetchall()]
-    kept = []
-    for name in names:
-        match = pattern.fullmatch(name)
-        if match:
-            kept.append((name, datetime.strptime(match.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)))
-    return kept
 
 
 def quote_identifier(name: str) -> str:

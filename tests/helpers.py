@@ -120,37 +120,38 @@ def wait_until_dead(pid: int, timeout: float = 30) -> bool:
     return True
 
 
-def descendants(pid: int) -> dict[int, str]:
-    """Every living process below `pid` (children, their children...), with its program's file name."""
-    parents, programs = {}, {}
+def descendants(pid: int) -> dict[int, list[str]]:
+    """Every living process below `pid` (children, their children...), with its argv."""
+    parents, argvs = {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            argv0 = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
         if fields[0] != "Z":
             parents[int(entry)] = int(fields[1])
-            programs[int(entry)] = Path(argv0.decode(errors="replace")).name
-    found, frontier = {}, [pid]
+            argvs[int(entry)] = [arg.decode(errors="replace") for arg in argv]
+    found: dict[int, list[str]] = {}
+    frontier = [pid]
     while frontier:
         parent = frontier.pop()
         for child, its_parent in parents.items():
             if its_parent == parent and child not in found:
-                found[child] = programs[child]
+                found[child] = argvs[child]
                 frontier.append(child)
     return found
 
 
-def wait_for_child(proc: subprocess.Popen, program: str, timeout: float = 60) -> int:
-    """The pid of the first `program` (file name) that `proc` runs, as soon as it is there."""
+def wait_for_child(proc: subprocess.Popen, program: str, with_arg: str | None = None, timeout: float = 60) -> int:
+    """The pid of the first `program` (file name) that `proc` runs, with an argument starting `with_arg`."""
     deadline = time.monotonic() + timeout
     while True:
         assert proc.poll() is None, f"the run ended before it started {program}"
         assert time.monotonic() < deadline, f"no {program} started within {timeout} s"
-        for pid, name in descendants(proc.pid).items():
-            if name == program:
+        for pid, argv in descendants(proc.pid).items():
+            if Path(argv[0]).name == program and (with_arg is None or any(a.startswith(with_arg) for a in argv)):
                 return pid
