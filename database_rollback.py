@@ -213,8 +213,8 @@ def cmd_restore(ctx: Context) -> Result:
             before, outage = restore_into_fresh_database(db, dump, args.jobs, expected, ctx.progress)
             data.update(previous_database=before, outage_seconds=round(outage, 3))
             if before is None:
-                lines.append(f"{db.server.name} did not exist: it was created, so there is nothing to undo "
-                             f"but dropping it")
+                lines.append(f"{db.server.name} did not exist: it was created (no database was replaced, so "
+                             "none is kept)")
             else:
                 lines.append(f"the previous database is kept as {before} ({db.server.name} was out of service "
                              f"for {outage * 1000:.0f} ms)")

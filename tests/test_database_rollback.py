@@ -440,11 +440,19 @@ def test_restore_into_another_database_leaves_the_live_one_alone(dbw: DbWorkspac
     break_database(dbw)
     broken = database_state(dbw.pg_db)
     copy = dbw.pg_db.name[:40] + "_copy"
+    databases = dbw.databases()
     result = dbw.run("restore", "latest", "--yes", "--target-db", copy)
     assert result.returncode == 0, result.stderr
     assert database_state(dbw.pg_db, dbname=copy) == before
     assert database_state(dbw.pg_db) == broken
+    # A new database replaced nothing: the report must not claim a kept database or print an undo.
+    assert dbw.databases() == databases | {copy}
+    assert f"{copy} did not exist: it was created" in result.stdout
+    assert "__before_" not in result.stdout and "to undo" not in result.stdout
+    again = dbw.run("--json", "restore", "latest", "--yes", "--target-db", copy + "2")
+    assert json.loads(again.stdout)["previous_database"] is None
     dbw.pg_db.cluster.drop_database(copy)
+    dbw.pg_db.cluster.drop_database(copy + "2")
 
 
 def test_verify_reports_an_invalid_index(dbw: DbWorkspace):
