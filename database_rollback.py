@@ -44,8 +44,8 @@ from db_dumps import (
     database_size,
     dump_into,
     dump_path,
+    foreign_dump,
     list_dump,
-    plain_dump,
     restore_into,
     swap_in,
     undo_hint,
@@ -224,8 +224,11 @@ def cmd_restore(ctx: Context) -> Result:
 
 
 def _restore_source(ctx: Context, db: DbContext, own_database) -> tuple[Backup | None, Path, int]:
-    """The backup (None for a plain dump), its dump, and the dump's entry count, all checked."""
-    dump = plain_dump(ctx.args.backup)
+    """The backup (None for a dump made outside the toolkit), its dump, and the dump's entry count, all checked."""
+    ref = ctx.args.backup
+    # `latest` and backup ids are the store's, even if a file of that name happens to be in the folder.
+    in_store = ref == "latest" or ("/" not in ref and (db.store.root / ref).exists())
+    dump = None if in_store else foreign_dump(ref)
     backup = None
     if dump is None:
         backup = resolve_component(db.store, ctx.args.backup, match=own_database)
@@ -448,7 +451,8 @@ def build_parser():
         "killed before the switch leaves its __restore_ database: `verify` names it, `cleanup` drops it.\n"
         "--in-place (for users without CREATEDB) first takes a backup, then runs pg_restore --clean\n"
         "--single-transaction. Either way a failure leaves the live database as it was.")
-    add_backup_argument(sub, ", or a .dump made by plain pg_dump")
+    add_backup_argument(sub, ", or a pg_dump archive made elsewhere (custom, directory or tar format; "
+                             "a plain SQL dump is refused: restore it with psql)")
     sub.add_argument("--target-db", metavar="NAME",
                      help="restore into this database instead of DB_NAME (created if missing, else replaced)")
     sub.add_argument("--in-place", action="store_true", help="restore into the live database in one transaction")

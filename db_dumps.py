@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ToolkitError, UsageError
-from common.manifest import Backup
+from common.manifest import MANIFEST, Backup
 from common.proc import run_tool
 from common.staging import Staging
 from db_scratch import drop_database as drop_database  # re-exported: drill.py imports it from here
@@ -23,6 +23,9 @@ from db_server import MAINTENANCE_DB, DbServer
 DUMP_FILE = "db.dump"  # custom format: one file plain pg_restore reads
 DUMP_DIR = "db.dir"  # directory format: dumped and restored in parallel
 SESSION_END_TIMEOUT_SECONDS = 10
+_HEAD_BYTES = 4096
+_CUSTOM_MAGIC = b"PGDMP"  # pg_dump --format=custom
+_TAR_MAGIC, _TAR_MAGIC_AT = b"ustar", 257  # pg_dump --format=tar: a POSIX tar header
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
 
@@ -271,13 +274,39 @@ def undo_hint(server: DbServer, before: str) -> str:
             + "; ".join(rename_back_statements(server.name, before)) + ";")
 
 
-def plain_dump(ref: str) -> Path | None:
-    """A `.dump` file or dump folder made outside the toolkit, if `ref` names one."""
+def foreign_dump(ref: str) -> Path | None:
+    """The pg_dump archive `ref` names if it was made outside the toolkit: a custom- or tar-format file, or a
+    directory-format folder. None for a path inside a backup, or no path at all: the store resolves those.
+
+    A plain SQL dump, or any other file, is refused here (exit 2), since pg_restore cannot read it.
+    """
     path = Path(ref)
-    if path.is_file() and path.suffix in (".dump", ".backup", ".pgdump"):
+    if not path.exists():
+        if ref.endswith(".dump"):
+            raise UsageError(f"{ref}: no such file")
+        return None
+    if any((folder / MANIFEST).is_file() for folder in [path, *path.parents]):
+        return None
+    if path.is_dir():
+        if (path / "toc.dat").is_file():
+            return path
+        raise UsageError(f"{ref} is neither a backup nor a pg_dump directory-format dump (no toc.dat in it)")
+    try:
+        with path.open("rb") as dump:
+            head = dump.read(_HEAD_BYTES)
+    except OSError as exc:
+        raise UsageError(f"cannot read {ref}: {exc.strerror}") from None
+    if head.startswith(_CUSTOM_MAGIC) or head[_TAR_MAGIC_AT:_TAR_MAGIC_AT + len(_TAR_MAGIC)] == _TAR_MAGIC:
         return path
-    if path.is_dir() and (path / "toc.dat").is_file():
-        return path
-    if ref.endswith(".dump") and not path.exists():
-        raise UsageError(f"{ref}: no such file")
-    return None
+    if _is_sql_text(head) or path.suffix == ".sql":
+        raise UsageError(f"{ref} is a plain SQL dump: plain SQL dumps are not supported: use psql "
+                         f"(psql -X -v ON_ERROR_STOP=1 -d DATABASE -f {ref}), or dump again with pg_dump -Fc")
+    raise UsageError(f"{ref} is neither a backup nor a pg_dump archive (custom, directory or tar format)")
+
+
+def _is_sql_text(head: bytes) -> bool:
+    """Whether the start of a file reads as SQL text, as pg_dump --format=plain writes it."""
+    if b"\0" in head:
+        return False
+    text = head.decode("utf-8", errors="replace").lstrip()
+    return text.startswith(("--", "SET ", "CREATE ", "\\")) or "PostgreSQL database dump" in text

@@ -120,6 +120,36 @@ def test_plain_pg_dump_file_made_elsewhere_restores_with_a_warning(dbw: DbWorksp
     assert database_state(dbw.pg_db) == before
 
 
+@pytest.mark.parametrize("name", ["manual.sql", "manual.dump", "manual"])
+def test_plain_sql_dump_is_refused_with_exit_2_and_pointed_at_psql(dbw: DbWorkspace, name: str):
+    dump = dbw.root / name
+    env = {**os.environ, "PGHOST": dbw.env["DB_HOST"], "PGPORT": dbw.env["DB_PORT"], "PGUSER": dbw.env["DB_USER"]}
+    subprocess.run(["pg_dump", "--format=plain", "-f", str(dump), dbw.pg_db.name], env=env, check=True)
+    break_database(dbw)
+    broken, databases = database_state(dbw.pg_db), dbw.databases()
+    result = dbw.run("restore", str(dump), "--yes")
+    assert result.returncode == 2, result.stderr
+    assert "plain SQL dumps are not supported: use psql" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert database_state(dbw.pg_db) == broken and dbw.databases() == databases
+
+
+def test_a_dump_file_inside_a_backup_is_that_backup_checksums_and_all(dbw: DbWorkspace):
+    before = database_state(dbw.pg_db)
+    assert dbw.run("backup").returncode == 0
+    dump = dbw.store / dbw.backup_ids()[0] / "db.dump"
+    break_database(dbw)
+    result = dbw.run("restore", str(dump), "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "no checksum" not in result.stderr
+    assert database_state(dbw.pg_db) == before
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    dump.write_bytes(bytes(data))
+    result = dbw.run("restore", str(dump), "--yes")
+    assert result.returncode == 1 and "damaged" in result.stderr
+
+
 def test_damaged_backup_is_refused_and_database_unchanged(dbw: DbWorkspace):
     assert dbw.run("backup").returncode == 0
     dump = dbw.store / dbw.backup_ids()[0] / "db.dump"
