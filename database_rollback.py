@@ -310,7 +310,7 @@ def cmd_rollback(ctx: Context) -> Result:
     db = DbContext.from_settings(ctx.settings)
     migrations = db_migrations.discover(db.migrations_dir)
     try:
-        plan = db_migrations.plan_rollback(migrations, applied_migrations(db), ctx.args.migration)
+        plan = db_migrations.plan_rollback(migrations, applied_migrations(db), _rollback_ref(ctx.args))
     except db_migrations.MissingDownFile as missing:
         way_back = backup_before(db, min(missing.versions))
         hint = (f"; restore the backup taken before it: {SCRIPT} restore {way_back.id}" if way_back
@@ -322,11 +322,11 @@ def cmd_rollback(ctx: Context) -> Result:
         ctx.warn(warning)
     if ctx.dry_run:
         return Result({"dry_run": True, "plan": plan.to_dict()}, [plan.render()], report=True)
-    ctx.confirm(f"Roll {db.server.name} back from {plan.current_id} to {plan.target_id}?")
+    ctx.confirm(f"Roll {db.server.name} back from {plan.current_id} to {plan.target_label}?")
     ids = []
     with db.store.lock(f"{SCRIPT} rollback"):
         if not ctx.args.no_backup:
-            ids.append(take_backup(db, f"before rollback to {plan.target_id}", progress=ctx.progress,
+            ids.append(take_backup(db, f"before rollback to {plan.target_label}", progress=ctx.progress,
                                    safety=True).id)
         lock_timeout = db.server.lock_timeout if ctx.args.lock_timeout is None else ctx.args.lock_timeout
         outcome = db_migrations.run_rollback(db.server, plan, lock_timeout, ctx.args.terminate_blockers,
@@ -334,7 +334,7 @@ def cmd_rollback(ctx: Context) -> Result:
     lines = [f"rolled back {ident}" for ident in outcome.rolled_back]
     lines += [f"ended blocking session {s['pid']} ({s.get('user')}, {s.get('application')})"
               for s in outcome.terminated]
-    lines.append(f"{db.server.name} is now at {plan.target_id}")
+    lines.append(f"{db.server.name} is now at {plan.target_label}")
     if ids:
         lines.append(f"to undo: {SCRIPT} restore {ids[0]} --yes")
     return Result({"rolled_back": outcome.rolled_back, "current": plan.target_id,
@@ -406,6 +406,15 @@ def cmd_locks(ctx: Context) -> Result:
     return Result({"sessions": sessions}, lines, report=True)
 
 
+def _rollback_ref(args) -> str | None:
+    """The migration `rollback` goes back to; None for every one (--all)."""
+    if args.all and args.migration is not None:
+        raise UsageError("give MIGRATION or --all, not both")
+    if not args.all and args.migration is None:
+        raise UsageError("name the migration to roll back to (id or version), or 0 or --all to roll back every one")
+    return None if args.all else args.migration
+
+
 def _version(ident: str) -> int:
     head = ident.split("_", 1)[0]
     if not head.isdigit():
@@ -431,6 +440,7 @@ def build_parser():
         f"  {SCRIPT} restore /path/to/backup.dump --in-place --yes\n"
         f"  {SCRIPT} migrate\n"
         f"  {SCRIPT} rollback 001_initial_schema --yes\n"
+        f"  {SCRIPT} rollback --all --dry-run\n"
         f"  {SCRIPT} locks\n"
         f"  {SCRIPT} cleanup 30 --keep 5",
     )
@@ -468,12 +478,15 @@ def build_parser():
 
     sub = add_command(
         commands, "rollback", cmd_rollback, "roll back to a migration with the down scripts",
-        "Runs the down scripts of every applied migration above MIGRATION, newest first, and their\n"
-        "tracking-table deletes in ONE transaction under lock_timeout, after a backup. On a lock timeout\n"
-        "nothing changes and the blocking sessions are named. A down file whose first line is\n"
-        "`-- rollback: no-transaction` runs on its own (the plan warns). A migration without a down\n"
-        "file stops the rollback before anything changes, naming the backup to restore instead.")
-    sub.add_argument("migration", metavar="MIGRATION", help="an applied migration: id (001_initial_schema) or version")
+        "Runs the down scripts of every applied migration above MIGRATION (0 or --all: of every\n"
+        "applied migration), newest first, and their tracking-table deletes in ONE transaction under\n"
+        "lock_timeout, after a backup. On a lock timeout nothing changes and the blocking sessions are\n"
+        "named. A down file whose first line is `-- rollback: no-transaction` runs on its own (the plan\n"
+        "warns). A migration without a down file stops the rollback before anything changes, naming the\n"
+        "backup to restore instead.")
+    sub.add_argument("migration", metavar="MIGRATION", nargs="?",
+                     help="an applied migration: id (001_initial_schema) or version; 0 for none (every one undone)")
+    sub.add_argument("--all", action="store_true", help="roll back every applied migration (the same as 0)")
     sub.add_argument("--lock-timeout", type=int, metavar="SECONDS", help="lock_timeout (default DB_LOCK_TIMEOUT)")
     sub.add_argument("--terminate-blockers", action="store_true",
                      help="on a lock timeout, end the blocking sessions and try once more")

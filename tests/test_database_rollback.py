@@ -404,6 +404,21 @@ def test_migrate_then_rollback_through_the_cli(migrated: DbWorkspace):
     assert status["pending"] == ["004_orders_by_customer_index", "005_split_customer_name"]
 
 
+@pytest.mark.parametrize("how", [["0"], ["--all"]])
+def test_rollback_0_and_all_roll_back_every_migration_through_the_cli(migrated: DbWorkspace, how: list[str]):
+    result = migrated.run("--json", "rollback", *how, "--yes")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["current"] is None
+    assert report["rolled_back"] == ["004_orders_by_customer_index", "003_seed_customers", "002_orders",
+                                     "001_initial_schema"]
+    assert migrated.sql("SELECT count(*) FROM schema_migrations") == [(0,)]
+    assert migrated.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(1,)]
+    assert "already at no migration" in migrated.run("rollback", *how, "--yes").stdout
+    assert migrated.run("rollback", "1", "--all", "--yes").returncode == 2
+    assert migrated.run("rollback", "--yes").returncode == 2
+
+
 @pytest.mark.parametrize("ref", ["999_nope", "abc", "--output=x"])
 def test_rollback_to_unknown_or_malformed_migration_is_exit_2(migrated: DbWorkspace, ref: str):
     before = database_state(migrated.pg_db)
