@@ -120,28 +120,33 @@ def wait_until_dead(pid: int, timeout: float = 30) -> bool:
     return True
 
 
-def descendants(pid: int) -> dict[int, list[str]]:
-    """Every living process below `pid` (children, their children...), with its argv."""
-    parents, argvs = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def children(pid: int) -> list[int]:
+    """The processes `pid` (any of its threads) started and that have not been reaped, from the kernel's list."""
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            found += [int(child) for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z":
-            parents[int(entry)] = int(fields[1])
-            argvs[int(entry)] = [arg.decode(errors="replace") for arg in argv]
+    return found
+
+
+def descendants(pid: int) -> dict[int, list[str]]:
+    """Every living process below `pid` (children, their children...), with its argv."""
     found: dict[int, list[str]] = {}
     frontier = [pid]
     while frontier:
-        parent = frontier.pop()
-        for child, its_parent in parents.items():
-            if its_parent == parent and child not in found:
-                found[child] = argvs[child]
+        for child in children(frontier.pop()):
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            except OSError:
+                continue
+            if child not in found and process_state(child) not in ("gone", "Z"):
+                found[child] = [arg.decode(errors="replace") for arg in argv]
                 frontier.append(child)
     return found
 
