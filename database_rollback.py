@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import db_migrations
 from common.cli import (
     Context,
     Result,
@@ -35,6 +36,7 @@ from common.manifest import Backup, check_backup
 from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
 from common.store import BackupStore, open_store
+from db_checks import database_problems
 from db_dumps import (
     PgTools,
     ServerInfo,
@@ -111,16 +113,12 @@ def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int
 
 def current_migration(db: DbContext) -> str | None:
     """The newest applied migration's id, or None (no tracking table yet)."""
-    import db_migrations
-
     with db.server.session() as conn:
         return db_migrations.current_id(db_migrations.applied(conn))
 
 
 def applied_migrations(db: DbContext) -> list:
     """The rows of public.schema_migrations (empty before the first migrate)."""
-    import db_migrations
-
     with db.server.session() as conn:
         return db_migrations.applied(conn)
 
@@ -278,8 +276,6 @@ def cmd_cleanup(ctx: Context) -> Result:
 
 def cmd_migrate(ctx: Context) -> Result:
     """migrate [TARGET]: apply pending migrations, after a backup tagged with the current version."""
-    import db_migrations
-
     db = DbContext.from_settings(ctx.settings)
     migrations = db_migrations.discover(db.migrations_dir)
     state = db_migrations.status(migrations, applied_migrations(db))
@@ -305,8 +301,6 @@ def cmd_migrate(ctx: Context) -> Result:
 
 def cmd_rollback(ctx: Context) -> Result:
     """rollback MIGRATION: undo every applied migration above it, in one transaction, after a backup."""
-    import db_migrations
-
     db = DbContext.from_settings(ctx.settings)
     migrations = db_migrations.discover(db.migrations_dir)
     try:
@@ -344,8 +338,6 @@ def cmd_rollback(ctx: Context) -> Result:
 
 def cmd_status(ctx: Context) -> Result:
     """status: applied and pending migrations, and applied files that changed since."""
-    import db_migrations
-
     db = DbContext.from_settings(ctx.settings)
     state = db_migrations.status(db_migrations.discover(db.migrations_dir), applied_migrations(db))
     lines = [f"{db.server.name} is at {state['current'] or 'no migration'}"]
@@ -357,8 +349,6 @@ def cmd_status(ctx: Context) -> Result:
 
 def cmd_verify(ctx: Context) -> Result:
     """verify [BACKUP]: server, migrations, indexes, sessions, and a backup's checksums and table of contents."""
-    from db_checks import database_problems
-
     db = DbContext.from_settings(ctx.settings)
     problems, notes = database_problems(db.server, db.migrations_dir)
     backup = (resolve_component(db.store, ctx.args.backup) if ctx.args.backup
@@ -382,8 +372,6 @@ def cmd_verify(ctx: Context) -> Result:
 
 def cmd_locks(ctx: Context) -> Result:
     """locks [--terminate PID]: blocked sessions and who blocks them, now."""
-    import db_migrations
-
     db = DbContext.from_settings(ctx.settings)
     conn = db.server.connect(autocommit=True)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import db_migrations
 from common.errors import ToolkitError, UsageError
 from db_dumps import quote_identifier
 from db_scratch import KEPT, RESTORING, being_built, scratch_databases
@@ -15,8 +16,6 @@ LONG_TRANSACTION_SECONDS = 300
 
 def database_problems(server: DbServer, migrations_dir: Path) -> tuple[list[str], list[str]]:
     """(problems, notes): problems fail verify (exit 3); notes are reported, including warnings."""
-    import db_migrations
-
     problems: list[str] = []
     notes: list[str] = []
     try:
