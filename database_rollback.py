@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import db_migrations
 from common.cli import (
     Context,
     Result,
@@ -35,6 +36,7 @@ from common.manifest import Backup, check_backup
 from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
 from common.store import BackupStore, open_store
+from db_checks import database_problems
 from db_dumps import (
     PgTools,
     ServerInfo,
@@ -42,18 +44,25 @@ from db_dumps import (
     copy_database_settings,
     create_database_like,
     database_size,
-    drop_database,
     dump_into,
     dump_path,
-    kept_databases,
+    foreign_dump,
     list_dump,
-    plain_dump,
     restore_into,
-    scratch_names,
     swap_in,
     undo_hint,
 )
-from db_server import DbServer
+from db_scratch import (
+    KEPT,
+    RESTORING,
+    being_built,
+    claimed,
+    drop_database,
+    drop_if_unclaimed,
+    scratch_databases,
+    scratch_names,
+)
+from db_server import MAINTENANCE_DB, DbServer
 
 COMPONENT = "db"
 STORE_SETTING = ("BACKUP_DIR", "./backups")  # the backup folder
@@ -104,16 +113,12 @@ def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int
 
 def current_migration(db: DbContext) -> str | None:
     """The newest applied migration's id, or None (no tracking table yet)."""
-    import db_migrations
-
     with db.server.session() as conn:
         return db_migrations.current_id(db_migrations.applied(conn))
 
 
 def applied_migrations(db: DbContext) -> list:
     """The rows of public.schema_migrations (empty before the first migrate)."""
-    import db_migrations
-
     with db.server.session() as conn:
         return db_migrations.applied(conn)
 
@@ -130,19 +135,25 @@ def backup_before(db: DbContext, version: int) -> Backup | None:
 
 
 def restore_into_fresh_database(db: DbContext, dump: Path, jobs: int, expected_size: int | None,
-                                progress: Progress = no_progress) -> tuple[str, float]:
-    """Restore into `<name>__restore_<stamp>`, then swap names; returns (previous database's name, outage s)."""
+                                progress: Progress = no_progress) -> tuple[str | None, float]:
+    """Restore into a new `<name>__restore_...` database, then swap names.
+
+    Returns the name the replaced database is kept under (None if there was none: a new --target-db) and
+    how long the live name was out of service. The scratch name is claimed before the database exists and
+    until it is switched in or dropped, so that cleanup never drops it under a running restore.
+    """
     restored, before = scratch_names(db.server.name)
-    create_database_like(db.server, restored)
-    try:
-        with progress(f"restoring into {restored}", lambda: database_size(db.server, restored), expected_size):
-            restore_into(db.server, db.tools, dump, restored, jobs, single_transaction=jobs <= 1)
-        copy_database_settings(db.server, db.server.name, restored)
-        outage = swap_in(db.server, restored, before)
-    except BaseException:
-        drop_database(db.server, restored)
-        raise
-    return before, outage
+    with claimed(db.server, restored):
+        create_database_like(db.server, restored)
+        try:
+            with progress(f"restoring into {restored}", lambda: database_size(db.server, restored), expected_size):
+                restore_into(db.server, db.tools, dump, restored, jobs, single_transaction=jobs <= 1)
+            copy_database_settings(db.server, db.server.name, restored)
+            outage = swap_in(db.server, restored, before)
+        except BaseException:
+            drop_database(db.server, restored)
+            raise
+    return (before, outage) if outage is not None else (None, 0.0)
 
 
 # -- the commands -----------------------------------------------------------------------------------
@@ -199,16 +210,23 @@ def cmd_restore(ctx: Context) -> Result:
             expected = backup.extra.get("database_size") if backup else None
             before, outage = restore_into_fresh_database(db, dump, args.jobs, expected, ctx.progress)
             data.update(previous_database=before, outage_seconds=round(outage, 3))
-            lines.append(f"the previous database is kept as {before} ({db.server.name} was out of service "
-                         f"for {outage * 1000:.0f} ms)")
-            lines.append(undo_hint(db.server, before))
+            if before is None:
+                lines.append(f"{db.server.name} did not exist: it was created (no database was replaced, so "
+                             "none is kept)")
+            else:
+                lines.append(f"the previous database is kept as {before} ({db.server.name} was out of service "
+                             f"for {outage * 1000:.0f} ms)")
+                lines.append(undo_hint(db.server, before))
     lines.insert(0, f"restored {source} into {db.server.name} ({mode})")
     return Result({**data, "restored": True}, lines, backup_ids=ids)
 
 
 def _restore_source(ctx: Context, db: DbContext, own_database) -> tuple[Backup | None, Path, int]:
-    """The backup (None for a plain dump), its dump, and the dump's entry count, all checked."""
-    dump = plain_dump(ctx.args.backup)
+    """The backup (None for a dump made outside the toolkit), its dump, and the dump's entry count, all checked."""
+    ref = ctx.args.backup
+    # `latest` and backup ids are the store's, even if a file of that name happens to be in the folder.
+    in_store = ref == "latest" or ("/" not in ref and (db.store.root / ref).exists())
+    dump = None if in_store else foreign_dump(ref)
     backup = None
     if dump is None:
         backup = resolve_component(db.store, ctx.args.backup, match=own_database)
@@ -229,28 +247,35 @@ def cmd_list(ctx: Context) -> Result:
 
 
 def cmd_cleanup(ctx: Context) -> Result:
-    """cleanup DAYS: remove backups older than DAYS and old `__before_` databases, keeping the newest --keep."""
+    """cleanup DAYS: remove backups older than DAYS, old `__before_` databases beyond the newest --keep, and
+    the `__restore_` databases of restores that did not finish (not those of a restore running now)."""
     db = DbContext.from_settings(ctx.settings)
     # The server first: if it cannot be reached, nothing is removed and the next run tries again.
     cutoff = datetime.now(UTC) - timedelta(days=ctx.args.days)
-    kept = sorted(kept_databases(db.server), key=lambda item: item[1], reverse=True)
-    old = [name for name, stamp in kept[max(ctx.args.keep, 1):] if stamp < cutoff]
+    with db.server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+        scratch = scratch_databases(cur, db.server.name)
+        building = being_built(cur, [s.name for s in scratch if s.role == RESTORING])
+    kept = sorted((s for s in scratch if s.role == KEPT), key=lambda s: s.made, reverse=True)
+    old = [s.name for s in kept[max(ctx.args.keep, 1):] if s.made < cutoff]
+    leftovers = [s.name for s in scratch if s.role == RESTORING and s.name not in building]
     result = cleanup_backups(ctx, db.store, SCRIPT)
+    result.lines += [f"kept database {name}: a restore running now is building it" for name in sorted(building)]
     if ctx.dry_run:
-        result.data["would_drop_databases"] = old
-        result.lines += [f"would drop database {name}" for name in old]
+        result.data["would_drop_databases"] = old + leftovers
+        result.lines += [f"would drop database {name}" for name in old + leftovers]
         return result
     with db.store.lock(f"{SCRIPT} cleanup"):
         for name in old:
             drop_database(db.server, name)
-    result.data["dropped_databases"] = old
+        dropped_leftovers = [name for name in leftovers if drop_if_unclaimed(db.server, name)]
+    result.data["dropped_databases"] = old + dropped_leftovers
     result.lines += [f"dropped database {name} (kept by an earlier restore)" for name in old]
+    result.lines += [f"dropped database {name} (left by a restore that did not finish)" for name in dropped_leftovers]
     return result
+
 
 def cmd_migrate(ctx: Context) -> Result:
     """migrate [TARGET]: apply pending migrations, after a backup tagged with the current version."""
-    import db_migrations
-
     db = DbContext.from_settings(ctx.settings)
     migrations = db_migrations.discover(db.migrations_dir)
     state = db_migrations.status(migrations, applied_migrations(db))
@@ -276,12 +301,10 @@ def cmd_migrate(ctx: Context) -> Result:
 
 def cmd_rollback(ctx: Context) -> Result:
     """rollback MIGRATION: undo every applied migration above it, in one transaction, after a backup."""
-    import db_migrations
-
     db = DbContext.from_settings(ctx.settings)
     migrations = db_migrations.discover(db.migrations_dir)
     try:
-        plan = db_migrations.plan_rollback(migrations, applied_migrations(db), ctx.args.migration)
+        plan = db_migrations.plan_rollback(migrations, applied_migrations(db), _rollback_ref(ctx.args))
     except db_migrations.MissingDownFile as missing:
         way_back = backup_before(db, min(missing.versions))
         hint = (f"; restore the backup taken before it: {SCRIPT} restore {way_back.id}" if way_back
@@ -293,11 +316,11 @@ def cmd_rollback(ctx: Context) -> Result:
         ctx.warn(warning)
     if ctx.dry_run:
         return Result({"dry_run": True, "plan": plan.to_dict()}, [plan.render()], report=True)
-    ctx.confirm(f"Roll {db.server.name} back from {plan.current_id} to {plan.target_id}?")
+    ctx.confirm(f"Roll {db.server.name} back from {plan.current_id} to {plan.target_label}?")
     ids = []
     with db.store.lock(f"{SCRIPT} rollback"):
         if not ctx.args.no_backup:
-            ids.append(take_backup(db, f"before rollback to {plan.target_id}", progress=ctx.progress,
+            ids.append(take_backup(db, f"before rollback to {plan.target_label}", progress=ctx.progress,
                                    safety=True).id)
         lock_timeout = db.server.lock_timeout if ctx.args.lock_timeout is None else ctx.args.lock_timeout
         outcome = db_migrations.run_rollback(db.server, plan, lock_timeout, ctx.args.terminate_blockers,
@@ -305,7 +328,7 @@ def cmd_rollback(ctx: Context) -> Result:
     lines = [f"rolled back {ident}" for ident in outcome.rolled_back]
     lines += [f"ended blocking session {s['pid']} ({s.get('user')}, {s.get('application')})"
               for s in outcome.terminated]
-    lines.append(f"{db.server.name} is now at {plan.target_id}")
+    lines.append(f"{db.server.name} is now at {plan.target_label}")
     if ids:
         lines.append(f"to undo: {SCRIPT} restore {ids[0]} --yes")
     return Result({"rolled_back": outcome.rolled_back, "current": plan.target_id,
@@ -315,8 +338,6 @@ def cmd_rollback(ctx: Context) -> Result:
 
 def cmd_status(ctx: Context) -> Result:
     """status: applied and pending migrations, and applied files that changed since."""
-    import db_migrations
-
     db = DbContext.from_settings(ctx.settings)
     state = db_migrations.status(db_migrations.discover(db.migrations_dir), applied_migrations(db))
     lines = [f"{db.server.name} is at {state['current'] or 'no migration'}"]
@@ -328,8 +349,6 @@ def cmd_status(ctx: Context) -> Result:
 
 def cmd_verify(ctx: Context) -> Result:
     """verify [BACKUP]: server, migrations, indexes, sessions, and a backup's checksums and table of contents."""
-    from db_checks import database_problems
-
     db = DbContext.from_settings(ctx.settings)
     problems, notes = database_problems(db.server, db.migrations_dir)
     backup = (resolve_component(db.store, ctx.args.backup) if ctx.args.backup
@@ -353,8 +372,6 @@ def cmd_verify(ctx: Context) -> Result:
 
 def cmd_locks(ctx: Context) -> Result:
     """locks [--terminate PID]: blocked sessions and who blocks them, now."""
-    import db_migrations
-
     db = DbContext.from_settings(ctx.settings)
     conn = db.server.connect(autocommit=True)
     try:
@@ -375,6 +392,15 @@ def cmd_locks(ctx: Context) -> Result:
     lines = (table(("PID", "USER", "APPLICATION", "STATE", "SINCE", "BLOCKED BY", "QUERY"), rows) if rows
              else [f"no blocked sessions on {db.server.name}"])
     return Result({"sessions": sessions}, lines, report=True)
+
+
+def _rollback_ref(args) -> str | None:
+    """The migration `rollback` goes back to; None for every one (--all)."""
+    if args.all and args.migration is not None:
+        raise UsageError("give MIGRATION or --all, not both")
+    if not args.all and args.migration is None:
+        raise UsageError("name the migration to roll back to (id or version), or 0 or --all to roll back every one")
+    return None if args.all else args.migration
 
 
 def _version(ident: str) -> int:
@@ -402,6 +428,7 @@ def build_parser():
         f"  {SCRIPT} restore /path/to/backup.dump --in-place --yes\n"
         f"  {SCRIPT} migrate\n"
         f"  {SCRIPT} rollback 001_initial_schema --yes\n"
+        f"  {SCRIPT} rollback --all --dry-run\n"
         f"  {SCRIPT} locks\n"
         f"  {SCRIPT} cleanup 30 --keep 5",
     )
@@ -415,13 +442,15 @@ def build_parser():
     sub = add_command(
         commands, "restore", cmd_restore, "restore a backup or a plain pg_dump file",
         "Checks the backup's checksums and `pg_restore --list` before anything is touched. By default the\n"
-        "dump is restored into a fresh database <name>__restore_<stamp>, then names are switched in one\n"
-        "short step (new connections refused, sessions ended, live renamed to <name>__before_<stamp>,\n"
-        "restored renamed to live): the live name is out of service for well under a second, and the\n"
-        "previous database is kept whole for an instant undo. --in-place (for users without CREATEDB)\n"
-        "first takes a backup, then runs pg_restore --clean --single-transaction. Either way a failure\n"
-        "leaves the live database as it was.")
-    add_backup_argument(sub, ", or a .dump made by plain pg_dump")
+        "dump is restored into a fresh database <name>__restore_<stamp>_<random>, then names are switched\n"
+        "in one short step (new connections refused, sessions ended, live renamed to\n"
+        "<name>__before_<stamp>_<random>, restored renamed to live): the live name is out of service for\n"
+        "well under a second, and the previous database is kept whole for an instant undo. A restore\n"
+        "killed before the switch leaves its __restore_ database: `verify` names it, `cleanup` drops it.\n"
+        "--in-place (for users without CREATEDB) first takes a backup, then runs pg_restore --clean\n"
+        "--single-transaction. Either way a failure leaves the live database as it was.")
+    add_backup_argument(sub, ", or a pg_dump archive made elsewhere (custom, directory or tar format; "
+                             "a plain SQL dump is refused: restore it with psql)")
     sub.add_argument("--target-db", metavar="NAME",
                      help="restore into this database instead of DB_NAME (created if missing, else replaced)")
     sub.add_argument("--in-place", action="store_true", help="restore into the live database in one transaction")
@@ -437,12 +466,15 @@ def build_parser():
 
     sub = add_command(
         commands, "rollback", cmd_rollback, "roll back to a migration with the down scripts",
-        "Runs the down scripts of every applied migration above MIGRATION, newest first, and their\n"
-        "tracking-table deletes in ONE transaction under lock_timeout, after a backup. On a lock timeout\n"
-        "nothing changes and the blocking sessions are named. A down file whose first line is\n"
-        "`-- rollback: no-transaction` runs on its own (the plan warns). A migration without a down\n"
-        "file stops the rollback before anything changes, naming the backup to restore instead.")
-    sub.add_argument("migration", metavar="MIGRATION", help="an applied migration: id (001_initial_schema) or version")
+        "Runs the down scripts of every applied migration above MIGRATION (0 or --all: of every\n"
+        "applied migration), newest first, and their tracking-table deletes in ONE transaction under\n"
+        "lock_timeout, after a backup. On a lock timeout nothing changes and the blocking sessions are\n"
+        "named. A down file whose first line is `-- rollback: no-transaction` runs on its own (the plan\n"
+        "warns). A migration without a down file stops the rollback before anything changes, naming the\n"
+        "backup to restore instead.")
+    sub.add_argument("migration", metavar="MIGRATION", nargs="?",
+                     help="an applied migration: id (001_initial_schema) or version; 0 for none (every one undone)")
+    sub.add_argument("--all", action="store_true", help="roll back every applied migration (the same as 0)")
     sub.add_argument("--lock-timeout", type=int, metavar="SECONDS", help="lock_timeout (default DB_LOCK_TIMEOUT)")
     sub.add_argument("--terminate-blockers", action="store_true",
                      help="on a lock timeout, end the blocking sessions and try once more")
@@ -452,14 +484,19 @@ def build_parser():
 
     sub = add_verify_command(commands, cmd_verify, "check the database and a backup (problems exit 3)",
                       "Connects and reports the server version; applied migrations must have unchanged files;\n"
-                      "no invalid indexes; long transactions and lock waits are warned of; the newest backup\n"
-                      "(or BACKUP) must pass its checksums and pg_restore --list.")
+                      "no invalid indexes; no <name>__restore_ database left by a killed restore (one a running\n"
+                      "restore is building is only noted); long transactions and lock waits are warned of; the\n"
+                      "newest backup (or BACKUP) must pass its checksums and pg_restore --list.")
     sub.add_argument("backup", metavar="BACKUP", nargs="?", help="the backup to check (default: the newest)")
 
     sub = add_command(commands, "locks", cmd_locks, "blocked sessions and who blocks them")
     sub.add_argument("--terminate", type=int, metavar="PID", help="end this session")
 
     add_store_commands(commands, cmd_cleanup, cmd_list)
+    commands.choices["cleanup"].description = (
+        "Removes backups older than DAYS, keeping the newest --keep; drops <name>__before_ databases older\n"
+        "than DAYS beyond the newest --keep; and drops every <name>__restore_ database a restore left when it\n"
+        "was killed, but never one that a restore running now is still building.")
     return parser
 
 

@@ -1,26 +1,36 @@
-"""What `database_rollback.py verify` checks on the live server: version, migrations, indexes, sessions."""
+"""What `database_rollback.py verify` checks on the live server: version, migrations, indexes, sessions, and
+the databases restores left beside the live one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from common.errors import UsageError
-from db_server import DbServer
+import db_migrations
+from common.errors import ToolkitError, UsageError
+from db_dumps import quote_identifier
+from db_scratch import KEPT, RESTORING, being_built, scratch_databases
+from db_server import APPLICATION_NAME, MAINTENANCE_DB, DbServer
 
 LONG_TRANSACTION_SECONDS = 300
 
 
 def database_problems(server: DbServer, migrations_dir: Path) -> tuple[list[str], list[str]]:
     """(problems, notes): problems fail verify (exit 3); notes are reported, including warnings."""
-    import db_migrations
-
     problems: list[str] = []
     notes: list[str] = []
-    conn = server.connect(autocommit=True)
+    try:
+        conn = server.connect(autocommit=True)
+    except ToolkitError:
+        closed = _refuses_connections(server)
+        if closed is None:
+            raise
+        with server.session(MAINTENANCE_DB, autocommit=True) as maintenance, maintenance.cursor() as cur:
+            return [closed, *scratch_report(cur, server.name, notes)], notes
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT version()")
             notes.append(f"server: {cur.fetchone()[0]}")
+            problems += scratch_report(cur, server.name, notes)
             cur.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid ORDER BY 1")
             problems += [f"index {name} is invalid (a failed CREATE INDEX CONCURRENTLY?): drop or rebuild it"
                          for (name,) in cur.fetchall()]
@@ -45,3 +55,32 @@ def database_problems(server: DbServer, migrations_dir: Path) -> tuple[list[str]
             notes.append(f"migration: {state['current'] or 'none applied'}, {len(state['pending'])} pending")
             problems += [f"migration {d['id']}: {d['detail']}" for d in state["drift"]]
     return problems, notes
+
+
+def scratch_report(cur, live: str, notes: list[str]) -> list[str]:
+    """Problems: `__restore_` databases left by restores that did not finish. Notes (appended to `notes`):
+    those a running restore is building, and the `__before_` databases kept for an undo."""
+    scratch = scratch_databases(cur, live)
+    restoring = [s.name for s in scratch if s.role == RESTORING]
+    building = being_built(cur, restoring)
+    notes += [f"database {name} is being built by a restore running now" for name in sorted(building)]
+    kept = [s.name for s in scratch if s.role == KEPT]
+    if kept:
+        notes.append(f"kept by earlier restores for an undo (cleanup DAYS drops old ones): {', '.join(kept)}")
+    return [f"database {name} was left by a restore that did not finish: `{APPLICATION_NAME} cleanup` drops it"
+            for name in restoring if name not in building]
+
+
+def _refuses_connections(server: DbServer) -> str | None:
+    """The problem to report if DB_NAME exists but does not accept connections, else None."""
+    try:
+        with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (server.name,))
+            row = cur.fetchone()
+    except ToolkitError:
+        return None
+    if row is None or row[0]:
+        return None
+    return (f"database {server.name} does not accept connections (a restore stopped while it switched databases "
+            f"leaves it so): to open it, run as a superuser: ALTER DATABASE {quote_identifier(server.name)} "
+            "WITH ALLOW_CONNECTIONS true")

@@ -1,7 +1,7 @@
 """pg_dump into the backup store, and pg_restore back: into a fresh database switched in by renames, or in place.
 
 User-supplied names never reach argv: the database to dump comes through PGDATABASE, the one to restore
-into as a quoted conninfo value, and the password through the private PGPASSFILE of DbServer.tool_env().
+into as a quoted conninfo value, and the password through the memory-only PGPASSFILE of DbServer.run_client().
 """
 
 from __future__ import annotations
@@ -10,19 +10,22 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from common.errors import ToolkitError, UsageError
-from common.manifest import Backup
+from common.manifest import MANIFEST, Backup
 from common.proc import run_tool
 from common.staging import Staging
-from db_server import DbServer
+from db_scratch import drop_database as drop_database  # re-exported: drill.py imports it from here
+from db_scratch import scratch_name
+from db_server import MAINTENANCE_DB, DbServer
 
 DUMP_FILE = "db.dump"  # custom format: one file plain pg_restore reads
 DUMP_DIR = "db.dir"  # directory format: dumped and restored in parallel
-MAINTENANCE_DB = "postgres"
 SESSION_END_TIMEOUT_SECONDS = 10
+_HEAD_BYTES = 4096
+_CUSTOM_MAGIC = b"PGDMP"  # pg_dump --format=custom
+_TAR_MAGIC, _TAR_MAGIC_AT = b"ustar", 257  # pg_dump --format=tar: a POSIX tar header
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
 
@@ -86,8 +89,7 @@ def dump_into(staging: Staging, server: DbServer, tools: PgTools, fmt: str, jobs
         argv.append(f"--jobs={jobs}")
     if compress is not None:
         argv.append(f"--compress={compress}")
-    with server.tool_env() as env:
-        run_tool(argv, f"pg_dump of {server.name}", env={**env, "PGDATABASE": server.name})
+    server.run_client(argv, f"pg_dump of {server.name}", env={"PGDATABASE": server.name})
     staging.adopt(target)
     return target
 
@@ -103,24 +105,12 @@ def dump_path(backup: Backup) -> Path:
 
 def list_dump(server: DbServer, tools: PgTools, path: Path) -> int:
     """Check that pg_restore can read the dump's table of contents; return its number of entries."""
-    with server.tool_env() as env:
-        result = run_tool([tools.path("pg_restore"), "--list", str(path)], f"pg_restore --list of {path}",
-                          env=env, check=False)
+    result = server.run_client([tools.path("pg_restore"), "--list", str(path)], f"pg_restore --list of {path}",
+                               check=False)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no error message"])[-1]
         raise ToolkitError(f"{path} is not a dump pg_restore can read: {last}")
     return sum(1 for line in result.stdout.decode().splitlines() if line and not line.startswith(";"))
-
-
-def scratch_names(live: str, moment: datetime | None = None) -> tuple[str, str]:
-    """(`<name>__restore_<stamp>`, `<name>__before_<stamp>`), cut to PostgreSQL's 63 bytes."""
-    return scratch_name(live, "restore", moment), scratch_name(live, "before", moment)
-
-
-def scratch_name(live: str, role: str, moment: datetime | None = None) -> str:
-    """`<name>__<role>_<UTC stamp>`, the name cut so the whole fits PostgreSQL's 63 bytes."""
-    suffix = f"__{role}_{(moment or datetime.now(UTC)).strftime('%Y%m%d%H%M%S')}"
-    return live.encode()[: 63 - len(suffix)].decode(errors="ignore") + suffix
 
 
 def conninfo_dbname(name: str) -> str:
@@ -192,14 +182,6 @@ def database_size(server: DbServer, name: str) -> int:
         return cur.fetchone()[0] or 0
 
 
-def drop_database(server: DbServer, name: str) -> None:
-    """Drop a scratch database, ending any session on it."""
-    from psycopg2 import sql
-
-    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
 def restore_into(server: DbServer, tools: PgTools, path: Path, dbname: str, jobs: int, single_transaction: bool,
                  clean: bool = False) -> None:
     """pg_restore a dump into `dbname`, stopping at the first error."""
@@ -211,12 +193,12 @@ def restore_into(server: DbServer, tools: PgTools, path: Path, dbname: str, jobs
     elif jobs > 1:
         argv.append(f"--jobs={jobs}")
     argv.append(str(path))
-    with server.tool_env() as env:
-        run_tool(argv, f"pg_restore into {dbname}", env=env)
+    server.run_client(argv, f"pg_restore into {dbname}")
 
 
-def swap_in(server: DbServer, restored: str, before: str) -> float:
-    """Switch names: live -> `before`, `restored` -> live. Returns how long the live name was out of service.
+def swap_in(server: DbServer, restored: str, before: str) -> float | None:
+    """Switch names: live -> `before`, `restored` -> live. Returns how long the live name was out of service,
+    or None if there was no live database to replace (`restored` simply took the name).
 
     New connections to the live database are refused, its sessions ended, then both renames commit in one
     transaction. Whatever fails, the live database accepts connections again afterwards.
@@ -233,7 +215,7 @@ def swap_in(server: DbServer, restored: str, before: str) -> float:
             if cur.fetchone() is None:  # nothing to replace (e.g. --target-db with a new name)
                 cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), live))
                 swapped = True
-                return 0.0
+                return None
             cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(live))
             _end_sessions(cur, server.name)
             conn.autocommit = False
@@ -267,20 +249,6 @@ def _end_sessions(cur, dbname: str) -> None:
         time.sleep(0.005)  # pg_terminate_backend only signals; the backend exits a moment later
 
 
-def kept_databases(server: DbServer) -> list[tuple[str, datetime]]:
-    """The `<name>__before_<stamp>` databases earlier restores kept, with the time in their stamp."""
-    pattern = re.compile(re.escape(server.name.encode()[:63 - 23].decode(errors="ignore")) + r"__before_(\d{14})")
-    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT datname FROM pg_database ORDER BY datname")
-        names = [row[0] for row in cur.fetchall()]
-    kept = []
-    for name in names:
-        match = pattern.fullmatch(name)
-        if match:
-            kept.append((name, datetime.strptime(match.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)))
-    return kept
-
-
 def quote_identifier(name: str) -> str:
     """A database name as SQL text, for statements shown to the operator (the toolkit runs psycopg2.sql)."""
     return '"' + name.replace('"', '""') + '"'
@@ -307,13 +275,39 @@ def undo_hint(server: DbServer, before: str) -> str:
             + "; ".join(rename_back_statements(server.name, before)) + ";")
 
 
-def plain_dump(ref: str) -> Path | None:
-    """A `.dump` file or dump folder made outside the toolkit, if `ref` names one."""
+def foreign_dump(ref: str) -> Path | None:
+    """The pg_dump archive `ref` names if it was made outside the toolkit: a custom- or tar-format file, or a
+    directory-format folder. None for a path inside a backup, or no path at all: the store resolves those.
+
+    A plain SQL dump, or any other file, is refused here (exit 2), since pg_restore cannot read it.
+    """
     path = Path(ref)
-    if path.is_file() and path.suffix in (".dump", ".backup", ".pgdump"):
+    if not path.exists():
+        if ref.endswith(".dump"):
+            raise UsageError(f"{ref}: no such file")
+        return None
+    if any((folder / MANIFEST).is_file() for folder in [path, *path.parents]):
+        return None
+    if path.is_dir():
+        if (path / "toc.dat").is_file():
+            return path
+        raise UsageError(f"{ref} is neither a backup nor a pg_dump directory-format dump (no toc.dat in it)")
+    try:
+        with path.open("rb") as dump:
+            head = dump.read(_HEAD_BYTES)
+    except OSError as exc:
+        raise UsageError(f"cannot read {ref}: {exc.strerror}") from None
+    if head.startswith(_CUSTOM_MAGIC) or head[_TAR_MAGIC_AT:_TAR_MAGIC_AT + len(_TAR_MAGIC)] == _TAR_MAGIC:
         return path
-    if path.is_dir() and (path / "toc.dat").is_file():
-        return path
-    if ref.endswith(".dump") and not path.exists():
-        raise UsageError(f"{ref}: no such file")
-    return None
+    if _is_sql_text(head) or path.suffix == ".sql":
+        raise UsageError(f"{ref} is a plain SQL dump: plain SQL dumps are not supported: use psql "
+                         f"(psql -X -v ON_ERROR_STOP=1 -d DATABASE -f {ref}), or dump again with pg_dump -Fc")
+    raise UsageError(f"{ref} is neither a backup nor a pg_dump archive (custom, directory or tar format)")
+
+
+def _is_sql_text(head: bytes) -> bool:
+    """Whether the start of a file reads as SQL text, as pg_dump --format=plain writes it."""
+    if b"\0" in head:
+        return False
+    text = head.decode("utf-8", errors="replace").lstrip()
+    return text.startswith(("--", "SET ", "CREATE ", "\\")) or "PostgreSQL database dump" in text

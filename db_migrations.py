@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 NO_TRANSACTION_MARK = "-- rollback: no-transaction"
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of an expired lock_timeout
 _MAX_VERSION = 2**63 - 1  # the tracking table stores versions as bigint
+BEFORE_FIRST = -1  # the target version of a rollback of every migration (`rollback 0` or `--all`)
+NO_MIGRATION = "no migration"  # how the state with nothing applied is shown
 
 _FILE_NAME = re.compile(r"(?P<digits>\d+)_(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*)\.(?P<direction>up|down)\.sql")
 _REF = re.compile(r"(?P<digits>\d+)(?:_(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*))?")
@@ -109,19 +111,25 @@ class RollbackStep:
 
 @dataclass
 class RollbackPlan:
-    """Applied migrations above the target, newest first; an empty plan means already at the target."""
+    """Applied migrations above the target, newest first; an empty plan means already at the target.
+    A target_id of None (version BEFORE_FIRST) means every applied migration is undone."""
 
-    target_id: str
+    target_id: str | None
     target_version: int
     current_id: str | None
     steps: list[RollbackStep]
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def target_label(self) -> str:
+        """The target for messages: its id, or "no migration"."""
+        return self.target_id or NO_MIGRATION
+
     def render(self) -> str:
         """The plan and every statement it would run, for --dry-run."""
         if not self.steps:
-            return f"already at {self.target_id}: nothing to roll back"
-        lines = [f"roll back {len(self.steps)} migration(s), from {self.current_id} to {self.target_id}"]
+            return f"already at {self.target_label}: nothing to roll back"
+        lines = [f"roll back {len(self.steps)} migration(s), from {self.current_id} to {self.target_label}"]
         lines += [f"warning: {warning}" for warning in self.warnings]
         for number, batch in enumerate(_batches(self.steps), 1):
             how = "on its own, outside any transaction" if batch[0].no_transaction else "in one transaction"
@@ -341,19 +349,17 @@ def _pending(migrations: list[Migration], rows: list[Applied], target: str | Non
 # -- rollback ---------------------------------------------------------------------------------------
 
 
-def plan_rollback(migrations: list[Migration], applied: list[Applied], ref: str) -> RollbackPlan:
+def plan_rollback(migrations: list[Migration], applied: list[Applied], ref: str | None) -> RollbackPlan:
     """Every applied migration above `ref` (which must be applied), newest first; refuses, before anything
-    changes, if one has no down file (MissingDownFile) or a down file controls its own transaction."""
-    wanted = find(migrations, applied, ref)
-    by_version = {row.version: row for row in applied}
-    if wanted.version not in by_version:
-        raise UsageError(f"{wanted.id} is not applied (current: {current_id(applied) or 'nothing applied'}): "
-                         f"rollback goes back to an applied migration; `migrate {wanted.id}` applies it")
-    target = by_version[wanted.version]
+    changes, if one has no down file (MissingDownFile) or a down file controls its own transaction.
+
+    `ref` None, or 0 when no migration has version 0, means every applied migration.
+    """
+    target_version, target_id = _rollback_target(migrations, applied, ref)
     files = {(m.version, m.name): m for m in migrations}
     steps, missing, warnings = [], [], []
     for row in sorted(applied, key=lambda r: r.version, reverse=True):
-        if row.version <= target.version:
+        if row.version <= target_version:
             break
         migration = files.get((row.version, row.name))
         if migration is None or migration.down is None:
@@ -371,10 +377,22 @@ def plan_rollback(migrations: list[Migration], applied: list[Applied], ref: str)
         steps.append(RollbackStep(row.version, migration.id, migration.down, text, migration.no_transaction))
     if missing:
         names = ", ".join(ident for _, ident in missing)
-        raise MissingDownFile(f"cannot roll back to {_display_id(target.id, migrations)}: no down file for "
+        raise MissingDownFile(f"cannot roll back to {target_id or NO_MIGRATION}: no down file for "
                               f"{names}; nothing was changed", missing)
-    return RollbackPlan(_display_id(target.id, migrations), target.version,
-                        _display_id(current_id(applied), migrations), steps, warnings)
+    return RollbackPlan(target_id, target_version, _display_id(current_id(applied), migrations), steps, warnings)
+
+
+def _rollback_target(migrations: list[Migration], applied: list[Applied], ref: str | None) -> tuple[int, str | None]:
+    """(version, display id) of the migration a rollback goes back to; (BEFORE_FIRST, None) for all of them."""
+    zero = ref is not None and re.fullmatch(r"0+", ref.strip()) is not None
+    if ref is None or (zero and all(item.version != 0 for item in [*migrations, *applied])):
+        return BEFORE_FIRST, None
+    wanted = find(migrations, applied, ref)
+    by_version = {row.version: row for row in applied}
+    if wanted.version not in by_version:
+        raise UsageError(f"{wanted.id} is not applied (current: {current_id(applied) or 'nothing applied'}): "
+                         f"rollback goes back to an applied migration; `migrate {wanted.id}` applies it")
+    return wanted.version, _display_id(by_version[wanted.version].id, migrations)
 
 
 def run_rollback(server: DbServer, plan: RollbackPlan, lock_timeout: int, terminate_blockers: bool,
@@ -391,7 +409,7 @@ def run_rollback(server: DbServer, plan: RollbackPlan, lock_timeout: int, termin
 
     if lock_timeout < 1:
         raise UsageError(f"the lock timeout must be at least 1 second, got {lock_timeout}")
-    outcome = RollbackOutcome(plan.target_id)
+    outcome = RollbackOutcome(plan.target_label)
     if not plan.steps:
         return outcome
     conn = server.connect()
@@ -461,7 +479,8 @@ def _refuse_stale_plan(conn: connection, plan: RollbackPlan) -> None:
     conn.commit()
     above = [row.version for row in sorted(rows, key=lambda r: r.version, reverse=True)
              if row.version > plan.target_version]
-    if plan.target_version not in {row.version for row in rows} or above != [s.version for s in plan.steps]:
+    target_gone = plan.target_version != BEFORE_FIRST and plan.target_version not in {row.version for row in rows}
+    if target_gone or above != [s.version for s in plan.steps]:
         raise ToolkitError(f"the applied migrations changed since the plan was made (now at {current_id(rows)}): "
                            "run the rollback again")
 

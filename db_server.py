@@ -1,21 +1,18 @@
-"""The PostgreSQL server the database script works on: its settings, connections, and the environment for
-pg_dump / pg_restore (the password only ever in a private PGPASSFILE)."""
+"""The PostgreSQL server the database script works on: its settings, connections, and running pg_dump /
+pg_restore against it (the password only ever in a private, memory-only PGPASSFILE)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from common.errors import SettingError, ToolkitError
-from common.files import PRIVATE_FILE
+from common.proc import ToolRun, run_tool, secret_file
 from common.settings import Settings
 
 APPLICATION_NAME = "database_rollback.py"
+MAINTENANCE_DB = "postgres"  # where the toolkit connects to create, rename and drop databases
 CONNECT_TIMEOUT_SECONDS = 10
 
 
@@ -77,27 +74,25 @@ class DbServer:
         finally:
             conn.close()
 
-    @contextmanager
-    def tool_env(self) -> Iterator[dict[str, str]]:
-        """Environment for pg_dump/pg_restore/psql: where to connect, and a private PGPASSFILE if needed."""
-        env = {
+    def run_client(self, argv: list[str], what: str, env: dict[str, str] | None = None,
+                   check: bool = True) -> ToolRun:
+        """Run pg_dump/pg_restore/psql against this server (run_tool's rules; `env` adds to the environment).
+
+        The password goes in a memory-only PGPASSFILE that the child opens as /proc/self/fd/N: there is no
+        file on disk for a killed run to leave behind.
+        """
+        child_env = {
             "PGHOST": self.host,
             "PGPORT": str(self.port),
             "PGUSER": self.user,
             "PGAPPNAME": APPLICATION_NAME,
             "PGCONNECT_TIMEOUT": str(CONNECT_TIMEOUT_SECONDS),
+            **(env or {}),
         }
-        folder = Path(tempfile.mkdtemp(prefix="rollback-pgpass-"))  # mkdtemp makes it 0700
-        try:
-            passfile = folder / "pgpass"
-            line = "*:*:*:" + _pgpass_escape(self.user) + ":" + _pgpass_escape(self.password or "") + "\n"
-            fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-            with os.fdopen(fd, "w") as out:
-                out.write(line)
-            env["PGPASSFILE"] = str(passfile)
-            yield env
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        line = "*:*:*:" + _pgpass_escape(self.user) + ":" + _pgpass_escape(self.password or "") + "\n"
+        with secret_file(line) as passfile:
+            child_env["PGPASSFILE"] = passfile.child_path
+            return run_tool(argv, what, env=child_env, check=check, pass_fds=[passfile.fd])
 
 
 def _pgpass_escape(value: str) -> str:

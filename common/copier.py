@@ -17,7 +17,6 @@ cannot leave it waiting on a lock one of them held.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import signal
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 from common.errors import ToolkitError
 from common.files import copy_and_hash
+from common.proc import die_with_parent_hook
 from common.signals import stop_signals_held
 
 PARALLEL_FROM = 256  # fewer files than this are copied here: starting workers would cost more than it saves
@@ -116,7 +116,7 @@ def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
         os.write(tickets_write, b"".join(struct.pack("<I", n) for n in range(runs)))
         os.close(tickets_write)
         tickets_write = -1
-        die_with_parent = _die_with_parent_function()
+        die_with_parent = die_with_parent_hook()
         hashlib.sha256()  # the digest is looked up here, not in a child that may hold a copy of a taken lock
         # A stop waits until every child is recorded, so that the cleanup below kills each one.
         with stop_signals_held():
@@ -215,22 +215,4 @@ def _reap(children: list[int], quiet: bool = False) -> None:
             if not quiet and os.waitstatus_to_exitcode(status) != 0:
                 raise ToolkitError(f"a copying process failed (exit status {os.waitstatus_to_exitcode(status)})")
             break
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent_function() -> Callable[[], None] | None:
-    """prctl(PR_SET_PDEATHSIG, SIGKILL), looked up before forking (a lookup may take the loader's lock)."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):  # not Linux: workers then end when the ticket pipe runs dry
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-
-    def die_with_parent() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return die_with_parent
 

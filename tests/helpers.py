@@ -112,3 +112,63 @@ def writer_once_read(fifo: Path, proc: subprocess.Popen, timeout: float = 60) ->
         except OSError as exc:
             assert exc.errno == errno.ENXIO  # no reader yet
             time.sleep(0.001)
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of a process (Z for a zombie nobody has reaped yet), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def wait_until_dead(pid: int, timeout: float = 30) -> bool:
+    """Whether `pid` has died (gone, or a zombie) within `timeout` seconds: a kernel's kill is not instant."""
+    deadline = time.monotonic() + timeout
+    while process_state(pid) not in ("gone", "Z"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` (any of its threads) started and that have not been reaped, from the kernel's list."""
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            found += [int(child) for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def descendants(pid: int) -> dict[int, list[str]]:
+    """Every living process below `pid` (children, their children...), with its argv."""
+    found: dict[int, list[str]] = {}
+    frontier = [pid]
+    while frontier:
+        for child in children(frontier.pop()):
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            except OSError:
+                continue
+            if child not in found and process_state(child) not in ("gone", "Z"):
+                found[child] = [arg.decode(errors="replace") for arg in argv]
+                frontier.append(child)
+    return found
+
+
+def wait_for_child(proc: subprocess.Popen, program: str, with_arg: str | None = None, timeout: float = 60) -> int:
+    """The pid of the first `program` (file name) that `proc` runs, with an argument starting `with_arg`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the run ended before it started {program}"
+        assert time.monotonic() < deadline, f"no {program} started within {timeout} s"
+        for pid, argv in descendants(proc.pid).items():
+            if Path(argv[0]).name == program and (with_arg is None or any(a.startswith(with_arg) for a in argv)):
+                return pid

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, process_state, wait_until_dead
 
 from common.errors import LockBusy, SettingError, ToolkitError, UsageError
 from common.files import atomic_write, make_private_dir, resolve_inside
 from common.manifest import check_backup
-from common.proc import run_tool
+from common.proc import run_tool, secret_file
 from common.settings import Settings
 from common.signals import stop_signals_held
 from common.store import BackupStore
@@ -101,6 +101,38 @@ def test_sigterm_stops_the_child_tool(tmp_path: Path):
     assert b"interrupted by SIGTERM" in err
     with pytest.raises(ProcessLookupError):
         os.kill(child_pid, 0)
+
+
+def test_sigkill_of_the_toolkit_kills_the_tool_it_runs(tmp_path: Path):
+    """SIGKILL cannot be caught, so only the kernel can end the child: it must not outlive its parent."""
+    fifo = tmp_path / "child.pid"
+    os.mkfifo(fifo)
+    child_code = f"import os, time; open({str(fifo)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    wrapper_code = ("import sys\nfrom common.proc import run_tool\n"
+                    f"run_tool([sys.executable, '-c', {child_code!r}], 'a long tool')")
+    wrapper = subprocess.Popen([sys.executable, "-c", wrapper_code], cwd=ROOT)
+    with open(fifo) as reader:  # blocks until the child is running
+        child_pid = int(reader.read())
+    wrapper.kill()
+    wrapper.wait()
+    try:
+        assert wait_until_dead(child_pid), "the tool outlived the process that started it"
+    finally:
+        if process_state(child_pid) not in ("gone", "Z"):
+            os.kill(child_pid, signal.SIGKILL)
+
+
+def test_secret_file_reaches_the_child_and_has_no_name_anywhere(tmp_path: Path):
+    with secret_file("hunter2\n") as secret:
+        mode = os.fstat(secret.fd).st_mode & 0o777
+        result = run_tool([sys.executable, "-c", "import os, sys; print(open(sys.argv[1]).read().strip(),"
+                           " oct(os.stat(sys.argv[1]).st_mode & 0o777))", secret.child_path],
+                          "read", pass_fds=[secret.fd])
+        fd = secret.fd
+    assert mode == 0o600
+    assert result.stdout.decode().split() == ["hunter2", "0o600"]
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the block: the memory is gone with the last holder
 
 
 def test_store_lock_is_exclusive_and_names_its_holder(tmp_path: Path):

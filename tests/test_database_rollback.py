@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import database_state, run_script, script_argv
+from helpers import database_state, process_state, run_script, script_argv, wait_for_child, wait_until_dead
 
 RICH_SCHEMA = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -118,6 +118,36 @@ def test_plain_pg_dump_file_made_elsewhere_restores_with_a_warning(dbw: DbWorksp
     assert result.returncode == 0, result.stderr
     assert "no checksum" in result.stderr
     assert database_state(dbw.pg_db) == before
+
+
+@pytest.mark.parametrize("name", ["manual.sql", "manual.dump", "manual"])
+def test_plain_sql_dump_is_refused_with_exit_2_and_pointed_at_psql(dbw: DbWorkspace, name: str):
+    dump = dbw.root / name
+    env = {**os.environ, "PGHOST": dbw.env["DB_HOST"], "PGPORT": dbw.env["DB_PORT"], "PGUSER": dbw.env["DB_USER"]}
+    subprocess.run(["pg_dump", "--format=plain", "-f", str(dump), dbw.pg_db.name], env=env, check=True)
+    break_database(dbw)
+    broken, databases = database_state(dbw.pg_db), dbw.databases()
+    result = dbw.run("restore", str(dump), "--yes")
+    assert result.returncode == 2, result.stderr
+    assert "plain SQL dumps are not supported: use psql" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert database_state(dbw.pg_db) == broken and dbw.databases() == databases
+
+
+def test_a_dump_file_inside_a_backup_is_that_backup_checksums_and_all(dbw: DbWorkspace):
+    before = database_state(dbw.pg_db)
+    assert dbw.run("backup").returncode == 0
+    dump = dbw.store / dbw.backup_ids()[0] / "db.dump"
+    break_database(dbw)
+    result = dbw.run("restore", str(dump), "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "no checksum" not in result.stderr
+    assert database_state(dbw.pg_db) == before
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    dump.write_bytes(bytes(data))
+    result = dbw.run("restore", str(dump), "--yes")
+    assert result.returncode == 1 and "damaged" in result.stderr
 
 
 def test_damaged_backup_is_refused_and_database_unchanged(dbw: DbWorkspace):
@@ -249,6 +279,25 @@ def test_sigterm_during_backup_leaves_no_pg_dump_and_no_backup(dbw: DbWorkspace)
     assert dbw.backup_ids() == []
 
 
+def test_sigkill_during_backup_leaves_no_pg_dump_and_no_password_file(dbw: DbWorkspace):
+    dbw.sql("CREATE TABLE filler AS SELECT i FROM generate_series(1, 300000) i")
+    tmp = dbw.root / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(script_argv("database_rollback.py", "backup"), cwd=dbw.root,
+                            env={**os.environ, **dbw.env, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL)
+    dump_pid = wait_for_child(proc, "pg_dump")
+    os.kill(dump_pid, signal.SIGSTOP)  # held mid-dump, so the kill below lands while it runs
+    proc.kill()
+    proc.wait()
+    try:
+        assert wait_until_dead(dump_pid), "pg_dump outlived the killed backup"
+    finally:
+        if process_state(dump_pid) not in ("gone", "Z"):
+            os.kill(dump_pid, signal.SIGKILL)
+    assert list(tmp.iterdir()) == []  # no password file, nor anything else
+    assert dbw.backup_ids() == []
+
+
 def _parent(pid: int) -> int:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -355,6 +404,21 @@ def test_migrate_then_rollback_through_the_cli(migrated: DbWorkspace):
     assert status["pending"] == ["004_orders_by_customer_index", "005_split_customer_name"]
 
 
+@pytest.mark.parametrize("how", [["0"], ["--all"]])
+def test_rollback_0_and_all_roll_back_every_migration_through_the_cli(migrated: DbWorkspace, how: list[str]):
+    result = migrated.run("--json", "rollback", *how, "--yes")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["current"] is None
+    assert report["rolled_back"] == ["004_orders_by_customer_index", "003_seed_customers", "002_orders",
+                                     "001_initial_schema"]
+    assert migrated.sql("SELECT count(*) FROM schema_migrations") == [(0,)]
+    assert migrated.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(1,)]
+    assert "already at no migration" in migrated.run("rollback", *how, "--yes").stdout
+    assert migrated.run("rollback", "1", "--all", "--yes").returncode == 2
+    assert migrated.run("rollback", "--yes").returncode == 2
+
+
 @pytest.mark.parametrize("ref", ["999_nope", "abc", "--output=x"])
 def test_rollback_to_unknown_or_malformed_migration_is_exit_2(migrated: DbWorkspace, ref: str):
     before = database_state(migrated.pg_db)
@@ -421,11 +485,19 @@ def test_restore_into_another_database_leaves_the_live_one_alone(dbw: DbWorkspac
     break_database(dbw)
     broken = database_state(dbw.pg_db)
     copy = dbw.pg_db.name[:40] + "_copy"
+    databases = dbw.databases()
     result = dbw.run("restore", "latest", "--yes", "--target-db", copy)
     assert result.returncode == 0, result.stderr
     assert database_state(dbw.pg_db, dbname=copy) == before
     assert database_state(dbw.pg_db) == broken
+    # A new database replaced nothing: the report must not claim a kept database or print an undo.
+    assert dbw.databases() == databases | {copy}
+    assert f"{copy} did not exist: it was created" in result.stdout
+    assert "__before_" not in result.stdout and "to undo" not in result.stdout
+    again = dbw.run("--json", "restore", "latest", "--yes", "--target-db", copy + "2")
+    assert json.loads(again.stdout)["previous_database"] is None
     dbw.pg_db.cluster.drop_database(copy)
+    dbw.pg_db.cluster.drop_database(copy + "2")
 
 
 def test_verify_reports_an_invalid_index(dbw: DbWorkspace):

@@ -396,6 +396,35 @@ def test_rolling_back_to_the_current_version_changes_nothing(pg_db, migrated):
     assert snapshot(pg_db) == before
 
 
+@pytest.mark.parametrize("ref", ["0", "000", None])
+def test_rollback_to_0_or_all_undoes_every_migration(pg_db, migrated, ref):
+    server, folder = migrated
+    plan = plan_rollback(discover(folder), read_applied(server), ref)
+    assert [step.id for step in plan.steps] == IDS[::-1]
+    assert plan.target_id is None and "from 012_archive to no migration" in plan.render()
+    outcome = run_rollback(server, plan, lock_timeout=1, terminate_blockers=False)
+    assert outcome.rolled_back == IDS[::-1]
+    assert read_applied(server) == []
+    conn = pg_db.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = 'public' ORDER BY 1")
+        assert [name for (name,) in cur.fetchall()] == ["schema_migrations", "schema_migrations_pkey"]
+    conn.close()
+    again = plan_rollback(discover(folder), read_applied(server), ref)
+    assert again.steps == [] and again.render() == "already at no migration: nothing to roll back"
+
+
+def test_rollback_0_names_a_migration_numbered_0_if_there_is_one(pg_db, tmp_path):
+    server = server_for(pg_db)
+    migrations = discover(write_migrations(tmp_path, {"000_base": ("CREATE TABLE base (x int);", "DROP TABLE base;"),
+                                                      "001_more": ("CREATE TABLE more (x int);", "DROP TABLE more;")}))
+    migrate(server, migrations)
+    assert [step.id for step in plan_rollback(migrations, read_applied(server), "0").steps] == ["001_more"]
+    assert [step.id for step in plan_rollback(migrations, read_applied(server), None).steps] == ["001_more",
+                                                                                                  "000_base"]
+
+
 def test_a_no_transaction_down_file_runs_on_its_own(pg_db, tmp_path):
     server = server_for(pg_db)
     migrations = discover(write_migrations(tmp_path))

@@ -1,0 +1,127 @@
+"""The databases a swap restore makes beside the live one, and how leftovers of killed runs are told apart.
+
+`<name>__restore_<stamp>_<random>` is the database a restore builds; `<name>__before_<stamp>_<random>` the
+live one it replaced, kept for an undo. The random part keeps two restores in the same second (a retry,
+or two stores restoring one database) from colliding. A restore holds a session advisory lock keyed on
+its scratch name, on its own connection to the maintenance database, from before the database is created
+until it is switched in or dropped: the lock goes with the session however the run ends, so a
+`__restore_` database whose lock is free is a leftover that nobody will finish, and one whose lock is
+held is still being built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from common.errors import ToolkitError
+from db_server import MAINTENANCE_DB, DbServer
+
+MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: longer names are cut, and could then collide
+RESTORING = "restore"
+KEPT = "before"
+_STAMP = "%Y%m%d%H%M%S"
+_RANDOM_BYTES = 3
+# The random part is optional: names made before it existed are still recognised.
+_SCRATCH = re.compile(r"(?P<prefix>.*)__(?P<role>restore|before)_(?P<stamp>\d{14})(?:_[0-9a-f]{6})?", re.S)
+
+
+@dataclass(frozen=True)
+class ScratchDatabase:
+    """A `__restore_` (role RESTORING) or `__before_` (role KEPT) database of one live database."""
+
+    name: str
+    role: str
+    made: datetime
+
+
+def scratch_name(live: str, role: str, moment: datetime | None = None) -> str:
+    """`<live>__<role>_<UTC stamp>_<6 hex digits>`, the live name cut so the whole fits 63 bytes."""
+    stamp = (moment or datetime.now(UTC)).strftime(_STAMP)
+    suffix = f"__{role}_{stamp}_{secrets.token_hex(_RANDOM_BYTES)}"
+    return _cut(live, len(suffix)) + suffix
+
+
+def scratch_names(live: str, moment: datetime | None = None) -> tuple[str, str]:
+    """(the `__restore_` name to build in, the `__before_` name for the database it replaces)."""
+    return scratch_name(live, RESTORING, moment), scratch_name(live, KEPT, moment)
+
+
+def _cut(live: str, suffix_bytes: int) -> str:
+    return live.encode()[: MAX_IDENTIFIER_BYTES - suffix_bytes].decode(errors="ignore")
+
+
+def parse_scratch_name(live: str, name: str) -> ScratchDatabase | None:
+    """The scratch database `name` is, if it is one of `live`'s; None for any other name."""
+    match = _SCRATCH.fullmatch(name)
+    if match is None or match["prefix"] != _cut(live, len(name[len(match["prefix"]):].encode())):
+        return None
+    made = datetime.strptime(match["stamp"], _STAMP).replace(tzinfo=UTC)
+    return ScratchDatabase(name, match["role"], made)
+
+
+def scratch_databases(cur, live: str) -> list[ScratchDatabase]:
+    """`live`'s scratch databases on the server of cursor `cur` (pg_database is the same from any database)."""
+    cur.execute("SELECT datname FROM pg_database ORDER BY datname")
+    found = (parse_scratch_name(live, name) for (name,) in cur.fetchall())
+    return [scratch for scratch in found if scratch is not None]
+
+
+def claim_key(name: str) -> int:
+    """The advisory lock key (a signed bigint) a restore holds while it builds database `name`."""
+    return int.from_bytes(hashlib.sha256(b"database_rollback.scratch:" + name.encode()).digest()[:8], "big",
+                          signed=True)
+
+
+def being_built(cur, names: list[str]) -> set[str]:
+    """Which of `names` a running restore has claimed (their advisory lock is held in MAINTENANCE_DB)."""
+    if not names:
+        return set()
+    cur.execute("SELECT (classid::bigint << 32) | objid::bigint FROM pg_locks WHERE locktype = 'advisory'"
+                " AND granted AND objsubid = 1"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = %s)", (MAINTENANCE_DB,))
+    held = {key for (key,) in cur.fetchall()}  # bigint shifts wrap: the key comes back signed, as claim_key's
+    return {name for name in names if claim_key(name) in held}
+
+
+@contextmanager
+def claimed(server: DbServer, name: str) -> Iterator[None]:
+    """Hold `name`'s advisory lock on a connection of its own for the block: take it before creating the
+    database, leave the block only once the database is switched in or dropped."""
+    conn = server.connect(MAINTENANCE_DB, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (claim_key(name),))
+            if not cur.fetchone()[0]:
+                raise ToolkitError(f"another run has claimed the database name {name}: try again")
+        yield
+    finally:
+        conn.close()  # a session-level advisory lock ends with the session
+
+
+def drop_database(server: DbServer, name: str) -> None:
+    """Drop a scratch database, ending any session on it."""
+    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+        _drop(cur, name)
+
+
+def drop_if_unclaimed(server: DbServer, name: str) -> bool:
+    """Drop `name` unless a running restore holds its claim; whether it was dropped. Holding the claim while
+    dropping keeps a second cleanup, or anything else that checks the claim, from racing this one."""
+    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (claim_key(name),))
+        if not cur.fetchone()[0]:
+            return False
+        _drop(cur, name)
+    return True
+
+
+def _drop(cur, name: str) -> None:
+    from psycopg2 import sql
+
+    cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
