@@ -53,8 +53,8 @@ from db_dumps import (
     undo_hint,
 )
 from db_scratch import (
+    CLAIMED,
     KEPT,
-    RESTORING,
     being_built,
     claimed,
     drop_database,
@@ -248,18 +248,18 @@ def cmd_list(ctx: Context) -> Result:
 
 def cmd_cleanup(ctx: Context) -> Result:
     """cleanup DAYS: remove backups older than DAYS, old `__before_` databases beyond the newest --keep, and
-    the `__restore_` databases of restores that did not finish (not those of a restore running now)."""
+    the `__restore_` and `__drill_` databases of runs that did not finish (not those of a run going on now)."""
     db = DbContext.from_settings(ctx.settings)
     # The server first: if it cannot be reached, nothing is removed and the next run tries again.
     cutoff = datetime.now(UTC) - timedelta(days=ctx.args.days)
     with db.server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
         scratch = scratch_databases(cur, db.server.name)
-        building = being_built(cur, [s.name for s in scratch if s.role == RESTORING])
+        building = being_built(cur, [s.name for s in scratch if s.role in CLAIMED])
     kept = sorted((s for s in scratch if s.role == KEPT), key=lambda s: s.made, reverse=True)
     old = [s.name for s in kept[max(ctx.args.keep, 1):] if s.made < cutoff]
-    leftovers = [s.name for s in scratch if s.role == RESTORING and s.name not in building]
+    leftovers = [s.name for s in scratch if s.role in CLAIMED and s.name not in building]
     result = cleanup_backups(ctx, db.store, SCRIPT)
-    result.lines += [f"kept database {name}: a restore running now is building it" for name in sorted(building)]
+    result.lines += [f"kept database {name}: a run going on now is building it" for name in sorted(building)]
     if ctx.dry_run:
         result.data["would_drop_databases"] = old + leftovers
         result.lines += [f"would drop database {name}" for name in old + leftovers]
@@ -270,7 +270,8 @@ def cmd_cleanup(ctx: Context) -> Result:
         dropped_leftovers = [name for name in leftovers if drop_if_unclaimed(db.server, name)]
     result.data["dropped_databases"] = old + dropped_leftovers
     result.lines += [f"dropped database {name} (kept by an earlier restore)" for name in old]
-    result.lines += [f"dropped database {name} (left by a restore that did not finish)" for name in dropped_leftovers]
+    result.lines += [f"dropped database {name} (left by a restore or drill that did not finish)"
+                     for name in dropped_leftovers]
     return result
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import db_migrations
 from common.errors import ToolkitError, UsageError
 from db_dumps import quote_identifier
-from db_scratch import KEPT, RESTORING, being_built, scratch_databases
+from db_scratch import CLAIMED, KEPT, being_built, scratch_databases
 from db_server import APPLICATION_NAME, MAINTENANCE_DB, DbServer
 
 LONG_TRANSACTION_SECONDS = 300
@@ -58,16 +58,17 @@ def database_problems(server: DbServer, migrations_dir: Path) -> tuple[list[str]
 
 
 def scratch_report(cur, live: str, notes: list[str]) -> list[str]:
-    """Problems: `__restore_` databases left by restores that did not finish. Notes (appended to `notes`):
-    those a running restore is building, and the `__before_` databases kept for an undo."""
+    """Problems: `__restore_` and `__drill_` databases left by runs that did not finish. Notes (appended to
+    `notes`): those a run going on now is building, and the `__before_` databases kept for an undo."""
     scratch = scratch_databases(cur, live)
-    restoring = [s.name for s in scratch if s.role == RESTORING]
+    restoring = [s.name for s in scratch if s.role in CLAIMED]
     building = being_built(cur, restoring)
-    notes += [f"database {name} is being built by a restore running now" for name in sorted(building)]
+    notes += [f"database {name} is being built by a restore or drill running now" for name in sorted(building)]
     kept = [s.name for s in scratch if s.role == KEPT]
     if kept:
         notes.append(f"kept by earlier restores for an undo (cleanup DAYS drops old ones): {', '.join(kept)}")
-    return [f"database {name} was left by a restore that did not finish: `{APPLICATION_NAME} cleanup` drops it"
+    return [f"database {name} was left by a restore or drill that did not finish: `{APPLICATION_NAME} cleanup` "
+            "drops it"
             for name in restoring if name not in building]
 
 

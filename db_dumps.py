@@ -266,6 +266,8 @@ def rename_back_statements(live: str, before: str) -> list[str]:
         f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {literal} AND pid <> pg_backend_pid()",
         f"ALTER DATABASE {quote_identifier(live)} RENAME TO {quote_identifier(scratch_name(live, 'undone'))}",
         f"ALTER DATABASE {quote_identifier(before)} RENAME TO {quote_identifier(live)}",
+        # The swap refused connections to the database it set aside; a run killed just after it left that so.
+        f"ALTER DATABASE {quote_identifier(live)} WITH ALLOW_CONNECTIONS true",
     ]
 
 

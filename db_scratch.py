@@ -25,10 +25,12 @@ from db_server import MAINTENANCE_DB, DbServer
 MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: longer names are cut, and could then collide
 RESTORING = "restore"
 KEPT = "before"
+DRILLING = "drill"  # the drill's scratch database; its own restore builds `<drill name>__restore_...` first
+CLAIMED = frozenset({RESTORING, DRILLING})  # built under a claim: unclaimed, it is a leftover
 _STAMP = "%Y%m%d%H%M%S"
 _RANDOM_BYTES = 3
 # The random part is optional: names made before it existed are still recognised.
-_SCRATCH = re.compile(r"(?P<prefix>.*)__(?P<role>restore|before)_(?P<stamp>\d{14})(?:_[0-9a-f]{6})?", re.S)
+_SCRATCH = re.compile(r"(?P<prefix>.*)__(?P<role>restore|before|drill)_(?P<stamp>\d{14})(?:_[0-9a-f]{6})?", re.S)
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,12 @@ def _cut(live: str, suffix_bytes: int) -> str:
 def parse_scratch_name(live: str, name: str) -> ScratchDatabase | None:
     """The scratch database `name` is, if it is one of `live`'s; None for any other name."""
     match = _SCRATCH.fullmatch(name)
-    if match is None or match["prefix"] != _cut(live, len(name[len(match["prefix"]):].encode())):
+    if match is None:
         return None
+    if match["prefix"] != _cut(live, len(name[len(match["prefix"]):].encode())):
+        outer = parse_scratch_name(live, match["prefix"])  # a drill's own restore builds beside the drill's
+        if outer is None or outer.role != DRILLING:
+            return None
     made = datetime.strptime(match["stamp"], _STAMP).replace(tzinfo=UTC)
     return ScratchDatabase(name, match["role"], made)
 

@@ -89,7 +89,9 @@ class DbServer:
             "PGCONNECT_TIMEOUT": str(CONNECT_TIMEOUT_SECONDS),
             **(env or {}),
         }
-        line = "*:*:*:" + _pgpass_escape(self.user) + ":" + _pgpass_escape(self.password or "") + "\n"
+        if self.password is None:  # the operator's own ~/.pgpass or PGPASSFILE decides, as for psycopg2
+            return run_tool(argv, what, env=child_env, check=check)
+        line = "*:*:*:" + _pgpass_escape(self.user) + ":" + _pgpass_escape(self.password) + "\n"
         with secret_file(line) as passfile:
             child_env["PGPASSFILE"] = passfile.child_path
             return run_tool(argv, what, env=child_env, check=check, pass_fds=[passfile.fd])

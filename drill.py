@@ -107,7 +107,7 @@ def _checksum_step(component: Component, store: BackupStore, objective: float) -
 
 def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore, objective: float,
                    info: Callable[[str], None]) -> DrillStep:
-    from db_dumps import drop_database, scratch_name
+    from db_scratch import DRILLING, claimed, drop_database, scratch_name
     from db_server import DbServer
 
     server = DbServer.from_settings(settings)
@@ -115,22 +115,24 @@ def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore,
     if backup is None:
         return DrillStep("db", "restore of the newest backup", 0.0, objective,
                          [f"no backups of {server.name} in {store.root}"], failed=True)
-    scratch = scratch_name(server.name, "drill")
+    scratch = scratch_name(server.name, DRILLING)
     db = BY_NAME["db"]
     what = f"restore of {backup.id} into {scratch}, verified"
     info(f"database: restoring {backup.id} into the scratch database {scratch}")
     started = time.monotonic()
-    try:
-        # METRICS_FILE emptied: a scratch restore must not pass for a restore of production in the metrics.
-        restored = runner.run(db, "restore", backup.id, "--target-db", scratch, "--yes", env=NO_METRICS)
-        if not restored.ok:
-            return DrillStep("db", what, time.monotonic() - started, objective,
-                             [f"restore failed: {restored.error}"], failed=True)
-        verified = runner.run(db, "verify", env={**NO_METRICS, "DB_NAME": scratch})
-        seconds = time.monotonic() - started
-        problems = [p.strip() for p in verified.data.get("problems", [])]
-        if not verified.ok and not problems:
-            return DrillStep("db", what, seconds, objective, [f"verify failed: {verified.error}"], failed=True)
-        return DrillStep("db", what, seconds, objective, problems)
-    finally:
-        drop_database(server, scratch)
+    # Claimed throughout: a drill killed part-way leaves databases that verify names and cleanup drops.
+    with claimed(server, scratch):
+        try:
+            # METRICS_FILE emptied: a scratch restore must not pass for a restore of production in the metrics.
+            restored = runner.run(db, "restore", backup.id, "--target-db", scratch, "--yes", env=NO_METRICS)
+            if not restored.ok:
+                return DrillStep("db", what, time.monotonic() - started, objective,
+                                 [f"restore failed: {restored.error}"], failed=True)
+            verified = runner.run(db, "verify", env={**NO_METRICS, "DB_NAME": scratch})
+            seconds = time.monotonic() - started
+            problems = [p.strip() for p in verified.data.get("problems", [])]
+            if not verified.ok and not problems:
+                return DrillStep("db", what, seconds, objective, [f"verify failed: {verified.error}"], failed=True)
+            return DrillStep("db", what, seconds, objective, problems)
+        finally:
+            drop_database(server, scratch)

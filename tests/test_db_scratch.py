@@ -15,7 +15,8 @@ import pytest
 from helpers import database_state, process_state, run_script, script_argv, wait_for_child, wait_until_dead
 from test_database_rollback import RICH_SCHEMA, DbWorkspace, break_database
 
-from db_scratch import KEPT, RESTORING, parse_scratch_name, scratch_name, scratch_names
+from db_dumps import rename_back_statements
+from db_scratch import DRILLING, KEPT, RESTORING, parse_scratch_name, scratch_name, scratch_names
 
 
 @pytest.fixture
@@ -148,3 +149,44 @@ def test_a_live_database_left_refusing_connections_is_named_by_verify_and_opened
     assert restore.returncode == 0, restore.stderr
     assert database_state(dbw.pg_db) == before
     assert dbw.run("verify").returncode == 0
+
+
+def test_a_drill_killed_mid_restore_leaves_what_verify_names_and_cleanup_drops(dbw: DbWorkspace):
+    assert dbw.run("backup").returncode == 0
+    env = {**os.environ, **dbw.env, "POINTS_DIR": str(dbw.root / "points")}
+    drill = subprocess.Popen(script_argv("rollback.py", "drill"), cwd=dbw.root, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stop_and_kill(drill, wait_for_child(drill, "pg_restore", "--dbname"))
+    wait_for_sessions_to_end(dbw)
+    # The drill's database, or the one its restore builds beside it (named from a cut of the drill's name
+    # when the live name is long, as here).
+    leftovers = {name for name in dbw.databases() if parse_scratch_name(dbw.pg_db.name, name)}
+    assert len(leftovers) == 1
+
+    verify = dbw.run("--json", "verify")
+    assert verify.returncode == 3
+    named = json.loads(verify.stdout)["problems"]
+    assert all(any(name in problem for problem in named) for name in leftovers)
+    cleanup = dbw.run("--json", "cleanup", "30")
+    assert set(json.loads(cleanup.stdout)["dropped_databases"]) == leftovers
+    assert not {name for name in dbw.databases() if parse_scratch_name(dbw.pg_db.name, name)}
+
+
+def test_drill_names_and_their_restores_are_recognised_for_short_names():
+    drill = scratch_name("app", DRILLING)
+    assert parse_scratch_name("app", drill).role == DRILLING
+    assert parse_scratch_name("app", scratch_name(drill, RESTORING)).role == RESTORING
+    assert parse_scratch_name("other", drill) is None
+
+
+def test_an_undo_gives_back_a_database_that_takes_connections(dbw: DbWorkspace):
+    before = database_state(dbw.pg_db)
+    assert dbw.run("backup").returncode == 0
+    break_database(dbw)
+    restored = json.loads(dbw.run("--json", "restore", "latest", "--yes").stdout)
+    kept = restored["previous_database"]
+    dbw.sql(f'ALTER DATABASE "{kept}" WITH ALLOW_CONNECTIONS false')  # as a swap killed just after its commit
+    broken_again = rename_back_statements(dbw.pg_db.name, kept)
+    for statement in broken_again:
+        dbw.sql(statement, dbname="postgres")
+    assert database_state(dbw.pg_db) != before  # the broken database is back, and it takes connections
