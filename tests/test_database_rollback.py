@@ -574,3 +574,16 @@ def test_locks_terminate_ends_the_named_session_only(dbw: DbWorkspace):
     assert dbw.run("locks", "--terminate", "999999", "--yes").returncode == 2
     victim.close()
     bystander.close()
+
+
+def test_without_db_password_the_operators_own_passfile_is_used(dbw: DbWorkspace):
+    passfile = dbw.root / "pgpass"
+    passfile.write_text(f"*:*:*:{dbw.env['DB_USER']}:{dbw.env['DB_PASSWORD']}\n")
+    os.chmod(passfile, 0o600)
+    # Over TCP, where the test cluster asks for a password (its unix socket trusts everyone).
+    env = {**{key: value for key, value in dbw.env.items() if key != "DB_PASSWORD"}, "DB_HOST": "127.0.0.1"}
+    result = run_script("database_rollback.py", "backup", env={**env, "PGPASSFILE": str(passfile)}, cwd=dbw.root)
+    assert result.returncode == 0, result.stderr  # pg_dump and psycopg2 both read it
+    restored = run_script("database_rollback.py", "restore", "latest", "--yes",
+                          env={**env, "PGPASSFILE": str(passfile)}, cwd=dbw.root)
+    assert restored.returncode == 0, restored.stderr
