@@ -10,49 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import git, run_script, script_argv, tree_snapshot, writer_once_read
+from code_workspace import CodeWorkspace, commit_v2, git_archive_tree, in_place_workspace
+from helpers import git, script_argv, tree_snapshot, writer_once_read
 
 
-class CodeWorkspace:
-    """A git repository, a deployed release (a plain folder or a `current` symlink), and a store."""
-
-    def __init__(self, root: Path, symlink_layout: bool):
-        self.root = root
-        self.repo = root / "repo"
-        self.store = root / "code_backups"
-        self.repo.mkdir()
-        git(self.repo, "init", "-q", "-b", "main")
-        (self.repo / "app.py").write_text("print('v1')\n")
-        (self.repo / "pkg").mkdir()
-        (self.repo / "pkg" / "__init__.py").write_text("")
-        (self.repo / "run.sh").write_text("#!/bin/sh\nexec python app.py\n")
-        os.chmod(self.repo / "run.sh", 0o755)
-        git(self.repo, "add", "-A")
-        git(self.repo, "commit", "-q", "-m", "v1")
-        git(self.repo, "tag", "v1")
-        release = root / "releases" / "v1"
-        release.parent.mkdir()
-        subprocess.run(["cp", "-a", str(self.repo), str(release)], check=True)
-        subprocess.run(["rm", "-rf", str(release / ".git")], check=True)
-        (release / "empty").mkdir()
-        os.symlink("/etc/hostname", release / "outside-link")
-        if symlink_layout:
-            self.live = root / "current"
-            os.symlink("releases/v1", self.live)
-        else:
-            self.live = root / "deploy"
-            os.rename(release, self.live)
-        self.env = {"REPO_PATH": str(self.repo), "DEPLOYMENT_DIR": str(self.live),
-                    "CODE_BACKUP_DIR": str(self.store)}
-
-    def run(self, *args: str) -> subprocess.CompletedProcess:
-        return run_script("code_rollback.py", *args, env=self.env, cwd=self.root)
-
-    def tree(self) -> dict:
-        return tree_snapshot(Path(os.path.realpath(self.live)))
-
-    def backup_ids(self) -> list[str]:
-        return [b["id"] for b in json.loads(self.run("--json", "list").stdout)["backups"]]
+@pytest.fixture
+def in_place(tmp_path: Path) -> CodeWorkspace:
+    return in_place_workspace(tmp_path)
 
 
 @pytest.fixture(params=["plain-folder", "symlink"])
@@ -182,21 +146,6 @@ def test_lock_held_exits_75_and_commit_is_recorded(cw: CodeWorkspace):
     assert len(cw.backup_ids()) == 1
 
 
-def commit_v2(cw: CodeWorkspace) -> None:
-    (cw.repo / "app.py").write_text("print('v2')\n")
-    (cw.repo / "v2.py").write_text("NEW = True\n")
-    git(cw.repo, "add", "-A")
-    git(cw.repo, "commit", "-q", "-m", "v2")
-
-
-def git_archive_tree(repo: Path, rev: str, into: Path) -> dict:
-    into.mkdir()
-    archive = subprocess.run(["git", "-C", str(repo), "-c", "tar.umask=022", "archive", rev],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return tree_snapshot(into)
-
-
 def test_rollback_to_a_tag_gives_exactly_git_archive_of_it(cw: CodeWorkspace):
     commit_v2(cw)
     result = cw.run("rollback", "v1", "--yes")
@@ -231,15 +180,6 @@ def test_bad_revisions_are_refused_with_nothing_changed(cw: CodeWorkspace, revis
     assert not (cw.root / "x").exists() and not (cw.repo / "x").exists()
     assert not list(cw.root.rglob("pwned"))
     assert cw.backup_ids() == []
-
-
-@pytest.fixture
-def in_place(tmp_path: Path) -> CodeWorkspace:
-    cw = CodeWorkspace(tmp_path, symlink_layout=False)
-    del cw.env["DEPLOYMENT_DIR"]
-    cw.live = cw.repo
-    commit_v2(cw)
-    return cw
 
 
 def test_in_place_dirty_working_copy_is_refused_then_stashed(in_place: CodeWorkspace):
