@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,79 @@ def test_a_killed_restores_half_built_tree_is_named_by_verify_and_removed_by_cle
     assert half_built(cw) == []
     assert cw.run("restore", backup_id, "--yes").returncode == 0
     assert cw.tree() == backed_up
+
+
+# -- SIGKILL at ten moments of a restore -------------------------------------------------------------------
+
+
+def session_processes(session: int) -> list[int]:
+    """The live processes of a session (a killed run's children would still be in it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, _group, sid = stat[stat.rindex(")") + 2:].split()[:4]
+        if int(sid) == session and state not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
+def wait_for_no_processes(session: int, timeout: float = 10) -> list[int]:
+    """Wait until nothing of the session runs; what is still running at the timeout."""
+    deadline = time.monotonic() + timeout
+    while (left := session_processes(session)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
+def test_sigkill_at_ten_moments_of_a_restore_leaves_old_or_new_nothing_unnamed_and_a_retry_works(
+        cw: CodeWorkspace):
+    """Killed at ten evenly spread moments: no process of the run lives on, DEPLOYMENT_DIR is the whole old tree
+    or the whole new one, and a retry right after succeeds; verify names every half-built tree, cleanup removes them."""
+    live = Path(os.path.realpath(cw.live))
+    for d in range(20):
+        (live / f"d{d:02d}").mkdir()
+        for f in range(100):
+            (live / f"d{d:02d}" / f"f{f:02d}.py").write_bytes(os.urandom(1500))
+    assert cw.run("backup").returncode == 0
+    new_tree = cw.tree()
+
+    def break_live() -> None:
+        for path in Path(os.path.realpath(cw.live)).rglob("f1*.py"):
+            path.write_text("old\n")
+
+    argv = script_argv("code_rollback.py", "restore", "latest", "--yes")
+    env = {**os.environ, **cw.env}
+    break_live()
+    old_tree = cw.tree()
+    began = time.monotonic()
+    assert subprocess.run(argv, env=env, cwd=cw.root, capture_output=True).returncode == 0
+    whole = time.monotonic() - began
+    outcomes = set()
+    for moment in range(10):
+        break_live()
+        proc = subprocess.Popen(argv, env=env, cwd=cw.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        time.sleep(whole * (moment + 0.5) / 10)  # not synchronisation: it picks where in the run the kill lands
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert wait_for_no_processes(proc.pid) == [], f"kill {moment}: processes of the killed run live on"
+        seen = cw.tree()
+        assert seen in (old_tree, new_tree), f"kill {moment}: a mix of old and new"
+        outcomes.add("new" if seen == new_tree else "old")
+        retry = cw.run("restore", "latest", "--yes")
+        assert retry.returncode == 0, f"kill {moment}: {retry.stderr}"
+        assert cw.tree() == new_tree
+    assert "old" in outcomes
+    # What the ten kills left, the later restores working beside it all along.
+    left = half_built(cw)
+    assert left
+    problems = json.loads(cw.run("--json", "verify").stdout)["problems"]
+    assert [path for path in left if not any(str(path) in problem for problem in problems)] == []
+    assert cw.run("cleanup", "30", "--keep", "100").returncode == 0
+    assert half_built(cw) == []
+    assert cw.run("verify").returncode == 0

@@ -215,45 +215,6 @@ def test_in_place_restore_keeps_git_untouched(in_place: CodeWorkspace):
     assert git(in_place.repo, "rev-parse", "HEAD") == head
 
 
-def test_sigkill_at_any_moment_of_a_restore_leaves_old_or_new_and_a_retry_completes(cw: CodeWorkspace):
-    """The whole command killed at spread moments: DEPLOYMENT_DIR is never a mix, and restore runs again."""
-    live = Path(os.path.realpath(cw.live))
-    for d in range(10):
-        (live / f"d{d}").mkdir()
-        for f in range(100):
-            (live / f"d{d}" / f"f{f}.py").write_bytes(os.urandom(3000))
-    assert cw.run("backup").returncode == 0
-    new_tree = cw.tree()
-
-    def break_live() -> None:
-        for path in Path(os.path.realpath(cw.live)).rglob("f1*.py"):
-            path.write_text("old\n")
-
-    break_live()
-    old_tree = cw.tree()
-    argv = script_argv("code_rollback.py", "restore", "latest", "--yes")
-    env = {**os.environ, **cw.env}
-    began = time.monotonic()
-    assert subprocess.run(argv, env=env, cwd=cw.root, capture_output=True).returncode == 0
-    whole = time.monotonic() - began
-    assert cw.tree() == new_tree
-    outcomes = set()
-    for i in range(8):
-        break_live()
-        assert cw.tree() == old_tree
-        proc = subprocess.Popen(argv, env=env, cwd=cw.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(whole * i / 7)  # not synchronisation: it picks where in the run the kill lands
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        seen = cw.tree()
-        assert seen in (old_tree, new_tree), f"kill {i}: a mix of old and new"
-        outcomes.add("new" if seen == new_tree else "old")
-        retry = cw.run("restore", "latest", "--yes")
-        assert retry.returncode == 0, retry.stderr
-        assert cw.tree() == new_tree
-    assert "old" in outcomes
-
-
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_restore_stopped_mid_build_changes_nothing_and_leaves_nothing_behind(tmp_path: Path, stop):
     """Stopped while a copy worker waits on a payload file: the live tree, the store and the folder are as before."""
