@@ -241,11 +241,18 @@ def head_plan(repo: Path, source: dict, backup_id: str) -> HeadPlan:
 
 
 def move_head(repo: Path, plan: HeadPlan, reason: str) -> None:
-    """Point HEAD as planned and make the index HEAD's tree; the working copy's files are not touched."""
+    """Point HEAD as planned and make the index HEAD's tree; the working copy's files are not touched.
+
+    A git failure is one line that gives the commands doing it by hand."""
     if plan.how == "branch":
-        _git(repo, "symbolic-ref", "-m", reason, "HEAD", f"refs/heads/{plan.branch}")
+        point = ["symbolic-ref", "HEAD", f"refs/heads/{plan.branch}"]
     elif plan.how == "detached":
-        _git(repo, "update-ref", "--no-deref", "-m", reason, "HEAD", str(plan.commit))
+        point = ["update-ref", "--no-deref", "HEAD", str(plan.commit)]
     else:
         return
-    _git(repo, "reset", "--quiet")  # the index as HEAD: only the restored files' own differences show
+    try:
+        _git(repo, *point[:1], "-m", reason, *point[1:])
+        _git(repo, "reset", "--quiet")  # the index as HEAD: only the restored files' own differences show
+    except ToolkitError as exc:
+        by_hand = f"git -C {repo} {' '.join(point)} && git -C {repo} reset --quiet"
+        raise ToolkitError(f"{exc}; to put HEAD where the backup was taken: {by_hand}") from None

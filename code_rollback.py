@@ -283,8 +283,7 @@ def _restore_in_place(ctx: Context, paths: CodePaths) -> Result:
             try:
                 move_head(paths.repo, head, f"{SCRIPT}: restore of {backup.id}")
             except ToolkitError as exc:
-                raise ToolkitError(f"the files of backup {backup.id} are back in {paths.live}, but HEAD was not "
-                                   f"moved ({exc}); {head.note.split(':')[0]} by hand") from None
+                raise ToolkitError(f"the files of backup {backup.id} are back in {paths.live}, but {exc}") from None
         record_deployed(paths, backup)
     lines = [f"restored {backup.id} into the working copy {paths.live}: {len(changes)} paths changed", *changes]
     if head:

@@ -215,3 +215,19 @@ def test_backup_of_a_repository_with_no_commit_yet_records_it_so(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert (repo / "app.py").read_text() == "print('draft')\n"
     assert "taken before the repository's first commit" in result.stdout
+
+
+def test_restore_that_cannot_move_head_says_what_is_done_and_how_to_finish(in_place: CodeWorkspace):
+    v2, v2_files = head(in_place), files(in_place)
+    assert in_place.run("backup").returncode == 0
+    assert in_place.run("rollback", "v1", "--yes").returncode == 0
+    (in_place.repo / ".git" / "index.lock").write_text("")  # another git command is writing the index
+    result = in_place.run("restore", "latest", "--yes")
+    assert result.returncode == 1
+    assert f"are back in {in_place.repo}, but git reset failed" in result.stderr
+    assert files(in_place) == v2_files
+    (in_place.repo / ".git" / "index.lock").unlink()
+    by_hand = result.stderr.split("to put HEAD where the backup was taken: ")[1].strip()
+    for command in by_hand.split(" && "):
+        subprocess.run(command.split(), check=True, capture_output=True)
+    assert head(in_place) == v2 and git(in_place.repo, "status", "--porcelain") == ""
