@@ -154,11 +154,14 @@ def wait_for_no_processes(session: int, timeout: float = 10) -> list[int]:
     return left
 
 
-def test_sigkill_at_ten_moments_of_a_restore_leaves_old_or_new_nothing_unnamed_and_a_retry_works(
-        cw: CodeWorkspace):
+def test_sigkill_at_ten_moments_of_a_restore_leaves_old_or_new_nothing_unnamed_and_a_retry_works(tmp_path: Path):
     """Killed at ten evenly spread moments: no process of the run lives on, DEPLOYMENT_DIR is the whole old tree
-    or the whole new one, and a retry right after succeeds; verify names every half-built tree, cleanup removes them."""
-    live = Path(os.path.realpath(cw.live))
+    or the whole new one, and a retry right after succeeds; verify names every half-built tree, cleanup removes them.
+
+    The plain-folder layout, where half-built trees are left beside DEPLOYMENT_DIR itself; the symlink layout's
+    are covered above, and its switch under SIGKILL in test_code_tree."""
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    live = cw.live
     for d in range(20):
         (live / f"d{d:02d}").mkdir()
         for f in range(100):
