@@ -16,18 +16,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from code_tree import (
-    BuildStats,
-    SnapshotStats,
-    Switched,
-    build_tree,
-    code_excluder,
-    remove_tree,
-    replaced_trees,
-    set_aside,
-    snapshot_tree,
-    switch_in,
+from code_git import (
+    check_out,
+    export_commit,
+    git_state,
+    head_plan,
+    is_repository,
+    local_changes,
+    move_head,
+    resolve_commit,
 )
+from code_layout import build_path, leftovers, nothing_to_save, replaced_trees, switch_and_keep
+from code_tree import BuildStats, SnapshotStats, build_tree, code_excluder, remove_tree, snapshot_tree
 from common.cli import (
     Context,
     Result,
@@ -42,13 +42,12 @@ from common.cli import (
 )
 from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
 from common.errors import ToolkitError, UsageError
-from common.files import atomic_write, temp_name
+from common.files import atomic_write
 from common.manifest import Backup, load_backup
-from common.proc import run_tool
 from common.progress import Progress, no_progress
 from common.settings import Settings
 from common.signals import stop_signals_held
-from common.store import BackupStore, open_store
+from common.store import DELETING_PREFIX, STAGING_PREFIX, BackupStore, open_store
 from common.trees import diff_tree, live_paths, restore_tree, tree_entries
 
 COMPONENT = "code"
@@ -91,20 +90,6 @@ class CodePaths:
         if live is None:
             raise UsageError("neither DEPLOYMENT_DIR nor REPO_PATH is set: set the folder the code runs from")
         return live
-
-
-def git_state(repo: Path | None) -> dict:
-    """HEAD commit, branch and whether the working copy has local changes; {} without a repository."""
-    if repo is None or not (repo / ".git").exists():
-        return {}
-
-    def git(*args: str) -> str:
-        return run_tool(["git", "-C", str(repo), *args], f"git {args[0]}").stdout.decode().strip()
-
-    branch = run_tool(["git", "-C", str(repo), "symbolic-ref", "--short", "-q", "HEAD"], "git symbolic-ref",
-                      check=False).stdout.decode().strip()
-    return {"commit": git("rev-parse", "HEAD"), "branch": branch or None,
-            "dirty": bool(git("status", "--porcelain"))}
 
 
 def take_backup(paths: CodePaths, label: str | None, safety: bool = False, progress: Progress = no_progress,
@@ -167,19 +152,18 @@ def cmd_restore(ctx: Context) -> Result:
     live = paths.deployment
     with paths.store.lock(f"{SCRIPT} restore"):
         backup = resolve_component(paths.store, ctx.args.backup)
+        skipped = safety_skipped(ctx, live)
         if ctx.dry_run:
             refuse_damaged(backup)
-            return Result({"dry_run": True, "backup": backup.summary()},
+            return Result({"dry_run": True, "backup": backup.summary(), "safety_backup_skipped": skipped},
                           [f"would switch {live} to backup {backup.id}"], report=True)
         ctx.confirm(f"Replace the code in {live} with backup {backup.id}?")
-        # Built beside the live tree (or its release folder), so the switch is a rename on one filesystem.
+        # Built beside the live tree (or in its releases folder), so the switch is a rename on one filesystem.
         # The build checks every file's size and sha256 as it copies: a damaged backup stops here, before
         # anything live changes, with no separate checksum pass.
-        target = build_path(live, backup.id)
+        target = build_path(live)
         started = time.perf_counter()
-        safety = None
-        if not ctx.args.no_backup and os.path.lexists(live):
-            safety = SafetyBackupMeanwhile(paths, f"before restore of {backup.id}")
+        safety = None if skipped else SafetyBackupMeanwhile(paths, f"before restore of {backup.id}")
         built = BuildStats()
         try:
             with safety or nullcontext(), ctx.progress(f"building {target}", lambda: built.bytes, backup.size):
@@ -193,7 +177,7 @@ def cmd_restore(ctx: Context) -> Result:
             raise
         ids = [safety.backup.id] if safety and safety.backup else []
         try:
-            switched, kept = switch_and_keep(target, live)
+            switched, kept = switch_and_keep(target, live, backup.id)
         except BaseException:
             if ids:
                 ctx.warn(f"the backup of the live tree taken before the switch failed: {ids[0]}")
@@ -201,14 +185,26 @@ def cmd_restore(ctx: Context) -> Result:
         record_deployed(paths, backup)
         seconds = {"build": build_seconds, "safety_backup": safety.seconds if safety else 0.0,
                    "switch": switched.seconds, "total": time.perf_counter() - started}
-    lines = [f"restored {backup.id} into {live} ({switched.how}, {switched.seconds * 1000:.1f} ms)"]
-    if ids:
-        lines.append(f"saved the previous code as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
+    lines = [f"restored {backup.id} into {live} ({switched.how}, {switched.seconds * 1000:.1f} ms)",
+             *switch_lines(ids, kept, skipped)]
+    return Result({"backup": backup.summary(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None,
+                   "safety_backup_skipped": skipped, "replaced_tree": str(kept) if kept else None,
+                   "seconds": seconds}, lines, backup_ids=[backup.id, *ids])
+
+
+def safety_skipped(ctx: Context, live: Path) -> str | None:
+    """Why no safety backup is taken before `live` is replaced (--no-backup, or nothing there), else None."""
+    return "--no-backup was given" if ctx.args.no_backup else nothing_to_save(live)
+
+
+def switch_lines(ids: list[str], kept: Path | None, skipped: str | None) -> list[str]:
+    """What a switch leaves for people: how to undo it, where the replaced tree is, why nothing was saved."""
+    lines = [f"saved the previous code as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes"] if ids else []
     if kept:
         lines.append(f"the replaced tree is kept at {kept} until `{SCRIPT} cleanup` removes it")
-    return Result({"backup": backup.summary(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None,
-                   "replaced_tree": str(kept) if kept else None, "seconds": seconds},
-                  lines, backup_ids=[backup.id, *ids])
+    if skipped and not ids:
+        lines.append(f"no safety backup: {skipped}")
+    return lines
 
 
 class SafetyBackupMeanwhile:
@@ -259,99 +255,51 @@ class SafetyBackupMeanwhile:
                 self.thread.join()
 
 
-def build_path(live: Path, release: str) -> Path:
-    """A new folder beside the live tree to build into: a symlink layout's next release folder, named after
-    `release` (`-2`, `-3` ... when a release of that name is already there), else a hidden sibling."""
-    if not live.is_symlink():
-        return temp_name(live)
-    parent = Path(os.path.realpath(live)).parent
-    target, n = parent / release, 1
-    while os.path.lexists(target):
-        n += 1
-        target = parent / f"{release}-{n}"
-    return target
-
-
-def switch_and_keep(target: Path, live: Path) -> tuple[Switched, Path | None]:
-    """Switch the built tree in; a replaced plain folder is set aside beside it, for cleanup to remove."""
-    try:
-        switched = switch_in(target, live)
-    except BaseException:
-        if target.exists():
-            remove_tree(target)
-        raise
-    if switched.how == "symlink" or switched.previous is None:
-        return switched, None  # a symlink layout keeps its old release folder, as its deploy tool does
-    try:
-        return switched, set_aside(switched.previous, live)
-    except OSError as exc:
-        raise ToolkitError(f"the new tree is live in {live}, but the one it replaced could not be set aside "
-                           f"({exc.strerror}): it is at {switched.previous}") from None
-
-
 def _restore_in_place(ctx: Context, paths: CodePaths) -> Result:
-    """restore in a git working copy: its files become the backup's, file by file; .git is not touched.
+    """restore in a git working copy: its files become the backup's, file by file, then HEAD goes back.
 
     The working copy cannot be swapped as a whole without moving .git, so each changed file is written
-    beside its live copy and renamed over it (as config restores do).
+    beside its live copy and renamed over it (as config restores do). HEAD then goes back where the
+    backup was taken (see code_git.head_plan), with the index as HEAD, so `git status` shows only the
+    backup's own local changes; nothing else of .git is touched.
     """
     with paths.store.lock(f"{SCRIPT} restore"):
         backup = resolve_component(paths.store, ctx.args.backup)
         refuse_damaged(backup)
         excluded = code_excluder(paths.exclude)
         diff = diff_tree(tree_entries(backup, TREE), paths.live, excluded)
-        if ctx.dry_run or not diff:
-            return Result({"backup": backup.summary(), "changes": diff.restore_json(), "dry_run": ctx.dry_run},
-                          [f"restoring {backup.id} would:", *diff.restore_lines(str(paths.live), done=False)]
-                          if diff else [f"{paths.live} already matches backup {backup.id}"], report=ctx.dry_run)
+        head = head_plan(paths.repo, backup.source, backup.id) if is_repository(paths.repo) else None
+        moves_head = head is not None and head.how in ("branch", "detached")
+        data = {"backup": backup.summary(), "changes": diff.restore_json(), "head": head.to_json() if head else None}
+        if ctx.dry_run or not (diff or moves_head):
+            lines = ([f"restoring {backup.id} would:", *diff.restore_lines(str(paths.live), done=False),
+                      *([f"  {head.note}"] if head else [])]
+                     if ctx.dry_run else [f"{paths.live} already matches backup {backup.id}"])
+            return Result({**data, "dry_run": ctx.dry_run}, lines, report=ctx.dry_run)
         ctx.confirm(f"Replace the files of the working copy {paths.live} with backup {backup.id}?")
         ids = [] if ctx.args.no_backup else [take_backup(paths, f"before restore of {backup.id}", safety=True)[0].id]
         diff = diff_tree(tree_entries(backup, TREE), paths.live, excluded)  # as it is now, after the prompt
         restore_tree(backup, TREE, paths.live, diff)
+        if moves_head:
+            try:
+                move_head(paths.repo, head, f"{SCRIPT}: restore of {backup.id}")
+            except ToolkitError as exc:
+                raise ToolkitError(f"the files of backup {backup.id} are back in {paths.live}, but {exc}") from None
         record_deployed(paths, backup)
     changes = diff.restore_lines(str(paths.live))
     lines = [f"restored {backup.id} into the working copy {paths.live}: {len(changes)} paths changed", *changes]
+    if head:
+        lines.append(head.note)
     if ids:
         lines.append(f"saved the previous files as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
-    return Result({"backup": backup.summary(), "changes": diff.restore_json(),
-                   "safety_backup": ids[0] if ids else None}, lines, backup_ids=[backup.id, *ids])
-
-
-def resolve_commit(repo: Path, revision: str) -> str:
-    """The full sha of `revision`, resolved after --end-of-options so nothing option-like reaches git."""
-    result = run_tool(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", "--end-of-options",
-                       f"{revision}^{{commit}}"], "git rev-parse", check=False)
-    if result.returncode != 0:
-        raise UsageError(f"{revision!r} is not a commit in {repo}: give a sha, a tag, a branch or HEAD~N")
-    return result.stdout.decode().strip()
-
-
-def export_commit(repo: Path, commit: str, target: Path) -> None:
-    """Write the commit's tree into the new folder `target` (git archive), nothing of .git."""
-    import io
-    import tarfile
-
-    archive = run_tool(["git", "-C", str(repo), "-c", "tar.umask=022", "archive", "--format=tar", commit],
-                       "git archive").stdout
-    os.mkdir(target, 0o755)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(target, filter="tar")  # refuses members that would land outside target
-    except BaseException:
-        remove_tree(target)
-        raise
-
-
-def local_changes(repo: Path) -> list[str]:
-    """`git status --porcelain` lines: uncommitted and untracked changes."""
-    out = run_tool(["git", "-C", str(repo), "status", "--porcelain"], "git status").stdout.decode()
-    return [line for line in out.splitlines() if line]
+    return Result({**data, "changes": diff.restore_json(), "safety_backup": ids[0] if ids else None}, lines,
+                  backup_ids=[backup.id, *ids])
 
 
 def cmd_rollback(ctx: Context) -> Result:
     """rollback COMMIT: the commit's tree switched in (release folder) or checked out (in-place)."""
     paths = CodePaths.from_settings(ctx.settings)
-    if paths.repo is None or not (paths.repo / ".git").exists():
+    if not is_repository(paths.repo):
         raise UsageError("REPO_PATH is not set to a git repository")
     commit = resolve_commit(paths.repo, ctx.args.commit)
     with paths.store.lock(f"{SCRIPT} rollback"):
@@ -360,36 +308,39 @@ def cmd_rollback(ctx: Context) -> Result:
             raise ToolkitError(f"{paths.repo} has local changes ({'; '.join(changes[:5])}"
                                f"{' ...' if len(changes) > 5 else ''}): commit them, or pass --stash to keep them"
                                " in the stash; nothing changed")
+        skipped = safety_skipped(ctx, paths.live)
         if ctx.dry_run:
-            return Result({"dry_run": True, "commit": commit}, [f"would roll {paths.live} back to {commit[:12]}"],
-                          report=True)
+            return Result({"dry_run": True, "commit": commit, "safety_backup_skipped": skipped},
+                          [f"would roll {paths.live} back to {commit[:12]}"], report=True)
         ctx.confirm(f"Roll the code in {paths.live} back to {commit[:12]}?")
-        ids = [] if ctx.args.no_backup else [take_backup(paths, f"before rollback to {commit[:12]}", safety=True)[0].id]
-        data = {"commit": commit, "safety_backup": ids[0] if ids else None}
+        label = f"before rollback to {commit[:12]}"
+        data = {"commit": commit, "safety_backup_skipped": skipped}
         lines = [f"rolled {paths.live} back to {commit[:12]} ({ctx.args.commit})"]
         if paths.in_place:
-            previous = git_state(paths.repo)["commit"]
-            if changes:
-                run_tool(["git", "-C", str(paths.repo), "stash", "push", "--include-untracked", "-m",
-                          f"{SCRIPT}: before rollback to {commit[:12]}"], "git stash")
-                lines.append(f"local changes stashed as stash@{{0}} ({SCRIPT}: before rollback to {commit[:12]})")
-            run_tool(["git", "-C", str(paths.repo), "checkout", "--quiet", "--detach", commit], "git checkout")
-            data["previous_commit"] = previous
-            lines.append(f"to undo: git -C {paths.repo} checkout {previous}")
+            ids = [] if skipped else [take_backup(paths, label, safety=True)[0].id]
+            data["previous_commit"] = git_state(paths.repo)["commit"]
+            stash = f"{SCRIPT}: before rollback to {commit[:12]}" if changes else None
+            data["undo"] = check_out(paths.repo, commit, stash)
+            if stash:
+                lines.append(f"local changes stashed as stash@{{0}} ({stash})")
+            lines.append(f"to undo: {' && '.join(data['undo'])}")
         else:
-            live = paths.deployment
-            target = build_path(live, f"commit-{commit[:12]}")
+            # The commit's tree first: one that cannot be exported stops the rollback before anything is saved.
+            target = build_path(paths.live)
             export_commit(paths.repo, commit, target)
-            switched, kept = switch_and_keep(target, live)
-            data["switch"] = switched.to_json()
-            data["replaced_tree"] = str(kept) if kept else None
-            if ids:
-                lines.append(f"to undo: {SCRIPT} restore {ids[0]} --yes")
-            if kept:
-                lines.append(f"the replaced tree is kept at {kept} until `{SCRIPT} cleanup` removes it")
+            try:
+                ids = [] if skipped else [take_backup(paths, label, safety=True)[0].id]
+            except BaseException:
+                remove_tree(target)
+                raise
+            switched, kept = switch_and_keep(target, paths.live, f"commit-{commit[:12]}")
+            data.update(switch=switched.to_json(), replaced_tree=str(kept) if kept else None,
+                        undo=[f"{SCRIPT} restore {ids[0]} --yes"] if ids else [])
+            lines += switch_lines(ids, kept, skipped)
         # A record of what is deployed now, for verify (marked safety so `latest` stays the user's restore point).
         deployed = take_backup(paths, f"deployed by rollback to {commit[:12]}", safety=True, deployed_commit=commit)[0]
         record_deployed(paths, deployed)
+    data["safety_backup"] = ids[0] if ids else None
     return Result(data, lines, backup_ids=ids)
 
 
@@ -411,6 +362,8 @@ def cmd_verify(ctx: Context) -> Result:
             problems.append(f"{paths.repo} is at {head[:12]}, expected {expected[:12]}")
     if ctx.args.compile:
         problems += _compile_problems(live, code_excluder(paths.exclude))
+    problems += [f"unfinished {path} (a run was stopped, or is running now): `{SCRIPT} cleanup` removes it"
+                 for path in unfinished(paths)]
     lines = [f"verify {paths.live}: " + (count(len(problems), "problem") if problems else "OK")
              + (f" (against {backup.id})" if backup else "")] + [f"  {p}" for p in problems]
     return Result({"problems": problems, "against": backup.id if backup else None}, lines,
@@ -429,23 +382,40 @@ def _compile_problems(root: Path, excluded) -> list[str]:
                 problems.append(f"{rel}: does not compile: {exc}")
     return problems
 
+
+def unfinished(paths: CodePaths) -> list[Path]:
+    """What stopped runs left: half-built trees beside DEPLOYMENT_DIR and backups never finished in the store."""
+    found = [] if paths.in_place or paths.deployment is None else leftovers(paths.deployment)
+    if paths.store.root.is_dir():
+        found += sorted(item for item in paths.store.root.iterdir()
+                        if item.name.startswith((STAGING_PREFIX, DELETING_PREFIX)) and item.is_dir())
+    return found
+
+
 def cmd_cleanup(ctx: Context) -> Result:
-    """cleanup DAYS: remove backups and replaced trees older than DAYS, always keeping the newest --keep of each."""
+    """cleanup DAYS: remove backups and replaced trees older than DAYS, always keeping the newest --keep of each,
+    and the half-built trees of stopped restores and rollbacks."""
     paths = CodePaths.from_settings(ctx.settings)
     cutoff = datetime.now(UTC) - timedelta(days=ctx.args.days)
     result = cleanup_backups(ctx, paths.store, SCRIPT)
     if paths.in_place or paths.deployment is None:
         return result
+    # Under the store's lock: a restore or rollback holds it for as long as its half-built tree exists.
     with paths.store.lock(f"{SCRIPT} cleanup"):
         old = [path for path, when in replaced_trees(paths.deployment)[max(ctx.args.keep, 1):] if when < cutoff]
+        half_built = leftovers(paths.deployment)
         if ctx.dry_run:
             result.data["would_remove_trees"] = [str(path) for path in old]
+            result.data["would_remove_half_built"] = [str(path) for path in half_built]
             result.lines += [f"would remove the replaced tree {path}" for path in old]
+            result.lines += [f"would remove the half-built tree {path}" for path in half_built]
             return result
-        for path in old:
+        for path in old + half_built:
             remove_tree(path)
     result.data["removed_trees"] = [str(path) for path in old]
+    result.data["removed_half_built"] = [str(path) for path in half_built]
     result.lines += [f"removed the replaced tree {path}" for path in old]
+    result.lines += [f"removed the half-built tree {path}" for path in half_built]
     return result
 
 
@@ -465,7 +435,10 @@ def build_parser():
         "Back up, restore and verify the deployed code (DEPLOYMENT_DIR, or the git working copy REPO_PATH).",
         "settings (environment, then .env, then defaults):\n"
         "  REPO_PATH (a git repository)  DEPLOYMENT_DIR (the release folder, or a `current` symlink)\n"
-        "  CODE_BACKUP_DIR=./code_backups  CODE_EXCLUDE (extra patterns; .git and __pycache__ always)\n\n"
+        "  CODE_BACKUP_DIR=./code_backups  CODE_EXCLUDE (extra patterns; .git and __pycache__ always)\n"
+        "A DEPLOYMENT_DIR that does not exist yet is created by restore and rollback (named `current`, or a\n"
+        "symlink to nothing: as a symlink into a releases folder), with no safety backup: nothing to save.\n"
+        "cleanup also removes the half-built .NAME.tmp-* trees of stopped restores and rollbacks.\n\n"
         "examples:\n"
         f"  {SCRIPT} backup --label release-1.4\n"
         f"  {SCRIPT} restore latest --yes\n"
@@ -479,26 +452,33 @@ def build_parser():
     add_backup_arguments(sub)
 
     sub = add_command(commands, "restore", cmd_restore, "make DEPLOYMENT_DIR exactly a backup",
-                      "Builds the backup's tree beside DEPLOYMENT_DIR, checking every checksum as it\n"
-                      "copies, while it saves the current tree as a backup; then switches it in: a\n"
-                      "`current` symlink is replaced atomically; a plain folder is exchanged with the new\n"
-                      "tree in one rename, and the replaced folder is set aside beside it\n"
-                      "(.NAME.replaced-TIME-X) until cleanup.")
+                      "Builds the backup's tree beside DEPLOYMENT_DIR (.NAME.tmp-X, or in the releases\n"
+                      "folder), checking every checksum as it copies, while it saves the current tree as a\n"
+                      "backup; then switches it in: a `current` symlink is replaced atomically; a plain\n"
+                      "folder is exchanged with the new tree in one rename, and the replaced folder is kept\n"
+                      "beside it (.NAME.replaced-TIME-X) until cleanup. A run killed before the switch\n"
+                      "leaves its .NAME.tmp-X tree: verify names it, cleanup removes it.\n"
+                      "In-place checkout: the files are put back one by one, then HEAD goes back to the\n"
+                      "backup's branch (if it still points at the backup's commit) or commit, the index to\n"
+                      "HEAD, so git status shows only the backup's own local changes.")
     add_backup_argument(sub)
     add_no_backup_argument(sub, "the current tree")
 
     sub = add_command(commands, "rollback", cmd_rollback, "put the code of a git commit in place",
                       "COMMIT is anything git rev-parse accepts (sha, tag, branch, HEAD~1). Release folder:\n"
-                      "the commit's tree (git archive) is built beside DEPLOYMENT_DIR and switched in.\n"
+                      "the commit's tree (git archive) is built beside DEPLOYMENT_DIR and switched in; paths\n"
+                      "or symlinks leading out of the tree, devices and hard links are refused.\n"
                       "In-place checkout: local changes stop the rollback unless --stash; the commit is\n"
-                      "checked out detached. A backup is taken first; the output says how to undo.")
+                      "checked out detached. A backup is taken first; the output says how to undo (with\n"
+                      "`git stash pop` after --stash).")
     sub.add_argument("commit", metavar="COMMIT", help="the commit to roll back to")
     sub.add_argument("--stash", action="store_true", help="in-place: stash local changes instead of stopping")
     add_no_backup_argument(sub, "the current tree")
 
     sub = add_verify_command(commands, cmd_verify, "compare the deployed tree with the last restore's backup",
-                      "Names every added, removed and changed file and checks the working copy's HEAD\n"
-                      "against the backup's commit. Drift exits 3.")
+                      "Names every added, removed and changed file, checks the working copy's HEAD\n"
+                      "against the backup's commit, and names the half-built trees and unfinished backups\n"
+                      "of stopped runs. Any of these exits 3.")
     sub.add_argument("--compile", action="store_true", help="also byte-compile the Python files")
 
     add_store_commands(commands, cmd_cleanup, cmd_list)

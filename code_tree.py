@@ -1,4 +1,4 @@
-"""Code trees: snapshot a deployed tree into the store, build a backup's tree aside, switch it in.
+"""Code trees: snapshot a deployed tree into the store, build a backup's tree aside (code_layout switches it in).
 
 - `snapshot_tree` copies a tree into a backup like `Staging.add_tree`, but a file unchanged since the
   previous backup (same size, mtime, ctime, inode and mode, as git's index decides) is hard-linked from
@@ -7,27 +7,17 @@
   still linked, anything else copied.
 - `build_tree` writes a backup's tree into a new folder (copies, never links: live code must not share
   inodes with the store), checking every file's checksum as it goes.
-- `switch_in` puts the built tree in place in one step: a symlink layout (`current -> releases/X`) by a
-  temporary symlink renamed over the old one, a plain folder by an atomic exchange of the two folders.
-- `set_aside` keeps the tree a plain-folder switch replaced beside the live one, under a dated hidden
-  name, for `cleanup` to remove: deleting 20,000 files costs about as much as copying them, and it
-  does not belong between an operator and a restored service.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import fnmatch
 import os
-import re
-import secrets
 import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from common.copier import CopyJob, copy_all
@@ -41,7 +31,6 @@ from common.files import (
     is_inside,
     relative_parts,
     sha256_file,
-    temp_name,
 )
 from common.manifest import Backup, Entry
 from common.staging import Staging
@@ -329,120 +318,3 @@ def remove_tree(path: Path) -> None:
             if not os.path.islink(sub):
                 os.chmod(sub, PRIVATE_DIR)
     shutil.rmtree(path)
-
-
-# -- switch -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Switched:
-    """How a new tree went in."""
-
-    previous: Path | None  # where the tree that was live now is (None: nothing was live)
-    seconds: float  # the switch itself, renames and directory fsync
-    how: str  # "symlink", "exchange", "renames" (no atomic exchange available) or "rename" (nothing was live)
-
-    def to_json(self) -> dict:
-        """For --json."""
-        return {"previous": str(self.previous) if self.previous else None, "seconds": self.seconds, "how": self.how}
-
-
-def switch_in(new: Path, live: Path) -> Switched:
-    """Make the folder `new` the live tree at `live`, in one step.
-
-    - `live` a symlink (`current -> releases/X`): a temporary symlink to `new` is renamed over it, so
-      `live` points at the old release or the new one, never at nothing. The link stays relative or
-      absolute as it was. `previous` is the old release, which the caller keeps or removes.
-    - `live` a real folder: the two folders are exchanged by renameat2(RENAME_EXCHANGE), so `live` is
-      always the whole old tree or the whole new one; afterwards the old tree is at `new`'s path
-      (`previous`). Without an atomic exchange (not Linux, or a filesystem without it) two renames are
-      made: the old tree is moved aside to a hidden sibling, then the new one in.
-    - nothing at `live`: `new` is renamed to it.
-    `new` and `live` must be on the same filesystem (build beside `live`).
-    """
-    if new.is_symlink() or not new.is_dir():
-        raise UsageError(f"{new} is not a folder: nothing to switch in")
-    started = time.perf_counter()
-    if live.is_symlink():
-        old_target = os.readlink(live)
-        previous = Path(os.path.normpath(live.parent / old_target))
-        if os.path.isabs(old_target):
-            link_to = str(new.absolute())
-        else:
-            link_to = os.path.relpath(os.path.realpath(new), os.path.realpath(live.parent))
-        temp = temp_name(live)
-        os.symlink(link_to, temp)
-        try:
-            os.replace(temp, live)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        how = "symlink"
-    elif os.path.lexists(live):
-        if not live.is_dir():
-            raise UsageError(f"{live} is neither a folder nor a symlink: not replaced")
-        if _exchange(new, live):
-            previous, how = new, "exchange"
-        else:
-            previous, how = temp_name(live), "renames"
-            os.rename(live, previous)
-            os.rename(new, live)
-    else:
-        os.rename(new, live)
-        previous, how = None, "rename"
-    fsync_dir(live.parent)
-    if how != "symlink" and os.path.realpath(new.parent) != os.path.realpath(live.parent):
-        fsync_dir(new.parent)
-    return Switched(previous, time.perf_counter() - started, how)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-_renameat2: Callable | None = None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths; False when the system or filesystem cannot (then the caller renames)."""
-    global _renameat2
-    if _renameat2 is None:
-        try:
-            function = ctypes.CDLL(None, use_errno=True).renameat2
-        except (AttributeError, OSError):
-            return False
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        function.restype = ctypes.c_int
-        _renameat2 = function
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(code, os.strerror(code), str(a), None, str(b))
-
-
-# -- replaced trees -----------------------------------------------------------------------------------
-
-_REPLACED = re.compile(r"\.replaced-(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+$")
-_STAMP = "%Y%m%dT%H%M%S.%fZ"
-
-
-def set_aside(tree: Path, live: Path) -> Path:
-    """Rename the tree a switch replaced to `.<live name>.replaced-<UTC time>-<random>` beside `live`."""
-    stamp = datetime.now(UTC).strftime(_STAMP)
-    kept = live.with_name(f".{live.name}.replaced-{stamp}-{secrets.token_hex(3)}")
-    os.rename(tree, kept)
-    fsync_dir(live.parent)
-    return kept
-
-
-def replaced_trees(live: Path) -> list[tuple[Path, datetime]]:
-    """The trees set aside beside `live` and when, newest first."""
-    found = []
-    prefix = f".{live.name}.replaced-"
-    if not live.parent.is_dir():
-        return []
-    for item in live.parent.iterdir():
-        match = _REPLACED.search(item.name)
-        if item.name.startswith(prefix) and match and item.is_dir() and not item.is_symlink():
-            found.append((item, datetime.strptime(match.group(1), _STAMP).replace(tzinfo=UTC)))
-    return sorted(found, key=lambda pair: (pair[1], pair[0].name), reverse=True)

@@ -10,49 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import git, run_script, script_argv, tree_snapshot, writer_once_read
+from code_workspace import CodeWorkspace, commit_v2, git_archive_tree, in_place_workspace
+from helpers import git, script_argv, tree_snapshot, writer_once_read
 
 
-class CodeWorkspace:
-    """A git repository, a deployed release (a plain folder or a `current` symlink), and a store."""
-
-    def __init__(self, root: Path, symlink_layout: bool):
-        self.root = root
-        self.repo = root / "repo"
-        self.store = root / "code_backups"
-        self.repo.mkdir()
-        git(self.repo, "init", "-q", "-b", "main")
-        (self.repo / "app.py").write_text("print('v1')\n")
-        (self.repo / "pkg").mkdir()
-        (self.repo / "pkg" / "__init__.py").write_text("")
-        (self.repo / "run.sh").write_text("#!/bin/sh\nexec python app.py\n")
-        os.chmod(self.repo / "run.sh", 0o755)
-        git(self.repo, "add", "-A")
-        git(self.repo, "commit", "-q", "-m", "v1")
-        git(self.repo, "tag", "v1")
-        release = root / "releases" / "v1"
-        release.parent.mkdir()
-        subprocess.run(["cp", "-a", str(self.repo), str(release)], check=True)
-        subprocess.run(["rm", "-rf", str(release / ".git")], check=True)
-        (release / "empty").mkdir()
-        os.symlink("/etc/hostname", release / "outside-link")
-        if symlink_layout:
-            self.live = root / "current"
-            os.symlink("releases/v1", self.live)
-        else:
-            self.live = root / "deploy"
-            os.rename(release, self.live)
-        self.env = {"REPO_PATH": str(self.repo), "DEPLOYMENT_DIR": str(self.live),
-                    "CODE_BACKUP_DIR": str(self.store)}
-
-    def run(self, *args: str) -> subprocess.CompletedProcess:
-        return run_script("code_rollback.py", *args, env=self.env, cwd=self.root)
-
-    def tree(self) -> dict:
-        return tree_snapshot(Path(os.path.realpath(self.live)))
-
-    def backup_ids(self) -> list[str]:
-        return [b["id"] for b in json.loads(self.run("--json", "list").stdout)["backups"]]
+@pytest.fixture
+def in_place(tmp_path: Path) -> CodeWorkspace:
+    return in_place_workspace(tmp_path)
 
 
 @pytest.fixture(params=["plain-folder", "symlink"])
@@ -182,21 +146,6 @@ def test_lock_held_exits_75_and_commit_is_recorded(cw: CodeWorkspace):
     assert len(cw.backup_ids()) == 1
 
 
-def commit_v2(cw: CodeWorkspace) -> None:
-    (cw.repo / "app.py").write_text("print('v2')\n")
-    (cw.repo / "v2.py").write_text("NEW = True\n")
-    git(cw.repo, "add", "-A")
-    git(cw.repo, "commit", "-q", "-m", "v2")
-
-
-def git_archive_tree(repo: Path, rev: str, into: Path) -> dict:
-    into.mkdir()
-    archive = subprocess.run(["git", "-C", str(repo), "-c", "tar.umask=022", "archive", rev],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return tree_snapshot(into)
-
-
 def test_rollback_to_a_tag_gives_exactly_git_archive_of_it(cw: CodeWorkspace):
     commit_v2(cw)
     result = cw.run("rollback", "v1", "--yes")
@@ -233,15 +182,6 @@ def test_bad_revisions_are_refused_with_nothing_changed(cw: CodeWorkspace, revis
     assert cw.backup_ids() == []
 
 
-@pytest.fixture
-def in_place(tmp_path: Path) -> CodeWorkspace:
-    cw = CodeWorkspace(tmp_path, symlink_layout=False)
-    del cw.env["DEPLOYMENT_DIR"]
-    cw.live = cw.repo
-    commit_v2(cw)
-    return cw
-
-
 def test_in_place_dirty_working_copy_is_refused_then_stashed(in_place: CodeWorkspace):
     v1 = git(in_place.repo, "rev-parse", "v1")
     (in_place.repo / "app.py").write_text("print('local fix')\n")
@@ -273,45 +213,6 @@ def test_in_place_restore_keeps_git_untouched(in_place: CodeWorkspace):
     assert {k: v for k, v in tree_snapshot(in_place.repo).items() if not k.startswith(".git")} == before
     assert {k: v for k, v in tree_snapshot(in_place.repo / ".git").items() if k != "index"} == git_files
     assert git(in_place.repo, "rev-parse", "HEAD") == head
-
-
-def test_sigkill_at_any_moment_of_a_restore_leaves_old_or_new_and_a_retry_completes(cw: CodeWorkspace):
-    """The whole command killed at spread moments: DEPLOYMENT_DIR is never a mix, and restore runs again."""
-    live = Path(os.path.realpath(cw.live))
-    for d in range(10):
-        (live / f"d{d}").mkdir()
-        for f in range(100):
-            (live / f"d{d}" / f"f{f}.py").write_bytes(os.urandom(3000))
-    assert cw.run("backup").returncode == 0
-    new_tree = cw.tree()
-
-    def break_live() -> None:
-        for path in Path(os.path.realpath(cw.live)).rglob("f1*.py"):
-            path.write_text("old\n")
-
-    break_live()
-    old_tree = cw.tree()
-    argv = script_argv("code_rollback.py", "restore", "latest", "--yes")
-    env = {**os.environ, **cw.env}
-    began = time.monotonic()
-    assert subprocess.run(argv, env=env, cwd=cw.root, capture_output=True).returncode == 0
-    whole = time.monotonic() - began
-    assert cw.tree() == new_tree
-    outcomes = set()
-    for i in range(8):
-        break_live()
-        assert cw.tree() == old_tree
-        proc = subprocess.Popen(argv, env=env, cwd=cw.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(whole * i / 7)  # not synchronisation: it picks where in the run the kill lands
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        seen = cw.tree()
-        assert seen in (old_tree, new_tree), f"kill {i}: a mix of old and new"
-        outcomes.add("new" if seen == new_tree else "old")
-        retry = cw.run("restore", "latest", "--yes")
-        assert retry.returncode == 0, retry.stderr
-        assert cw.tree() == new_tree
-    assert "old" in outcomes
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])

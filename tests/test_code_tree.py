@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, tree_snapshot
 
+from code_layout import switch_in
 from code_tree import (
     PAYLOAD_FILE,
     build_tree,
     code_excluder,
     remove_tree,
     snapshot_tree,
-    switch_in,
 )
 from common.errors import ToolkitError, UsageError
 from common.manifest import Backup, Entry, check_backup, load_backup
@@ -401,7 +401,8 @@ def _umask() -> int:
 RESTORE_SCRIPT = """
 import sys
 from pathlib import Path
-from code_tree import build_tree, switch_in
+from code_tree import build_tree
+from code_layout import switch_in
 from common.manifest import load_backup
 backup, target, live = load_backup(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
 build_tree(backup, "tree", target)
