@@ -61,6 +61,7 @@ class S3Target:
     endpoint: str
     bucket: str
     settings: dict[str, str]
+    description: str
 
     def sizes(self, prefix: str) -> dict[str, int]:
         """Every object under `prefix`, with its size, as the server lists them."""
@@ -81,7 +82,7 @@ def s3_target(work: Path) -> Iterator[S3Target]:
         bucket = os.environ.get("BENCH_S3_BUCKET") or sys.exit("BENCH_S3_ENDPOINT_URL is set: set BENCH_S3_BUCKET "
                                                                 "to a bucket the benchmark may write into")
         credentials = {key: os.environ[key] for key in CREDENTIALS if key in os.environ}
-        yield S3Target(endpoint, bucket, {"S3_ENDPOINT_URL": endpoint, **credentials})
+        yield S3Target(endpoint, bucket, {"S3_ENDPOINT_URL": endpoint, **credentials}, f"the S3 server at {endpoint}")
         return
     server = LocalS3(work / "s3")
     server.start()
@@ -89,7 +90,7 @@ def s3_target(work: Path) -> Iterator[S3Target]:
         server.bucket("bench")
         settings = server.env("bench")
         del settings["REMOTE_URL"]  # each step names its own
-        yield S3Target(server.endpoint, "bench", settings)
+        yield S3Target(server.endpoint, "bench", settings, "a local S3 server (rclone serve s3)")
     finally:
         server.stop()
 
@@ -114,6 +115,7 @@ def main() -> None:
     try:
         harness.isolate(work)
         with s3_target(work) as s3:
+            server = s3.description
             run = f"bench-{secrets.token_hex(4)}"  # a prefix of this run's own: the bucket may be shared
             url = f"s3://{s3.bucket}/{run}"
             env = harness.command_env({**s3.settings, "BACKUP_DIR": str(work / "db_backups"),
@@ -157,7 +159,7 @@ def main() -> None:
 
     if args.quick:
         print(harness.QUICK_BANNER)
-    print(f"off-host copies on a local S3 server (rclone serve s3), {os.cpu_count()} cores, median of {rounds}")
+    print(f"off-host copies on {server}, {os.cpu_count()} cores, median of {rounds}")
     print(f"  push of a {dump_mb} MB dump      {median('push'):6.2f} s   boto3 upload_file   {median('upload'):6.2f} s"
           f"   {median('push') / median('upload'):5.2f}x   (goal <= 1.2)")
     print(f"  pull of it                {median('pull'):6.2f} s   boto3 download_file {median('download'):6.2f} s"
