@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-quick clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The full runs take minutes and several GB of temporary space; --quick is what `make test` runs.
+BENCHMARKS := bench/config_bench.py bench/db_bench.py bench/code_bench.py bench/remote_bench.py
+
 bench: $(STAMP)
-	$(VENV)/bin/python bench/config_bench.py
+	for benchmark in $(BENCHMARKS); do $(VENV)/bin/python $$benchmark || exit 1; done
+
+bench-quick: $(STAMP)
+	for benchmark in $(BENCHMARKS); do $(VENV)/bin/python $$benchmark --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .venv-system .venv-newest .pytest_cache .ruff_cache

@@ -15,31 +15,34 @@ writeback or discards do not land in the next):
   two backups on disk      vs the tree's size on disk
 Targets (issue 4): first <= 1.5x, second <= 0.2x, restore <= 1.3x cp -a; two backups <= 1.1x the tree;
 switch < 50 ms.
+--quick: 100 files, one round. A step that fails stops the benchmark with exit 1.
+Usage: bench/code_bench.py [--quick]   (BENCH_ROUNDS=N sets the rounds of a full run)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FILES = 20_000
+sys.path[:0] = [str(ROOT)]
+
+import harness  # noqa: E402
+
+FILES, QUICK_FILES = 20_000, 100
 CORES = len(os.sched_getaffinity(0))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 
 
-def generate(tree: Path) -> None:
-    """20,000 files of 2-18 KB (about 200 MB) in 400 folders, some executable."""
+def generate(tree: Path, files: int) -> None:
+    """`files` files of 2-18 KB (20,000 are about 200 MB) in up to 400 folders, some executable."""
     block = os.urandom(20_000)
-    for i in range(FILES):
+    for i in range(files):
         folder = tree / f"pkg{i % 40:02d}" / f"mod{i % 400:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         size = 2_000 + (i * 7919) % 16_000
@@ -51,43 +54,32 @@ def generate(tree: Path) -> None:
 
 def disk_usage(path: Path) -> int:
     """Bytes on disk, hard links counted once (du)."""
-    out = subprocess.run(["du", "-s", "-B1", str(path)], check=True, capture_output=True, text=True).stdout
-    return int(out.split()[0])
-
-
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Seconds the command took, after a sync so earlier writes are not paid for here; the CPU seconds
-    (user and system) of it and its children, on all cores; and its stdout."""
-    subprocess.run(["sync"], check=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        sys.exit(f"benchmark command failed: {' '.join(argv)}: {done.stderr.strip()}")
-    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return elapsed, cpu, done.stdout
+    return int(harness.run_step(["du", "-s", "-B1", str(path)], harness.command_env({})).split()[0])
 
 
 def one_round(work: Path, live: Path, n: int) -> dict[str, float]:
     """cp -a, a first and an unchanged second backup into a new store, cp -a again, a restore of the newest.
 
     Each of ours is set against the cp -a timed just before it: on a shared disk the speed of file
-    creation drifts over seconds, and neighbours see the same disk.
+    creation drifts over seconds, and neighbours see the same disk. Every timing follows a sync.
     """
-    env = {**os.environ, "DEPLOYMENT_DIR": str(live), "CODE_BACKUP_DIR": str(work / f"store{n}")}
+    env = harness.command_env({"DEPLOYMENT_DIR": str(live), "CODE_BACKUP_DIR": str(work / f"store{n}")})
     script = [sys.executable, str(ROOT / "code_rollback.py"), "--json"]
     figures: dict[str, float] = {}
-    figures["cp"], figures["cp_cpu"], _ = timed(["cp", "-a", str(live), str(work / f"copy{n}")], env)
-    figures["first"], figures["first_cpu"], _ = timed([*script, "backup"], env)
-    figures["second"], figures["second_cpu"], _ = timed([*script, "backup"], env)
+
+    def time_it(key: str, argv: list[str]) -> harness.Timing:
+        run = harness.timed(argv, env, sync=True)
+        figures[key], figures[f"{key}_cpu"] = run.seconds, run.cpu_seconds
+        return run
+
+    time_it("cp", ["cp", "-a", str(live), str(work / f"copy{n}")])
+    time_it("first", [*script, "backup"])
+    time_it("second", [*script, "backup"])
     # Of the copy, not the live tree: a new link changes a file's ctime, which the next snapshot would doubt.
-    figures["links"] = timed(["cp", "-al", str(work / f"copy{n}"), str(work / f"links{n}")], env)[0]
+    time_it("links", ["cp", "-al", str(work / f"copy{n}"), str(work / f"links{n}")])
     figures["two_backups"] = disk_usage(work / f"store{n}") / disk_usage(live)
-    figures["cp_again"] = timed(["cp", "-a", str(live), str(work / f"copy{n}b")], env)[0]
-    figures["restore"], figures["restore_cpu"], out = timed([*script, "restore", "latest", "--yes"], env)
-    report = json.loads(out)
+    time_it("cp_again", ["cp", "-a", str(live), str(work / f"copy{n}b")])
+    report = json.loads(time_it("restore", [*script, "restore", "latest", "--yes"]).stdout)
     figures["switch"] = report["switch"]["seconds"]
     figures.update({f"restore_{phase}": value for phase, value in report["seconds"].items()})
     figures["first_ratio"] = figures["first"] / figures["cp"]
@@ -101,23 +93,28 @@ def one_round(work: Path, live: Path, n: int) -> dict[str, float]:
 
 
 def main() -> None:
+    args = harness.parser(__doc__).parse_args()
+    files, rounds_wanted = (QUICK_FILES, 1) if args.quick else (FILES, ROUNDS)
     # Timed as installed: with the project's modules already byte-compiled, whatever this shell says.
     sources = [str(ROOT / name) for name in ("code_rollback.py", "code_tree.py", "common")]
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *sources], check=True)
+    harness.run_step([sys.executable, "-m", "compileall", "-q", *sources], harness.command_env({}))
     work = Path(tempfile.mkdtemp(prefix="code-bench-"))
     try:
+        harness.isolate(work)
         live = work / "deploy"
-        generate(live)
+        generate(live, files)
         tree_size = disk_usage(live)
-        rounds = [one_round(work, live, n) for n in range(ROUNDS)]
+        rounds = [one_round(work, live, n) for n in range(rounds_wanted)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     def median(key: str) -> float:
         return statistics.median(r[key] for r in rounds)
 
-    print(f"code_rollback.py on {FILES} files ({tree_size / 1e6:.0f} MB on disk), {CORES} cores, "
-          f"median of {ROUNDS} rounds; each ratio against the cp -a timed just before")
+    if args.quick:
+        print(harness.QUICK_BANNER)
+    print(f"code_rollback.py on {files:,} files ({tree_size / 1e6:.0f} MB on disk), {CORES} cores, "
+          f"median of {rounds_wanted} rounds; each ratio against the cp -a timed just before")
     for r in rounds:
         print(f"  round: cp {r['cp']:.2f} (cpu {r['cp_cpu']:.2f}) first {r['first']:.2f} (cpu {r['first_cpu']:.2f})"
               f" second {r['second']:.2f} (cpu {r['second_cpu']:.2f}) cp -al {r['links']:.2f}"

@@ -8,6 +8,8 @@ Every figure is a whole process (interpreter start included), the median of seve
   restore, one file differs   the common case after a bad deploy
   cp -a                       the plain tool copying the same tree, for scale
 Targets (issue 2): update < 0.3 s, restore of 1,000 files < 1 s, --help < 0.15 s.
+--quick: 50 files, one run of each. A step that fails stops the benchmark with exit 1.
+Usage: bench/config_bench.py [--quick]
 """
 
 from __future__ import annotations
@@ -16,21 +18,24 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+
+import harness  # noqa: E402
+
 SCRIPT = str(ROOT / "config_rollback.py")
-FILES = 1000
-RUNS = 7
+FILES, RUNS = 1000, 7
+QUICK_FILES, QUICK_RUNS = 50, 1
 
 
-def generate_tree(config: Path) -> None:
-    """1,000 small config files in 20 folders: YAML, JSON and .env, 0.5 to 3 KB each."""
-    for i in range(FILES):
+def generate_tree(config: Path, files: int) -> None:
+    """`files` small config files in 20 folders: YAML, JSON and .env, 0.5 to 3 KB each."""
+    for i in range(files):
         folder = config / f"service-{i % 20:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         kind = i % 3
@@ -44,33 +49,32 @@ def generate_tree(config: Path) -> None:
             (folder / f"svc-{i}.env").write_text("".join(f"VAR_{j}=value_{i}_{j}\n" for j in range(40)))
 
 
-def timed(argv: list[str], env: dict[str, str], prepare=None) -> float:
-    """Median wall time of RUNS runs of argv; `prepare` runs untimed before each."""
+def median_time(argv: list[str], env: dict[str, str], runs: int,
+                prepare: Callable[[int], object] | None = None) -> float:
+    """Median wall time of `runs` runs of argv; `prepare` runs untimed before each."""
     times = []
-    for n in range(RUNS):
+    for n in range(runs):
         if prepare:
             prepare(n)
-        start = time.perf_counter()
-        done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        times.append(time.perf_counter() - start)
-        if done.returncode != 0:
-            sys.exit(f"benchmark command failed: {' '.join(argv)}: {done.stderr.strip()}")
+        times.append(harness.timed(argv, env).seconds)
     return statistics.median(times)
 
 
 def main() -> None:
+    args = harness.parser(__doc__).parse_args()
+    files, runs = (QUICK_FILES, QUICK_RUNS) if args.quick else (FILES, RUNS)
     work = Path(tempfile.mkdtemp(prefix="config-bench-"))
     try:
+        harness.isolate(work)
         config = work / "config"
-        generate_tree(config)
+        generate_tree(config, files)
         (work / ".env").write_text("DB_PASSWORD=x\n")
         os.chmod(work / ".env", 0o600)
-        env = {**os.environ, "CONFIG_DIR": str(config), "CONFIG_BACKUP_DIR": str(work / "store"),
-               "ENV_FILE": str(work / ".env")}
+        env = harness.command_env({"CONFIG_DIR": str(config), "CONFIG_BACKUP_DIR": str(work / "store"),
+                                   "ENV_FILE": str(work / ".env")})
         py = [sys.executable, SCRIPT]
-        subprocess.run([*py, "backup", "--label", "baseline"], env=env, check=True, stdout=subprocess.DEVNULL)
-        baseline = json.loads(subprocess.run([*py, "--json", "list"], env=env, check=True,
-                                             capture_output=True).stdout)["backups"][0]["id"]
+        harness.run_step([*py, "backup", "--label", "baseline"], env)
+        baseline = json.loads(harness.run_step([*py, "--json", "list"], env))["backups"][0]["id"]
 
         def clear_store(_n: int) -> None:
             # Keep the store the same size run after run: only the baseline stays.
@@ -94,20 +98,25 @@ def main() -> None:
             shutil.rmtree(work / "copy", ignore_errors=True)
 
         results = {
-            "--help": timed([*py, "--help"], env),
-            "update (one YAML key, with its backup)": timed(
-                [*py, "update", "service-00/app-0.yml", '{"port": 1234}'], env,
+            "--help": median_time([*py, "--help"], env, runs),
+            "update (one YAML key, with its backup)": median_time(
+                [*py, "update", "service-00/app-0.yml", '{"port": 1234}'], env, runs,
                 prepare=lambda n: (clear_store(n), (config / "service-00" / "app-0.yml").write_text(
                     f"name: svc0\nport: {9000 + n}\n# kept\nother: 1\n"))),
-            "restore, all 1,000 files differ": timed([*py, "restore", baseline, "--yes"], env, prepare=change_all),
-            "restore, one file differs": timed([*py, "restore", baseline, "--yes"], env, prepare=change_one),
-            "cp -a of the tree": timed(["cp", "-a", str(config), str(work / "copy")], env, prepare=fresh_copy_target),
+            f"restore, all {files:,} files differ": median_time([*py, "restore", baseline, "--yes"], env, runs,
+                                                                 prepare=change_all),
+            "restore, one file differs": median_time([*py, "restore", baseline, "--yes"], env, runs,
+                                                     prepare=change_one),
+            "cp -a of the tree": median_time(["cp", "-a", str(config), str(work / "copy")], env, runs,
+                                             prepare=fresh_copy_target),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     cp = results["cp -a of the tree"]
-    print(f"config_rollback.py on {FILES} files, median of {RUNS} whole-process runs, {os.cpu_count()} cores")
+    if args.quick:
+        print(harness.QUICK_BANNER)
+    print(f"config_rollback.py on {files:,} files, median of {runs} whole-process runs, {os.cpu_count()} cores")
     for name, seconds in results.items():
         print(f"  {name:42} {seconds * 1000:7.0f} ms   {seconds / cp:5.1f}x cp -a")
 

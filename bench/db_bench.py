@@ -7,45 +7,115 @@ In one run, on a throwaway cluster:
   outage    the longest stretch, during our restore, in which a poller (every 20 ms) got no answer with
             whole data from the live database
 Targets (issue 3): backup <= 1.10x pg_dump, restore <= 1.25x pg_restore, outage <= 1 s.
-Usage: bench/db_bench.py [--scale N]
+--quick: scale 1 (about 20 MB). A step that fails stops the benchmark with exit 1.
+Usage: bench/db_bench.py [--quick] [--scale N]
+The benchmark starts its own cluster unless BENCH_DB_HOST names a server (with BENCH_DB_PORT, BENCH_DB_USER,
+BENCH_DB_PASSWORD: a superuser); it then creates and drops databases named bench_<random>*.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from pg_cluster import ThrowawayCluster  # noqa: E402
+import harness  # noqa: E402
+from pg_cluster import ThrowawayCluster, find_bindir  # noqa: E402
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection
 
 POLL_SECONDS = 0.020
+SCALE, QUICK_SCALE = 30, 1
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    """Wall time of one run of argv; a failure stops the benchmark."""
-    start = time.perf_counter()
-    done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"benchmark command failed: {' '.join(argv)}: {done.stderr.strip()}")
-    return elapsed
+@dataclass(frozen=True)
+class PgServer:
+    """The PostgreSQL server the benchmark runs on, as a superuser (it creates and drops databases)."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def connect(self, dbname: str) -> connection:
+        """A new connection to `dbname`; the caller closes it."""
+        import psycopg2
+
+        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                                dbname=dbname, connect_timeout=10)
+
+    def admin(self, statement: str, name: str) -> None:
+        """CREATE or DROP DATABASE (no transaction block allowed) with `name` as its identifier."""
+        from psycopg2 import sql
+
+        conn = self.connect("postgres")
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL(statement).format(sql.Identifier(name)))
+        finally:
+            conn.close()
+
+    def databases(self, prefix: str) -> list[str]:
+        """The databases whose names start with `prefix`."""
+        conn = self.connect("postgres")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT datname FROM pg_database")
+                return [name for (name,) in cur.fetchall() if name.startswith(prefix)]
+        finally:
+            conn.close()
+
+    def client_env(self) -> dict[str, str]:
+        """libpq's settings for the plain tools (pg_dump, pg_restore, pgbench)."""
+        found = {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.user}
+        return {**found, "PGPASSWORD": self.password} if self.password else found
+
+    def toolkit_env(self, dbname: str) -> dict[str, str]:
+        """The DB_* settings that point database_rollback.py at `dbname`."""
+        return {"DB_HOST": self.host, "DB_PORT": str(self.port), "DB_NAME": dbname, "DB_USER": self.user,
+                "DB_PASSWORD": self.password}
+
+
+@contextmanager
+def pg_server() -> Iterator[PgServer]:
+    """The server BENCH_DB_HOST names (with BENCH_DB_PORT, BENCH_DB_USER, BENCH_DB_PASSWORD), else a throwaway
+    cluster started for this run. Only BENCH_ names: a DB_HOST meant for the toolkit is never benchmarked on."""
+    host = os.environ.get("BENCH_DB_HOST")
+    if host:
+        port = os.environ.get("BENCH_DB_PORT", "5432")
+        if not port.isdigit():
+            sys.exit(f"BENCH_DB_PORT must be a port number, got {port!r}")
+        yield PgServer(host, int(port), os.environ.get("BENCH_DB_USER", "postgres"),
+                       os.environ.get("BENCH_DB_PASSWORD", ""))
+        return
+    cluster = ThrowawayCluster()
+    cluster.start()
+    try:
+        yield PgServer(cluster.host, cluster.port, cluster.user, cluster.password)
+    finally:
+        cluster.stop()
 
 
 class Poller(threading.Thread):
     """Asks the live database for whole data every 20 ms and records the longest gap between answers."""
 
-    def __init__(self, cluster: ThrowawayCluster, dbname: str, branches: int):
+    def __init__(self, server: PgServer, dbname: str, branches: int):
         super().__init__(daemon=True)
-        self.cluster, self.dbname, self.branches = cluster, dbname, branches
+        self.server, self.dbname, self.branches = server, dbname, branches
         self.stop = threading.Event()
         self.longest_gap = 0.0
         self.failures = 0
@@ -56,7 +126,7 @@ class Poller(threading.Thread):
         while not self.stop.is_set():
             try:
                 if conn is None or conn.closed:
-                    conn = self.cluster.connect(self.dbname)
+                    conn = self.server.connect(self.dbname)
                     conn.autocommit = True
                 with conn.cursor() as cur:
                     cur.execute("SELECT count(*) FROM pgbench_branches")
@@ -79,46 +149,67 @@ class Poller(threading.Thread):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=int, default=30, help="pgbench scale (30 is about 450 MB)")
-    scale = parser.parse_args().scale
+    cli = harness.parser(__doc__)
+    cli.add_argument("--scale", type=int, help=f"pgbench scale ({SCALE}, about 450 MB, unless --quick: {QUICK_SCALE})")
+    args = cli.parse_args()
+    scale = args.scale or (QUICK_SCALE if args.quick else SCALE)
     work = Path(tempfile.mkdtemp(prefix="db-bench-"))
-    cluster = ThrowawayCluster()
-    cluster.start()
+    name = f"bench_{secrets.token_hex(4)}"  # its own names: the server may be shared
     try:
-        env = {**os.environ, "PGHOST": cluster.host, "PGPORT": str(cluster.port), "PGUSER": cluster.user}
-        cluster.create_database("bench")
-        print(f"building a pgbench database at scale {scale} ...", file=sys.stderr)
-        subprocess.run([str(Path(cluster.bindir) / "pgbench"), "-i", "-q", "-s", str(scale), "bench"],
-                       env=env, check=True, capture_output=True)
-        with cluster.connect("bench") as conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_size_pretty(pg_database_size('bench'))")
-            size = cur.fetchone()[0]
-        ours_env = {**env, **cluster.env("bench"), "BACKUP_DIR": str(work / "store")}
-        script = [sys.executable, str(ROOT / "database_rollback.py")]
-
-        plain_dump = timed(["pg_dump", "-Fc", "-f", str(work / "plain.dump"), "bench"], env)
-        our_backup = timed([*script, "backup"], ours_env)
-
-        cluster.create_database("bench_plain")
-        plain_restore = timed(["pg_restore", "--exit-on-error", "-d", "bench_plain", str(work / "plain.dump")], env)
-
-        poller = Poller(cluster, "bench", branches=scale)
-        poller.start()
-        our_restore = timed([*script, "restore", "latest", "--yes"], ours_env)
-        poller.stop.set()
-        poller.join()
+        harness.isolate(work)
+        with pg_server() as server:
+            try:
+                figures = measure(server, name, scale, work)
+            finally:
+                # Ours, the plain restore's, and the databases our restore kept (`<name>__before_<stamp>`).
+                for leftover in server.databases(name):
+                    server.admin("DROP DATABASE IF EXISTS {} WITH (FORCE)", leftover)
     finally:
-        cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"database_rollback.py on a pgbench database at scale {scale} ({size}), {os.cpu_count()} cores")
-    print(f"  backup   {our_backup:7.2f} s   pg_dump -Fc   {plain_dump:7.2f} s   ratio {our_backup / plain_dump:.2f}"
-          "  (target <= 1.10)")
-    print(f"  restore  {our_restore:7.2f} s   pg_restore    {plain_restore:7.2f} s   ratio "
-          f"{our_restore / plain_restore:.2f}  (target <= 1.25)")
-    print(f"  outage   {poller.longest_gap * 1000:7.0f} ms longest gap between whole answers during our restore "
-          f"({poller.failures} failed polls; target <= 1000 ms)")
+    if args.quick:
+        print(harness.QUICK_BANNER)
+    print(f"database_rollback.py on a pgbench database at scale {scale} ({figures['size']}), {os.cpu_count()} cores")
+    print(f"  backup   {figures['backup']:7.2f} s   pg_dump -Fc   {figures['pg_dump']:7.2f} s   ratio "
+          f"{figures['backup'] / figures['pg_dump']:.2f}  (target <= 1.10)")
+    print(f"  restore  {figures['restore']:7.2f} s   pg_restore    {figures['pg_restore']:7.2f} s   ratio "
+          f"{figures['restore'] / figures['pg_restore']:.2f}  (target <= 1.25)")
+    print(f"  outage   {figures['outage'] * 1000:7.0f} ms longest gap between whole answers during our restore "
+          f"({figures['failed_polls']} failed polls; target <= 1000 ms)")
+
+
+def measure(server: PgServer, name: str, scale: int, work: Path) -> dict:
+    """Build a pgbench database `name`, then time our backup and restore of it against pg_dump and pg_restore."""
+    env = harness.command_env(server.client_env())
+    server.admin("CREATE DATABASE {}", name)
+    print(f"building a pgbench database at scale {scale} ...", file=sys.stderr)
+    harness.run_step([str(Path(find_bindir()) / "pgbench"), "-i", "-q", "-s", str(scale), name], env)
+    conn = server.connect(name)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_size_pretty(pg_database_size(current_database()))")
+            size = cur.fetchone()[0]
+    finally:
+        conn.close()
+    ours_env = harness.command_env({**server.toolkit_env(name), "BACKUP_DIR": str(work / "store")})
+    script = [sys.executable, str(ROOT / "database_rollback.py")]
+
+    plain_dump = harness.timed(["pg_dump", "-Fc", "-f", str(work / "plain.dump"), name], env).seconds
+    our_backup = harness.timed([*script, "backup"], ours_env).seconds
+
+    server.admin("CREATE DATABASE {}", f"{name}_plain")
+    plain_restore = harness.timed(["pg_restore", "--exit-on-error", "-d", f"{name}_plain",
+                                   str(work / "plain.dump")], env).seconds
+
+    poller = Poller(server, name, branches=scale)
+    poller.start()
+    try:
+        our_restore = harness.timed([*script, "restore", "latest", "--yes"], ours_env).seconds
+    finally:
+        poller.stop.set()
+        poller.join()
+    return {"size": size, "pg_dump": plain_dump, "backup": our_backup, "pg_restore": plain_restore,
+            "restore": our_restore, "outage": poller.longest_gap, "failed_polls": poller.failures}
 
 
 if __name__ == "__main__":
