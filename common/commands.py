@@ -30,7 +30,7 @@ def cleanup_backups(ctx: Context, store: BackupStore, script: str) -> Result:
         lines = [f"would remove {b.id} ({format_time(b.created_at)})" for b in remove]
         lines += [f"would remove unfinished {name}" for name in leftovers]
         return Result({"dry_run": True, "would_remove": [b.id for b in remove], "kept": [b.id for b in keep],
-                       "would_remove_leftovers": leftovers}, lines or ["nothing to remove"], report=True)
+                       "would_remove_leftovers": leftovers}, lines or ["no backups to remove"], report=True)
     with store.lock(f"{script} cleanup"):
         remove, keep = store.retention_plan(ctx.args.days, ctx.args.keep)
         for backup in remove:

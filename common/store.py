@@ -28,6 +28,7 @@ from common.staging import Staging
 
 # What a backup id looks like: one path component that sorts by time (see _new_id).
 BACKUP_ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[A-Za-z0-9_.-]+")
+_TEMP_FILE = re.compile(r"\..+\.tmp-[0-9a-f]{8}")  # common.files.temp_name
 STAGING_PREFIX = ".staging-"
 DELETING_PREFIX = ".deleting-"
 LOCK_FILE = ".lock"
@@ -238,20 +239,30 @@ class BackupStore:
         shutil.rmtree(doomed)
 
     def leftovers(self) -> list[str]:
-        """The staging and deleting folders in the store: what runs that died left, unless a run holding the lock
-        is writing one now."""
+        """What runs that died left in the store (unless a run holding the lock is writing it now): staging and
+        deleting folders, and the temporary files of atomic writes (a `deployed.json` cut off, say)."""
         if not self.root.is_dir():
             return []
-        return [item.name for item in sorted(self.root.iterdir())
-                if item.name.startswith((STAGING_PREFIX, DELETING_PREFIX)) and item.is_dir()]
+        found = []
+        for item in sorted(self.root.iterdir()):
+            if item.is_symlink():
+                continue
+            if (item.name.startswith((STAGING_PREFIX, DELETING_PREFIX)) and item.is_dir()) or (
+                    _TEMP_FILE.fullmatch(item.name) and item.is_file()):
+                found.append(item.name)
+        return found
 
     def remove_leftovers(self) -> list[str]:
-        """Remove staging and deleting folders of runs that died; only safe while holding the lock."""
+        """Remove what leftovers() names; only safe while holding the lock."""
         if not self.locked:
             raise RuntimeError("remove_leftovers needs the store lock")
         names = self.leftovers()
         for name in names:
-            shutil.rmtree(self.root / name)
+            path = self.root / name
+            if path.is_dir():  # leftovers() names no symlink
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         return names
 
 

@@ -85,11 +85,16 @@ def test_cleanup_dry_run_names_the_leftovers_the_real_run_removes(site: Path):
     assert config(site, "backup").returncode == 0
     leftover = site / "store" / ".staging-20260101T000000.000Z-config"
     leftover.mkdir()
+    cut_off = site / "store" / ".deployed.json.tmp-0123abcd"  # an atomic write that a kill cut off
+    cut_off.write_text("{")
+    names = sorted([cut_off.name, leftover.name])
     result = config(site, "--json", "--dry-run", "cleanup", "30")
-    assert json.loads(result.stdout)["would_remove_leftovers"] == [leftover.name] and leftover.is_dir()
+    assert json.loads(result.stdout)["would_remove_leftovers"] == names and leftover.is_dir() and cut_off.is_file()
     assert "would remove unfinished .staging-" in config(site, "--dry-run", "cleanup", "30").stdout
     result = config(site, "--json", "cleanup", "30")
-    assert json.loads(result.stdout)["leftovers_removed"] == [leftover.name] and not leftover.exists()
+    assert json.loads(result.stdout)["leftovers_removed"] == names
+    assert not leftover.exists() and not cut_off.exists()
+    assert config(site, "--dry-run", "cleanup", "30").stdout.strip() == "no backups to remove"
 
 
 def test_backups_inside_the_config_folder_are_refused_at_start(site: Path):
