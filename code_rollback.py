@@ -155,8 +155,13 @@ def cmd_restore(ctx: Context) -> Result:
         skipped = safety_skipped(ctx, live)
         if ctx.dry_run:
             refuse_damaged(backup)
-            return Result({"dry_run": True, "backup": backup.summary(), "safety_backup_skipped": skipped},
-                          [f"would switch {live} to backup {backup.id}"], report=True)
+            diff = diff_tree(tree_entries(backup, TREE), Path(os.path.realpath(live)), code_excluder(paths.exclude))
+            return Result({"dry_run": True, "backup": backup.summary(), "changes": diff.restore_json(),
+                           "safety_backup_skipped": skipped},
+                          [f"would switch {live} to a copy of backup {backup.id}, which would:",
+                           *diff.restore_lines(str(live), done=False)] if diff else
+                          [f"would switch {live} to a copy of backup {backup.id}, whose files are the same"],
+                          report=True)
         ctx.confirm(f"Replace the code in {live} with backup {backup.id}?")
         # Built beside the live tree (or in its releases folder), so the switch is a rename on one filesystem.
         # The build checks every file's size and sha256 as it copies: a damaged backup stops here, before

@@ -292,3 +292,19 @@ def test_in_place_restore_reports_what_it_does_not_how_the_tree_differed(in_plac
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:4] == [f"  re-created {repo}/v2.py", f"  deleted    {repo}/stray.txt",
                                                f"  changed    {repo}/app.py"]
+
+
+def test_release_restore_dry_run_says_what_the_switch_would_change(cw: CodeWorkspace):
+    assert cw.run("backup").returncode == 0
+    live = Path(os.path.realpath(cw.live))
+    (live / "app.py").write_text("print('v2')\n")
+    (live / "new.py").write_text("x = 2\n")
+    (live / "pkg" / "__init__.py").unlink()
+    before = cw.tree()
+    result = cw.run("restore", "latest", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        f"  re-create  {cw.live}/pkg/__init__.py", f"  delete     {cw.live}/new.py", f"  change     {cw.live}/app.py"]
+    assert json.loads(cw.run("--json", "restore", "latest", "--dry-run").stdout)["changes"] == {
+        "re_created": ["pkg/__init__.py"], "deleted": ["new.py"], "changed": ["app.py"]}
+    assert cw.tree() == before

@@ -208,7 +208,8 @@ def test_dry_run_shows_what_each_step_would_change_and_changes_nothing(system: S
     assert result.returncode == 0, result.stderr
     config, code, database = (result.stdout.split(f"{title} (")[1] for title in ("configuration", "code", "database"))
     assert "services/cache.json" in config and ".env.app" in config
-    assert "would switch" in code and point["parts"]["code"] in code
+    assert "re-create" not in code and "delete" in code and "new_module.py" in code and "change" in code
+    assert "app.py" in code
     assert "would restore" in database and system.pg_db.name in database
     steps = json.loads(system.run("--json", "restore", point["id"], "--dry-run").stdout)["steps"]
     assert [(s["component"], s["exit_code"]) for s in steps] == [("config", 0), ("code", 0), ("db", 0)]
