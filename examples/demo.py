@@ -77,7 +77,7 @@ def config_part(work: Path) -> None:
     first = newest_backup("config_rollback.py", env, work, oldest=True)
     cr("restore", first, "--yes")
     cr("verify", "--against", first)
-    step("Retention: what cleanup would remove (keeping the newest 2)")
+    step("Retention: what cleanup would remove (the newest 2 taken with backup stay; safety backups are not counted)")
     cr("cleanup", "0", "--keep", "2", "--dry-run")
 
 
