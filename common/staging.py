@@ -96,7 +96,7 @@ class Staging:
     ) -> None:
         # Plain strings, not Path objects: this runs once per file of a 20,000-file tree.
         os.mkdir(os.path.join(self.path, dest), PRIVATE_DIR)
-        st = os.lstat(src)
+        st = os.lstat(src) if rel else os.stat(src)  # the tree's root: the folder a symlink to it leads to
         self.entries.append(Entry(dest, "dir", mode=file_mode(st), uid=st.st_uid, gid=st.st_gid))
         with os.scandir(src) as listing:
             items = sorted(listing, key=lambda item: item.name)

@@ -126,8 +126,10 @@ def diff_tree(wanted: dict[str, Entry], root: Path, exclude: Callable[[str], boo
     live = set(live_paths(root, exclude)) if root.is_dir() else set()
     for rel, entry in sorted(wanted.items()):
         if rel == "":
-            if not matches(entry, root):
-                (diff.changed if root.exists() else diff.removed).append(".")
+            if not root.exists():
+                diff.removed.append(".")
+            elif not root.is_dir() or _root_mode_differs(entry, root):
+                diff.changed.append(".")
         elif rel not in live:
             diff.removed.append(rel)
         elif not matches(entry, root / rel):
@@ -147,15 +149,19 @@ def restore_tree(backup: Backup, prefix: str, root: Path, diff: TreeDiff,
     where the backup has a folder is replaced, never followed out of the tree.
     """
     wanted = tree_entries(backup, prefix)
-    todo = sorted(set(diff.removed) | set(diff.changed), key=lambda rel: (rel.count("/"), rel))
+    if root.exists() and not root.is_dir():
+        raise ToolkitError(f"{root} is not a folder: nothing was changed (move it away, then restore again)")
+    # The root itself is never replaced, only made when missing: it may be a symlink to the real folder.
+    todo = sorted((set(diff.removed) | set(diff.changed)) - {"."}, key=lambda rel: (rel.count("/"), rel))
     staging = _Staging()
     try:
+        staging.parents(root)
         for rel in todo:
-            if wanted[_key(rel)].type == "dir":
-                staging.folder(root / rel if rel != "." else root)
+            if wanted[rel].type == "dir":
+                staging.folder(root / rel)
         for rel in todo:
-            if wanted[_key(rel)].type != "dir":
-                staging.file(backup, wanted[_key(rel)], root / rel)
+            if wanted[rel].type != "dir":
+                staging.file(backup, wanted[rel], root / rel)
         for entry, live in files:
             staging.parents(live.parent)
             staging.file(backup, entry, live)
@@ -172,8 +178,10 @@ def restore_tree(backup: Backup, prefix: str, root: Path, diff: TreeDiff,
         _remove(root / rel)
     # Modes and owners of folders last: a read-only folder must not stop the files going in.
     for rel, entry in sorted(wanted.items(), key=lambda item: item[0].count("/"), reverse=True):
-        if entry.type == "dir":
-            _set_owner_and_mode(root / rel if rel else root, entry)
+        if entry.type == "dir" and rel:
+            _set_owner_and_mode(root / rel, entry)
+    if "" in wanted and _root_mode_differs(wanted[""], root):
+        _set_root_owner_and_mode(root, wanted[""])
     for parent in {live.parent for _, live in staging.files} | {root}:
         fsync_dir(parent)
 
@@ -227,8 +235,20 @@ class _Staging:
             os.rename(moved, live)
 
 
-def _key(rel: str) -> str:
-    return "" if rel == "." else rel
+def _root_mode_differs(entry: Entry, root: Path) -> bool:
+    """Whether the tree's root folder (through a symlink to it) lacks the recorded mode.
+
+    Backups made before the root was read through its symlink recorded the link's own 0777 when the root was
+    a symlink: that is no folder's mode, so it is not taken for a difference, nor ever applied."""
+    if entry.mode == 0o777 and root.is_symlink():
+        return False
+    return file_mode(os.stat(root)) != entry.mode
+
+
+def _set_root_owner_and_mode(root: Path, entry: Entry) -> None:
+    if os.geteuid() == 0 and entry.uid is not None:
+        os.chown(root, entry.uid, entry.gid if entry.gid is not None else -1)
+    os.chmod(root, entry.mode)  # both follow a symlink to the real folder
 
 
 def _stage(backup: Backup, entry: Entry, live: Path) -> Path:

@@ -610,3 +610,26 @@ def test_audit_log_setting_moves_the_log(ws: Workspace):
     assert [json.loads(line)["command"] for line in records] == ["list"]
     assert (ws.root / "logs" / "rollback.log").stat().st_mode & 0o777 == 0o600
     assert not (ws.store / "audit.log").exists()
+
+
+def test_a_config_dir_that_is_a_symlink_stays_one_and_keeps_its_files(tmp_path: Path):
+    real = tmp_path / "real-config"
+    (real / "sub").mkdir(parents=True)
+    (real / "app.yml").write_text(APP_YML)
+    (real / "sub" / "feature.yaml").write_text("enabled: true\n")
+    os.chmod(real, 0o750)
+    ws = Workspace(tmp_path)
+    os.symlink(real, ws.config)
+    ws.env_file.write_text(ENV)
+    assert ws.run("backup").returncode == 0
+    before = tree_snapshot(real)
+
+    result = ws.run("--json", "restore", "latest", "--yes")  # nothing differs: nothing may change
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["restored"] is False
+    (real / "app.yml").write_text("broken: [\n")
+    (real / "sub" / "feature.yaml").unlink()
+    result = ws.run("restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert ws.config.is_symlink() and os.readlink(ws.config) == str(real)
+    assert tree_snapshot(real) == before and (real.stat().st_mode & 0o7777) == 0o750
