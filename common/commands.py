@@ -12,14 +12,16 @@ from common.store import BackupStore
 
 def list_backups(store: BackupStore, extra: dict[str, Callable[[Backup], str]] | None = None) -> Result:
     """list: id, time, files, size, any component-specific columns, label; newest first."""
-    backups = store.backups()
+    backups, unreadable = store.scan()
     extra = extra or {}
     header = ("ID", "TIME (UTC)", "FILES", "SIZE", *extra, "LABEL")
     rows = [(b.id, format_time(b.created_at), str(len(b.files)), human_size(b.size),
              *(column(b) for column in extra.values()), ("(safety) " if b.is_safety else "") + (b.label or ""))
             for b in backups]
     lines = table(header, rows) if rows else [f"no backups in {store.root}"]
-    return Result({"backups": [b.summary() for b in backups]}, lines, report=True)
+    lines += [f"cannot read backup {name}: {why}" for name, why in unreadable]
+    return Result({"backups": [b.summary() for b in backups],
+                   "unreadable": [{"id": name, "problem": why} for name, why in unreadable]}, lines, report=True)
 
 
 def cleanup_backups(ctx: Context, store: BackupStore, script: str) -> Result:

@@ -172,19 +172,36 @@ class BackupStore:
             ]
         return sorted(folders, key=os.path.basename, reverse=True)
 
-    def _loaded(self) -> Iterator[Backup]:
-        """The whole backups, newest first, each manifest read only when it is reached."""
+    def _loaded(self, strict: bool = False) -> Iterator[Backup]:
+        """The whole backups, newest first, each manifest read only when it is reached.
+
+        A folder whose manifest cannot be read (or is refused) is passed over; with `strict` it stops the
+        walk instead, for choices such as `latest` that would otherwise fall back to an older backup unsaid.
+        """
         for folder in self.backup_folders():
             try:
                 yield load_backup(Path(folder))
-            except ToolkitError:
-                continue
+            except ToolkitError as exc:
+                if strict:
+                    raise ToolkitError(f"backup {os.path.basename(folder)} cannot be read ({exc}), so which backup "
+                                       "is the newest is not known: restore one by its id, or move that folder "
+                                       "out of the store") from None
+
+    def scan(self) -> tuple[list[Backup], list[tuple[str, str]]]:
+        """Every whole backup in the store, newest first, and the folders whose manifest cannot be read or is
+        refused, with why (they are not backups: nothing restores or removes them)."""
+        found, unreadable = [], []
+        for folder in self.backup_folders():
+            try:
+                found.append(load_backup(Path(folder)))
+            except ToolkitError as exc:
+                unreadable.append((os.path.basename(folder), str(exc)))
+        found.sort(key=lambda backup: (backup.created_at, backup.id), reverse=True)
+        return found, unreadable
 
     def backups(self) -> list[Backup]:
         """Every whole backup in the store, newest first; folders without a readable manifest are not backups."""
-        found = list(self._loaded())
-        found.sort(key=lambda backup: (backup.created_at, backup.id), reverse=True)
-        return found
+        return self.scan()[0]
 
     def newest(self) -> Backup | None:
         """The newest whole backup of any kind, reading one manifest where the store holds many."""
@@ -196,7 +213,7 @@ class BackupStore:
         Passing over safety backups keeps `restore latest` meaning "the restore point I took", so a
         retried restore does not bring back the state the first one saved before replacing it.
         """
-        for backup in self._loaded():
+        for backup in self._loaded(strict=True):
             if not backup.is_safety and (match is None or match(backup)):
                 return backup
         return None

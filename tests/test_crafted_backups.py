@@ -164,3 +164,22 @@ def test_a_restore_point_naming_a_path_instead_of_a_backup_id_is_refused(ws: Wor
     result = run_script("rollback.py", "restore", point["id"], "--yes", env=env, cwd=ws.root)
     assert result.returncode == 1 and "not a backup id" in result.stderr, result.stderr
     assert ws.live() == before
+
+
+def test_latest_never_falls_back_past_a_newer_backup_it_cannot_read(ws: Workspace):
+    (ws.config / "app.yml").write_text("port: 2\n")
+    assert ws.run("backup", "--label", "before release").returncode == 0
+    newer = max(p for p in ws.store.iterdir() if (p / "manifest.json").is_file())
+    manifest = json.loads((newer / "manifest.json").read_text())
+    manifest["entries"].append({"path": "config/pipe", "type": "fifo"})  # what a later version might write
+    os.chmod(newer / "manifest.json", 0o600)
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    (ws.config / "app.yml").write_text("port: 3\n")
+    before = ws.live()
+
+    result = ws.run("restore", "latest", "--yes")
+    assert result.returncode == 1 and f"backup {newer.name} cannot be read" in result.stderr
+    assert ws.live() == before
+    listing = ws.run("--json", "list")
+    assert [u["id"] for u in json.loads(listing.stdout)["unreadable"]] == [newer.name]
+    assert f"cannot read backup {newer.name}" in ws.run("list").stdout
