@@ -47,7 +47,7 @@ from common.manifest import Backup, load_backup
 from common.progress import Progress, no_progress
 from common.settings import Settings
 from common.signals import stop_signals_held
-from common.store import DELETING_PREFIX, STAGING_PREFIX, BackupStore, open_store
+from common.store import BACKUP_ID, DELETING_PREFIX, STAGING_PREFIX, BackupStore, open_store
 from common.trees import diff_tree, live_paths, restore_tree, tree_entries
 
 COMPONENT = "code"
@@ -117,13 +117,20 @@ def record_deployed(paths: CodePaths, backup: Backup) -> None:
     atomic_write(paths.store.root / DEPLOYED, json.dumps({"backup": backup.id}).encode())
 
 
+def deployed_id(paths: CodePaths) -> str | None:
+    """The id of the backup the live tree was last restored or rolled back to, if recorded (and well formed)."""
+    try:
+        backup_id = json.loads((paths.store.root / DEPLOYED).read_text())["backup"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return backup_id if isinstance(backup_id, str) and BACKUP_ID.fullmatch(backup_id) else None
+
+
 def deployed_backup(paths: CodePaths) -> Backup | None:
     """The backup of the last restore, else the newest backup."""
-    record = paths.store.root / DEPLOYED
-    if record.is_file():
-        folder = paths.store.root / json.loads(record.read_text())["backup"]
-        if folder.is_dir():
-            return load_backup(folder)
+    backup_id = deployed_id(paths)
+    if backup_id is not None and (paths.store.root / backup_id).is_dir():
+        return load_backup(paths.store.root / backup_id)
     return paths.store.latest()
 
 
@@ -402,7 +409,8 @@ def cmd_cleanup(ctx: Context) -> Result:
     and the half-built trees of stopped restores and rollbacks."""
     paths = CodePaths.from_settings(ctx.settings)
     cutoff = datetime.now(UTC) - timedelta(days=ctx.args.days)
-    result = cleanup_backups(ctx, paths.store, SCRIPT)
+    # What the live tree was restored from stays: verify compares the tree with it.
+    result = cleanup_backups(ctx, paths.store, SCRIPT, protected=[i for i in [deployed_id(paths)] if i])
     if paths.in_place or paths.deployment is None:
         return result
     # Under the store's lock: a restore or rollback holds it for as long as its half-built tree exists.

@@ -222,7 +222,8 @@ def add_cleanup_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("days", metavar="DAYS", type=int, help="remove backups older than this many days")
     sub.add_argument("--keep", type=int, default=3, metavar="N",
                      help="always keep the newest N backups taken with `backup` (default 3, at least 1); "
-                          "safety backups are not counted and go once older than DAYS")
+                          "safety backups are not counted: those since the newest backup stay, older ones "
+                          "go once older than DAYS")
 
 
 def run(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from common.cli import Context, Result
 from common.errors import ToolkitError, UsageError
@@ -24,9 +24,9 @@ def list_backups(store: BackupStore, extra: dict[str, Callable[[Backup], str]] |
                    "unreadable": [{"id": name, "problem": why} for name, why in unreadable]}, lines, report=True)
 
 
-def cleanup_backups(ctx: Context, store: BackupStore, script: str) -> Result:
+def cleanup_backups(ctx: Context, store: BackupStore, script: str, protected: Collection[str] = ()) -> Result:
     """cleanup DAYS --keep N: remove old backups and unfinished leftovers; --dry-run only lists them."""
-    remove, keep = store.retention_plan(ctx.args.days, ctx.args.keep)
+    remove, keep = store.retention_plan(ctx.args.days, ctx.args.keep, protected)
     if ctx.dry_run:
         leftovers = store.leftovers()
         lines = [f"would remove {b.id} ({format_time(b.created_at)})" for b in remove]
@@ -34,7 +34,7 @@ def cleanup_backups(ctx: Context, store: BackupStore, script: str) -> Result:
         return Result({"dry_run": True, "would_remove": [b.id for b in remove], "kept": [b.id for b in keep],
                        "would_remove_leftovers": leftovers}, lines or ["no backups to remove"], report=True)
     with store.lock(f"{script} cleanup"):
-        remove, keep = store.retention_plan(ctx.args.days, ctx.args.keep)
+        remove, keep = store.retention_plan(ctx.args.days, ctx.args.keep, protected)
         for backup in remove:
             store.remove(backup)
         leftovers = store.remove_leftovers()

@@ -14,7 +14,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -244,9 +244,10 @@ class BackupStore:
 
     # -- retention ----------------------------------------------------------------------------------
 
-    def retention_plan(self, days: int, keep: int, now: datetime | None = None) -> tuple[list[Backup], list[Backup]]:
-        """Split the backups into (to remove, to keep): older than `days`, beyond the newest `keep`."""
-        return retention_split(self.backups(), days, keep, now)
+    def retention_plan(self, days: int, keep: int, protected: Collection[str] = ()
+                       ) -> tuple[list[Backup], list[Backup]]:
+        """Split the backups into (to remove, to keep) by retention_split; `protected` ids always stay."""
+        return retention_split(self.backups(), days, keep, protected=protected)
 
     def remove(self, backup: Backup) -> None:
         """Delete a backup: renamed out of sight first, so a half-deleted one is never taken for whole."""
@@ -293,13 +294,15 @@ def open_store(settings: Settings, store_setting: tuple[str, str], component: st
     return store
 
 
-def retention_split(backups: list[Backup], days: int, keep: int, now: datetime | None = None
-                    ) -> tuple[list[Backup], list[Backup]]:
+def retention_split(backups: list[Backup], days: int, keep: int, now: datetime | None = None,
+                    protected: Collection[str] = ()) -> tuple[list[Backup], list[Backup]]:
     """The retention rule, wherever the backups are: (to remove, to keep).
 
     Backups taken with `backup` older than `days` go, except the newest `keep` of them. Safety backups
     (what a restore, update or rollback replaced) are not counted among those `keep`, so they can never
-    push a regular backup out; they go once older than `days`, except the newest when no regular backup is left.
+    push a regular backup out. A safety backup taken since the newest regular backup stays (it undoes what
+    was done since); an older one goes once older than `days`. The newest backup, and `protected` ids
+    (what the live tree was last restored from, say), always stay.
     """
     if keep < 1:
         raise UsageError("--keep must be at least 1: the newest backup is never removed")
@@ -307,9 +310,10 @@ def retention_split(backups: list[Backup], days: int, keep: int, now: datetime |
         raise UsageError("DAYS must be 0 or more")
     newest_first = sorted(backups, key=lambda backup: (backup.created_at, backup.id), reverse=True)
     regular = [backup for backup in newest_first if not backup.is_safety]
-    safety = [backup for backup in newest_first if backup.is_safety]
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
-    doomed = {backup.id for backup in regular[keep:] + safety[0 if regular else 1:] if backup.created_at < cutoff}
+    since_regular = newest_first.index(regular[0]) if regular else 1
+    candidates = regular[keep:] + [backup for backup in newest_first[since_regular:] if backup.is_safety]
+    doomed = {backup.id for backup in candidates if backup.created_at < cutoff and backup.id not in protected}
     remove = [backup for backup in newest_first if backup.id in doomed]
     return remove, [backup for backup in newest_first if backup.id not in doomed]
 

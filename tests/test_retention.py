@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import git
 from test_code_rollback import CodeWorkspace
 from test_config_rollback import APP_YML, ENV, Workspace
 
@@ -73,3 +74,27 @@ def test_code_restores_never_push_the_labelled_backup_out(tmp_path: Path):
     result = cw.run("--json", "restore", "latest", "--yes")
     assert result.returncode == 0, result.stderr
     assert cw.tree() == wanted
+
+
+def test_cleanup_keeps_the_undo_a_restore_just_printed(ws: Workspace):
+    assert ws.run("backup").returncode == 0
+    (ws.config / "app.yml").write_text("broken: [\n")
+    restored = json.loads(ws.run("--json", "restore", "latest", "--yes").stdout)
+    result = ws.run("--json", "cleanup", "0", "--keep", "1")
+    assert result.returncode == 0, result.stderr
+    assert restored["safety_backup"] in ws.backup_ids()  # taken since the newest regular backup: it stays
+
+
+def test_code_cleanup_keeps_what_the_live_tree_was_rolled_back_to(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    (cw.repo / "app.py").write_text("print('v2')\n")
+    git(cw.repo, "commit", "-qam", "v2")
+    git(cw.repo, "tag", "v2")
+    assert cw.run("rollback", "v2", "--yes").returncode == 0
+    assert cw.run("backup", "--label", "nightly").returncode == 0
+    assert cw.run("rollback", "v1", "--yes").returncode == 0
+    assert cw.run("verify").returncode == 0
+    result = cw.run("--json", "cleanup", "0", "--keep", "1")
+    assert result.returncode == 0, result.stderr
+    verify = cw.run("verify")  # against what v1 was rolled back to, not the nightly backup of v2
+    assert verify.returncode == 0, verify.stdout
