@@ -154,8 +154,13 @@ def entries_problem(entries: list[Entry]) -> str | None:
         if entry.type == "file" and not (isinstance(entry.sha256, str) and _SHA256.fullmatch(entry.sha256)
                                          and isinstance(entry.size, int) and entry.size >= 0):
             return f"{rel!r} has no sha256 or size"
-        if entry.type == "symlink" and not isinstance(entry.target, str):
+        target = entry.target
+        if entry.type == "symlink" and not (isinstance(target, str) and target and "\0" not in target):
             return f"{rel!r} is a symlink without a target"
+        if entry.type != "symlink" and not (type(entry.mode) is int and 0 <= entry.mode <= 0o7777):
+            return f"{rel!r} has no mode a file can have"
+        if any(owner is not None and not (type(owner) is int and owner >= 0) for owner in (entry.uid, entry.gid)):
+            return f"{rel!r} has an owner that is not a user or group id"
     return None
 
 
@@ -163,7 +168,7 @@ def load_backup(folder: Path) -> Backup:
     """Read a backup folder's manifest; one that entries_problem refuses raises UnsafeManifest."""
     try:
         return backup_from_manifest(folder, json.loads((folder / MANIFEST).read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # a field of the wrong JSON type
         raise ToolkitError(f"{folder / MANIFEST} is unreadable or incomplete ({exc}): not a usable backup") from None
 
 

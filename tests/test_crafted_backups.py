@@ -183,3 +183,23 @@ def test_latest_never_falls_back_past_a_newer_backup_it_cannot_read(ws: Workspac
     listing = ws.run("--json", "list")
     assert [u["id"] for u in json.loads(listing.stdout)["unreadable"]] == [newer.name]
     assert f"cannot read backup {newer.name}" in ws.run("list").stdout
+
+
+@pytest.mark.parametrize("field, value", [("mode", "rwx"), ("mode", 0o70000), ("uid", -1), ("uid", "root")])
+def test_a_manifest_field_of_the_wrong_kind_is_refused_before_anything_changes(ws: Workspace, tmp_path: Path,
+                                                                               field: str, value):
+    def change(entries):
+        return [{**e, field: value} if e["path"] == "config/app.yml" else e for e in entries]
+
+    crafted = craft(_only_backup(ws.store), tmp_path / "crafted", change)
+    (ws.config / "app.yml").write_text("port: 9\n")
+    before = ws.live()
+    result = ws.run("restore", str(crafted), "--yes")
+    assert result.returncode == 1 and "refused" in result.stderr and "unexpected" not in result.stderr
+    assert ws.live() == before
+
+
+def test_a_manifest_that_is_not_a_manifest_is_one_line(ws: Workspace, tmp_path: Path):
+    crafted = craft(_only_backup(ws.store), tmp_path / "crafted", lambda entries: ["x"])
+    result = ws.run("restore", str(crafted), "--yes")
+    assert result.returncode == 1 and "not a usable backup" in result.stderr and "unexpected" not in result.stderr
