@@ -54,7 +54,7 @@ from db_dumps import (
 )
 from db_scratch import (
     CLAIMED,
-    KEPT,
+    KEPT_ROLES,
     being_built,
     claimed,
     drop_database,
@@ -143,12 +143,13 @@ def restore_into_fresh_database(db: DbContext, dump: Path, jobs: int, expected_s
     until it is switched in or dropped, so that cleanup never drops it under a running restore.
     """
     restored, before = scratch_names(db.server.name)
-    with claimed(db.server, restored):
+    with claimed(db.server, restored) as claim:
         create_database_like(db.server, restored)
         try:
             with progress(f"restoring into {restored}", lambda: database_size(db.server, restored), expected_size):
                 restore_into(db.server, db.tools, dump, restored, jobs, single_transaction=jobs <= 1)
             copy_database_settings(db.server, db.server.name, restored)
+            claim.check()  # unclaimed, a cleanup may have dropped or be dropping it: never switch that in
             outage = swap_in(db.server, restored, before)
         except BaseException:
             drop_database(db.server, restored)
@@ -255,7 +256,7 @@ def cmd_cleanup(ctx: Context) -> Result:
     with db.server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
         scratch = scratch_databases(cur, db.server.name)
         building = being_built(cur, [s.name for s in scratch if s.role in CLAIMED])
-    kept = sorted((s for s in scratch if s.role == KEPT), key=lambda s: s.made, reverse=True)
+    kept = sorted((s for s in scratch if s.role in KEPT_ROLES), key=lambda s: s.made, reverse=True)
     old = [s.name for s in kept[max(ctx.args.keep, 1):] if s.made < cutoff]
     leftovers = [s.name for s in scratch if s.role in CLAIMED and s.name not in building]
     result = cleanup_backups(ctx, db.store, SCRIPT)

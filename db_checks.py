@@ -8,7 +8,7 @@ from pathlib import Path
 import db_migrations
 from common.errors import ToolkitError, UsageError
 from db_dumps import quote_identifier
-from db_scratch import CLAIMED, KEPT, being_built, scratch_databases
+from db_scratch import CLAIMED, KEPT_ROLES, being_built, scratch_databases
 from db_server import APPLICATION_NAME, MAINTENANCE_DB, DbServer
 
 LONG_TRANSACTION_SECONDS = 300
@@ -64,7 +64,7 @@ def scratch_report(cur, live: str, notes: list[str]) -> list[str]:
     restoring = [s.name for s in scratch if s.role in CLAIMED]
     building = being_built(cur, restoring)
     notes += [f"database {name} is being built by a restore or drill running now" for name in sorted(building)]
-    kept = [s.name for s in scratch if s.role == KEPT]
+    kept = [s.name for s in scratch if s.role in KEPT_ROLES]
     if kept:
         notes.append(f"kept by earlier restores for an undo (cleanup DAYS drops old ones): {', '.join(kept)}")
     return [f"database {name} was left by a restore or drill that did not finish: `{APPLICATION_NAME} cleanup` "

@@ -16,8 +16,8 @@ from common.errors import ToolkitError, UsageError
 from common.manifest import MANIFEST, Backup
 from common.proc import run_tool
 from common.staging import Staging
+from db_scratch import UNDONE, scratch_name
 from db_scratch import drop_database as drop_database  # re-exported: drill.py imports it from here
-from db_scratch import scratch_name
 from db_server import MAINTENANCE_DB, DbServer
 
 DUMP_FILE = "db.dump"  # custom format: one file plain pg_restore reads
@@ -264,7 +264,7 @@ def rename_back_statements(live: str, before: str) -> list[str]:
     return [
         f"ALTER DATABASE {quote_identifier(live)} WITH ALLOW_CONNECTIONS false",
         f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {literal} AND pid <> pg_backend_pid()",
-        f"ALTER DATABASE {quote_identifier(live)} RENAME TO {quote_identifier(scratch_name(live, 'undone'))}",
+        f"ALTER DATABASE {quote_identifier(live)} RENAME TO {quote_identifier(scratch_name(live, UNDONE))}",
         f"ALTER DATABASE {quote_identifier(before)} RENAME TO {quote_identifier(live)}",
         # The swap refused connections to the database it set aside; a run killed just after it left that so.
         f"ALTER DATABASE {quote_identifier(live)} WITH ALLOW_CONNECTIONS true",

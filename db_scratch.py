@@ -25,12 +25,14 @@ from db_server import MAINTENANCE_DB, DbServer
 MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: longer names are cut, and could then collide
 RESTORING = "restore"
 KEPT = "before"
+UNDONE = "undone"  # the database an undo of a swap set aside (what the restore had put in), kept like `before`
+KEPT_ROLES = frozenset({KEPT, UNDONE})  # whole databases kept for a way back: cleanup DAYS drops old ones
 DRILLING = "drill"  # the drill's scratch database; its own restore builds `<drill name>__restore_...` first
 CLAIMED = frozenset({RESTORING, DRILLING})  # built under a claim: unclaimed, it is a leftover
 _STAMP = "%Y%m%d%H%M%S"
 _RANDOM_BYTES = 3
 # The random part is optional: names made before it existed are still recognised.
-_SCRATCH = re.compile(r"(?P<prefix>.*)__(?P<role>restore|before|drill)_(?P<stamp>\d{14})(?:_[0-9a-f]{6})?", re.S)
+_SCRATCH = re.compile(r"(?P<prefix>.*)__(?P<role>restore|before|undone|drill)_(?P<stamp>\d{14})(?:_[0-9a-f]{6})?", re.S)
 
 
 @dataclass(frozen=True)
@@ -92,20 +94,49 @@ def being_built(cur, names: list[str]) -> set[str]:
                 " AND granted AND objsubid = 1"
                 " AND database = (SELECT oid FROM pg_database WHERE datname = %s)", (MAINTENANCE_DB,))
     held = {key for (key,) in cur.fetchall()}  # bigint shifts wrap: the key comes back signed, as claim_key's
-    return {name for name in names if claim_key(name) in held}
+    # A database someone is connected to is in use whatever its claim says (pg_restore writing into it).
+    cur.execute("SELECT DISTINCT datname FROM pg_stat_activity WHERE datname = ANY(%s)", (names,))
+    in_use = {name for (name,) in cur.fetchall()}
+    return {name for name in names if claim_key(name) in held or name in in_use}
+
+
+class Claim:
+    """A scratch name claimed by this run: its advisory lock, held on a session of its own."""
+
+    def __init__(self, conn, name: str):
+        self._conn, self.name = conn, name
+
+    def check(self) -> None:
+        """Raise unless the claim still holds: its session may have been ended while it sat idle."""
+        try:
+            with self._conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+                            " AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = %s",
+                            (claim_key(self.name),))
+                held = cur.fetchone()[0] == 1
+        except Exception as exc:  # psycopg2's errors: the session is gone
+            raise ToolkitError(f"the claim on {self.name} was lost ({str(exc).strip() or type(exc).__name__}): "
+                               "a cleanup could have dropped it") from None
+        if not held:
+            raise ToolkitError(f"the claim on {self.name} was lost: a cleanup could have dropped it")
 
 
 @contextmanager
-def claimed(server: DbServer, name: str) -> Iterator[None]:
+def claimed(server: DbServer, name: str) -> Iterator[Claim]:
     """Hold `name`'s advisory lock on a connection of its own for the block: take it before creating the
-    database, leave the block only once the database is switched in or dropped."""
-    conn = server.connect(MAINTENANCE_DB, autocommit=True)
+    database, leave the block only once the database is switched in or dropped.
+
+    The session sits idle for as long as pg_restore runs, so nothing may end it for that: no
+    idle_session_timeout (set for it alone), and TCP keepalives for the network between."""
+    conn = server.connect(MAINTENANCE_DB, autocommit=True, keepalive=True)
     try:
         with conn.cursor() as cur:
+            cur.execute("SELECT set_config(name, '0', false) FROM pg_settings"
+                        " WHERE name IN ('idle_session_timeout', 'idle_in_transaction_session_timeout')")
             cur.execute("SELECT pg_try_advisory_lock(%s)", (claim_key(name),))
             if not cur.fetchone()[0]:
                 raise ToolkitError(f"another run has claimed the database name {name}: try again")
-        yield
+        yield Claim(conn, name)
     finally:
         conn.close()  # a session-level advisory lock ends with the session
 

@@ -42,10 +42,13 @@ class DbServer:
             lock_timeout=settings.integer("DB_LOCK_TIMEOUT", 10, minimum=1),
         )
 
-    def connect(self, dbname: str | None = None, autocommit: bool = False):
-        """A psycopg2 connection to `dbname` (default DB_NAME); a failure is one line naming the server."""
+    def connect(self, dbname: str | None = None, autocommit: bool = False, keepalive: bool = False):
+        """A psycopg2 connection to `dbname` (default DB_NAME); a failure is one line naming the server.
+
+        `keepalive`: TCP keepalives, for a session that stays idle for long (a firewall or NAT would drop it)."""
         import psycopg2
 
+        probes = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
         try:
             conn = psycopg2.connect(
                 host=self.host,
@@ -55,6 +58,7 @@ class DbServer:
                 password=self.password,
                 connect_timeout=CONNECT_TIMEOUT_SECONDS,
                 application_name=APPLICATION_NAME,
+                **(probes if keepalive else {}),
             )
         except psycopg2.OperationalError as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"

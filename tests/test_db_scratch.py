@@ -15,8 +15,22 @@ import pytest
 from helpers import database_state, process_state, run_script, script_argv, wait_for_child, wait_until_dead
 from test_database_rollback import RICH_SCHEMA, DbWorkspace, break_database
 
+from common.errors import ToolkitError
+from common.settings import Settings
 from db_dumps import rename_back_statements
-from db_scratch import DRILLING, KEPT, RESTORING, parse_scratch_name, scratch_name, scratch_names
+from db_scratch import (
+    DRILLING,
+    KEPT,
+    RESTORING,
+    UNDONE,
+    being_built,
+    claim_key,
+    claimed,
+    parse_scratch_name,
+    scratch_name,
+    scratch_names,
+)
+from db_server import DbServer
 
 
 @pytest.fixture
@@ -190,3 +204,57 @@ def test_an_undo_gives_back_a_database_that_takes_connections(dbw: DbWorkspace):
     for statement in broken_again:
         dbw.sql(statement, dbname="postgres")
     assert database_state(dbw.pg_db) != before  # the broken database is back, and it takes connections
+    (undone,) = scratch_of(dbw, UNDONE)
+    notes = json.loads(dbw.run("--json", "verify").stdout)["notes"]
+    assert any(undone in note and "kept" in note for note in notes)  # named, and cleanup DAYS drops it when old
+
+
+def _server(dbw: DbWorkspace) -> DbServer:
+    return DbServer.from_settings(Settings.load(None, environ=dbw.env))
+
+
+def _claim_pid(dbw: DbWorkspace, name: str) -> int:
+    (pid,) = dbw.sql(f"SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+                     f" AND ((classid::bigint << 32) | objid::bigint) = {claim_key(name)}")[0]
+    return pid
+
+
+def test_a_claim_outlives_the_servers_idle_timeout_and_knows_when_it_is_lost(dbw: DbWorkspace):
+    name = scratch_name(dbw.pg_db.name, RESTORING)
+    dbw.sql("ALTER DATABASE postgres SET idle_session_timeout = '100ms'")
+    try:
+        with claimed(_server(dbw), name) as claim:
+            time.sleep(0.5)  # not a wait for anything: the time the server gives an idle session, five times over
+            claim.check()
+            assert being_built_now(dbw, name)
+            dbw.sql(f"SELECT pg_terminate_backend({_claim_pid(dbw, name)})")
+            with pytest.raises(ToolkitError, match="was lost"):
+                claim.check()
+    finally:
+        dbw.sql("ALTER DATABASE postgres RESET idle_session_timeout")
+
+
+def being_built_now(dbw: DbWorkspace, name: str) -> bool:
+    conn = dbw.pg_db.cluster.connect("postgres")
+    try:
+        with conn.cursor() as cur:
+            return name in being_built(cur, [name])
+    finally:
+        conn.close()
+
+
+def test_a_restore_whose_claim_is_lost_switches_nothing_in(dbw: DbWorkspace):
+    assert dbw.run("backup").returncode == 0
+    break_database(dbw)
+    broken = database_state(dbw.pg_db)
+    proc = start(dbw, "restore", "latest", "--yes")
+    pg_restore = wait_for_child(proc, "pg_restore", "--dbname")
+    os.kill(pg_restore, signal.SIGSTOP)
+    try:
+        (scratch,) = scratch_of(dbw, RESTORING)
+        dbw.sql(f"SELECT pg_terminate_backend({_claim_pid(dbw, scratch)})")  # as a proxy's idle timeout would
+    finally:
+        os.kill(pg_restore, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "was lost" in err.decode()
+    assert database_state(dbw.pg_db) == broken and not scratch_of(dbw, RESTORING)
