@@ -56,7 +56,7 @@ class ConfigPaths:
         )
         if is_inside(paths.store.root, paths.config_dir):
             raise SettingError(f"CONFIG_BACKUP_DIR {paths.store.root} is inside CONFIG_DIR {paths.config_dir}: "
-                               "keep the backups outside the configuration they back up")
+                               "keep the backups outside the configuration they back up", setting=STORE_SETTING[0])
         return paths
 
     @property

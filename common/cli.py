@@ -265,8 +265,8 @@ def run(
         if isinstance(exc, KeyboardInterrupt):
             exc = Interrupted("interrupted by SIGINT")
         error, code = str(exc), exc.exit_code
-        # With a setting wrong, where the audit log would go (in the backup folder) may be wrong too.
-        settings_broken = isinstance(exc, SettingError)
+        # With the backup folder's or the audit log's own setting wrong, the log would go to the wrong place.
+        settings_broken = isinstance(exc, SettingError) and exc.setting in (store_setting[0], "AUDIT_LOG")
         _report_error(script, args, error, code)
     except Exception as exc:  # a bug: still one line, the traceback only with --verbose
         error, code = f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILED

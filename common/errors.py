@@ -22,7 +22,11 @@ class UsageError(ToolkitError):
 
 
 class SettingError(UsageError):
-    """A missing or malformed setting; the message names the variable."""
+    """A missing or malformed setting; the message names the variable (`setting`, when one is to blame)."""
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
 
 
 class VerifyFailed(ToolkitError):

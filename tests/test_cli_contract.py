@@ -35,7 +35,10 @@ def test_a_malformed_line_in_the_settings_file_stops_the_run(site: Path):
     assert result.stderr.strip().splitlines() == [
         f"config_rollback.py: error: settings file {site / 'settings.env'}, line 2: not KEY=value "
         "(e.g. DB_PORT=5432); fix or remove the line"]
-    assert "hunter2" not in result.stderr + result.stdout and not (site / "store").exists()
+    assert "hunter2" not in result.stderr + result.stdout
+    assert not [p for p in (site / "store").glob("*") if p.name != "audit.log"]  # no backup; the refusal is audited
+    audit = [json.loads(line) for line in (site / "store" / "audit.log").read_text().splitlines()]
+    assert audit[-1]["exit_code"] == 2 and "hunter2" not in json.dumps(audit)
 
 
 def test_a_near_miss_of_a_setting_is_warned_about(site: Path):
