@@ -183,6 +183,8 @@ def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, out: str, mode: int, w
 
 
 def _symlink(link_target: str, out: str, rel: str, what: str) -> None:
+    if not link_target or "\0" in link_target:  # git can store an empty target; no system makes that link
+        raise ToolkitError(f"{what}: the symlink {rel!r} has an empty or invalid target: refused")
     if os.path.isabs(link_target):
         raise ToolkitError(f"{what}: the symlink {rel!r} points out of the tree ({link_target}): refused")
     try:

@@ -49,6 +49,7 @@ HOSTILE = {
     "fifo": [(member("pipe", tarfile.FIFOTYPE), b"")],
     "hard link": [(member("f"), b"x"), (member("g", tarfile.LNKTYPE, "f"), b"")],
     "twice": [(member("f"), b"x"), (member("f"), b"y")],
+    "empty symlink target": [(member("nothing", tarfile.SYMTYPE, ""), b"")],
 }
 
 
