@@ -171,7 +171,9 @@ def add_store_commands(commands: argparse._SubParsersAction, cleanup: Callable[[
     sub.add_argument("--remote", action="store_true", help="the backups on REMOTE_URL instead")
     sub = add_command(commands, "push", _remote_command("cmd_push"), "copy backups to REMOTE_URL (only what is new)",
                       "Uploads each payload file the remote does not have yet, then the manifest, last: a push\n"
-                      "cut off at any moment leaves nothing `list --remote` shows, and the next one resumes.")
+                      "cut off at any moment leaves nothing `list --remote` shows, and the next one resumes.\n"
+                      "An id the remote holds for other content (another host's backup) is refused (exit 1),\n"
+                      "and the remote copy is left as it is.")
     sub.add_argument("backup", metavar="BACKUP", nargs="?", help="a backup id or `latest` (the default)")
     sub.add_argument("--all", action="store_true", help="every backup of the store")
     sub = add_command(commands, "pull", _remote_command("cmd_pull"), "bring a backup from REMOTE_URL into the store",

@@ -38,6 +38,7 @@ from common.remote_io import (
     HashingReader,
     HashingWriter,
     ObjectMissing,
+    PushRefused,
     RemoteMissing,
     Transfer,
     check_content,
@@ -92,6 +93,7 @@ class RemoteBackup:
 
     backup: Backup
     manifest_bytes: bytes
+    data: dict  # the manifest's JSON
     blobs: dict[str, str] = field(default_factory=dict)  # entry path -> object key
 
 
@@ -187,36 +189,63 @@ class Remote:
         packed = self.sealer.open_bytes(raw) if self.sealer else raw
         try:
             plain = gzip.decompress(packed)
-            backup = backup_from_manifest(Path(backup_id), json.loads(plain))
+            data = json.loads(plain)
+            backup = backup_from_manifest(Path(backup_id), data)
         except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
             raise ToolkitError(f"the remote manifest of {backup_id} is unreadable ({exc})") from None
         except UnsafeManifest as exc:
             raise ToolkitError(f"{exc} (on {self.describe()})") from None
         if backup.id != backup_id or backup.component != component:
             raise ToolkitError(f"the remote manifest {key} describes {backup.component} {backup.id}: refused")
-        return RemoteBackup(backup, plain, {e.path: self.blob_key(e.sha256) for e in backup.files})
+        return RemoteBackup(backup, plain, data, {e.path: self.blob_key(e.sha256) for e in backup.files})
 
     # -- push ------------------------------------------------------------------------------------------------
 
     def push(self, backup: Backup, done: Transfer | None = None) -> Transfer:
-        """Upload what of `backup` the remote does not have, then its manifest. Already pushed: nothing moves."""
+        """Upload what of `backup` the remote does not have, then its manifest. Already pushed: nothing moves.
+
+        An id the remote already holds for other content (another host's backup) refuses the push: PushRefused.
+        """
         done = done or Transfer()
-        manifest_key = self.manifest_key(backup.component, backup.id)
-        try:
-            s3_call(lambda: self.client.head_object(Bucket=self.config.bucket, Key=manifest_key), RemoteMissing)
+        local = remote_manifest_data(backup.path / MANIFEST)
+        if self._holds(backup, local):
             done.skipped = len(backup.files)
             return done
-        except RemoteMissing:
-            pass
         mark = self._cleanup_mark()
         self._send_missing(backup, done)
         if self._cleanup_mark() != mark:  # a cleanup ran meanwhile: it may have taken a blob this push skipped
             self._send_missing(backup, done)
-        manifest = remote_manifest(backup.path / MANIFEST)
-        body = self.sealer.seal_bytes(manifest) if self.sealer else manifest
+        self._put_manifest(backup, local, done)
+        return done
+
+    def _holds(self, backup: Backup, local: dict) -> bool:
+        """Whether the remote has this very backup already; PushRefused when its id names other content there."""
+        manifest_key = self.manifest_key(backup.component, backup.id)
+        try:
+            s3_call(lambda: self.client.head_object(Bucket=self.config.bucket, Key=manifest_key), RemoteMissing)
+        except RemoteMissing:
+            return False
+        there = self.read(backup.component, backup.id)
+        if there.data != local:
+            raise PushRefused(f"backup {backup.id} is already on {self.describe()} with other content (made on "
+                              f"{there.backup.source.get('host', 'another host')}): not pushed, the remote copy is "
+                              "left as it is; this host's backup stays in the local store")
+        return True
+
+    def _put_manifest(self, backup: Backup, local: dict, done: Transfer) -> None:
+        """Upload the manifest, then read it back: another push of the same id at the same moment loses no backup
+        unsaid (object storage has no "create only if absent" that every server honours)."""
+        manifest_key = self.manifest_key(backup.component, backup.id)
+        packed = gzip.compress(json.dumps(local).encode(), compresslevel=6, mtime=0)
+        body = self.sealer.seal_bytes(packed) if self.sealer else packed
         self.call("put_object", Key=manifest_key, Body=body)
         done.add(objects=1, size=len(body))
-        return done
+        stored = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=manifest_key)["Body"].read(),
+                         RemoteMissing, f"the manifest of {backup.id} vanished from {self.describe()} as it was pushed")
+        if stored != body and self.read(backup.component, backup.id).data != local:
+            raise PushRefused(f"backup {backup.id} was pushed to {self.describe()} at the same moment by another run "
+                              "with other content, whose copy the remote now holds: this host's backup stays in "
+                              "the local store")
 
     def _send_missing(self, backup: Backup, done: Transfer) -> None:
         """Upload the files whose object is not on the remote with its size (one listing finds out)."""
@@ -344,8 +373,8 @@ def bucket_name_problem(name: str) -> str | None:
     return None
 
 
-def remote_manifest(path: Path) -> bytes:
-    """The manifest as the remote keeps it: without what only meant something on this host, compressed.
+def remote_manifest_data(path: Path) -> dict:
+    """The manifest as the remote keeps it (compressed, on upload): without what only meant something here.
 
     A file's mtime, ctime and inode say whether the next backup here may link it unchanged; elsewhere
     they mean nothing, and they are most of what an unchanged backup would send.
@@ -354,7 +383,7 @@ def remote_manifest(path: Path) -> bytes:
     for entry in data["entries"]:
         for name in LOCAL_ONLY_FIELDS:
             entry.pop(name, None)
-    return gzip.compress(json.dumps(data).encode(), compresslevel=6, mtime=0)
+    return data
 
 
 _downloads_allowed = True

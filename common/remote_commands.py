@@ -10,7 +10,7 @@ from common.commands import human_size, table
 from common.errors import EXIT_FAILED, EXIT_VERIFY, UsageError
 from common.manifest import Backup, format_time
 from common.remote import Remote, RemoteConfig
-from common.remote_io import Transfer
+from common.remote_io import PushRefused, Transfer
 
 
 def remote_for(ctx: Context) -> Remote:
@@ -26,17 +26,27 @@ def _transfer_progress(ctx: Context, label: str, transfer: Transfer) -> Abstract
     return ctx.progress(label, lambda: transfer.bytes, lambda: transfer.total_bytes or None)
 
 
-def push_backups(ctx: Context, remote: Remote, backups: list[Backup]) -> tuple[dict, list[str]]:
-    """Push each backup; what moved, for --json and for people."""
-    pushed, lines = {}, []
+def push_backups(ctx: Context, remote: Remote, backups: list[Backup]) -> Result:
+    """Push each backup; what moved, for --json and for people. A backup whose id names other content on the
+    remote is refused and named, the others still go, and the run exits 1."""
+    pushed, lines, refused = {}, [], []
     for backup in backups:
         transfer = Transfer()
-        with _transfer_progress(ctx, f"pushing {backup.id}", transfer):
-            remote.push(backup, transfer)
+        try:
+            with _transfer_progress(ctx, f"pushing {backup.id}", transfer):
+                remote.push(backup, transfer)
+        except PushRefused as exc:
+            if len(backups) == 1:
+                raise
+            ctx.warn(str(exc))
+            refused.append(str(exc))
+            continue
         pushed[backup.id] = transfer.to_json()
         lines.append(f"pushed {backup.id} to {remote.describe()}: {transfer.objects} objects "
                      f"({human_size(transfer.bytes)}) sent, {transfer.skipped} files already there")
-    return pushed, lines
+    return Result({"pushed": pushed, "refused": refused, "remote": remote.describe()},
+                  [*lines, *refused] or ["nothing to push"], backup_ids=list(pushed),
+                  exit_code=EXIT_FAILED if refused else 0)
 
 
 def cmd_push(ctx: Context) -> Result:
@@ -47,9 +57,7 @@ def cmd_push(ctx: Context) -> Result:
     if ctx.dry_run:
         return Result({"dry_run": True, "would_push": [b.id for b in backups]},
                       [f"would push {b.id}" for b in backups] or ["nothing to push"], report=True)
-    pushed, lines = push_backups(ctx, remote, backups)
-    return Result({"pushed": pushed, "remote": remote.describe()}, lines or ["nothing to push"],
-                  backup_ids=list(pushed))
+    return push_backups(ctx, remote, backups)
 
 
 def cmd_pull(ctx: Context) -> Result:
@@ -111,13 +119,13 @@ def push_after_backup(ctx: Context, result: Result) -> None:
         return
     backup_id = result.backup_ids[0]
     try:
-        pushed, lines = push_backups(ctx, remote_for(ctx), [ctx.store().resolve(backup_id)])
+        pushed = push_backups(ctx, remote_for(ctx), [ctx.store().resolve(backup_id)])
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the backup stands and its report must go out
         push_failed(ctx, result, f"backup {backup_id} was made, but the push failed: {exc}; "
                                  f"`push {backup_id}` sends it later")
         return
-    result.data["pushed"] = pushed
-    result.lines += lines
+    result.data["pushed"] = pushed.data["pushed"]
+    result.lines += pushed.lines
 
 
 def push_failed(ctx: Context, result: Result, message: str) -> None:

@@ -25,6 +25,10 @@ class ObjectMissing(ToolkitError):
     """An object a manifest names is not there: the remote copy is damaged."""
 
 
+class PushRefused(ToolkitError):
+    """A backup that is not pushed, while other backups of the same run may be: its id names other content there."""
+
+
 def s3_call(call: Callable, missing: type[ToolkitError] | None = None, what: str = "not found"):
     """Run one boto3 call; its errors become one line naming what failed, never the credentials.
 

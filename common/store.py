@@ -26,8 +26,9 @@ from common.manifest import MANIFEST, MANIFEST_FORMAT, Backup, backup_from_manif
 from common.settings import Settings
 from common.staging import Staging
 
-# What a backup id looks like: one path component that sorts by time (see _new_id).
-BACKUP_ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[A-Za-z0-9_.-]+")
+# What a backup id looks like: one path component that sorts by time (see new_backup_id). Ids made before
+# the host and the random part were added (`20261125T013000.123Z-db-ariesone-2`) match too.
+BACKUP_ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[A-Za-z0-9_.-]{1,200}")
 _TEMP_FILE = re.compile(r"\..+\.tmp-[0-9a-f]{8}")  # common.files.temp_name
 STAGING_PREFIX = ".staging-"
 DELETING_PREFIX = ".deleting-"
@@ -88,7 +89,9 @@ class BackupStore:
         if not self.locked:
             raise RuntimeError("new_backup needs the store lock")
         created = datetime.now(UTC)
-        backup_id = self._new_id(created, name)
+        backup_id = new_backup_id(self.component, name, created)
+        while (self.root / backup_id).exists() or (self.root / f"{STAGING_PREFIX}{backup_id}").exists():
+            backup_id = new_backup_id(self.component, name, created)  # 32 random bits: a retry never loops
         staging = Staging(self.root / f"{STAGING_PREFIX}{backup_id}", backup_id)
         os.mkdir(staging.path, PRIVATE_DIR)
         try:
@@ -144,17 +147,6 @@ class BackupStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-
-    def _new_id(self, created: datetime, name: str | None) -> str:
-        stamp = created.strftime("%Y%m%dT%H%M%S.") + f"{created.microsecond // 1000:03d}Z"
-        base = f"{stamp}-{self.component}"
-        if name:
-            base += "-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "x")[:40]
-        candidate, n = base, 1
-        while (self.root / candidate).exists() or (self.root / f"{STAGING_PREFIX}{candidate}").exists():
-            n += 1
-            candidate = f"{base}-{n}"
-        return candidate
 
     # -- reading ------------------------------------------------------------------------------------
 
@@ -292,6 +284,25 @@ def open_store(settings: Settings, store_setting: tuple[str, str], component: st
 
         store.fetch = pull_when_missing(settings, store)
     return store
+
+
+def new_backup_id(component: str, name: str | None, created: datetime) -> str:
+    """A new id: UTC time to the millisecond (so ids sort by time), component, `name`, host, 32 random bits.
+
+    The host and the random part keep apart the ids that two hosts, or two runs, make in the same
+    millisecond: they share one remote prefix, where an id must name one backup only.
+    """
+    stamp = created.strftime("%Y%m%dT%H%M%S.") + f"{created.microsecond // 1000:03d}Z"
+    parts = [stamp, component]
+    if name:
+        parts.append(_id_part(name, 40))
+    parts += [_id_part(socket.gethostname().split(".")[0], 32), secrets.token_hex(4)]
+    return "-".join(parts)
+
+
+def _id_part(text: str, limit: int) -> str:
+    """`text` as a piece of an id: letters, digits, `_`, `.` and `-` only, at most `limit` of them."""
+    return (re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-") or "x")[:limit]
 
 
 def retention_split(backups: list[Backup], days: int, keep: int, now: datetime | None = None,
