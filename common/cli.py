@@ -172,10 +172,15 @@ def add_store_commands(commands: argparse._SubParsersAction, cleanup: Callable[[
     sub = add_command(commands, "push", _remote_command("cmd_push"), "copy backups to REMOTE_URL (only what is new)",
                       "Uploads each payload file the remote does not have yet, then the manifest, last: a push\n"
                       "cut off at any moment leaves nothing `list --remote` shows, and the next one resumes.\n"
+                      "A backup already there has its objects checked: what is missing, cut short or known\n"
+                      "to be damaged (found by `verify --remote --deep` or a pull) is sent again.\n"
                       "An id the remote holds for other content (another host's backup) is refused (exit 1),\n"
                       "and the remote copy is left as it is.")
     sub.add_argument("backup", metavar="BACKUP", nargs="?", help="a backup id or `latest` (the default)")
     sub.add_argument("--all", action="store_true", help="every backup of the store")
+    sub.add_argument("--repair", action="store_true",
+                     help="also read back and hash every object the backups rely on, and send again what is "
+                          "damaged")
     sub = add_command(commands, "pull", _remote_command("cmd_pull"), "bring a backup from REMOTE_URL into the store",
                       "Every byte's sha256 is checked while downloading; a missing or changed object refuses\n"
                       "the pull and leaves the local store as it was. `restore ID` pulls by itself.")
@@ -189,6 +194,8 @@ def add_verify_command(commands: argparse._SubParsersAction, handler: Callable[[
     sub.add_argument("--remote", action="store_true",
                      help="check that every object the remote manifests name exists with its size")
     sub.add_argument("--deep", action="store_true", help="with --remote: download each object and check its sha256")
+    sub.add_argument("--repair", action="store_true",
+                     help="with --remote: send each missing or damaged object again from the local store")
     return sub
 
 
@@ -212,8 +219,9 @@ def _local_or_remote(local: Callable[[Context], Result], remote: str) -> Callabl
     def handler(ctx: Context) -> Result:
         if getattr(ctx.args, "remote", False):
             return _remote_command(remote)(ctx)
-        if getattr(ctx.args, "deep", False):
-            raise UsageError("--deep goes with --remote")
+        for flag in ("deep", "repair"):
+            if getattr(ctx.args, flag, False):
+                raise UsageError(f"--{flag} goes with --remote")
         return local(ctx)
 
     return handler
@@ -246,7 +254,7 @@ def run(
     error: str | None = None
     objective: float | None = None
     if args.dry_run:
-        from common.remote import forbid_downloads
+        from common.remote_pull import forbid_downloads
 
         forbid_downloads()
     try:

@@ -7,6 +7,8 @@ Layout under REMOTE_URL (s3://BUCKET/PREFIX):
     PREFIX/<component>/manifests/<backup id>    the backup's manifest (compressed), uploaded after its blobs
     PREFIX/cleanup-candidates                   blobs no manifest named at a cleanup, and since when
                                                 (verify and cleanup: common/remote_upkeep.py)
+    PREFIX/damaged/<name>                       a blob a deep verify or a pull found damaged: every push
+                                                sends it again before relying on it (common/remote_push.py)
 
 A backup is on the remote once its manifest is: a push cut off at any moment leaves blobs that no manifest
 names, which `list --remote` does not show and the next push finds and does not send again. A pull checks
@@ -20,37 +22,37 @@ never printed.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from common.errors import SettingError, ToolkitError, UsageError
-from common.files import PRIVATE_DIR, atomic_write, flushing_meanwhile, size_and_sha256
-from common.manifest import MANIFEST, Backup, Entry, UnsafeManifest, backup_from_manifest, load_backup
+from common.errors import SettingError, ToolkitError
+from common.files import size_and_sha256
+from common.manifest import Backup, Entry, UnsafeManifest, backup_from_manifest
 from common.remote_io import (
     PARALLEL,
     SMALL_OBJECT,
     HashingReader,
     HashingWriter,
     ObjectMissing,
-    PushRefused,
     RemoteMissing,
     Transfer,
     check_content,
     s3_call,
     transfer_config,
 )
+from common.sealing import Sealer, SealError
 from common.settings import Settings
-from common.store import BackupStore
 
-PAYLOAD_MODE = 0o400  # pulled payload files are read-only, like a code backup's
 LOCAL_ONLY_FIELDS = ("mtime_ns", "ctime_ns", "ino")  # a file's identity on this host: meaningless elsewhere
 CANDIDATES = "cleanup-candidates"  # blobs no manifest named at a cleanup, and since when
+DAMAGED = "damaged"  # DAMAGED/<blob name>: a blob found damaged, which pushes send again before relying on it
 CREDENTIAL_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                        "AWS_PROFILE")
 
@@ -101,11 +103,12 @@ class Remote:
     """The off-host copies of every component's backups, in one bucket and prefix."""
 
     def __init__(self, config: RemoteConfig):
-        from common.sealing import Sealer
-
         self.config = config
         self.sealer = Sealer.from_key_file(config.key_file) if config.key_file else None
         self._client = None
+        self._present: dict[str, tuple[int, str]] | None = None  # see present_blobs
+        self._present_mark: str | None = None
+        self._damaged: set[str] = set()
 
     @property
     def client(self):
@@ -151,6 +154,10 @@ class Remote:
     def stored_size(self, size: int) -> int:
         """How big the object for `size` bytes of content is on the remote."""
         return self.sealer.sealed_size(size) if self.sealer else size
+
+    def size_fits(self, stored: int, size: int) -> bool:
+        """Whether an object of `stored` bytes can hold `size` bytes of content."""
+        return stored == self.stored_size(size)
 
     def describe(self) -> str:
         """The remote, for messages (never credentials)."""
@@ -199,77 +206,39 @@ class Remote:
             raise ToolkitError(f"the remote manifest {key} describes {backup.component} {backup.id}: refused")
         return RemoteBackup(backup, plain, data, {e.path: self.blob_key(e.sha256) for e in backup.files})
 
-    # -- push ------------------------------------------------------------------------------------------------
+    # -- blobs: the one upload, the one download, the deep check, what is known damaged -----------------------
 
-    def push(self, backup: Backup, done: Transfer | None = None) -> Transfer:
-        """Upload what of `backup` the remote does not have, then its manifest. Already pushed: nothing moves.
-
-        An id the remote already holds for other content (another host's backup) refuses the push: PushRefused.
-        """
-        done = done or Transfer()
-        local = remote_manifest_data(backup.path / MANIFEST)
-        if self._holds(backup, local):
-            done.skipped = len(backup.files)
-            return done
+    def present_blobs(self, refresh: bool = False) -> dict[str, tuple[int, str]]:
+        """blob_sizes(), listed once for a run that pushes many backups, and again when `refresh` or when a
+        cleanup has run since (it may have removed a blob that was there)."""
         mark = self._cleanup_mark()
-        self._send_missing(backup, done)
-        if self._cleanup_mark() != mark:  # a cleanup ran meanwhile: it may have taken a blob this push skipped
-            self._send_missing(backup, done)
-        self._put_manifest(backup, local, done)
-        return done
+        if refresh or self._present is None or mark != self._present_mark:
+            self._present, self._present_mark = self.blob_sizes(), mark
+            self._damaged = self.damaged_blobs()
+        return self._present
 
-    def _holds(self, backup: Backup, local: dict) -> bool:
-        """Whether the remote has this very backup already; PushRefused when its id names other content there."""
-        manifest_key = self.manifest_key(backup.component, backup.id)
-        try:
-            s3_call(lambda: self.client.head_object(Bucket=self.config.bucket, Key=manifest_key), RemoteMissing)
-        except RemoteMissing:
-            return False
-        there = self.read(backup.component, backup.id)
-        if there.data != local:
-            raise PushRefused(f"backup {backup.id} is already on {self.describe()} with other content (made on "
-                              f"{there.backup.source.get('host', 'another host')}): not pushed, the remote copy is "
-                              "left as it is; this host's backup stays in the local store")
-        return True
+    def cleanup_ran(self) -> bool:
+        """Whether a cleanup finished since present_blobs() last listed the blobs."""
+        return self._cleanup_mark() != self._present_mark
 
-    def _put_manifest(self, backup: Backup, local: dict, done: Transfer) -> None:
-        """Upload the manifest, then read it back: another push of the same id at the same moment loses no backup
-        unsaid (object storage has no "create only if absent" that every server honours)."""
-        manifest_key = self.manifest_key(backup.component, backup.id)
-        packed = gzip.compress(json.dumps(local).encode(), compresslevel=6, mtime=0)
-        body = self.sealer.seal_bytes(packed) if self.sealer else packed
-        self.call("put_object", Key=manifest_key, Body=body)
-        done.add(objects=1, size=len(body))
-        stored = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=manifest_key)["Body"].read(),
-                         RemoteMissing, f"the manifest of {backup.id} vanished from {self.describe()} as it was pushed")
-        if stored != body and self.read(backup.component, backup.id).data != local:
-            raise PushRefused(f"backup {backup.id} was pushed to {self.describe()} at the same moment by another run "
-                              "with other content, whose copy the remote now holds: this host's backup stays in "
-                              "the local store")
+    def sound(self, key: str, entry: Entry) -> bool:
+        """Whether present_blobs() found `entry`'s object with its size, and it is not known to be damaged."""
+        listed = (self._present or {}).get(key)
+        return listed is not None and self.size_fits(listed[0], entry.size) and key not in self._damaged
 
-    def _send_missing(self, backup: Backup, done: Transfer) -> None:
-        """Upload the files whose object is not on the remote with its size (one listing finds out)."""
-        present = self.blob_sizes()
-        wanted: dict[str, Entry] = {}
-        skipped = 0
-        for entry in backup.files:
-            key = self.blob_key(entry.sha256)
-            if present.get(key, (None,))[0] == self.stored_size(entry.size) or key in wanted:
-                skipped += 1
-            else:
-                wanted[key] = entry
-        done.skipped = skipped
-        done.total_bytes += sum(entry.size for entry in wanted.values())
-        small = [(key, entry) for key, entry in wanted.items() if entry.size < SMALL_OBJECT]
-        with ThreadPoolExecutor(PARALLEL) as pool:
-            list(pool.map(lambda item: self._put_small(backup, *item, done), small))
-        for key, entry in wanted.items():  # large ones one at a time, each in parallel parts: bounded memory
-            if entry.size >= SMALL_OBJECT:
-                self._put_large(backup, key, entry, done)
+    def upload(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
+        """Send one payload file of a local backup as the object `key`, its checksum checked as it is read."""
+        if entry.size < SMALL_OBJECT:
+            self._put_small(backup, key, entry, done)
+        else:
+            self._put_large(backup, key, entry, done)
+        if self._present is not None:
+            self._present[key] = (self.stored_size(entry.size), "")
+        if key in self._damaged:
+            self.call("delete_object", Key=self._damaged_marker(key))
+            self._damaged.discard(key)
 
     def _put_small(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
-        import hashlib
-
         data = (backup.path / entry.path).read_bytes()
         check_content(backup.id, entry.path, (entry.size, entry.sha256), len(data), hashlib.sha256(data).hexdigest())
         self.call("put_object", Key=key, Body=self.sealer.seal_bytes(data) if self.sealer else data)
@@ -296,49 +265,36 @@ class Remote:
             raise
         done.add(objects=1)
 
-    # -- pull ------------------------------------------------------------------------------------------------
+    def blob_problem(self, key: str, entry: Entry) -> str | None:
+        """What is wrong with the object holding `entry`'s content, read whole and hashed; None when it is sound.
 
-    def pull(self, store: BackupStore, backup_id: str, done: Transfer | None = None) -> Backup:
-        """Download a backup into the local store (the caller holds its lock), every byte's sha256 checked.
-
-        Folders first, then files (never through a link), symlinks last; a missing or changed object
-        refuses the pull and the local store is as it was.
+        A damaged object is marked so (mark_damaged): no push reuses it before sending it again.
         """
-        done = done or Transfer()
-        remote = self.read(store.component, backup_id)
-        backup = remote.backup
-        paths = {entry.path: entry.path.split("/") for entry in backup.entries}  # checked by read()
-        done.total_bytes = sum(entry.size for entry in backup.files)
-        # Flushed to disk as it arrives, so making the pulled backup durable at the end costs little.
-        with store.receive(backup_id) as staging, flushing_meanwhile(staging):
-            for entry in sorted(backup.entries, key=lambda e: e.path.count("/")):
-                if entry.type == "dir":
-                    os.mkdir(staging.joinpath(*paths[entry.path]), PRIVATE_DIR)
-            files = backup.files
-            with ThreadPoolExecutor(PARALLEL) as pool:
-                list(pool.map(lambda e: self._get(backup, e, staging.joinpath(*paths[e.path]), done),
-                              [e for e in files if e.size < SMALL_OBJECT]))
-            for entry in files:
-                if entry.size >= SMALL_OBJECT:
-                    self._get(backup, entry, staging.joinpath(*paths[entry.path]), done)
-            for entry in backup.entries:
-                if entry.type == "symlink":
-                    os.symlink(entry.target, staging.joinpath(*paths[entry.path]))
-            atomic_write(staging / MANIFEST, remote.manifest_bytes)
-        return load_backup(store.root / backup_id)
-
-    def _get(self, backup: Backup, entry: Entry, target: Path, done: Transfer) -> None:
-        key = self.blob_key(entry.sha256)
-        what = f"object {key} ({entry.path} of {backup.id})"
-        # O_EXCL|O_NOFOLLOW: a name already there, link or not, is never written through.
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            writer = self.download(key, entry.size, HashingWriter(out, done, background=entry.size >= SMALL_OBJECT),
-                                    f"{what} is missing on the remote")
-            os.fchmod(out.fileno(), PAYLOAD_MODE)
+        try:  # streamed through the hash, never held whole: a dump may be larger than memory
+            writer = self.download(key, entry.size, HashingWriter(None, Transfer()), f"object {key} is missing")
+        except ObjectMissing as exc:
+            return str(exc)
+        except SealError as exc:
+            self.mark_damaged(key)
+            return f"object {key}: {exc}"
         if writer.size != entry.size or writer.digest.hexdigest() != entry.sha256:
-            raise ToolkitError(f"{what} does not match its checksum: it was changed or damaged on the remote; "
-                               "pull refused, the local store is as it was")
+            self.mark_damaged(key)
+            return f"object {key} does not match its checksum (changed or damaged on the remote)"
+        return None
+
+    def damaged_blobs(self) -> set[str]:
+        """The blobs a deep verify or a pull found damaged, and no push has sent again since."""
+        prefix = self.key(DAMAGED) + "/"
+        names = (item["Key"][len(prefix):] for item in self._list(prefix))
+        return {self.key("blobs", name[:2], name) for name in names if name and "/" not in name}
+
+    def mark_damaged(self, key: str) -> None:
+        """Note that the object `key` is damaged, for every host's next push to send it again."""
+        self.call("put_object", Key=self._damaged_marker(key), Body=b"")
+        self._damaged.add(key)
+
+    def _damaged_marker(self, key: str) -> str:
+        return self.key(DAMAGED, key.rsplit("/", 1)[1])
 
     def download(self, key: str, size: int, writer: HashingWriter, missing: str) -> HashingWriter:
         """Stream an object through `writer` (opened first when encrypted); large ones in parallel parts."""
@@ -384,39 +340,3 @@ def remote_manifest_data(path: Path) -> dict:
         for name in LOCAL_ONLY_FIELDS:
             entry.pop(name, None)
     return data
-
-
-_downloads_allowed = True
-
-
-def forbid_downloads() -> None:
-    """For a dry run: a backup found only on the remote is reported, not pulled."""
-    global _downloads_allowed
-    _downloads_allowed = False
-
-
-def pull_when_missing(settings: Settings, store: BackupStore) -> Callable[[str], bool]:
-    """A BackupStore.fetch: an id found only on the remote is pulled into the store (under its lock)."""
-    def fetch(backup_id: str) -> bool:
-        config = RemoteConfig.from_settings(settings)
-        if config is None:
-            return False
-        remote = Remote(config)
-        if not _downloads_allowed:
-            try:
-                remote.read(store.component, backup_id)
-            except RemoteMissing:
-                return False
-            raise UsageError(f"backup {backup_id} is only on {remote.describe()}: a dry run does not download it; "
-                             f"`pull {backup_id}` first to see what a restore would do")
-        try:
-            if store.locked:
-                remote.pull(store, backup_id)
-            else:
-                with store.lock(f"pull of {backup_id}"):
-                    remote.pull(store, backup_id)
-        except RemoteMissing:
-            return False
-        return True
-
-    return fetch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
-from common import remote_upkeep
+from common import remote_pull, remote_push, remote_upkeep
 from common.cli import Context, Result, push_wanted
 from common.commands import human_size, table
 from common.errors import EXIT_FAILED, EXIT_VERIFY, UsageError
@@ -26,15 +26,16 @@ def _transfer_progress(ctx: Context, label: str, transfer: Transfer) -> Abstract
     return ctx.progress(label, lambda: transfer.bytes, lambda: transfer.total_bytes or None)
 
 
-def push_backups(ctx: Context, remote: Remote, backups: list[Backup]) -> Result:
-    """Push each backup; what moved, for --json and for people. A backup whose id names other content on the
-    remote is refused and named, the others still go, and the run exits 1."""
+def push_backups(ctx: Context, remote: Remote, backups: list[Backup], repair: bool = False) -> Result:
+    """Push each backup (`repair`: reading back each object it relies on); what moved, for --json and for
+    people. A backup whose id names other content on the remote is refused and named, the others still go,
+    and the run exits 1."""
     pushed, lines, refused = {}, [], []
     for backup in backups:
         transfer = Transfer()
         try:
             with _transfer_progress(ctx, f"pushing {backup.id}", transfer):
-                remote.push(backup, transfer)
+                remote_push.push(remote, backup, transfer, repair)
         except PushRefused as exc:
             if len(backups) == 1:
                 raise
@@ -57,7 +58,7 @@ def cmd_push(ctx: Context) -> Result:
     if ctx.dry_run:
         return Result({"dry_run": True, "would_push": [b.id for b in backups]},
                       [f"would push {b.id}" for b in backups] or ["nothing to push"], report=True)
-    return push_backups(ctx, remote, backups)
+    return push_backups(ctx, remote, backups, ctx.args.repair)
 
 
 def cmd_pull(ctx: Context) -> Result:
@@ -71,7 +72,7 @@ def cmd_pull(ctx: Context) -> Result:
         return Result({"dry_run": True, "would_pull": backup_id}, [f"would pull {backup_id}"], report=True)
     transfer = Transfer()
     with store.lock(f"{ctx.script} pull"), _transfer_progress(ctx, f"pulling {backup_id}", transfer):
-        backup = remote.pull(store, backup_id, transfer)
+        backup = remote_pull.pull(remote, store, backup_id, transfer)
     return Result({"backup": backup.summary(), "transfer": transfer.to_json()},
                   [f"pulled {backup.id} into {store.root}: {len(backup.files)} files, "
                    f"{human_size(transfer.bytes)}, every checksum checked"], backup_ids=[backup.id])
@@ -90,14 +91,16 @@ def list_remote(ctx: Context) -> Result:
 
 
 def verify_remote(ctx: Context) -> Result:
-    """verify --remote [--deep]: every object a remote manifest names is there with its size (--deep: its sha256)."""
+    """verify --remote [--deep] [--repair]: every object a remote manifest names is there with its size (--deep:
+    its sha256); --repair sends what is missing or damaged again from the local store."""
     remote = remote_for(ctx)
-    problems, count = remote_upkeep.verify(remote, ctx.component, ctx.args.deep)
+    report = remote_upkeep.verify(remote, ctx.component, ctx.args.deep, ctx.store() if ctx.args.repair else None)
     what = "sha256 of every object" if ctx.args.deep else "every object and its size"
-    lines = [f"verify {remote.describe()} ({ctx.component}, {count} backups, {what}): "
-             + (f"{len(problems)} problems" if problems else "OK"), *[f"  {p}" for p in problems]]
-    return Result({"remote": remote.describe(), "backups": count, "problems": problems}, lines,
-                  exit_code=EXIT_VERIFY if problems else 0, report=True)
+    lines = [f"verify {remote.describe()} ({ctx.component}, {report.backups} backups, {what}): "
+             + (f"{len(report.problems)} problems" if report.problems else "OK"),
+             *[f"  {p}" for p in report.problems], *[f"  repaired: {r}" for r in report.repaired]]
+    return Result({"remote": remote.describe(), "backups": report.backups, "problems": report.problems,
+                   "repaired": report.repaired}, lines, exit_code=EXIT_VERIFY if report.problems else 0, report=True)
 
 
 def cleanup_remote(ctx: Context) -> Result:

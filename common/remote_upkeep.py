@@ -3,50 +3,85 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from common.errors import ToolkitError
-from common.manifest import Entry
+from common.manifest import Backup, Entry
 from common.remote import CANDIDATES, Remote
-from common.remote_io import HashingWriter, RemoteMissing, Transfer, s3_call
-from common.store import retention_split
+from common.remote_io import RemoteMissing, Transfer, s3_call
+from common.store import BackupStore, retention_split
 
 
-def verify(remote: Remote, component: str, deep: bool) -> tuple[list[str], int]:
-    """Problems of the component's remote backups (every object exists with its size; `deep`: its sha256)."""
-    sizes = remote.blob_sizes()
-    problems, ids = [], remote.backup_ids(component)
-    checked: dict[str, str | None] = {}
+@dataclass
+class VerifyReport:
+    """What verify found on the remote: problems left, and objects sent again from the local store."""
+
+    backups: int = 0
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+
+def verify(remote: Remote, component: str, deep: bool, repair_from: BackupStore | None = None) -> VerifyReport:
+    """Check the component's remote backups: every object exists with its size (`deep`: its sha256).
+
+    With `repair_from`, each missing or damaged object is sent again from a backup of that local store
+    holding the same content, its checksum checked as it is read; what cannot be is left a problem.
+    """
+    report = VerifyReport()
+    ids = remote.backup_ids(component)
+    report.backups = len(ids)
+    sizes = remote.present_blobs()
+    checked: dict[str, str | None] = {}  # object key -> its problem, once per run
+    repair = _Repair(remote, repair_from) if repair_from is not None else None
     for backup_id in ids:
         try:
             copy = remote.read(component, backup_id)
         except ToolkitError as exc:
-            problems.append(f"{backup_id}: {exc}")
+            report.problems.append(f"{backup_id}: {exc}")
             continue
         for entry in copy.backup.files:
             key = copy.blobs[entry.path]
-            size = sizes.get(key, (None,))[0]
-            if size is None:
-                problems.append(f"{backup_id}: {entry.path}: object {key} is missing")
-            elif size != remote.stored_size(entry.size):
-                problems.append(f"{backup_id}: {entry.path}: object {key} has {size} bytes, "
-                                f"expected {remote.stored_size(entry.size)}")
-            elif deep:
-                if key not in checked:
-                    checked[key] = _deep_problem(remote, key, entry)
-                if checked[key]:
-                    problems.append(f"{backup_id}: {entry.path}: {checked[key]}")
-    return problems, len(ids)
+            if key not in checked:
+                checked[key] = _object_problem(remote, sizes, key, entry, deep)
+                if checked[key] and repair is not None:
+                    checked[key] = repair.resend(key, entry, checked[key], report)
+            if checked[key]:
+                report.problems.append(f"{backup_id}: {entry.path}: {checked[key]}")
+    return report
 
 
-def _deep_problem(remote: Remote, key: str, entry: Entry) -> str | None:
-    try:  # streamed through the hash, never held whole: a dump may be larger than memory
-        writer = remote.download(key, entry.size, HashingWriter(None, Transfer()), f"object {key} is missing")
-    except ToolkitError as exc:
-        return f"object {key}: {exc}"
-    if writer.size != entry.size or writer.digest.hexdigest() != entry.sha256:
-        return f"object {key} does not match its checksum (changed or damaged on the remote)"
-    return None
+def _object_problem(remote: Remote, sizes: dict[str, tuple[int, str]], key: str, entry: Entry, deep: bool
+                    ) -> str | None:
+    size = sizes.get(key, (None,))[0]
+    if size is None:
+        return f"object {key} is missing"
+    if not remote.size_fits(size, entry.size):
+        return f"object {key} has {size} bytes, expected {remote.stored_size(entry.size)}"
+    return remote.blob_problem(key, entry) if deep else None
+
+
+class _Repair:
+    """Sends objects again from the local store's backups, found by the sha256 of their content."""
+
+    def __init__(self, remote: Remote, store: BackupStore):
+        self.remote, self.store = remote, store
+        self._sources: dict[str, tuple[Backup, Entry]] | None = None
+
+    def resend(self, key: str, entry: Entry, problem: str, report: VerifyReport) -> str | None:
+        """Send the object again; None once it is, else the problem with why it could not be."""
+        if self._sources is None:
+            self._sources = {e.sha256: (b, e) for b in self.store.backups() for e in b.files}
+        source = self._sources.get(entry.sha256)
+        if source is None:
+            return f"{problem}; no backup in {self.store.root} holds its content, so it was not repaired"
+        backup, local_entry = source
+        try:
+            self.remote.upload(backup, key, local_entry, Transfer())
+        except ToolkitError as exc:
+            return f"{problem}; not repaired: {exc}"
+        report.repaired.append(f"object {key} ({entry.path}) sent again from {backup.id}")
+        return None
 
 
 def cleanup(remote: Remote, component: str, days: int, keep: int, dry_run: bool) -> tuple[list[str], list[str], int]:

@@ -280,7 +280,7 @@ def open_store(settings: Settings, store_setting: tuple[str, str], component: st
     """A component's store from its setting; with REMOTE_URL set, an id found only off-host is pulled first."""
     store = BackupStore(settings.path(*store_setting), component)
     if settings.text("REMOTE_URL"):
-        from common.remote import pull_when_missing
+        from common.remote_pull import pull_when_missing
 
         store.fetch = pull_when_missing(settings, store)
     return store
