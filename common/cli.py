@@ -165,10 +165,13 @@ def add_store_commands(commands: argparse._SubParsersAction, cleanup: Callable[[
     sub = add_command(commands, "cleanup", _local_or_remote(cleanup, "cleanup_remote"),
                       "remove old backups, keeping the newest N (--remote: on the remote)")
     add_cleanup_arguments(sub)
-    sub.add_argument("--remote", action="store_true", help="apply the same rules to the copies on REMOTE_URL")
+    sub.add_argument("--remote", action="store_true",
+                     help="apply the same rules to the copies on REMOTE_URL (while a remote manifest cannot be "
+                          "read, it is kept and no object is removed)")
     sub = add_command(commands, "list", _local_or_remote(listing, "list_remote"),
                       "list the backups, newest first (--remote: those on REMOTE_URL)")
-    sub.add_argument("--remote", action="store_true", help="the backups on REMOTE_URL instead")
+    sub.add_argument("--remote", action="store_true",
+                     help="the backups on REMOTE_URL instead (a manifest that cannot be read is named in a warning)")
     sub = add_command(commands, "push", _remote_command("cmd_push"), "copy backups to REMOTE_URL (only what is new)",
                       "Uploads each payload file the remote does not have yet, then the manifest, last: a push\n"
                       "cut off at any moment leaves nothing `list --remote` shows, and the next one resumes.\n"
@@ -180,7 +183,7 @@ def add_store_commands(commands: argparse._SubParsersAction, cleanup: Callable[[
     sub.add_argument("--all", action="store_true", help="every backup of the store")
     sub.add_argument("--repair", action="store_true",
                      help="also read back and hash every object the backups rely on, and send again what is "
-                          "damaged")
+                          "damaged (a damaged remote manifest of the backup too)")
     sub = add_command(commands, "pull", _remote_command("cmd_pull"), "bring a backup from REMOTE_URL into the store",
                       "Every byte's sha256 is checked while downloading; a missing or changed object refuses\n"
                       "the pull and leaves the local store as it was. `restore ID` pulls by itself.")
@@ -192,10 +195,11 @@ def add_verify_command(commands: argparse._SubParsersAction, handler: Callable[[
     """A script's `verify`, with `--remote [--deep]` checking the copies on REMOTE_URL instead."""
     sub = add_command(commands, "verify", _local_or_remote(handler, "verify_remote"), summary, description)
     sub.add_argument("--remote", action="store_true",
-                     help="check that every object the remote manifests name exists with its size")
+                     help="check that every remote manifest reads and every object it names exists with its size")
     sub.add_argument("--deep", action="store_true", help="with --remote: download each object and check its sha256")
     sub.add_argument("--repair", action="store_true",
-                     help="with --remote: send each missing or damaged object again from the local store")
+                     help="with --remote: send each missing or damaged object (or manifest) again from the "
+                          "local store")
     return sub
 
 

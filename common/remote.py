@@ -47,12 +47,14 @@ from common.remote_io import (
     s3_call,
     transfer_config,
 )
-from common.sealing import Sealer, SealError
+from common.sealing import KEY_SETTING, Sealer, SealError, WrongKey, sealed_fingerprint
+from common.sealing import MAGIC as SEAL_MAGIC
 from common.settings import Settings
 
 LOCAL_ONLY_FIELDS = ("mtime_ns", "ctime_ns", "ino")  # a file's identity on this host: meaningless elsewhere
 CANDIDATES = "cleanup-candidates"  # blobs no manifest named at a cleanup, and since when
 DAMAGED = "damaged"  # DAMAGED/<blob name>: a blob found damaged, which pushes send again before relying on it
+GZIP_MAGIC = b"\x1f\x8b"
 CREDENTIAL_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                        "AWS_PROFILE")
 
@@ -87,6 +89,15 @@ class RemoteConfig:
                    settings.path("REMOTE_ENCRYPTION_KEY_FILE"),
                    timedelta(seconds=settings.number("REMOTE_CLEANUP_GRACE_SECONDS", 3600.0, minimum=0)),
                    credentials)
+
+
+class UnreadableManifest(ToolkitError):
+    """A remote manifest that cannot be read: damaged (`repairable` from a local copy of the backup), or
+    sealed with another key or none, which is no damage and which no push replaces."""
+
+    def __init__(self, message: str, repairable: bool = True):
+        super().__init__(message)
+        self.repairable = repairable
 
 
 @dataclass
@@ -156,8 +167,8 @@ class Remote:
         return self.sealer.sealed_size(size) if self.sealer else size
 
     def size_fits(self, stored: int, size: int) -> bool:
-        """Whether an object of `stored` bytes can hold `size` bytes of content."""
-        return stored == self.stored_size(size)
+        """Whether an object of `stored` bytes can hold `size` bytes of content (sealed in any format version)."""
+        return stored in self.sealer.sealed_sizes(size) if self.sealer else stored == size
 
     def describe(self) -> str:
         """The remote, for messages (never credentials)."""
@@ -189,22 +200,57 @@ class Remote:
                 yield parts[0], parts[2]
 
     def read(self, component: str, backup_id: str) -> RemoteBackup:
-        """A backup's manifest from the remote (opened when encrypted)."""
+        """A backup's manifest from the remote (opened when encrypted); UnreadableManifest names what is wrong."""
         key = self.manifest_key(component, backup_id)
         raw = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read(),
                       RemoteMissing, f"no backup {backup_id!r} of {component} on {self.describe()}")
-        packed = self.sealer.open_bytes(raw) if self.sealer else raw
+        what = f"the remote manifest of {component} backup {backup_id}"
+        packed = self._open_manifest(raw, what)
         try:
             plain = gzip.decompress(packed)
             data = json.loads(plain)
             backup = backup_from_manifest(Path(backup_id), data)
-        except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
-            raise ToolkitError(f"the remote manifest of {backup_id} is unreadable ({exc})") from None
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UnreadableManifest(f"{what} is unreadable, damaged ({exc})") from None
         except UnsafeManifest as exc:
-            raise ToolkitError(f"{exc} (on {self.describe()})") from None
+            raise UnreadableManifest(f"{exc} (on {self.describe()})") from None
         if backup.id != backup_id or backup.component != component:
-            raise ToolkitError(f"the remote manifest {key} describes {backup.component} {backup.id}: refused")
+            raise UnreadableManifest(f"the remote manifest {key} describes {backup.component} {backup.id}: refused")
         return RemoteBackup(backup, plain, data, {e.path: self.blob_key(e.sha256) for e in backup.files})
+
+    def _open_manifest(self, raw: bytes, what: str) -> bytes:
+        """The manifest's compressed bytes: opened with the key, which it must have been sealed with."""
+        if self.sealer is None:
+            if raw.startswith(SEAL_MAGIC):
+                fingerprint = sealed_fingerprint(raw)
+                named = f" with the key of fingerprint {fingerprint}" if fingerprint else ""
+                raise UnreadableManifest(f"{what} is encrypted{named}, and {KEY_SETTING} is not set: set it to the "
+                                         "key it was pushed with", repairable=False)
+            return raw
+        if raw.startswith(GZIP_MAGIC):
+            raise UnreadableManifest(f"{what} is not encrypted (it was pushed without {KEY_SETTING}); with "
+                                     f"{KEY_SETTING} set, only encrypted copies are read", repairable=False)
+        try:
+            return self.sealer.open_bytes(raw)
+        except WrongKey as exc:
+            raise UnreadableManifest(f"{what}: {exc}", repairable=False) from None
+        except SealError as exc:
+            raise UnreadableManifest(f"{what} is damaged: {exc}") from None
+
+    def scan(self, component: str | None = None) -> tuple[list[RemoteBackup], list[tuple[str, UnreadableManifest]]]:
+        """The component's backups on the remote (every component's with None), newest first, and the id of
+        each manifest that cannot be read with why (one manifest must not hide the others)."""
+        ids = [(component, backup_id) for backup_id in self.backup_ids(component)] if component else sorted(
+            self.all_manifests(), key=lambda item: item[1], reverse=True)
+        copies, unreadable = [], []
+        for owner, backup_id in ids:
+            try:
+                copies.append(self.read(owner, backup_id))
+            except UnreadableManifest as exc:
+                unreadable.append((backup_id, exc))
+            except RemoteMissing:
+                continue  # removed since the listing: a cleanup ran meanwhile
+        return copies, unreadable
 
     # -- blobs: the one upload, the one download, the deep check, what is known damaged -----------------------
 

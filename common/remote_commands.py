@@ -79,14 +79,19 @@ def cmd_pull(ctx: Context) -> Result:
 
 
 def list_remote(ctx: Context) -> Result:
-    """list --remote: the component's backups on the remote, newest first."""
+    """list --remote: the component's backups on the remote, newest first; a manifest that cannot be read is
+    named (a warning), and the others are listed."""
     remote, component = remote_for(ctx), ctx.component
-    backups = [remote.read(component, backup_id).backup for backup_id in remote.backup_ids(component)]
+    copies, unreadable = remote.scan(component)
+    backups = [copy.backup for copy in copies]
     rows = [(b.id, format_time(b.created_at), str(len(b.files)), human_size(b.size),
              ("(safety) " if b.is_safety else "") + (b.label or "")) for b in backups]
     lines = table(("ID", "TIME (UTC)", "FILES", "SIZE", "LABEL"), rows) if rows else [
         f"no {component} backups on {remote.describe()}"]
-    return Result({"remote": remote.describe(), "backups": [{**b.summary(), "path": None} for b in backups]},
+    for _, problem in unreadable:
+        ctx.warn(str(problem))
+    return Result({"remote": remote.describe(), "backups": [{**b.summary(), "path": None} for b in backups],
+                   "unreadable": [{"id": backup_id, "problem": str(problem)} for backup_id, problem in unreadable]},
                   lines, report=True)
 
 
@@ -104,16 +109,25 @@ def verify_remote(ctx: Context) -> Result:
 
 
 def cleanup_remote(ctx: Context) -> Result:
-    """cleanup DAYS --remote: the local retention rules on the remote; a blob goes when no manifest names it."""
+    """cleanup DAYS --remote: the local retention rules on the remote; a blob goes when no manifest names it.
+    A manifest that cannot be read is named (a warning) and kept, and then no blob goes."""
     remote = remote_for(ctx)
-    removed, kept, blobs = remote_upkeep.cleanup(remote, ctx.component, ctx.args.days, ctx.args.keep, ctx.dry_run)
+    report = remote_upkeep.cleanup(remote, ctx.component, ctx.args.days, ctx.args.keep, ctx.dry_run)
+    for problem in report.unreadable:
+        ctx.warn(problem)
     if ctx.dry_run:
-        return Result({"dry_run": True, "would_remove": removed, "kept": kept},
-                      [f"would remove {backup_id} from the remote" for backup_id in removed] or ["nothing to remove"],
-                      report=True)
-    lines = [f"removed {backup_id} from the remote" for backup_id in removed]
-    lines.append(f"{len(removed)} remote backups removed, {len(kept)} kept, {blobs} objects no backup names removed")
-    return Result({"removed": removed, "kept": kept, "objects_removed": blobs}, lines)
+        return Result({"dry_run": True, "would_remove": report.removed, "kept": report.kept,
+                       "unreadable": report.unreadable},
+                      [f"would remove {backup_id} from the remote" for backup_id in report.removed]
+                      or ["nothing to remove"], report=True)
+    lines = [f"removed {backup_id} from the remote" for backup_id in report.removed]
+    lines.append(f"{len(report.removed)} remote backups removed, {len(report.kept)} kept, "
+                 f"{report.objects_removed} objects no backup names removed")
+    if report.unreadable:
+        lines.append(f"no object was removed: {len(report.unreadable)} remote manifests cannot be read, and any "
+                     "object might be one they name")
+    return Result({"removed": report.removed, "kept": report.kept, "objects_removed": report.objects_removed,
+                   "unreadable": report.unreadable}, lines)
 
 
 def push_after_backup(ctx: Context, result: Result) -> None:

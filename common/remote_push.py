@@ -12,17 +12,17 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from common.manifest import MANIFEST, Backup, Entry
-from common.remote import Remote, remote_manifest_data
+from common.remote import Remote, UnreadableManifest, remote_manifest_data
 from common.remote_io import PARALLEL, SMALL_OBJECT, PushRefused, RemoteMissing, Transfer, s3_call
 
 
 def push(remote: Remote, backup: Backup, done: Transfer | None = None, repair: bool = False) -> Transfer:
     """Send what of `backup` the remote lacks or holds damaged (`repair`: each object it has is read back and
-    hashed too), then its manifest unless the remote has it already. PushRefused when the remote holds
-    the id for other content."""
+    hashed too, and a damaged manifest is replaced), then its manifest unless the remote has it already.
+    PushRefused when the remote holds the id for other content, or a manifest it cannot read."""
     done = done or Transfer()
     local = remote_manifest_data(backup.path / MANIFEST)
-    there = _holds(remote, backup, local)
+    there = _holds(remote, backup, local, repair)
     remote.present_blobs()
     _send_missing(remote, backup, done, deep=repair)
     if remote.cleanup_ran():  # a cleanup finished meanwhile: it may have taken a blob this push relied on
@@ -33,14 +33,21 @@ def push(remote: Remote, backup: Backup, done: Transfer | None = None, repair: b
     return done
 
 
-def _holds(remote: Remote, backup: Backup, local: dict) -> bool:
-    """Whether the remote has this very backup already; PushRefused when its id names other content there."""
+def _holds(remote: Remote, backup: Backup, local: dict, repair: bool) -> bool:
+    """Whether the remote has this very backup already; PushRefused when its id names other content there, or
+    a manifest that cannot be read (`repair`: one that is damaged is replaced)."""
     manifest_key = remote.manifest_key(backup.component, backup.id)
     try:
         s3_call(lambda: remote.client.head_object(Bucket=remote.config.bucket, Key=manifest_key), RemoteMissing)
     except RemoteMissing:
         return False
-    there = remote.read(backup.component, backup.id)
+    try:
+        there = remote.read(backup.component, backup.id)
+    except UnreadableManifest as exc:
+        if repair and exc.repairable:
+            return False  # damaged: this host's copy takes its place
+        hint = f"; `push --repair {backup.id}` replaces it with this host's copy" if exc.repairable else ""
+        raise PushRefused(f"{exc}: not pushed{hint}") from None
     if there.data != local:
         raise PushRefused(f"backup {backup.id} is already on {remote.describe()} with other content (made on "
                           f"{there.backup.source.get('host', 'another host')}): not pushed, the remote copy is "

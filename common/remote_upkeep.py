@@ -7,15 +7,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from common.errors import ToolkitError
-from common.manifest import Backup, Entry
-from common.remote import CANDIDATES, Remote
+from common.manifest import MANIFEST, Backup, Entry
+from common.remote import CANDIDATES, Remote, RemoteBackup, UnreadableManifest
 from common.remote_io import RemoteMissing, Transfer, s3_call
+from common.remote_push import push
 from common.store import BackupStore, retention_split
 
 
 @dataclass
 class VerifyReport:
-    """What verify found on the remote: problems left, and objects sent again from the local store."""
+    """What verify found on the remote: problems left, and what was sent again from the local store."""
 
     backups: int = 0
     problems: list[str] = field(default_factory=list)
@@ -23,23 +24,23 @@ class VerifyReport:
 
 
 def verify(remote: Remote, component: str, deep: bool, repair_from: BackupStore | None = None) -> VerifyReport:
-    """Check the component's remote backups: every object exists with its size (`deep`: its sha256).
+    """Check the component's remote backups: each manifest reads, every object exists with its size (`deep`:
+    its sha256).
 
     With `repair_from`, each missing or damaged object is sent again from a backup of that local store
-    holding the same content, its checksum checked as it is read; what cannot be is left a problem.
+    holding the same content, its checksum checked as it is read, and a damaged manifest from the local
+    copy of its backup; what cannot be is left a problem.
     """
-    report = VerifyReport()
-    ids = remote.backup_ids(component)
-    report.backups = len(ids)
-    sizes = remote.present_blobs()
-    checked: dict[str, str | None] = {}  # object key -> its problem, once per run
+    copies, unreadable = remote.scan(component)
+    report = VerifyReport(backups=len(copies) + len(unreadable))
     repair = _Repair(remote, repair_from) if repair_from is not None else None
-    for backup_id in ids:
-        try:
-            copy = remote.read(component, backup_id)
-        except ToolkitError as exc:
-            report.problems.append(f"{backup_id}: {exc}")
-            continue
+    for backup_id, exc in unreadable:
+        problem = repair.replace_manifest(backup_id, exc, report) if repair is not None else str(exc)
+        if problem:
+            report.problems.append(problem)
+    sizes = remote.present_blobs(refresh=True)
+    checked: dict[str, str | None] = {}  # object key -> its problem, once per run
+    for copy in copies:
         for entry in copy.backup.files:
             key = copy.blobs[entry.path]
             if key not in checked:
@@ -47,7 +48,7 @@ def verify(remote: Remote, component: str, deep: bool, repair_from: BackupStore 
                 if checked[key] and repair is not None:
                     checked[key] = repair.resend(key, entry, checked[key], report)
             if checked[key]:
-                report.problems.append(f"{backup_id}: {entry.path}: {checked[key]}")
+                report.problems.append(f"{copy.backup.id}: {entry.path}: {checked[key]}")
     return report
 
 
@@ -83,25 +84,52 @@ class _Repair:
         report.repaired.append(f"object {key} ({entry.path}) sent again from {backup.id}")
         return None
 
+    def replace_manifest(self, backup_id: str, problem: UnreadableManifest, report: VerifyReport) -> str | None:
+        """Push the local copy of a backup whose remote manifest is damaged; None once it is, else the problem."""
+        if not problem.repairable:
+            return str(problem)
+        if not (self.store.root / backup_id / MANIFEST).is_file():
+            return f"{problem}; no copy of it in {self.store.root}, so it was not repaired"
+        try:
+            push(self.remote, self.store.resolve(backup_id), Transfer(), repair=True)
+        except ToolkitError as exc:
+            return f"{problem}; not repaired: {exc}"
+        report.repaired.append(f"the manifest of {backup_id} sent again from {self.store.root}")
+        return None
 
-def cleanup(remote: Remote, component: str, days: int, keep: int, dry_run: bool) -> tuple[list[str], list[str], int]:
+
+@dataclass
+class CleanupReport:
+    """What a remote cleanup removed and kept, and the manifests it could not read."""
+
+    removed: list[str]
+    kept: list[str]
+    objects_removed: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+
+def cleanup(remote: Remote, component: str, days: int, keep: int, dry_run: bool) -> CleanupReport:
     """Remove the component's remote backups older than `days` beyond the newest `keep`, then the blobs no
-    manifest of any component has named for the grace period. Returns (removed ids, kept ids, blobs removed)."""
-    backups = [remote.read(component, backup_id).backup for backup_id in remote.backup_ids(component)]
-    remove, kept = retention_split(backups, days, keep)
+    manifest of any component has named for the grace period: none while any manifest cannot be read, as
+    it might name any of them. A manifest that cannot be read is kept, and named."""
+    copies, unreadable = remote.scan(component)
+    remove, kept = retention_split([copy.backup for copy in copies], days, keep)
+    report = CleanupReport([b.id for b in remove], [b.id for b in kept], unreadable=[str(e) for _, e in unreadable])
     if dry_run:
-        return [b.id for b in remove], [b.id for b in kept], 0
+        return report
     for backup in remove:  # manifests first: a backup half-removed is never listed as whole
         remote.call("delete_object", Key=remote.manifest_key(component, backup.id))
-    removed = _remove_unreferenced(remote)
+    everything, unreadable = remote.scan()
+    if unreadable:
+        report.unreadable = [str(e) for _, e in unreadable]
+    else:
+        report.objects_removed = _remove_unreferenced(remote, everything)
     _abort_stale_uploads(remote)
-    return [b.id for b in remove], [b.id for b in kept], removed
+    return report
 
 
-def _remove_unreferenced(remote: Remote) -> int:
-    named: set[str] = set()
-    for component, backup_id in remote.all_manifests():
-        named.update(remote.read(component, backup_id).blobs.values())
+def _remove_unreferenced(remote: Remote, everything: list[RemoteBackup]) -> int:
+    named = {key for copy in everything for key in copy.blobs.values()}
     now = datetime.now(UTC)
     seen = _candidates(remote)
     unnamed = {key: (seen.get(key) or now, _when(uploaded) or now)

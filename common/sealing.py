@@ -4,11 +4,13 @@ The master key lives in REMOTE_ENCRYPTION_KEY_FILE: 32 random bytes as 64 hex ch
 HKDF-SHA256 derives two independent subkeys from it: one seals content, one names objects
 (hex HMAC-SHA256 of the content's sha256), so an object name tells nothing about what it holds.
 
-Sealed format, version 1:
+Sealed format, version 2:
 
-    header   MAGIC (6 bytes "RBSEAL") | version (1 byte, 1) | stream id (16 random bytes)
+    header   MAGIC (6 bytes "RBSEAL") | version (1 byte, 2) | key fingerprint (8 bytes) | stream id (16 random bytes)
     frames   AES-GCM ciphertext of up to FRAME (1 MiB) plaintext bytes, each followed by its 16-byte tag
 
+The key fingerprint is the first 8 bytes of a third HKDF subkey: it names the key an object was sealed with
+(so another key's object is told apart from a damaged one) and tells nothing about the key itself.
 Every frame but the last holds exactly FRAME plaintext bytes; the last (final) frame holds fewer, possibly
 none, so the empty plaintext is one empty final frame and a multiple of FRAME ends with an empty final frame.
 Frame i is sealed under the nonce (first 12 bytes of the stream id) XOR i, which never repeats within an
@@ -16,6 +18,8 @@ object, while the random stream id keeps objects apart. Its associated data is h
 endian) | final flag (1 byte), so a changed header, frames reordered, dropped or spliced from another
 object, and a stream cut at a frame boundary all fail to authenticate. The sealed size of n plaintext bytes
 is HEADER + n + (n // FRAME + 1) * TAG.
+
+Version 1, written before the fingerprint, is the same without it (a HEADER_V1 of 23 bytes); it still opens.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ if TYPE_CHECKING:
 
 KEY_SETTING = "REMOTE_ENCRYPTION_KEY_FILE"
 MAGIC = b"RBSEAL"
-VERSION = 1
+VERSION = 2
 STREAM_ID_SIZE = 16
-HEADER = len(MAGIC) + 1 + STREAM_ID_SIZE
+FINGERPRINT_SIZE = 8
+HEADER = len(MAGIC) + 1 + FINGERPRINT_SIZE + STREAM_ID_SIZE
+HEADER_V1 = len(MAGIC) + 1 + STREAM_ID_SIZE  # version 1: no fingerprint
 FRAME = 1024 * 1024
 TAG = 16
 SEALED_FRAME = FRAME + TAG
@@ -53,6 +59,10 @@ _WRONG_KEY = f"cannot be opened with this {KEY_SETTING}: wrong key, or the objec
 
 class SealError(ToolkitError):
     """A sealed object that does not open: wrong key, or changed, damaged or truncated."""
+
+
+class WrongKey(SealError):
+    """A sealed object that names another key than this one (or, sealed before fingerprints, may be another's)."""
 
 
 class Sealer:
@@ -71,6 +81,12 @@ class Sealer:
 
         self._aead = AESGCM(subkey(b"rollback-toolkit sealing v1: encryption"))
         self._naming_key = subkey(b"rollback-toolkit sealing v1: object names")
+        self._fingerprint = subkey(b"rollback-toolkit sealing v2: key fingerprint")[:FINGERPRINT_SIZE]
+
+    @property
+    def fingerprint(self) -> str:
+        """The key's fingerprint as 16 hex characters, as sealed objects carry it: safe to show."""
+        return self._fingerprint.hex()
 
     @classmethod
     def from_key_file(cls, path: Path) -> Sealer:
@@ -117,6 +133,12 @@ class Sealer:
             raise ValueError("a size cannot be negative")
         return HEADER + plain_size + (plain_size // FRAME + 1) * TAG
 
+    @staticmethod
+    def sealed_sizes(plain_size: int) -> tuple[int, int]:
+        """The sizes a sealed object of `plain_size` plaintext bytes can have: this version's, then version 1's."""
+        size = Sealer.sealed_size(plain_size)
+        return size, size - FINGERPRINT_SIZE
+
     def seal_bytes(self, data: bytes) -> bytes:
         """The sealed form of a small object held in memory (a manifest)."""
         return self.sealing_reader(io.BytesIO(data)).read()
@@ -130,15 +152,22 @@ class Sealer:
 
     def sealing_reader(self, raw: BinaryIO) -> BinaryIO:
         """A read-only stream of the sealed form of what `raw` holds, made one frame at a time."""
-        return cast(BinaryIO, _SealingReader(self._aead, raw))
+        return cast(BinaryIO, _SealingReader(self._aead, self._fingerprint, raw))
 
     def opening_writer(self, out: BinaryIO) -> OpeningWriter:
         """A sink for a sealed stream in any pieces that writes its plaintext to `out`; see OpeningWriter."""
-        return OpeningWriter(self._aead, out)
+        return OpeningWriter(self._aead, self._fingerprint, out)
+
+
+def sealed_fingerprint(blob: bytes) -> str | None:
+    """The key fingerprint a sealed object names (hex), read without any key; None for version 1 or no seal."""
+    if blob.startswith(MAGIC) and len(blob) >= HEADER and blob[len(MAGIC)] == VERSION:
+        return blob[len(MAGIC) + 1:][:FINGERPRINT_SIZE].hex()
+    return None
 
 
 def _nonce(header: bytes, index: int) -> bytes:
-    base = int.from_bytes(header[len(MAGIC) + 1:][:NONCE_SIZE], "big")
+    base = int.from_bytes(header[-STREAM_ID_SIZE:][:NONCE_SIZE], "big")  # the stream id ends every header
     return (base ^ index).to_bytes(NONCE_SIZE, "big")
 
 
@@ -149,9 +178,9 @@ def _associated_data(header: bytes, index: int, final: bool) -> bytes:
 class _SealingReader(io.RawIOBase):
     """Reads plaintext from `raw` and hands out the sealed stream; holds at most one sealed frame."""
 
-    def __init__(self, aead: AESGCM, raw: BinaryIO):
+    def __init__(self, aead: AESGCM, fingerprint: bytes, raw: BinaryIO):
         self._aead, self._raw = aead, raw
-        self._header = MAGIC + bytes([VERSION]) + secrets.token_bytes(STREAM_ID_SIZE)
+        self._header = MAGIC + bytes([VERSION]) + fingerprint + secrets.token_bytes(STREAM_ID_SIZE)
         self._pending = memoryview(self._header)  # sealed bytes made but not handed out yet
         self._index = 0
         self._done = False
@@ -196,8 +225,8 @@ class OpeningWriter:
     the whole stream is checked, so the caller keeps it aside until close() succeeds. `out` is not closed.
     """
 
-    def __init__(self, aead: AESGCM, out: BinaryIO):
-        self._aead, self._out = aead, out
+    def __init__(self, aead: AESGCM, fingerprint: bytes, out: BinaryIO):
+        self._aead, self._fingerprint, self._out = aead, fingerprint, out
         self._buffer = bytearray()
         self._header: bytes | None = None
         self._index = 0
@@ -237,10 +266,13 @@ class OpeningWriter:
     def _take(self, data: bytes) -> None:
         self._buffer += data
         if self._header is None:
-            if len(self._buffer) < HEADER:
+            if len(self._buffer) <= len(MAGIC):
                 return
-            self._header = self._check_header(bytes(self._buffer[:HEADER]))
-            del self._buffer[:HEADER]
+            size = self._header_size(bytes(self._buffer[:len(MAGIC) + 1]))
+            if len(self._buffer) < size:
+                return
+            self._header = self._check_fingerprint(bytes(self._buffer[:size]))
+            del self._buffer[:size]
         # A whole sealed frame's worth is never the final frame (that one is shorter): open it now.
         if len(self._buffer) >= SEALED_FRAME:
             start = 0
@@ -267,12 +299,21 @@ class OpeningWriter:
         else:
             self._closed = True  # the block's own error is the one to report
 
-    def _check_header(self, header: bytes) -> bytes:
-        if not header.startswith(MAGIC):
+    @staticmethod
+    def _header_size(start: bytes) -> int:
+        if not start.startswith(MAGIC):
             raise SealError("not a sealed object: its header is missing or damaged")
-        if header[len(MAGIC)] != VERSION:
-            raise SealError(f"sealed object has format version {header[len(MAGIC)]}, which this toolkit cannot "
+        version = start[len(MAGIC)]
+        if version not in (1, VERSION):
+            raise SealError(f"sealed object has format version {version}, which this toolkit cannot "
                             "open: it was damaged, or sealed by a newer toolkit")
+        return HEADER if version == VERSION else HEADER_V1
+
+    def _check_fingerprint(self, header: bytes) -> bytes:
+        theirs = header[len(MAGIC) + 1:][:FINGERPRINT_SIZE] if len(header) == HEADER else None
+        if theirs is not None and theirs != self._fingerprint:
+            raise WrongKey(f"encrypted with another key (key fingerprint {theirs.hex()}; this {KEY_SETTING} has "
+                           f"{self._fingerprint.hex()}): set {KEY_SETTING} to the key it was pushed with")
         return header
 
     def _open_frame(self, sealed: memoryview, final: bool) -> None:
@@ -283,9 +324,11 @@ class OpeningWriter:
             plain = self._aead.decrypt(_nonce(self._header, self._index), sealed,
                                        _associated_data(self._header, self._index, final))
         except InvalidTag:
-            # The first frame failing most likely means another key; a later one, the object itself.
-            raise SealError(f"sealed object {_WRONG_KEY}" if self._index == 0 else
-                            f"sealed object was changed, damaged or cut short: frame {self._index} does not open"
+            # The fingerprint names the key (version 2): a frame that fails is the object itself. Without it,
+            # the first frame failing most likely means another key.
+            if self._index == 0 and len(self._header) == HEADER_V1:
+                raise WrongKey(f"sealed object {_WRONG_KEY}") from None
+            raise SealError(f"sealed object was changed, damaged or cut short: frame {self._index} does not open"
                             ) from None
         self._out.write(plain)
         self._index += 1

@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 
 from common.errors import SettingError
-from common.sealing import FRAME, HEADER, KEY_SETTING, MAGIC, SEALED_FRAME, TAG, Sealer, SealError
+from common.sealing import (
+    FRAME,
+    HEADER,
+    KEY_SETTING,
+    MAGIC,
+    SEALED_FRAME,
+    TAG,
+    Sealer,
+    SealError,
+    WrongKey,
+    sealed_fingerprint,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +105,8 @@ def test_same_plaintext_seals_differently_each_time(sealer: Sealer) -> None:
 FLIPS = {
     "magic": 0,
     "version": len(MAGIC),
-    "stream-id-start": len(MAGIC) + 1,
+    "fingerprint": len(MAGIC) + 1,
+    "stream-id-start": len(MAGIC) + 9,
     "stream-id-end": HEADER - 1,
     "first-frame": HEADER + 5,
     "first-tag": HEADER + SEALED_FRAME - 1,
@@ -167,10 +179,50 @@ def test_data_after_the_final_frame_fails(sealer: Sealer) -> None:
     expect_seal_error(sealer, blob + blob)
 
 
-def test_a_different_key_fails_naming_the_key_setting(sealer: Sealer, tmp_path: Path) -> None:
+def test_a_different_key_fails_naming_both_keys_fingerprints(sealer: Sealer, tmp_path: Path) -> None:
     other = Sealer.from_key_file(make_key_file(tmp_path, "other.key"))
-    message = str(expect_seal_error(other, sealer.seal_bytes(b"secret manifest")))
-    assert KEY_SETTING in message and "wrong key" in message
+    blob = sealer.seal_bytes(b"secret manifest")
+    error = expect_seal_error(other, blob)
+    assert isinstance(error, WrongKey) and KEY_SETTING in str(error)
+    assert "encrypted with another key" in str(error)
+    assert sealer.fingerprint in str(error) and other.fingerprint in str(error)
+    assert sealed_fingerprint(blob) == sealer.fingerprint != other.fingerprint  # readable without a key
+    assert len(sealer.fingerprint) == 16
+
+
+def seal_in_format_1(master_key: bytes, plain: bytes) -> bytes:
+    """What the toolkit wrote before key fingerprints: the format the module's docstring describes as version 1."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+               info=b"rollback-toolkit sealing v1: encryption").derive(master_key)
+    header = MAGIC + b"\x01" + os.urandom(16)
+    frames = [plain[i:i + FRAME] for i in range(0, len(plain), FRAME)]
+    if not frames or len(frames[-1]) == FRAME:
+        frames.append(b"")
+    base = int.from_bytes(header[len(MAGIC) + 1:][:12], "big")
+    sealed = header
+    for index, frame in enumerate(frames):
+        final = b"\x01" if index == len(frames) - 1 else b"\x00"
+        sealed += AESGCM(key).encrypt((base ^ index).to_bytes(12, "big"), frame,
+                                      header + index.to_bytes(8, "big") + final)
+    return sealed
+
+
+@pytest.mark.parametrize("size", [0, 100, FRAME, FRAME + 100])
+def test_an_object_sealed_before_fingerprints_still_opens(tmp_path: Path, size: int) -> None:
+    master = os.urandom(32)
+    key_file = make_key_file(tmp_path, content=master.hex())
+    sealer = Sealer.from_key_file(key_file)
+    plain = os.urandom(size)
+    old = seal_in_format_1(master, plain)
+    assert len(old) == Sealer.sealed_sizes(size)[1] and Sealer.sealed_sizes(size)[0] == Sealer.sealed_size(size)
+    assert sealer.open_bytes(old) == plain and sealed_fingerprint(old) is None
+    other = Sealer.from_key_file(make_key_file(tmp_path, "other.key"))
+    error = expect_seal_error(other, old)
+    assert isinstance(error, WrongKey) and "wrong key" in str(error)  # no fingerprint: the likely cause
 
 
 def test_an_error_inside_the_with_block_is_not_masked(sealer: Sealer, tmp_path: Path) -> None:
