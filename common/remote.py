@@ -36,6 +36,7 @@ from common.errors import SettingError, ToolkitError
 from common.files import size_and_sha256
 from common.manifest import Backup, Entry, UnsafeManifest, backup_from_manifest
 from common.remote_io import (
+    ATTEMPTS,
     PARALLEL,
     SMALL_OBJECT,
     HashingReader,
@@ -68,6 +69,7 @@ class RemoteConfig:
     endpoint: str | None
     key_file: Path | None
     grace: timedelta = timedelta(hours=1)
+    timeout: float = 30.0  # S3_TIMEOUT_SECONDS: to connect, and for each answer to come (per attempt)
     # AWS_* settings from the .env file, which boto3 does not read; the environment it reads itself.
     credentials: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -88,7 +90,7 @@ class RemoteConfig:
         return cls(match.group(1), (match.group(2) or "").strip("/"), settings.text("S3_ENDPOINT_URL"),
                    settings.path("REMOTE_ENCRYPTION_KEY_FILE"),
                    timedelta(seconds=settings.number("REMOTE_CLEANUP_GRACE_SECONDS", 3600.0, minimum=0)),
-                   credentials)
+                   settings.number("S3_TIMEOUT_SECONDS", 30.0, minimum=1), credentials)
 
 
 class UnreadableManifest(ToolkitError):
@@ -139,7 +141,8 @@ class Remote:
                 aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
                 aws_session_token=creds.get("AWS_SESSION_TOKEN"), region_name=creds.get("AWS_DEFAULT_REGION"),
             ).client("s3", endpoint_url=self.config.endpoint, config=Config(
-                max_pool_connections=PARALLEL, retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=PARALLEL, retries={"max_attempts": ATTEMPTS, "mode": "standard"},
+                connect_timeout=self.config.timeout, read_timeout=self.config.timeout,
                 s3={"addressing_style": "path"} if self.config.endpoint else None)))
         return self._client
 

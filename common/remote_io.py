@@ -15,6 +15,7 @@ from common.errors import ToolkitError, UsageError
 SMALL_OBJECT = 8 * 1024 * 1024  # below this a file goes up or down in one request, above in parallel parts
 PART_SIZE = 8 * 1024 * 1024
 PARALLEL = 16  # requests in flight: small objects, or the parts of a large one
+ATTEMPTS = 3  # tries of each request, S3_TIMEOUT_SECONDS each to connect and between bytes of the answer
 
 
 class RemoteMissing(UsageError):
@@ -34,10 +35,15 @@ def s3_call(call: Callable, missing: type[ToolkitError] | None = None, what: str
 
     With `missing`, a 404 raises that class with `what` as its message.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
     try:
         return call()
+    except (ConnectTimeoutError, ReadTimeoutError) as exc:
+        raise ToolkitError(f"the object storage did not answer in time ({type(exc).__name__}, {ATTEMPTS} attempts "
+                           "of S3_TIMEOUT_SECONDS each): check S3_ENDPOINT_URL and the network, or raise "
+                           "S3_TIMEOUT_SECONDS") from None
     except ClientError as exc:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
@@ -49,6 +55,8 @@ def s3_call(call: Callable, missing: type[ToolkitError] | None = None, what: str
         raise ToolkitError(f"object storage error {code}: {error.get('Message', '')}") from None
     except BotoCoreError as exc:
         raise ToolkitError(f"object storage unreachable or misconfigured: {type(exc).__name__}: {exc}") from None
+    except Boto3Error as exc:  # a transfer's own failure (S3UploadFailedError), with the server's word in it
+        raise ToolkitError(f"object storage transfer failed: {exc}") from None
     except OSError as exc:  # a local file read or written on the way
         raise ToolkitError(f"{type(exc).__name__}: {exc}") from None
     except ValueError as exc:  # botocore's word for a malformed endpoint URL or region

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from common.errors import ToolkitError
 from common.manifest import MANIFEST, Backup, Entry
@@ -21,6 +21,8 @@ class VerifyReport:
     backups: int = 0
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+
+UPLOAD_FLOOR = timedelta(days=1)  # no push takes as long: an older multipart upload was left by a killed one
 
 
 def verify(remote: Remote, component: str, deep: bool, repair_from: BackupStore | None = None) -> VerifyReport:
@@ -161,8 +163,9 @@ def _candidates(remote: Remote) -> dict[str, datetime]:
 
 
 def _abort_stale_uploads(remote: Remote) -> None:
-    """Multipart uploads a killed push left behind cost storage until aborted."""
-    cutoff = datetime.now(UTC) - remote.config.grace
+    """Multipart uploads a killed push left behind cost storage until aborted; one younger than UPLOAD_FLOOR
+    (whatever the grace) may be a push still sending a large dump, and is left alone."""
+    cutoff = datetime.now(UTC) - max(remote.config.grace, UPLOAD_FLOOR)
     try:
         uploads = remote.call("list_multipart_uploads", Prefix=remote.key("blobs") + "/").get("Uploads", [])
     except ToolkitError:  # not every S3-compatible server lists them; a lifecycle rule can do this instead

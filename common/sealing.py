@@ -92,7 +92,9 @@ class Sealer:
     def from_key_file(cls, path: Path) -> Sealer:
         """A Sealer from the key file; any problem with the file is a SettingError naming the setting."""
         path = Path(path)
-        make = f"make one with: (umask 077 && openssl rand -hex 32 > {path}) and keep a copy off this host"
+        make = (f"if copies were pushed with a key before, put that key file back: a new key cannot read what "
+                f"the old one wrote; only for copies not yet pushed, make one with: (umask 077 && openssl rand "
+                f"-hex 32 > {path}) and keep a copy off this host")
         try:
             # O_NONBLOCK so that a FIFO put in the key's place cannot hang the run.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)

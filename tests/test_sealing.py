@@ -295,6 +295,7 @@ def test_a_missing_key_file_says_how_to_make_one(tmp_path: Path) -> None:
     with pytest.raises(SettingError) as caught:
         Sealer.from_key_file(tmp_path / "absent.key")
     assert KEY_SETTING in str(caught.value) and "openssl rand -hex 32" in str(caught.value)
+    assert "put that key file back: a new key cannot read what the old one wrote" in str(caught.value)
 
 
 def test_a_folder_or_fifo_as_key_file_is_a_setting_error(tmp_path: Path) -> None:
