@@ -18,6 +18,7 @@ from common.audit import append_audit
 from common.errors import EXIT_FAILED, Interrupted, SettingError, ToolkitError, UsageError
 from common.metrics import record_run
 from common.progress import show_progress
+from common.remote_pull import forbid_downloads
 from common.rto import OBJECTIVES, RtoReport, rto_for
 from common.settings import Settings
 from common.store import BackupStore, open_store
@@ -258,8 +259,6 @@ def run(
     error: str | None = None
     objective: float | None = None
     if args.dry_run:
-        from common.remote_pull import forbid_downloads
-
         forbid_downloads()
     try:
         settings = Settings.load(args.env_file)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Protocol
 
 from common.errors import ToolkitError, UsageError
 from common.files import PRIVATE_DIR, atomic_write, flushing_meanwhile
@@ -14,12 +16,25 @@ from common.remote import Remote, RemoteConfig
 from common.remote_io import PARALLEL, SMALL_OBJECT, HashingWriter, RemoteMissing, Transfer
 from common.sealing import SealError
 from common.settings import Settings
-from common.store import BackupStore
 
 PAYLOAD_MODE = 0o400  # pulled payload files are read-only, like a code backup's
 
 
-def pull(remote: Remote, store: BackupStore, backup_id: str, done: Transfer | None = None) -> Backup:
+class LocalStore(Protocol):
+    """What a pull needs of common.store.BackupStore (which sets pull_when_missing as its fetch)."""
+
+    root: Path
+    component: str
+
+    @property
+    def locked(self) -> bool: ...
+
+    def lock(self, command: str) -> AbstractContextManager[None]: ...
+
+    def receive(self, backup_id: str) -> AbstractContextManager[Path]: ...
+
+
+def pull(remote: Remote, store: LocalStore, backup_id: str, done: Transfer | None = None) -> Backup:
     """Download a backup into the local store (the caller holds its lock), every byte's sha256 checked.
 
     Folders first, then files (never through a link), symlinks last; a missing or changed object
@@ -79,7 +94,7 @@ def forbid_downloads() -> None:
     _downloads_allowed = False
 
 
-def pull_when_missing(settings: Settings, store: BackupStore) -> Callable[[str], bool]:
+def pull_when_missing(settings: Settings, store: LocalStore) -> Callable[[str], bool]:
     """A BackupStore.fetch: an id found only on the remote is pulled into the store (under its lock)."""
     def fetch(backup_id: str) -> bool:
         config = RemoteConfig.from_settings(settings)

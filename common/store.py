@@ -23,6 +23,7 @@ from common import __version__
 from common.errors import LockBusy, ToolkitError, UsageError
 from common.files import PRIVATE_DIR, atomic_write, flush_filesystem, fsync_dir, make_private_dir
 from common.manifest import MANIFEST, MANIFEST_FORMAT, Backup, backup_from_manifest, format_time, load_backup
+from common.remote_pull import pull_when_missing
 from common.settings import Settings
 from common.staging import Staging
 
@@ -280,8 +281,6 @@ def open_store(settings: Settings, store_setting: tuple[str, str], component: st
     """A component's store from its setting; with REMOTE_URL set, an id found only off-host is pulled first."""
     store = BackupStore(settings.path(*store_setting), component)
     if settings.text("REMOTE_URL"):
-        from common.remote_pull import pull_when_missing
-
         store.fetch = pull_when_missing(settings, store)
     return store
 
