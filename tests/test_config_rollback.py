@@ -510,7 +510,7 @@ def test_settings_come_from_env_file_when_not_in_environment(ws: Workspace):
     del ws.env["CONFIG_BACKUP_DIR"]
     result = ws.run("--env-file", str(settings), "backup")
     assert result.returncode == 0, result.stderr
-    assert len(list((ws.root / "other_store").glob("*-config"))) == 1
+    assert len(list((ws.root / "other_store").glob("*Z-config-*"))) == 1
     ws.env = env  # the environment wins over the file
     assert ws.run("--env-file", str(settings), "backup").returncode == 0
     assert len(ws.backup_ids()) == 1
