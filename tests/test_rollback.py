@@ -350,3 +350,29 @@ def test_a_restore_stopped_by_sigterm_still_reports_and_prints_its_undo(system: 
         assert subprocess.run(command, shell=True, env={**os.environ, **system.env}).returncode == 0
     now = system.state()
     assert now["config"] == broken["config"] and now["code"] == broken["code"]
+
+
+def test_an_in_place_deployment_is_restored_with_its_head_and_the_database(system: System):
+    """REPO_PATH is what runs (no DEPLOYMENT_DIR): a deploy is a commit, and the restore puts HEAD back too."""
+    system.env["DEPLOYMENT_DIR"] = ""
+
+    def state() -> dict:
+        files = {path: what for path, what in tree_snapshot(system.repo).items() if not path.startswith(".git")}
+        return {**system.state(), "code": files, "head": git(system.repo, "rev-parse", "HEAD")}
+
+    before = state()
+    point = take_point(system)
+    assert set(point["parts"]) == {"config", "code", "db"}
+    system.break_everything()
+    (system.repo / "app.py").write_text("print('v2')\n")
+    git(system.repo, "commit", "-q", "-am", "deploy v2")
+    stopped, started = system.root / "stopped", system.root / "started"
+
+    result = system.run("--json", "restore", "latest", "--yes", PRE_RESTORE_HOOK=f"touch {stopped}",
+                        POST_RESTORE_HOOK=f"touch {started}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["restored"] == ["config", "code", "db"] and report["failure"] is None
+    assert state() == before  # files and HEAD (detached: main has moved on), configuration and database
+    assert stopped.exists() and started.exists()  # the application was stopped and started again
+    assert system.run("verify").returncode == 0
