@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import ToolkitError, UsageError
+from common.locks import HeldLocks
 from common.proc import run_tool
 from common.settings import Settings
 from common.store import BackupStore, open_store
@@ -88,6 +89,7 @@ class ScriptRunner:
     env_file: str | None = None
     metrics_file: str | None = None
     cwd: Path = field(default_factory=Path.cwd)
+    locks: HeldLocks | None = None  # store locks this run holds: each script runs under them, not beside them
 
     def argv(self, component: Component, *args: str) -> list[str]:
         """The full command line of one script run (also what the undo commands print)."""
@@ -102,8 +104,9 @@ class ScriptRunner:
         `env` overrides settings for this run only (the drill points DB_NAME at its scratch database)."""
         started = time.monotonic()
         # The children are this toolkit: they get DB_PASSWORD the way this process did.
-        done = run_tool(self.argv(component, "--json", *args), component.script, env=env, cwd=self.cwd,
-                        check=False, keep_secrets=True)
+        done = run_tool(self.argv(component, "--json", *args), component.script,
+                        env={**self._lock_env(), **(env or {})}, cwd=self.cwd, check=False, keep_secrets=True,
+                        pass_fds=self._lock_fds())
         try:
             data = json.loads(done.stdout.decode() or "{}")
         except ValueError:
@@ -114,9 +117,15 @@ class ScriptRunner:
         """What the script's `restore BACKUP --dry-run` says it would change: its exit code and its lines
         (its report, or its one-line error)."""
         done = run_tool(self.argv(component, "restore", backup_id, "--dry-run"), component.script, cwd=self.cwd,
-                        check=False, keep_secrets=True)
+                        env=self._lock_env(), check=False, keep_secrets=True, pass_fds=self._lock_fds())
         text = done.stdout.decode(errors="replace") if done.returncode == 0 else done.stderr
         return done.returncode, [line for line in text.splitlines() if line.strip()]
+
+    def _lock_env(self) -> dict[str, str]:
+        return self.locks.child_env() if self.locks else {}
+
+    def _lock_fds(self) -> tuple[int, ...]:
+        return self.locks.fds if self.locks else ()
 
     def shell_line(self, component: Component, *args: str) -> str:
         """A command an operator can paste: run from the same folder, with the same settings."""

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import database_state, git, run_script, tree_snapshot
+from helpers import database_state, git, run_script, script_argv, tree_snapshot
 
 SCHEMA = """
 CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL);
@@ -233,7 +233,7 @@ def test_what_would_stop_part_way_is_refused_before_the_first_change(system: Sys
     broken = system.state()
     assert system.run("restore", "latest", "--yes", "--health-url", "ftp://example.test/").returncode == 2
     with BackupStore(system.root / "points", "point").lock("a restore in progress"):
-        assert system.run("restore", "latest", "--yes").returncode == 75
+        assert system.run("restore", "latest", "--yes", LOCK_WAIT_SECONDS="0").returncode == 75
     subprocess.run(["rm", "-rf", str(system.root / "code_backups" / point["parts"]["code"])], check=True)
     result = system.run("restore", "latest", "--yes")
     assert result.returncode == 2 and "no longer in" in result.stderr
@@ -376,3 +376,47 @@ def test_an_in_place_deployment_is_restored_with_its_head_and_the_database(syste
     assert state() == before  # files and HEAD (detached: main has moved on), configuration and database
     assert stopped.exists() and started.exists()  # the application was stopped and started again
     assert system.run("verify").returncode == 0
+
+
+def test_a_restore_beside_a_drill_changes_nothing_until_it_has_every_lock(system: System):
+    """A drill's scratch restore holds the database store's lock: the restore waits for it, then exits 75
+    with nothing changed (it used to restore configuration and code and stop at the database with exit 1)."""
+    from common.store import BackupStore
+
+    before = system.state()
+    take_point(system)
+    system.break_everything()
+    broken = system.state()
+    database_store = BackupStore(system.root / "db_backups", "db")
+    with database_store.lock("database_rollback.py restore (a drill's scratch restore)"):
+        result = system.run("restore", "latest", "--yes", LOCK_WAIT_SECONDS="0.5")
+        assert result.returncode == 75, result.stdout + result.stderr
+        assert "a drill's scratch restore" in result.stderr and "waited 0.5 s" in result.stderr
+        assert system.state() == broken
+        safety = [p for p in (system.root / "config_backups").iterdir() if not p.name.startswith(".")]
+        assert len([p for p in safety if p.is_dir()]) == 1  # the point's own backup: no safety backup was taken
+
+        # Within the wait, the restore goes ahead as soon as the lock is free, and holds every lock to the end.
+        proc = subprocess.Popen(script_argv("rollback.py", "restore", "latest", "--yes"),
+                                env={**os.environ, **system.env, "LOCK_WAIT_SECONDS": "120"}, cwd=system.root,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        waiting = proc.stderr.readline()
+        assert "waiting up to" in waiting and f"for the lock on {database_store.root}" in waiting
+        assert system.state() == broken
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout + stderr
+    assert system.state() == before
+
+
+def test_a_drill_waits_for_a_restore_that_holds_the_database_store(system: System):
+    from common.store import BackupStore
+
+    take_point(system)
+    with BackupStore(system.root / "db_backups", "db").lock("rollback.py restore"):
+        result = system.run("drill", LOCK_WAIT_SECONDS="0")
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert "another run holds the lock on" in result.stderr and "rollback.py restore" in result.stderr
+    with system.pg_db.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT datname FROM pg_database WHERE strpos(datname, %s) > 0", ("__drill_",))
+        assert cur.fetchall() == []  # no scratch database was made
+    assert system.run("drill").returncode == 0
