@@ -15,7 +15,8 @@ from common.health import HealthReport
 from common.manifest import Backup
 from common.rto import RtoReport, rto_for
 from common.settings import Settings
-from point_steps import Component, Hooks, ScriptRun, ScriptRunner, undo_commands
+from point_hooks import HookFailed, HookRun, Hooks
+from point_steps import Component, ScriptRun, ScriptRunner, undo_commands
 
 # Between steps the application is expected to be unwell, so the check there is short: a few requests.
 REQUESTS_BETWEEN_STEPS = 3
@@ -50,6 +51,7 @@ class Outcome:
     health: HealthReport | None = None
     undo: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    hooks: list[HookRun] = field(default_factory=list)
 
     def stop(self, what: str, exit_code: int) -> None:
         """Record why the run stopped. Once a step is done, exit 2 ("nothing changed") or 75 would be wrong."""
@@ -70,6 +72,7 @@ class Outcome:
                        "verify": s.verify.data if s.verify else None, "seconds": round(s.seconds, 3),
                        "health": s.health.to_json() if s.health else None} for s in self.done],
             "health": self.health.to_json() if self.health else None,
+            "hooks": [hook.to_json() for hook in self.hooks],
             "notes": self.notes,
         }
 
@@ -83,6 +86,7 @@ class Outcome:
         lines += [f"{s.component.title}: restored {s.backup_id}, "
                   + ("verified" if s.verify and s.verify.ok else "NOT verified") for s in self.done]
         lines += [f"  {report.line()}" for report in self.rtos]
+        lines += [hook.line() for hook in self.hooks]
         if self.health:
             lines += self.health.lines()
         if self.failure:
@@ -104,8 +108,9 @@ def restore_point(point: Backup, plan: list[Component], settings: Settings, runn
     `health(url, requests)` runs the health check (url None: no HTTP part; requests None: the configured
     number). PRE_RESTORE_HOOK's failure is raised (nothing was restored); everything later is recorded.
     """
-    hooks.run("PRE_RESTORE_HOOK", "nothing was restored")
     outcome = Outcome(point, plan)
+    pre = hooks.run("PRE_RESTORE_HOOK", "nothing was restored")
+    outcome.hooks += [pre] if pre else []
     parts = point.extra["parts"]
     current, finishing = plan[0], False
     try:
@@ -154,10 +159,15 @@ def _restore_one(component: Component, backup_id: str, runner: ScriptRunner, out
 def _finish(hooks: Hooks, health: Callable[[str | None, int | None], HealthReport], url: str | None,
             outcome: Outcome) -> None:
     try:
-        hooks.run("POST_RESTORE_HOOK", "everything was restored; the application may not be running")
+        post = hooks.run("POST_RESTORE_HOOK", "everything was restored; the application may not be running")
+    except HookFailed as exc:
+        outcome.hooks.append(exc.hook)
+        outcome.stop(str(exc), EXIT_FAILED)
+        return
     except ToolkitError as exc:
         outcome.stop(str(exc), EXIT_FAILED)
         return
+    outcome.hooks += [post] if post else []
     outcome.health = health(url, None)
     if not outcome.health.ok:
         failed = "; ".join(check.line().strip() for check in outcome.health.checks if not check.ok)

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.errors import ToolkitError, UsageError
 from common.locks import HeldLocks
 from common.proc import run_tool
 from common.settings import Settings
@@ -157,40 +156,3 @@ def _rename_back(settings: Settings, database: str, previous: str) -> str:
     for statement in rename_back_statements(database, previous):
         argv += ["-c", statement]
     return shlex.join(argv)
-
-
-@dataclass
-class Hooks:
-    """PRE_RESTORE_HOOK and POST_RESTORE_HOOK: commands (no shell) around a restore, e.g. stop and start the app."""
-
-    pre: list[str] | None
-    post: list[str] | None
-    timeout: float
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Hooks:
-        """Each hook is split as a shell would split it, but never run by one; HOOK_TIMEOUT_SECONDS bounds it."""
-        def split(name: str) -> list[str] | None:
-            value = settings.text(name)
-            if value is None:
-                return None
-            try:
-                return shlex.split(value) or None
-            except ValueError as exc:
-                raise UsageError(f"{name} cannot be split into a command: {exc}") from None
-
-        return cls(split("PRE_RESTORE_HOOK"), split("POST_RESTORE_HOOK"),
-                   settings.number("HOOK_TIMEOUT_SECONDS", 300.0, minimum=1))
-
-    def run(self, name: str, consequence: str) -> None:
-        """Run one hook; a failure or a hook that hangs stops the rollback with a line saying where it stands."""
-        argv = self.pre if name == "PRE_RESTORE_HOOK" else self.post
-        if argv is None:
-            return
-        try:
-            done = run_tool(argv, name, check=False, timeout=self.timeout)
-        except ToolkitError as exc:
-            raise ToolkitError(f"{exc}; {consequence}") from None
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-            raise ToolkitError(f"{name} ({shlex.join(argv)}) failed: {tail[0]}; {consequence}")

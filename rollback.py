@@ -25,7 +25,8 @@ from common.locks import HeldLocks
 from common.manifest import MANIFEST, Backup, check_backup, format_time, load_backup
 from common.settings import Settings
 from common.store import BACKUP_ID, LOCK_FILE, BackupStore, open_store
-from point_steps import BY_NAME, COMPONENTS, Component, Hooks, ScriptRun, ScriptRunner
+from point_hooks import Hooks
+from point_steps import BY_NAME, COMPONENTS, Component, ScriptRun, ScriptRunner
 
 if TYPE_CHECKING:  # the health module pulls in urllib; --help stays instant without it
     from common.health import HealthReport, Thresholds
@@ -341,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(configuration -> code -> database), each step verified.",
         "settings: those of the three scripts (a component is part of a point when CONFIG_DIR,\n"
         "  DEPLOYMENT_DIR/REPO_PATH or DB_NAME is set), and POINTS_DIR=./restore_points,\n"
-        "  PRE_RESTORE_HOOK, POST_RESTORE_HOOK (commands run without a shell, e.g. stop/start the app),\n"
+        "  PRE_RESTORE_HOOK, POST_RESTORE_HOOK (commands run without a shell, e.g. stop/start the app;\n"
+        "  done when their process exits; stopped with all they started after HOOK_TIMEOUT_SECONDS=300),\n"
         "  LOCK_WAIT_SECONDS=30 (how long backup, restore and drill wait for the store locks they need),\n"
         "  HEALTHCHECK_URL and HEALTH_* thresholds, RTO_CONFIG_SECONDS=300, RTO_CODE_SECONDS=900,\n"
         "  RTO_DATABASE_SECONDS=1800\n\n"
