@@ -52,6 +52,7 @@ class Outcome:
     undo: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     hooks: list[HookRun] = field(default_factory=list)
+    cut_off: Component | None = None  # stopped while its script ran: restored or not, nobody can say here
 
     def stop(self, what: str, exit_code: int) -> None:
         """Record why the run stopped. Once a step is done, exit 2 ("nothing changed") or 75 would be wrong."""
@@ -64,7 +65,8 @@ class Outcome:
         return {
             "point": self.point.id,
             "restored": restored,
-            "not_restored": [c.name for c in self.plan if c.name not in restored],
+            "not_restored": [c.name for c in self.plan if c.name not in restored and c != self.cut_off],
+            "cut_off": self.cut_off.name if self.cut_off else None,
             "failure": self.failure,
             "undo": self.undo,
             "rto": [report.to_json() for report in self.rtos],
@@ -90,8 +92,8 @@ class Outcome:
         if self.health:
             lines += self.health.lines()
         if self.failure:
-            lines.append("not restored: " + (", ".join(c.title for c in self.plan if c not in restored)
-                                             or "nothing left"))
+            lines.append("not restored: " + (", ".join(c.title for c in self.plan
+                                                       if c not in restored and c != self.cut_off) or "nothing left"))
         lines += self.notes
         if self.undo:
             lines.append("to undo the steps already taken, in this order:" if self.failure
@@ -125,6 +127,8 @@ def restore_point(point: Backup, plan: list[Component], settings: Settings, runn
     except (ToolkitError, KeyboardInterrupt) as exc:
         reason = str(exc) if isinstance(exc, ToolkitError) else str(Interrupted("interrupted by SIGINT"))
         outcome.stop(f"during the {current.title} step: {reason}", EXIT_FAILED)
+        if current not in (s.component for s in outcome.done):
+            _cut_off(outcome, current, parts[current.name], runner)
     outcome.rtos = [RtoReport(s.component.name, "restore", s.seconds, rto_for(settings, s.component.name))
                     for s in outcome.done]
     outcome.undo = [line for s in reversed(outcome.done) for line in undo_commands(s.restore, runner, settings)]
@@ -133,6 +137,15 @@ def restore_point(point: Backup, plan: list[Component], settings: Settings, runn
                              + (f"POST_RESTORE_HOOK ({' '.join(hooks.post)}) did not run" if hooks.post
                                 else "no POST_RESTORE_HOOK is set"))
     return outcome
+
+
+def _cut_off(outcome: Outcome, component: Component, backup_id: str, runner: ScriptRunner) -> None:
+    """A step stopped while its script ran may have finished its restore (its report was lost with it)."""
+    outcome.cut_off = component
+    outcome.notes.append(f"the {component.title} step was cut off while its script ran: it may have been restored "
+                         f"or not. `{runner.shell_line(component, *component.verify_args(backup_id))}` says which, and "
+                         f"`{runner.shell_line(component, 'list')}` shows the safety backup it took, if it "
+                         "took one (restore that to undo it)")
 
 
 def _restore_one(component: Component, backup_id: str, runner: ScriptRunner, outcome: Outcome,

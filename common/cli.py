@@ -112,7 +112,8 @@ def add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) -> 
                        help="more detail; tracebacks on errors")
     group.add_argument("--metrics-file", metavar="PATH", default=default,
                        help="record the run for node_exporter's textfile collector in this .prom file "
-                            "(default: the METRICS_FILE setting; none when unset)")
+                            "(default: the METRICS_FILE setting; none when unset); best effort: a lock kept "
+                            "elsewhere for 5 s costs a warning, not the run")
 
 
 def make_parser(prog: str, description: str, epilog: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
