@@ -116,3 +116,21 @@ def test_a_settings_file_that_expands_without_bound_is_refused_at_once(site: Pat
     assert result.returncode == 2 and "pass 1 MiB: refused" in result.stderr
     (site / "settings.env").write_text("A=x\nB=${A}/y\nC=${MISSING:-z}\n")
     assert config(site, "--env-file", str(site / "settings.env"), "list").returncode == 0
+
+
+def test_a_label_with_line_breaks_and_terminal_escapes_lists_as_one_escaped_row(site: Path):
+    label = "release 2\nFAKE-ID  2020-01-01\rover\x1b[2J\x1b[31mred\u202eevil"
+    shown = "release 2\\nFAKE-ID  2020-01-01\\rover\\x1b[2J\\x1b[31mred\\u202eevil"
+    env = {"CONFIG_DIR": str(site / "config"), "CONFIG_BACKUP_DIR": str(site / "store"),
+           "ENV_FILE": str(site / "app.env"), "POINTS_DIR": str(site / "points")}
+    assert config(site, "backup", "--label", label).returncode == 0
+    assert run_script("rollback.py", "backup", "--label", label, env=env, cwd=site).returncode == 0
+    for script in ("config_rollback.py", "rollback.py"):
+        result = run_script(script, "list", env=env, cwd=site)
+        assert result.returncode == 0, result.stderr
+        rows = result.stdout.splitlines()
+        assert len(rows) == (3 if script == "config_rollback.py" else 2), rows  # the header and a row a backup
+        assert all(shown in row for row in rows[1:]) and "\x1b" not in result.stdout and "\r" not in result.stdout
+        listed = json.loads(run_script(script, "--json", "list", env=env, cwd=site).stdout)
+        found = listed["backups"] if script == "config_rollback.py" else listed["points"]
+        assert found[0]["label"].startswith(label)  # --json keeps the label as it is
