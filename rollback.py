@@ -324,7 +324,9 @@ def cmd_drill(ctx: Context) -> Result:
 def add_health_arguments(sub: argparse.ArgumentParser) -> None:
     """The health check's URL and thresholds (defaults: HEALTH_* settings, else the runbook's)."""
     group = sub.add_argument_group("health check (defaults from HEALTHCHECK_URL and HEALTH_* settings)")
-    group.add_argument("--health-url", metavar="URL", help="send requests here and check errors and p95 time")
+    group.add_argument("--health-url", metavar="URL",
+                       help="send requests here and check errors and p95 time (http://user:password@... sends "
+                            "basic authentication; the password is masked in the audit log)")
     group.add_argument("--max-error-rate", type=float, metavar="PCT", help="failed requests, percent (1)")
     group.add_argument("--max-p95-ms", type=float, metavar="MS", help="95th percentile response time (500)")
     group.add_argument("--max-cpu", type=float, metavar="PCT", help="CPU use, percent (80)")

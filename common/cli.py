@@ -21,6 +21,7 @@ from common.progress import show_progress
 from common.rto import OBJECTIVES, RtoReport, rto_for
 from common.settings import Settings
 from common.store import BackupStore, open_store
+from common.text import mask_url_password
 
 # A script's backup folder: its variable and default, e.g. ("CONFIG_BACKUP_DIR", "./config_backups").
 StoreSetting = tuple[str, str]
@@ -365,6 +366,7 @@ def _print_out(text: str) -> None:
 
 
 def _report_error(script: str, args: argparse.Namespace, message: str, code: int) -> None:
+    message = mask_url_password(message)
     if args.verbose:
         traceback.print_exc()
     print(f"{script}: error: {message}", file=sys.stderr)
@@ -384,7 +386,9 @@ def _audit(
     result: Result | None,
 ) -> None:
     hidden = {"handler", "secret_args", "command", *args.secret_args}
-    arguments = {key: value for key, value in vars(args).items() if key not in hidden}
+    # A URL's password (--health-url http://user:password@...) is a secret wherever it is given.
+    arguments = {key: mask_url_password(value) if isinstance(value, str) else value
+                 for key, value in vars(args).items() if key not in hidden}
     arguments.update({key: "<redacted>" for key in args.secret_args})
     try:
         settings = settings or Settings.load(None)
@@ -397,7 +401,7 @@ def _audit(
         "command": args.command,
         "arguments": arguments,
         "exit_code": code,
-        "result": "ok" if code == 0 else (error or f"exit {code}"),
+        "result": "ok" if code == 0 else mask_url_password(error or f"exit {code}"),
         "duration_s": round(duration, 3),
         "backup_ids": result.backup_ids if result else [],
     }

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from common.errors import ToolkitError, UsageError
 from common.settings import Settings
+from common.text import mask_url_password
 
 if TYPE_CHECKING:
     from db_server import DbServer
@@ -122,7 +123,7 @@ def _measure(url: str, timeout: float) -> tuple[float, str | None]:
     started = time.monotonic()
     deadline = _Deadline(started + timeout)
     try:
-        with deadline, _opener(deadline).open(url, timeout=timeout) as response:
+        with deadline, _opener(deadline).open(_request(url), timeout=timeout) as response:
             response.read()  # the time to the whole body is what a client waits for
             status = response.status
     except urllib.error.HTTPError as exc:
@@ -137,6 +138,22 @@ def _measure(url: str, timeout: float) -> tuple[float, str | None]:
     if deadline.expired:  # cut off, yet what arrived looked whole (a body without a length)
         return elapsed_ms, f"no whole answer within {timeout:g} s (HEALTH_TIMEOUT)"
     return elapsed_ms, None if 200 <= status < 400 else f"HTTP {status}"
+
+
+def _request(url: str):  # -> urllib.request.Request
+    """A GET of `url`; its `user:password@`, which urllib would take for part of the host name, is sent as
+    HTTP basic authentication instead."""
+    import base64
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    credentials = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    return urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)),
+                                  headers={"Authorization": "Basic " + base64.b64encode(credentials).decode()})
 
 
 class _Deadline:
@@ -233,7 +250,8 @@ def validate_url(url: str) -> None:
     except ValueError:
         valid = False
     if not valid:
-        raise UsageError(f"the health URL must be http://HOST[:PORT]/... or https://..., got {url!r}")
+        raise UsageError("the health URL must be http://HOST[:PORT]/... or https://..., got "
+                         f"{mask_url_password(url)!r}")
 
 
 def check_http(url: str, thresholds: Thresholds) -> list[Check]:

@@ -134,3 +134,18 @@ def test_a_label_with_line_breaks_and_terminal_escapes_lists_as_one_escaped_row(
         listed = json.loads(run_script(script, "--json", "list", env=env, cwd=site).stdout)
         found = listed["backups"] if script == "config_rollback.py" else listed["points"]
         assert found[0]["label"].startswith(label)  # --json keeps the label as it is
+
+
+def test_a_password_in_a_health_url_is_masked_in_the_audit_log_and_the_errors(site: Path):
+    env = {"CONFIG_DIR": str(site / "config"), "CONFIG_BACKUP_DIR": str(site / "store"),
+           "POINTS_DIR": str(site / "points")}
+    result = run_script("rollback.py", "verify", "--no-system-check", "--health-requests", "1",
+                        "--health-url", "http://ops:hunter2@127.0.0.1:1/health", env=env, cwd=site)
+    assert result.returncode == 3, result.stderr
+    result = run_script("rollback.py", "verify", env={**env, "HEALTHCHECK_URL": "ftp://ops:hunter2@127.0.0.1/"},
+                        cwd=site)
+    assert result.returncode == 2 and "ftp://ops:********@127.0.0.1/" in result.stderr
+    audit = (site / "points" / "audit.log").read_text()
+    assert "hunter2" not in audit + result.stderr + result.stdout
+    assert [json.loads(line)["arguments"]["health_url"] for line in audit.splitlines()] == [
+        "http://ops:********@127.0.0.1:1/health", None]

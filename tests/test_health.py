@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -38,6 +39,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/slow":
             time.sleep(SLOW_SECONDS)  # the slowness is the behaviour under test
             self._answer(200)
+        elif self.path == "/private":  # basic authentication as user `ops`, password `p@ss:word`
+            expected = "Basic " + base64.b64encode(b"ops:p@ss:word").decode()
+            self._answer(200 if self.headers.get("Authorization") == expected else 401)
         elif self.path in ("/trickle-body", "/trickle-headers"):
             self._trickle(headers_too=self.path == "/trickle-headers")
         elif self.path == "/flaky":
@@ -125,6 +129,18 @@ def test_unreachable_port_fails_with_every_request():
     checks = by_name(check_http(f"http://127.0.0.1:{port}/", Thresholds()))
     assert not checks["http error rate"].ok and checks["http error rate"].value == 100
     assert not checks["http p95"].ok and "every request failed" in checks["http p95"].detail
+
+
+def test_a_url_with_user_and_password_is_sent_basic_authentication(web):
+    """urllib takes `user:password@` for part of the host name: every request failed with a name lookup error."""
+    base = web.replace("http://", "")
+    assert by_name(check_http(f"http://ops:p%40ss%3Aword@{base}/private", Thresholds(requests=2)))[
+        "http error rate"].ok
+    rate = by_name(check_http(f"http://ops:wrong@{base}/private", Thresholds(requests=2)))["http error rate"]
+    assert not rate.ok and "HTTP 401" in rate.detail
+    with pytest.raises(UsageError) as refused:
+        check_http(f"ftp://ops:p%40ss@{base}/", Thresholds())
+    assert "p%40ss" not in str(refused.value) and "ftp://ops:********@" in str(refused.value)
 
 
 @pytest.mark.parametrize("path", ["/trickle-body", "/trickle-headers"])
