@@ -100,7 +100,8 @@ def add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) -> 
     default = argparse.SUPPRESS if in_subcommand else None
     group = parser.add_argument_group("global options")
     group.add_argument("--env-file", metavar="PATH", default=default,
-                       help="read settings from this file instead of ./.env")
+                       help="read settings from this file instead of ./.env (relative paths in it, and the "
+                            "default paths, are relative to its folder)")
     group.add_argument("--json", action="store_true", default=default or False,
                        help="print one JSON document on stdout and nothing else there")
     group.add_argument("--dry-run", action="store_true", default=default or False,

@@ -71,13 +71,19 @@ class Settings:
         return value
 
     def path(self, name: str, default: str | None = None, required: bool = False) -> Path | None:
-        """A filesystem path setting, with `~` expanded."""
+        """A filesystem path setting, with `~` expanded. A relative path from the settings file, or a default,
+        is relative to the file's folder (so a run from anywhere finds the same stores); one from the
+        environment is relative to the working folder, as the shell that set it meant."""
         value = self.text(name, default, required)
         if value is None:
             return None
         if "\0" in value:
             raise SettingError(f"{name} is not a valid path: it contains a NUL byte")
-        return Path(value).expanduser()
+        path = Path(value).expanduser()
+        from_environment = (self._environ.get(name) or "").strip() != ""
+        if self.env_file is None or from_environment or path.is_absolute():
+            return path
+        return self.env_file.parent / path
 
     def integer(self, name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
         """A whole-number setting within [minimum, maximum]."""

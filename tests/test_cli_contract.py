@@ -149,3 +149,24 @@ def test_a_password_in_a_health_url_is_masked_in_the_audit_log_and_the_errors(si
     assert "hunter2" not in audit + result.stderr + result.stdout
     assert [json.loads(line)["arguments"]["health_url"] for line in audit.splitlines()] == [
         "http://ops:********@127.0.0.1:1/health", None]
+
+
+def test_relative_paths_in_an_env_file_are_relative_to_its_folder(site: Path):
+    """Run from another folder, `list` said "no backups" (exit 0) and stores appeared wherever it ran."""
+    (site / "settings.env").write_text("CONFIG_DIR=./config\nCONFIG_BACKUP_DIR=store\nENV_FILE=./app.env\n")
+    elsewhere = site / "elsewhere"
+    elsewhere.mkdir()
+    settings = str(Path("..") / "settings.env")  # relative itself, to the working folder
+    for cwd in (site, elsewhere):
+        result = run_script("config_rollback.py", "--env-file", settings if cwd == elsewhere else "settings.env",
+                            "backup", env={}, cwd=cwd)
+        assert result.returncode == 0, result.stderr
+    listed = run_script("config_rollback.py", "--json", "--env-file", settings, "list", env={}, cwd=elsewhere)
+    assert len(json.loads(listed.stdout)["backups"]) == 2
+    # A default is the file's folder's too; a relative path from the environment is the working folder's.
+    result = run_script("rollback.py", "--env-file", settings, "backup", env={}, cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert (site / "restore_points").is_dir() and list(elsewhere.iterdir()) == []
+    result = run_script("config_rollback.py", "--env-file", settings, "backup", env={"CONFIG_BACKUP_DIR": "here"},
+                        cwd=elsewhere)
+    assert result.returncode == 0 and [p.name for p in elsewhere.iterdir()] == ["here"]
