@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.commands import count
 from common.errors import EXIT_FAILED, EXIT_VERIFY, Interrupted, ToolkitError
 from common.health import HealthReport
 from common.manifest import Backup
@@ -85,8 +86,10 @@ class Outcome:
             lines = [f"STOPPED: {self.failure}"]
         else:
             lines = [f"restore point {self.point.id} restored: " + ", ".join(c.title for c in restored)]
-        lines += [f"{s.component.title}: restored {s.backup_id}, "
-                  + ("verified" if s.verify and s.verify.ok else "NOT verified") for s in self.done]
+        for step in self.done:
+            lines.append(f"{step.component.title}: restored {step.backup_id}, "
+                         + ("verified" if step.verify and step.verify.ok else "NOT verified"))
+            lines += [f"  problem: {problem}" for problem in (step.verify.problems if step.verify else [])]
         lines += [f"  {report.line()}" for report in self.rtos]
         lines += [hook.line() for hook in self.hooks]
         if self.health:
@@ -159,7 +162,11 @@ def _restore_one(component: Component, backup_id: str, runner: ScriptRunner, out
     outcome.done.append(step)
     step.verify = runner.run(component, *component.verify_args(backup_id))
     if not step.verify.ok:
-        outcome.stop(f"{component.title} verify after the restore: {step.verify.error}", step.verify.exit_code)
+        problems = step.verify.problems
+        found = (f"found {count(len(problems), 'problem')}: {problems[0]}"
+                 + (" (all listed below)" if len(problems) > 1 else "")) if problems \
+            else f"failed: {step.verify.error}"
+        outcome.stop(f"{component.title} verify after the restore {found}", step.verify.exit_code)
         return False
     # Reported, not obeyed: the application is expected to be unwell until every step is done (that is
     # why it is being rolled back). The check after the last step and the post-restore hook decides.

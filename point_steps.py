@@ -20,6 +20,7 @@ from common.locks import HeldLocks
 from common.proc import run_tool
 from common.settings import Settings
 from common.store import BackupStore, open_store
+from common.text import printable
 
 ROOT = Path(__file__).resolve().parent
 
@@ -71,6 +72,12 @@ class ScriptRun:
     def ok(self) -> bool:
         """Exit code 0."""
         return self.exit_code == 0
+
+    @property
+    def problems(self) -> list[str]:
+        """What a verify found (its `problems`), each on one line."""
+        found = self.data.get("problems")
+        return [printable(str(problem).strip()) for problem in found] if isinstance(found, list) else []
 
     @property
     def error(self) -> str:

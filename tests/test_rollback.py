@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import git, script_argv, tree_snapshot
+from helpers import git, run_script, script_argv, tree_snapshot
 from point_system import System, take_point
 
 
@@ -379,3 +379,22 @@ def test_a_restore_stopped_while_a_step_runs_does_not_claim_that_step_was_not_re
     assert "config_rollback.py" in verify and "verify --against" in verify
     checked = subprocess.run(verify, shell=True, env={**os.environ, **system.env}, capture_output=True, text=True)
     assert checked.returncode in (0, 3), checked.stderr  # restored, or not: verify tells which
+
+
+def test_a_step_whose_verify_finds_problems_stops_the_restore_and_shows_them(system: System):
+    """The report said only "exit code 3"; it now says what the verify found."""
+    migrations = system.root / "migrations"
+    migrations.mkdir()
+    (migrations / "001_add_notes.up.sql").write_text("ALTER TABLE customers ADD COLUMN notes text;\n")
+    (migrations / "001_add_notes.down.sql").write_text("ALTER TABLE customers DROP COLUMN notes;\n")
+    system.env["MIGRATIONS_DIR"] = str(migrations)
+    migrated = run_script("database_rollback.py", "migrate", "--yes", env=system.env, cwd=system.root)
+    assert migrated.returncode == 0, migrated.stderr
+    take_point(system)
+    # The applied migration's file is edited afterwards: the database, once restored, no longer matches it.
+    (migrations / "001_add_notes.up.sql").write_text("ALTER TABLE customers ADD COLUMN notes varchar(80);\n")
+    result = system.run("restore", "latest", "--yes")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "STOPPED: database verify after the restore found 1 problem: migration 001_add_notes" in result.stdout
+    assert "database: restored" in result.stdout and "NOT verified" in result.stdout
+    assert "  problem: migration 001_add_notes" in result.stdout
