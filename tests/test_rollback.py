@@ -398,3 +398,17 @@ def test_a_step_whose_verify_finds_problems_stops_the_restore_and_shows_them(sys
     assert "STOPPED: database verify after the restore found 1 problem: migration 001_add_notes" in result.stdout
     assert "database: restored" in result.stdout and "NOT verified" in result.stdout
     assert "  problem: migration 001_add_notes" in result.stdout
+
+
+def test_a_drill_step_that_fails_is_not_logged_as_verified(system: System):
+    point = take_point(system)
+    dump = system.root / "db_backups" / point["parts"]["db"] / "db.dump"
+    os.chmod(dump, 0o600)
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    dump.write_bytes(bytes(data))
+    result = system.run("drill")
+    assert result.returncode == 1, result.stdout + result.stderr
+    database = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if "into " in line]
+    assert database and not [line for line in database if "verified" in line], database
+    assert "restore failed" in result.stdout and "damaged" in result.stdout
