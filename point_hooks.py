@@ -17,6 +17,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.errors import SettingError, ToolkitError, UsageError
 from common.proc import SECRET_VARIABLES, die_with_parent_hook
@@ -70,8 +71,9 @@ class Hooks:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Hooks:
-        """Read and check both hooks: each must name an executable file (on PATH or by path), so that a typo
-        stops the restore before its first change, not after the configuration and code are back."""
+        """Read and check both hooks: each must name an executable file (on PATH or by path; a relative path
+        in the settings file is relative to its folder), so that a typo stops the restore before its first
+        change, not after the configuration and code are back."""
         def split(name: str) -> list[str] | None:
             value = settings.text(name)
             if value is None:
@@ -80,6 +82,8 @@ class Hooks:
                 argv = shlex.split(value)
             except ValueError as exc:
                 raise UsageError(f"{name} cannot be split into a command: {exc}") from None
+            if argv and "/" in argv[0]:  # a program given by its path, relative to where the setting was written
+                argv[0] = str(settings.relative_to_source(name, Path(argv[0])))
             if argv and shutil.which(argv[0]) is None:
                 why = "no such executable file" if "/" in argv[0] else "not found on PATH"
                 if "/" in argv[0] and os.path.exists(argv[0]):

@@ -286,12 +286,12 @@ def cmd_verify(ctx: Context) -> Result:
     for component in configured:
         step = runner.run(component, "verify")
         codes.append(step.exit_code)
-        problems = step.data.get("problems", [])
+        problems = step.problems
         verdict = "OK" if step.ok else (count(len(problems), "problem") if step.exit_code == EXIT_VERIFY
                                         else f"could not verify: {step.error}")
         lines.append(f"{component.title}: {verdict}")
-        lines += [f"  {problem.strip()}" for problem in problems]
-        data[component.name] = {"exit_code": step.exit_code, "problems": problems}
+        lines += [f"  {problem}" for problem in problems]
+        data[component.name] = {"exit_code": step.exit_code, "problems": step.data.get("problems", [])}
     health = _health(ctx, _thresholds(ctx), url=_health_url(ctx))
     lines += health.lines()
     data["health"] = health.to_json()

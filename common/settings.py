@@ -79,7 +79,11 @@ class Settings:
             return None
         if "\0" in value:
             raise SettingError(f"{name} is not a valid path: it contains a NUL byte")
-        path = Path(value).expanduser()
+        return self.relative_to_source(name, Path(value).expanduser())
+
+    def relative_to_source(self, name: str, path: Path) -> Path:
+        """`path`, read from setting `name` (or its default), made relative to where it was written: the
+        settings file's folder, or the working folder for a value from the environment."""
         from_environment = (self._environ.get(name) or "").strip() != ""
         if self.env_file is None or from_environment or path.is_absolute():
             return path

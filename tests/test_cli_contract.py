@@ -153,7 +153,11 @@ def test_a_password_in_a_health_url_is_masked_in_the_audit_log_and_the_errors(si
 
 def test_relative_paths_in_an_env_file_are_relative_to_its_folder(site: Path):
     """Run from another folder, `list` said "no backups" (exit 0) and stores appeared wherever it ran."""
-    (site / "settings.env").write_text("CONFIG_DIR=./config\nCONFIG_BACKUP_DIR=store\nENV_FILE=./app.env\n")
+    (site / "settings.env").write_text("CONFIG_DIR=./config\nCONFIG_BACKUP_DIR=store\nENV_FILE=./app.env\n"
+                                       "PRE_RESTORE_HOOK=hooks/stop-app --now\n")
+    (site / "hooks").mkdir()
+    (site / "hooks" / "stop-app").write_text("#!/bin/sh\ntouch \"$(dirname \"$0\")/stopped\"\n")
+    (site / "hooks" / "stop-app").chmod(0o755)
     elsewhere = site / "elsewhere"
     elsewhere.mkdir()
     settings = str(Path("..") / "settings.env")  # relative itself, to the working folder
@@ -167,6 +171,10 @@ def test_relative_paths_in_an_env_file_are_relative_to_its_folder(site: Path):
     result = run_script("rollback.py", "--env-file", settings, "backup", env={}, cwd=elsewhere)
     assert result.returncode == 0, result.stderr
     assert (site / "restore_points").is_dir() and list(elsewhere.iterdir()) == []
+    result = run_script("rollback.py", "--env-file", settings, "restore", "latest", "--yes", "--no-system-check",
+                        env={}, cwd=elsewhere)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (site / "hooks" / "stopped").exists()  # the hook's program, relative to the settings file too
     result = run_script("config_rollback.py", "--env-file", settings, "backup", env={"CONFIG_BACKUP_DIR": "here"},
                         cwd=elsewhere)
     assert result.returncode == 0 and [p.name for p in elsewhere.iterdir()] == ["here"]
