@@ -83,9 +83,9 @@ class ScriptRun:
     def error(self) -> str:
         """The one-line error the script printed, for the report."""
         if self.data.get("error"):
-            return str(self.data["error"])
+            return printable(str(self.data["error"]))
         lines = [line for line in self.stderr.splitlines() if line.strip()]
-        return lines[-1] if lines else f"exit code {self.exit_code}"
+        return printable(lines[-1]) if lines else f"exit code {self.exit_code}"
 
 
 @dataclass
