@@ -28,6 +28,7 @@ OUTPUT_KEPT_BYTES = 64 * 1024
 _LINE_SHOWN_CHARS = 300  # of the output's last line, in a one-line message
 _STOP_GRACE_SECONDS = 5
 _READ_BYTES = 64 * 1024
+_DRAIN_READS = 16  # 1 MiB, the largest a pipe holds
 NAMES = ("PRE_RESTORE_HOOK", "POST_RESTORE_HOOK")
 
 
@@ -169,8 +170,9 @@ def _read_until_exit(proc: subprocess.Popen, read_end: int, output: _Tail, deadl
 
 
 def _drain(fd: int, output: _Tail) -> bool:
-    """Read what is there now; False at the end of the output (no writer left)."""
-    while True:
+    """Read what is there now, a pipe's worth at most (a writer faster than this must not keep the caller
+    from its deadline); False at the end of the output (no writer left)."""
+    for _ in range(_DRAIN_READS):
         try:
             chunk = os.read(fd, _READ_BYTES)
         except BlockingIOError:
@@ -178,6 +180,7 @@ def _drain(fd: int, output: _Tail) -> bool:
         if not chunk:
             return False
         output.add(chunk)
+    return True
 
 
 def _let_go(read_end: int) -> None:
@@ -187,6 +190,7 @@ def _let_go(read_end: int) -> None:
     try:
         still_open = _drain(read_end, _Tail())
         if still_open:
+            os.set_blocking(read_end, True)  # the flag is the pipe's, not this descriptor's: cat would stop at once
             subprocess.Popen(["cat"], stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     except OSError:

@@ -8,13 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from helpers import process_state, script_argv, wait_until_dead
 from point_system import System, take_point
 
-from point_hooks import OUTPUT_KEPT_BYTES
+from point_hooks import OUTPUT_KEPT_BYTES, run_hook
 
 
 @pytest.fixture
@@ -104,3 +105,24 @@ def test_a_hook_that_cannot_run_stops_the_restore_before_its_first_change(system
         assert result.returncode == 2, result.stdout + result.stderr
         assert setting in result.stderr and why in result.stderr and "nothing changed" in result.stderr
         assert system.state() == broken
+
+
+def test_a_hook_that_writes_without_end_is_still_stopped_at_its_timeout():
+    hook = run_hook("PRE_RESTORE_HOOK", ["yes", "a line that never ends"], timeout=1)
+    assert hook.exit_code is None and hook.seconds < 10
+    assert len(hook.output) == OUTPUT_KEPT_BYTES and hook.output.endswith("never ends\n")
+
+
+def test_what_a_hook_leaves_writing_to_its_output_keeps_running(tmp_path: Path):
+    """After the hook exits its output is read and thrown away: closed, it would kill the writer (SIGPIPE)."""
+    group, ticks = tmp_path / "group", tmp_path / "ticks"
+    script = f"echo $$ > {group}; (while :; do echo tick; echo tick >> {ticks}; done) & echo started"
+    hook = run_hook("POST_RESTORE_HOOK", ["sh", "-c", script], timeout=30)
+    assert hook.exit_code == 0 and hook.output.startswith("started\n")
+    try:
+        seen = ticks.stat().st_size
+        deadline = time.monotonic() + 30
+        while ticks.stat().st_size < seen + 100_000:  # it goes on writing, to its output too
+            assert time.monotonic() < deadline, "the background writer stopped"
+    finally:
+        os.killpg(int(group.read_text()), signal.SIGKILL)
