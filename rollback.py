@@ -358,10 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add_command(commands, "backup", cmd_backup, "take a restore point of every configured component")
     add_backup_arguments(sub)
     sub = add_command(commands, "restore", cmd_restore, "restore a point: configuration, then code, then database",
-                      "Takes every lock its steps need first (the restore points' and each component store's,\n"
-                      "waiting up to LOCK_WAIT_SECONDS; exit 75, nothing changed, if another run keeps one) and\n"
-                      "holds them to the last step. Checks that every part is here (pulled if only off-host)\n"
-                      "and whole (checksums).\n"
+                      "Changes nothing until it has checked the health URL, the thresholds and that each hook is\n"
+                      "an executable file (else exit 2); taken every lock its steps need, the restore points' and\n"
+                      "each component store's (waiting up to LOCK_WAIT_SECONDS, else exit 75), held to the last\n"
+                      "step; and checked that every part is here (pulled if only off-host) and whole (checksums).\n"
                       "Runs PRE_RESTORE_HOOK, restores each component with its script (which saves what it\n"
                       "replaces first), verifies it, checks health, and stops at the first failure with the\n"
                       "commands that undo the steps already taken; then POST_RESTORE_HOOK and a last health\n"
