@@ -90,7 +90,8 @@ def run_drill(settings: Settings, runner: ScriptRunner, info: Callable[[str], No
             step = _database_step(settings, runner, store, objective, info)
         else:
             step = _checksum_step(component, store, objective)
-        info(f"{component.title}: {step.what}: {step.seconds:.2f} s")
+        info(f"{component.title}: {step.what}: {step.seconds:.2f} s" + (f" ({step.problems[0]})" if step.problems
+                                                                         else ""))
         report.steps.append(step)
     return report
 
@@ -117,7 +118,7 @@ def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore,
                          [f"no backups of {server.name} in {store.root}"], failed=True)
     scratch = scratch_name(server.name, DRILLING)
     db = BY_NAME["db"]
-    what = f"restore of {backup.id} into {scratch}, verified"
+    what = f"restore of {backup.id} into {scratch}"
     info(f"database: restoring {backup.id} into the scratch database {scratch}")
     started = time.monotonic()
     # Claimed throughout: a drill killed part-way leaves databases that verify names and cleanup drops.
@@ -126,13 +127,15 @@ def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore,
             # METRICS_FILE emptied: a scratch restore must not pass for a restore of production in the metrics.
             restored = runner.run(db, "restore", backup.id, "--target-db", scratch, "--yes", env=NO_METRICS)
             if not restored.ok:
-                return DrillStep("db", what, time.monotonic() - started, objective,
+                return DrillStep("db", f"{what}, failed", time.monotonic() - started, objective,
                                  [f"restore failed: {restored.error}"], failed=True)
             verified = runner.run(db, "verify", env={**NO_METRICS, "DB_NAME": scratch})
             seconds = time.monotonic() - started
             problems = [p.strip() for p in verified.data.get("problems", [])]
             if not verified.ok and not problems:
-                return DrillStep("db", what, seconds, objective, [f"verify failed: {verified.error}"], failed=True)
-            return DrillStep("db", what, seconds, objective, problems)
+                return DrillStep("db", f"{what}, verify failed", seconds, objective,
+                                 [f"verify failed: {verified.error}"], failed=True)
+            return DrillStep("db", f"{what}, {'verify found problems' if problems else 'verified'}", seconds,
+                             objective, problems)
         finally:
             drop_database(server, scratch)

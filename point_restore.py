@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.commands import count
 from common.errors import EXIT_FAILED, EXIT_VERIFY, Interrupted, ToolkitError
 from common.health import HealthReport
 from common.manifest import Backup
 from common.rto import RtoReport, rto_for
 from common.settings import Settings
-from point_steps import Component, Hooks, ScriptRun, ScriptRunner, undo_commands
+from point_hooks import HookFailed, HookRun, Hooks
+from point_steps import Component, ScriptRun, ScriptRunner, undo_commands
 
 # Between steps the application is expected to be unwell, so the check there is short: a few requests.
 REQUESTS_BETWEEN_STEPS = 3
@@ -50,6 +52,8 @@ class Outcome:
     health: HealthReport | None = None
     undo: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    hooks: list[HookRun] = field(default_factory=list)
+    cut_off: Component | None = None  # stopped while its script ran: restored or not, nobody can say here
 
     def stop(self, what: str, exit_code: int) -> None:
         """Record why the run stopped. Once a step is done, exit 2 ("nothing changed") or 75 would be wrong."""
@@ -62,7 +66,8 @@ class Outcome:
         return {
             "point": self.point.id,
             "restored": restored,
-            "not_restored": [c.name for c in self.plan if c.name not in restored],
+            "not_restored": [c.name for c in self.plan if c.name not in restored and c != self.cut_off],
+            "cut_off": self.cut_off.name if self.cut_off else None,
             "failure": self.failure,
             "undo": self.undo,
             "rto": [report.to_json() for report in self.rtos],
@@ -70,6 +75,7 @@ class Outcome:
                        "verify": s.verify.data if s.verify else None, "seconds": round(s.seconds, 3),
                        "health": s.health.to_json() if s.health else None} for s in self.done],
             "health": self.health.to_json() if self.health else None,
+            "hooks": [hook.to_json() for hook in self.hooks],
             "notes": self.notes,
         }
 
@@ -80,14 +86,17 @@ class Outcome:
             lines = [f"STOPPED: {self.failure}"]
         else:
             lines = [f"restore point {self.point.id} restored: " + ", ".join(c.title for c in restored)]
-        lines += [f"{s.component.title}: restored {s.backup_id}, "
-                  + ("verified" if s.verify and s.verify.ok else "NOT verified") for s in self.done]
+        for step in self.done:
+            lines.append(f"{step.component.title}: restored {step.backup_id}, "
+                         + ("verified" if step.verify and step.verify.ok else "NOT verified"))
+            lines += [f"  problem: {problem}" for problem in (step.verify.problems if step.verify else [])]
         lines += [f"  {report.line()}" for report in self.rtos]
+        lines += [hook.line() for hook in self.hooks]
         if self.health:
             lines += self.health.lines()
         if self.failure:
-            lines.append("not restored: " + (", ".join(c.title for c in self.plan if c not in restored)
-                                             or "nothing left"))
+            lines.append("not restored: " + (", ".join(c.title for c in self.plan
+                                                       if c not in restored and c != self.cut_off) or "nothing left"))
         lines += self.notes
         if self.undo:
             lines.append("to undo the steps already taken, in this order:" if self.failure
@@ -104,8 +113,9 @@ def restore_point(point: Backup, plan: list[Component], settings: Settings, runn
     `health(url, requests)` runs the health check (url None: no HTTP part; requests None: the configured
     number). PRE_RESTORE_HOOK's failure is raised (nothing was restored); everything later is recorded.
     """
-    hooks.run("PRE_RESTORE_HOOK", "nothing was restored")
     outcome = Outcome(point, plan)
+    pre = hooks.run("PRE_RESTORE_HOOK", "nothing was restored")
+    outcome.hooks += [pre] if pre else []
     parts = point.extra["parts"]
     current, finishing = plan[0], False
     try:
@@ -120,6 +130,8 @@ def restore_point(point: Backup, plan: list[Component], settings: Settings, runn
     except (ToolkitError, KeyboardInterrupt) as exc:
         reason = str(exc) if isinstance(exc, ToolkitError) else str(Interrupted("interrupted by SIGINT"))
         outcome.stop(f"during the {current.title} step: {reason}", EXIT_FAILED)
+        if current not in (s.component for s in outcome.done):
+            _cut_off(outcome, current, parts[current.name], runner)
     outcome.rtos = [RtoReport(s.component.name, "restore", s.seconds, rto_for(settings, s.component.name))
                     for s in outcome.done]
     outcome.undo = [line for s in reversed(outcome.done) for line in undo_commands(s.restore, runner, settings)]
@@ -128,6 +140,15 @@ def restore_point(point: Backup, plan: list[Component], settings: Settings, runn
                              + (f"POST_RESTORE_HOOK ({' '.join(hooks.post)}) did not run" if hooks.post
                                 else "no POST_RESTORE_HOOK is set"))
     return outcome
+
+
+def _cut_off(outcome: Outcome, component: Component, backup_id: str, runner: ScriptRunner) -> None:
+    """A step stopped while its script ran may have finished its restore (its report was lost with it)."""
+    outcome.cut_off = component
+    outcome.notes.append(f"the {component.title} step was cut off while its script ran: it may have been restored "
+                         f"or not. `{runner.shell_line(component, *component.verify_args(backup_id))}` says which, and "
+                         f"`{runner.shell_line(component, 'list')}` shows the safety backup it took, if it "
+                         "took one (restore that to undo it)")
 
 
 def _restore_one(component: Component, backup_id: str, runner: ScriptRunner, outcome: Outcome,
@@ -141,7 +162,11 @@ def _restore_one(component: Component, backup_id: str, runner: ScriptRunner, out
     outcome.done.append(step)
     step.verify = runner.run(component, *component.verify_args(backup_id))
     if not step.verify.ok:
-        outcome.stop(f"{component.title} verify after the restore: {step.verify.error}", step.verify.exit_code)
+        problems = step.verify.problems
+        found = (f"found {count(len(problems), 'problem')}: {problems[0]}"
+                 + (" (all listed below)" if len(problems) > 1 else "")) if problems \
+            else f"failed: {step.verify.error}"
+        outcome.stop(f"{component.title} verify after the restore {found}", step.verify.exit_code)
         return False
     # Reported, not obeyed: the application is expected to be unwell until every step is done (that is
     # why it is being rolled back). The check after the last step and the post-restore hook decides.
@@ -154,10 +179,15 @@ def _restore_one(component: Component, backup_id: str, runner: ScriptRunner, out
 def _finish(hooks: Hooks, health: Callable[[str | None, int | None], HealthReport], url: str | None,
             outcome: Outcome) -> None:
     try:
-        hooks.run("POST_RESTORE_HOOK", "everything was restored; the application may not be running")
+        post = hooks.run("POST_RESTORE_HOOK", "everything was restored; the application may not be running")
+    except HookFailed as exc:
+        outcome.hooks.append(exc.hook)
+        outcome.stop(str(exc), EXIT_FAILED)
+        return
     except ToolkitError as exc:
         outcome.stop(str(exc), EXIT_FAILED)
         return
+    outcome.hooks += [post] if post else []
     outcome.health = health(url, None)
     if not outcome.health.ok:
         failed = "; ".join(check.line().strip() for check in outcome.health.checks if not check.ok)

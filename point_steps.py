@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.errors import ToolkitError, UsageError
+from common.locks import HeldLocks
 from common.proc import run_tool
 from common.settings import Settings
 from common.store import BackupStore, open_store
+from common.text import printable
 
 ROOT = Path(__file__).resolve().parent
 
@@ -73,12 +74,18 @@ class ScriptRun:
         return self.exit_code == 0
 
     @property
+    def problems(self) -> list[str]:
+        """What a verify found (its `problems`), each on one line."""
+        found = self.data.get("problems")
+        return [printable(str(problem).strip()) for problem in found] if isinstance(found, list) else []
+
+    @property
     def error(self) -> str:
         """The one-line error the script printed, for the report."""
         if self.data.get("error"):
-            return str(self.data["error"])
+            return printable(str(self.data["error"]))
         lines = [line for line in self.stderr.splitlines() if line.strip()]
-        return lines[-1] if lines else f"exit code {self.exit_code}"
+        return printable(lines[-1]) if lines else f"exit code {self.exit_code}"
 
 
 @dataclass
@@ -88,6 +95,7 @@ class ScriptRunner:
     env_file: str | None = None
     metrics_file: str | None = None
     cwd: Path = field(default_factory=Path.cwd)
+    locks: HeldLocks | None = None  # store locks this run holds: each script runs under them, not beside them
 
     def argv(self, component: Component, *args: str) -> list[str]:
         """The full command line of one script run (also what the undo commands print)."""
@@ -102,8 +110,9 @@ class ScriptRunner:
         `env` overrides settings for this run only (the drill points DB_NAME at its scratch database)."""
         started = time.monotonic()
         # The children are this toolkit: they get DB_PASSWORD the way this process did.
-        done = run_tool(self.argv(component, "--json", *args), component.script, env=env, cwd=self.cwd,
-                        check=False, keep_secrets=True)
+        done = run_tool(self.argv(component, "--json", *args), component.script,
+                        env={**self._lock_env(), **(env or {})}, cwd=self.cwd, check=False, keep_secrets=True,
+                        pass_fds=self._lock_fds())
         try:
             data = json.loads(done.stdout.decode() or "{}")
         except ValueError:
@@ -114,9 +123,15 @@ class ScriptRunner:
         """What the script's `restore BACKUP --dry-run` says it would change: its exit code and its lines
         (its report, or its one-line error)."""
         done = run_tool(self.argv(component, "restore", backup_id, "--dry-run"), component.script, cwd=self.cwd,
-                        check=False, keep_secrets=True)
+                        env=self._lock_env(), check=False, keep_secrets=True, pass_fds=self._lock_fds())
         text = done.stdout.decode(errors="replace") if done.returncode == 0 else done.stderr
         return done.returncode, [line for line in text.splitlines() if line.strip()]
+
+    def _lock_env(self) -> dict[str, str]:
+        return self.locks.child_env() if self.locks else {}
+
+    def _lock_fds(self) -> tuple[int, ...]:
+        return self.locks.fds if self.locks else ()
 
     def shell_line(self, component: Component, *args: str) -> str:
         """A command an operator can paste: run from the same folder, with the same settings."""
@@ -148,40 +163,3 @@ def _rename_back(settings: Settings, database: str, previous: str) -> str:
     for statement in rename_back_statements(database, previous):
         argv += ["-c", statement]
     return shlex.join(argv)
-
-
-@dataclass
-class Hooks:
-    """PRE_RESTORE_HOOK and POST_RESTORE_HOOK: commands (no shell) around a restore, e.g. stop and start the app."""
-
-    pre: list[str] | None
-    post: list[str] | None
-    timeout: float
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Hooks:
-        """Each hook is split as a shell would split it, but never run by one; HOOK_TIMEOUT_SECONDS bounds it."""
-        def split(name: str) -> list[str] | None:
-            value = settings.text(name)
-            if value is None:
-                return None
-            try:
-                return shlex.split(value) or None
-            except ValueError as exc:
-                raise UsageError(f"{name} cannot be split into a command: {exc}") from None
-
-        return cls(split("PRE_RESTORE_HOOK"), split("POST_RESTORE_HOOK"),
-                   settings.number("HOOK_TIMEOUT_SECONDS", 300.0, minimum=1))
-
-    def run(self, name: str, consequence: str) -> None:
-        """Run one hook; a failure or a hook that hangs stops the rollback with a line saying where it stands."""
-        argv = self.pre if name == "PRE_RESTORE_HOOK" else self.post
-        if argv is None:
-            return
-        try:
-            done = run_tool(argv, name, check=False, timeout=self.timeout)
-        except ToolkitError as exc:
-            raise ToolkitError(f"{exc}; {consequence}") from None
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-            raise ToolkitError(f"{name} ({shlex.join(argv)}) failed: {tail[0]}; {consequence}")

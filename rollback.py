@@ -21,10 +21,12 @@ from common.cli import (
 )
 from common.commands import cleanup_backups, count, table
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
+from common.locks import HeldLocks
 from common.manifest import MANIFEST, Backup, check_backup, format_time, load_backup
 from common.settings import Settings
-from common.store import BACKUP_ID, BackupStore, open_store
-from point_steps import BY_NAME, COMPONENTS, Component, Hooks, ScriptRun, ScriptRunner
+from common.store import BACKUP_ID, LOCK_FILE, BackupStore, open_store
+from point_hooks import Hooks
+from point_steps import BY_NAME, COMPONENTS, Component, ScriptRun, ScriptRunner
 
 if TYPE_CHECKING:  # the health module pulls in urllib; --help stays instant without it
     from common.health import HealthReport, Thresholds
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # the health module pulls in urllib; --help stays instant wit
 COMPONENT = "point"
 STORE_SETTING = ("POINTS_DIR", "./restore_points")  # where the restore points (small manifests) live
 SCRIPT = "rollback.py"
+DEFAULT_LOCK_WAIT_SECONDS = 30.0
 
 
 def points_store(settings: Settings) -> BackupStore:
@@ -62,24 +65,28 @@ def cmd_backup(ctx: Context) -> Result:
     if ctx.dry_run:
         return Result({"dry_run": True, "components": [c.name for c in configured]},
                       [f"would back up {', '.join(c.title for c in configured)}", *notes], report=True)
-    runner, store = runner_for(ctx), points_store(ctx.settings)
-    parts: dict[str, str] = {}
-    with store.lock(f"{SCRIPT} backup"), store.new_backup(ctx.args.label) as staging:
-        label = f"{ctx.args.label + ' ' if ctx.args.label else ''}(restore point {staging.backup_id})"
-        for component in configured:
-            # Pushed below, once the point exists: a bucket out of reach must not cost the local restore point.
-            step = runner.run(component, "backup", "--label", label, env={"REMOTE_AUTO_PUSH": "0"})
-            if not step.ok:
-                taken = f" (the backups already taken are kept: {', '.join(parts.values())})" if parts else ""
-                raise _step_failed(f"{component.title} backup", step, f"no restore point was made{taken}")
-            parts[component.name] = step.data["backup"]["id"]
-            ctx.info(f"{component.title}: {parts[component.name]}")
-        staging.extra = {"parts": parts, "skipped": [c.name for c in skipped]}
+    store, parts = points_store(ctx.settings), {}
+    with held_locks(ctx, "backup") as locks:
+        # All taken first: a drill or a restore holding one store must not cost a point half its backups.
+        for lock in [store.root, *(c.store(ctx.settings).root for c in configured)]:
+            locks.take(lock / LOCK_FILE)
+        runner = replace(runner_for(ctx), locks=locks)
+        with store.lock(f"{SCRIPT} backup"), store.new_backup(ctx.args.label) as staging:
+            label = f"{ctx.args.label + ' ' if ctx.args.label else ''}(restore point {staging.backup_id})"
+            for component in configured:
+                # Pushed below, once the point exists: a bucket out of reach must not cost the local restore point.
+                step = runner.run(component, "backup", "--label", label, env={"REMOTE_AUTO_PUSH": "0"})
+                if not step.ok:
+                    taken = f" (the backups already taken are kept: {', '.join(parts.values())})" if parts else ""
+                    raise _step_failed(f"{component.title} backup", step, f"no restore point was made{taken}")
+                parts[component.name] = step.data["backup"]["id"]
+                ctx.info(f"{component.title}: {parts[component.name]}")
+            staging.extra = {"parts": parts, "skipped": [c.name for c in skipped]}
     point = staging.backup
     lines = [f"restore point {point.id}: " + ", ".join(f"{BY_NAME[n].title} {i}" for n, i in parts.items()), *notes]
     result = Result({"point": _describe(point)}, lines, backup_ids=[point.id, *parts.values()])
     if push_wanted(ctx):
-        _push_parts(ctx, runner, parts, result)  # the point itself goes last, after the command (common.cli)
+        _push_parts(ctx, runner_for(ctx), parts, result)  # the point itself goes last, after the command (common.cli)
     return result
 
 
@@ -135,22 +142,28 @@ def cmd_restore(ctx: Context) -> Result:
     from point_restore import restore_point
 
     store = points_store(ctx.settings)
-    # Held throughout: a second restore (a CI retry, a colleague) must not interleave its steps with these.
-    with store.lock(f"{SCRIPT} restore"):
+    # Settings first: bad input is refused at once, before any wait for a lock.
+    wanted = _only(ctx.args.only)
+    url = _health_url(ctx)
+    if url:
+        validate_url(url)
+    thresholds, hooks = _thresholds(ctx), Hooks.from_settings(ctx.settings)
+    # Every lock the steps will need is taken before the first change and held to the last step, which
+    # runs under it: a drill, a cleanup or a second restore cannot come between two steps.
+    with held_locks(ctx, "restore") as locks:
+        locks.take(store.root / LOCK_FILE)
         point = store.resolve(ctx.args.point)
         if point.component != COMPONENT:
             raise UsageError(f"{ctx.args.point} is a {point.component} backup, not a restore point")
         parts = point.extra.get("parts", {})
-        wanted = _only(ctx.args.only)
         plan = [c for c in COMPONENTS if c.name in parts and c.name in wanted]
         if not plan:
             raise UsageError(f"restore point {point.id} holds none of {', '.join(sorted(wanted))}")
+        if not ctx.dry_run:  # a dry run's steps take their own locks, each for its own look
+            for component in plan:
+                locks.take(component.store(ctx.settings).root / LOCK_FILE)
         # Everything that could stop the run part-way is checked before the first change.
         _check_parts(ctx.settings, point, plan)
-        url = _health_url(ctx)
-        if url:
-            validate_url(url)
-        thresholds, hooks = _thresholds(ctx), Hooks.from_settings(ctx.settings)
         absent = [f"not in this restore point: {c.title}" for c in COMPONENTS
                   if c.name in wanted and c.name not in parts]
         order = " -> ".join(f"{c.title} {parts[c.name]}" for c in plan)
@@ -161,7 +174,8 @@ def cmd_restore(ctx: Context) -> Result:
         def health(check_url: str | None, requests: int | None) -> HealthReport:
             return _health(ctx, replace(thresholds, requests=requests or thresholds.requests), check_url)
 
-        outcome = restore_point(point, plan, ctx.settings, runner_for(ctx), hooks, health, url, ctx.info)
+        runner = replace(runner_for(ctx), locks=locks)
+        outcome = restore_point(point, plan, ctx.settings, runner, hooks, health, url, ctx.info)
     outcome.notes[:0] = absent
     for report in outcome.rtos:
         if not report.met:
@@ -169,6 +183,12 @@ def cmd_restore(ctx: Context) -> Result:
     return Result(outcome.to_json(), outcome.lines(), exit_code=outcome.exit_code, report=True,
                   backup_ids=[point.id, *(s.restore.data["safety_backup"] for s in outcome.done
                                           if s.restore.data.get("safety_backup"))])
+
+
+def held_locks(ctx: Context, command: str) -> HeldLocks:
+    """Locks for this run and the scripts it runs, each waited for up to LOCK_WAIT_SECONDS in all (then exit 75)."""
+    wait = ctx.settings.number("LOCK_WAIT_SECONDS", DEFAULT_LOCK_WAIT_SECONDS, minimum=0)
+    return HeldLocks(f"{SCRIPT} {command}", wait, ctx.info)
 
 
 def _preview(ctx: Context, point: Backup, plan: list[Component], order: str, absent: list[str]) -> Result:
@@ -266,12 +286,12 @@ def cmd_verify(ctx: Context) -> Result:
     for component in configured:
         step = runner.run(component, "verify")
         codes.append(step.exit_code)
-        problems = step.data.get("problems", [])
+        problems = step.problems
         verdict = "OK" if step.ok else (count(len(problems), "problem") if step.exit_code == EXIT_VERIFY
                                         else f"could not verify: {step.error}")
         lines.append(f"{component.title}: {verdict}")
-        lines += [f"  {problem.strip()}" for problem in problems]
-        data[component.name] = {"exit_code": step.exit_code, "problems": problems}
+        lines += [f"  {problem}" for problem in problems]
+        data[component.name] = {"exit_code": step.exit_code, "problems": step.data.get("problems", [])}
     health = _health(ctx, _thresholds(ctx), url=_health_url(ctx))
     lines += health.lines()
     data["health"] = health.to_json()
@@ -290,7 +310,11 @@ def cmd_drill(ctx: Context) -> Result:
         return Result({"dry_run": True, "components": configured},
                       [f"would drill: {', '.join(configured) or 'nothing (no component is configured)'}"], report=True)
     # The children get no --metrics-file: what a drill does to a scratch database is not production's state.
-    report = run_drill(ctx.settings, ScriptRunner(env_file=ctx.args.env_file), ctx.info)
+    with held_locks(ctx, "drill") as locks:
+        database = BY_NAME["db"]
+        if database.configured(ctx.settings):  # taken first: the drill waits for a restore, or a restore for it
+            locks.take(database.store(ctx.settings).root / LOCK_FILE)
+        report = run_drill(ctx.settings, ScriptRunner(env_file=ctx.args.env_file, locks=locks), ctx.info)
     return Result(report.to_json(), report.lines(), exit_code=report.exit_code, report=True)
 
 
@@ -300,7 +324,9 @@ def cmd_drill(ctx: Context) -> Result:
 def add_health_arguments(sub: argparse.ArgumentParser) -> None:
     """The health check's URL and thresholds (defaults: HEALTH_* settings, else the runbook's)."""
     group = sub.add_argument_group("health check (defaults from HEALTHCHECK_URL and HEALTH_* settings)")
-    group.add_argument("--health-url", metavar="URL", help="send requests here and check errors and p95 time")
+    group.add_argument("--health-url", metavar="URL",
+                       help="send requests here and check errors and p95 time (http://user:password@... sends "
+                            "basic authentication; the password is masked in the audit log)")
     group.add_argument("--max-error-rate", type=float, metavar="PCT", help="failed requests, percent (1)")
     group.add_argument("--max-p95-ms", type=float, metavar="MS", help="95th percentile response time (500)")
     group.add_argument("--max-cpu", type=float, metavar="PCT", help="CPU use, percent (80)")
@@ -318,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(configuration -> code -> database), each step verified.",
         "settings: those of the three scripts (a component is part of a point when CONFIG_DIR,\n"
         "  DEPLOYMENT_DIR/REPO_PATH or DB_NAME is set), and POINTS_DIR=./restore_points,\n"
-        "  PRE_RESTORE_HOOK, POST_RESTORE_HOOK (commands run without a shell, e.g. stop/start the app),\n"
+        "  PRE_RESTORE_HOOK, POST_RESTORE_HOOK (commands run without a shell, e.g. stop/start the app;\n"
+        "  done when their process exits; stopped with all they started after HOOK_TIMEOUT_SECONDS=300),\n"
+        "  LOCK_WAIT_SECONDS=30 (how long backup, restore and drill wait for the store locks they need),\n"
         "  HEALTHCHECK_URL and HEALTH_* thresholds, RTO_CONFIG_SECONDS=300, RTO_CODE_SECONDS=900,\n"
         "  RTO_DATABASE_SECONDS=1800\n\n"
         "examples:\n"
@@ -330,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add_command(commands, "backup", cmd_backup, "take a restore point of every configured component")
     add_backup_arguments(sub)
     sub = add_command(commands, "restore", cmd_restore, "restore a point: configuration, then code, then database",
-                      "Checks first that every part is here (pulled if only off-host) and whole (checksums).\n"
+                      "Changes nothing until it has checked the health URL, the thresholds and that each hook is\n"
+                      "an executable file (else exit 2); taken every lock its steps need, the restore points' and\n"
+                      "each component store's (waiting up to LOCK_WAIT_SECONDS, else exit 75), held to the last\n"
+                      "step; and checked that every part is here (pulled if only off-host) and whole (checksums).\n"
                       "Runs PRE_RESTORE_HOOK, restores each component with its script (which saves what it\n"
                       "replaces first), verifies it, checks health, and stops at the first failure with the\n"
                       "commands that undo the steps already taken; then POST_RESTORE_HOOK and a last health\n"
@@ -343,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "on any problem. --remote checks the restore points' copies on REMOTE_URL.")
     add_health_arguments(sub)
     add_command(commands, "drill", cmd_drill, "the monthly test of the procedures, timed against the RTOs",
-                "Restores the newest database backup into a scratch database and verifies it, checks the\n"
+                "Takes the database store's lock (waiting up to LOCK_WAIT_SECONDS, else exit 75), restores\n"
+                "the newest database backup into a scratch database and verifies it, checks the\n"
                 "newest configuration and code backups' checksums, drops the scratch database, and fails\n"
                 "(exit 3) when a step misses its RTO.")
     add_store_commands(commands, cmd_cleanup, cmd_list)

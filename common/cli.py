@@ -22,6 +22,7 @@ from common.remote_pull import forbid_downloads
 from common.rto import OBJECTIVES, RtoReport, rto_for
 from common.settings import Settings
 from common.store import BackupStore, open_store
+from common.text import mask_url_password
 
 # A script's backup folder: its variable and default, e.g. ("CONFIG_BACKUP_DIR", "./config_backups").
 StoreSetting = tuple[str, str]
@@ -100,7 +101,8 @@ def add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) -> 
     default = argparse.SUPPRESS if in_subcommand else None
     group = parser.add_argument_group("global options")
     group.add_argument("--env-file", metavar="PATH", default=default,
-                       help="read settings from this file instead of ./.env")
+                       help="read settings from this file instead of ./.env (relative paths in it, and the "
+                            "default paths, are relative to its folder)")
     group.add_argument("--json", action="store_true", default=default or False,
                        help="print one JSON document on stdout and nothing else there")
     group.add_argument("--dry-run", action="store_true", default=default or False,
@@ -113,7 +115,8 @@ def add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) -> 
                        help="more detail; tracebacks on errors")
     group.add_argument("--metrics-file", metavar="PATH", default=default,
                        help="record the run for node_exporter's textfile collector in this .prom file "
-                            "(default: the METRICS_FILE setting; none when unset)")
+                            "(default: the METRICS_FILE setting; none when unset); best effort: a lock kept "
+                            "elsewhere for 5 s costs a warning, not the run")
 
 
 def make_parser(prog: str, description: str, epilog: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -377,6 +380,7 @@ def _print_out(text: str) -> None:
 
 
 def _report_error(script: str, args: argparse.Namespace, message: str, code: int) -> None:
+    message = mask_url_password(message)
     if args.verbose:
         traceback.print_exc()
     print(f"{script}: error: {message}", file=sys.stderr)
@@ -396,7 +400,9 @@ def _audit(
     result: Result | None,
 ) -> None:
     hidden = {"handler", "secret_args", "command", *args.secret_args}
-    arguments = {key: value for key, value in vars(args).items() if key not in hidden}
+    # A URL's password (--health-url http://user:password@...) is a secret wherever it is given.
+    arguments = {key: mask_url_password(value) if isinstance(value, str) else value
+                 for key, value in vars(args).items() if key not in hidden}
     arguments.update({key: "<redacted>" for key in args.secret_args})
     try:
         settings = settings or Settings.load(None)
@@ -409,7 +415,7 @@ def _audit(
         "command": args.command,
         "arguments": arguments,
         "exit_code": code,
-        "result": "ok" if code == 0 else (error or f"exit {code}"),
+        "result": "ok" if code == 0 else mask_url_password(error or f"exit {code}"),
         "duration_s": round(duration, 3),
         "backup_ids": result.backup_ids if result else [],
     }

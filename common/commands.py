@@ -8,6 +8,7 @@ from common.cli import Context, Result
 from common.errors import ToolkitError, UsageError
 from common.manifest import Backup, check_backup, format_time
 from common.store import BackupStore
+from common.text import printable
 
 
 def list_backups(store: BackupStore, extra: dict[str, Callable[[Backup], str]] | None = None) -> Result:
@@ -19,7 +20,7 @@ def list_backups(store: BackupStore, extra: dict[str, Callable[[Backup], str]] |
              *(column(b) for column in extra.values()), ("(safety) " if b.is_safety else "") + (b.label or ""))
             for b in backups]
     lines = table(header, rows) if rows else [f"no backups in {store.root}"]
-    lines += [f"cannot read backup {name}: {why}" for name, why in unreadable]
+    lines += [printable(f"cannot read backup {name}: {why}") for name, why in unreadable]
     return Result({"backups": [b.summary() for b in backups],
                    "unreadable": [{"id": name, "problem": why} for name, why in unreadable]}, lines, report=True)
 
@@ -75,7 +76,9 @@ def human_size(size: float) -> str:
 
 
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    """Left-aligned columns, two spaces apart."""
+    """Left-aligned columns, two spaces apart; a cell's control characters (a label's newline, a terminal
+    escape) are shown escaped, so each row is one line and prints as what it holds."""
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
             for row in [header, *rows]]

@@ -9,6 +9,8 @@ memory > 80 %). Each can be changed with a HEALTH_* setting (environment, then .
 from __future__ import annotations
 
 import math
+import socket
+import threading
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from common.errors import ToolkitError, UsageError
 from common.settings import Settings
+from common.text import mask_url_password
 
 if TYPE_CHECKING:
     from db_server import DbServer
@@ -30,7 +33,7 @@ _SETTINGS = {
     "max_cpu_percent": ("HEALTH_MAX_CPU", 0),
     "max_memory_percent": ("HEALTH_MAX_MEMORY", 0),
     "requests": ("HEALTH_REQUESTS", 1),
-    "timeout_seconds": ("HEALTH_TIMEOUT", 0.1),  # 0 would make every socket non-blocking, so every request fail
+    "timeout_seconds": ("HEALTH_TIMEOUT", 0.1),  # a deadline for each whole request; 0 would fail them all
     "max_connections_percent": ("HEALTH_MAX_CONNECTIONS_PERCENT", 0),
     "max_transaction_seconds": ("HEALTH_MAX_TRANSACTION_SECONDS", 0),
     "max_blocked_sessions": ("HEALTH_MAX_BLOCKED", 0),
@@ -112,13 +115,15 @@ def _number(value: float) -> str:
 
 
 def _measure(url: str, timeout: float) -> tuple[float, str | None]:
+    """One GET of `url`, the whole of it (connection, headers, body, redirects) within `timeout` seconds:
+    its time in ms and its error, if any. A server that trickles its answer is cut off at the deadline."""
     import http.client
     import urllib.error
-    import urllib.request
 
     started = time.monotonic()
+    deadline = _Deadline(started + timeout)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with deadline, _opener(deadline).open(_request(url), timeout=timeout) as response:
             response.read()  # the time to the whole body is what a client waits for
             status = response.status
     except urllib.error.HTTPError as exc:
@@ -126,9 +131,114 @@ def _measure(url: str, timeout: float) -> tuple[float, str | None]:
         status = exc.code  # urllib raises for a 304 or an unfollowed redirect too, which are not errors
     except (OSError, http.client.HTTPException) as exc:
         reason = str(getattr(exc, "reason", None) or exc) or type(exc).__name__
+        if deadline.expired:
+            reason = f"no whole answer within {timeout:g} s (HEALTH_TIMEOUT)"
         return (time.monotonic() - started) * 1000, reason
     elapsed_ms = (time.monotonic() - started) * 1000
+    if deadline.expired:  # cut off, yet what arrived looked whole (a body without a length)
+        return elapsed_ms, f"no whole answer within {timeout:g} s (HEALTH_TIMEOUT)"
     return elapsed_ms, None if 200 <= status < 400 else f"HTTP {status}"
+
+
+def _request(url: str):  # -> urllib.request.Request
+    """A GET of `url`; its `user:password@`, which urllib would take for part of the host name, is sent as
+    HTTP basic authentication instead."""
+    import base64
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    credentials = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    return urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)),
+                                  headers={"Authorization": "Basic " + base64.b64encode(credentials).decode()})
+
+
+class _Deadline:
+    """Shuts down every socket a request opened once its time is up: a socket timeout bounds each read
+    alone, so a server sending a byte a second would hold a request for as long as it liked."""
+
+    def __init__(self, at: float):
+        self.at = at
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._guard = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def remaining(self) -> float:
+        """Seconds left, never less than a millisecond (a socket timeout of 0 would mean non-blocking)."""
+        return max(self.at - time.monotonic(), 0.001)
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut `sock` down at the deadline (at once if it has passed)."""
+        with self._guard:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._guard:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            # The plain socket's shutdown, also for a TLS socket: a blocked read returns at once (the
+            # TLS layer's own shutdown would pull its state from under the reading thread).
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed, or handed over to the TLS socket
+
+    def __enter__(self) -> _Deadline:
+        self._timer = threading.Timer(self.remaining(), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _opener(deadline: _Deadline):  # -> urllib.request.OpenerDirector
+    """urllib's opener whose connections (a redirect's too) are watched by the deadline from the moment they
+    are made, TLS handshake included. (The name lookup before is the resolver's; it has its own timeouts.)"""
+    import http.client
+    import urllib.request
+
+    def watched_connection(address: tuple[str, int], timeout: object = None, source_address: object = None
+                           ) -> socket.socket:
+        sock = socket.create_connection(address, deadline.remaining(), source_address)
+        deadline.watch(sock)
+        return sock
+
+    class Connection(http.client.HTTPConnection):
+        def __init__(self, *args: object, **kwargs: object):
+            super().__init__(*args, **kwargs)
+            self._create_connection = watched_connection
+
+    class SecureConnection(http.client.HTTPSConnection):
+        def __init__(self, *args: object, **kwargs: object):
+            super().__init__(*args, **kwargs)
+            self._create_connection = watched_connection
+
+        def connect(self) -> None:
+            super().connect()
+            deadline.watch(self.sock)  # the TLS socket took the plain one's place
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, req):  # noqa: ANN001, ANN202 - urllib's signature
+            return self.do_open(Connection, req)
+
+    class SecureHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):  # noqa: ANN001, ANN202 - urllib's signature
+            return self.do_open(SecureConnection, req, context=self._context)
+
+    return urllib.request.build_opener(Handler, SecureHandler)
 
 
 def validate_url(url: str) -> None:
@@ -140,7 +250,8 @@ def validate_url(url: str) -> None:
     except ValueError:
         valid = False
     if not valid:
-        raise UsageError(f"the health URL must be http://HOST[:PORT]/... or https://..., got {url!r}")
+        raise UsageError("the health URL must be http://HOST[:PORT]/... or https://..., got "
+                         f"{mask_url_password(url)!r}")
 
 
 def check_http(url: str, thresholds: Thresholds) -> list[Check]:

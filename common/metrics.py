@@ -20,7 +20,11 @@ Those labelled `component` only describe the component:
 Each run replaces the samples of its own (component, operation) and keeps every other sample in the file,
 so the file gathers all three components' runs. A component-only value not given to a run is kept as it was.
 Writes are atomic (a whole new file renamed over the old one) and serialized with an flock on a sibling
-`<file>.lock`, which the textfile collector ignores since it reads only `*.prom` files.
+`<file>.lock`, which the textfile collector ignores since it reads only `*.prom` files. Both are 0644
+whatever the umask: node_exporter must read them, others must not write them. Metrics are best effort:
+a lock that stays taken (anyone who can read the lock file can hold it) is waited for a few seconds at
+most (METRICS_LOCK_WAIT_SECONDS), then the run is not recorded and says so, rather than hang after its
+work is done.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
+
+from common.files import atomic_write
+
+METRICS_LOCK_WAIT_SECONDS = 5.0
+PUBLIC_READ = 0o644  # what node_exporter (another user) needs to read; nobody else may write
+_POLL_SECONDS = 0.05
 
 
 class MetricSpec(NamedTuple):
@@ -81,9 +91,10 @@ def record_run(
 ) -> None:
     """Record one run in the textfile at `path`, keeping the samples of every other (component, operation).
 
-    Raises OSError when the file or its lock cannot be written.
+    Raises OSError or WriteFailed when the file or its lock cannot be written, TimeoutError when the lock
+    stays taken.
     """
-    from prometheus_client import write_to_textfile  # here, so that `--help` does not pay for the import
+    from prometheus_client import generate_latest  # here, so that `--help` does not pay for the import
 
     path = Path(path)
     run = (component, operation)
@@ -110,16 +121,28 @@ def record_run(
         for name, value in per_component.items():
             if value is not None:
                 samples[(name, (component,))] = float(value)
-        write_to_textfile(str(path), _Collector(samples))
+        atomic_write(path, generate_latest(_Collector(samples)), mode=PUBLIC_READ)
 
 
 @contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
     # A sibling file, not the metrics file itself: that one is replaced by a rename on every write, so a
     # lock taken on it would be on an inode the next writer no longer opens.
-    fd = os.open(f"{path}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    # Read-only: a lock file another user made (0644) can still be locked through it.
+    fd = os.open(f"{path}.lock", os.O_RDONLY | os.O_CREAT, PUBLIC_READ)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits: the holder only reads and rewrites one small file
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, PUBLIC_READ)  # the umask had a say when it was made
+        deadline = time.monotonic() + METRICS_LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{path}.lock stayed locked by another process for "
+                                       f"{METRICS_LOCK_WAIT_SECONDS:g} s") from None
+                time.sleep(_POLL_SECONDS)  # flock has no timeout; a writer holds it for milliseconds
         yield
     finally:
         os.close(fd)  # closing releases the lock

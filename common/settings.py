@@ -20,6 +20,7 @@ KNOWN_SETTINGS = frozenset({
     "PG_BINDIR",
     "REPO_PATH", "DEPLOYMENT_DIR", "CODE_BACKUP_DIR", "CODE_EXCLUDE",
     "POINTS_DIR", "PRE_RESTORE_HOOK", "POST_RESTORE_HOOK", "HOOK_TIMEOUT_SECONDS", "HEALTHCHECK_URL",
+    "LOCK_WAIT_SECONDS",
     "HEALTH_MAX_ERROR_RATE", "HEALTH_MAX_P95_MS", "HEALTH_MAX_CPU", "HEALTH_MAX_MEMORY", "HEALTH_REQUESTS",
     "HEALTH_TIMEOUT", "HEALTH_MAX_CONNECTIONS_PERCENT", "HEALTH_MAX_TRANSACTION_SECONDS", "HEALTH_MAX_BLOCKED",
     "RTO_CONFIG_SECONDS", "RTO_CODE_SECONDS", "RTO_DATABASE_SECONDS", "METRICS_FILE",
@@ -71,13 +72,23 @@ class Settings:
         return value
 
     def path(self, name: str, default: str | None = None, required: bool = False) -> Path | None:
-        """A filesystem path setting, with `~` expanded."""
+        """A filesystem path setting, with `~` expanded. A relative path from the settings file, or a default,
+        is relative to the file's folder (so a run from anywhere finds the same stores); one from the
+        environment is relative to the working folder, as the shell that set it meant."""
         value = self.text(name, default, required)
         if value is None:
             return None
         if "\0" in value:
             raise SettingError(f"{name} is not a valid path: it contains a NUL byte")
-        return Path(value).expanduser()
+        return self.relative_to_source(name, Path(value).expanduser())
+
+    def relative_to_source(self, name: str, path: Path) -> Path:
+        """`path`, read from setting `name` (or its default), made relative to where it was written: the
+        settings file's folder, or the working folder for a value from the environment."""
+        from_environment = (self._environ.get(name) or "").strip() != ""
+        if self.env_file is None or from_environment or path.is_absolute():
+            return path
+        return self.env_file.parent / path
 
     def integer(self, name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
         """A whole-number setting within [minimum, maximum]."""

@@ -6,22 +6,20 @@ into place when whole, so a run killed at any moment leaves nothing that `list` 
 
 from __future__ import annotations
 
-import fcntl
-import getpass
 import json
 import os
 import re
 import secrets
 import shutil
-import socket
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from common import __version__
-from common.errors import LockBusy, ToolkitError, UsageError
+from common.errors import ToolkitError, UsageError
 from common.files import PRIVATE_DIR, atomic_write, flush_filesystem, fsync_dir, make_private_dir
+from common.locks import handed_down, release_lock, take_lock
 from common.manifest import MANIFEST, MANIFEST_FORMAT, Backup, backup_from_manifest, format_time, load_backup
 from common.remote_pull import pull_when_missing
 from common.settings import Settings
@@ -51,26 +49,21 @@ class BackupStore:
 
     @contextmanager
     def lock(self, command: str) -> Iterator[None]:
-        """Hold the store's lock for a run that writes; a second run fails at once with LockBusy."""
+        """Hold the store's lock for a run that writes; a second run fails at once with LockBusy.
+
+        Under a lock handed down by the run that started this one (a point restore holds every store's lock
+        for its steps), the run proceeds under that lock and leaves it held."""
         make_private_dir(self.root)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "a run that has just started"
-            os.close(fd)
-            raise LockBusy(f"another run holds the lock on {self.root}: {holder}; try again later") from None
-        since = format_time(datetime.now(UTC))
-        holder = f"pid {os.getpid()}, {_user()}@{socket.gethostname()}, '{command}', since {since}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
+        path = self.root / LOCK_FILE
+        inherited = handed_down(path)
+        fd = inherited if inherited is not None else take_lock(path, command)
         self._lock_fd = fd
         try:
             yield
         finally:
             self._lock_fd = None
-            os.ftruncate(fd, 0)
-            os.close(fd)  # closing releases the flock
+            if inherited is None:
+                release_lock(fd)
 
     @property
     def locked(self) -> bool:
@@ -327,9 +320,3 @@ def retention_split(backups: list[Backup], days: int, keep: int, now: datetime |
     remove = [backup for backup in newest_first if backup.id in doomed]
     return remove, [backup for backup in newest_first if backup.id not in doomed]
 
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())

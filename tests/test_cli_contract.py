@@ -116,3 +116,65 @@ def test_a_settings_file_that_expands_without_bound_is_refused_at_once(site: Pat
     assert result.returncode == 2 and "pass 1 MiB: refused" in result.stderr
     (site / "settings.env").write_text("A=x\nB=${A}/y\nC=${MISSING:-z}\n")
     assert config(site, "--env-file", str(site / "settings.env"), "list").returncode == 0
+
+
+def test_a_label_with_line_breaks_and_terminal_escapes_lists_as_one_escaped_row(site: Path):
+    label = "release 2\nFAKE-ID  2020-01-01\rover\x1b[2J\x1b[31mred\u202eevil"
+    shown = "release 2\\nFAKE-ID  2020-01-01\\rover\\x1b[2J\\x1b[31mred\\u202eevil"
+    env = {"CONFIG_DIR": str(site / "config"), "CONFIG_BACKUP_DIR": str(site / "store"),
+           "ENV_FILE": str(site / "app.env"), "POINTS_DIR": str(site / "points")}
+    assert config(site, "backup", "--label", label).returncode == 0
+    assert run_script("rollback.py", "backup", "--label", label, env=env, cwd=site).returncode == 0
+    for script in ("config_rollback.py", "rollback.py"):
+        result = run_script(script, "list", env=env, cwd=site)
+        assert result.returncode == 0, result.stderr
+        rows = result.stdout.splitlines()
+        assert len(rows) == (3 if script == "config_rollback.py" else 2), rows  # the header and a row a backup
+        assert all(shown in row for row in rows[1:]) and "\x1b" not in result.stdout and "\r" not in result.stdout
+        listed = json.loads(run_script(script, "--json", "list", env=env, cwd=site).stdout)
+        found = listed["backups"] if script == "config_rollback.py" else listed["points"]
+        assert found[0]["label"].startswith(label)  # --json keeps the label as it is
+
+
+def test_a_password_in_a_health_url_is_masked_in_the_audit_log_and_the_errors(site: Path):
+    env = {"CONFIG_DIR": str(site / "config"), "CONFIG_BACKUP_DIR": str(site / "store"),
+           "POINTS_DIR": str(site / "points")}
+    result = run_script("rollback.py", "verify", "--no-system-check", "--health-requests", "1",
+                        "--health-url", "http://ops:hunter2@127.0.0.1:1/health", env=env, cwd=site)
+    assert result.returncode == 3, result.stderr
+    result = run_script("rollback.py", "verify", env={**env, "HEALTHCHECK_URL": "ftp://ops:hunter2@127.0.0.1/"},
+                        cwd=site)
+    assert result.returncode == 2 and "ftp://ops:********@127.0.0.1/" in result.stderr
+    audit = (site / "points" / "audit.log").read_text()
+    assert "hunter2" not in audit + result.stderr + result.stdout
+    assert [json.loads(line)["arguments"]["health_url"] for line in audit.splitlines()] == [
+        "http://ops:********@127.0.0.1:1/health", None]
+
+
+def test_relative_paths_in_an_env_file_are_relative_to_its_folder(site: Path):
+    """Run from another folder, `list` said "no backups" (exit 0) and stores appeared wherever it ran."""
+    (site / "settings.env").write_text("CONFIG_DIR=./config\nCONFIG_BACKUP_DIR=store\nENV_FILE=./app.env\n"
+                                       "PRE_RESTORE_HOOK=hooks/stop-app --now\n")
+    (site / "hooks").mkdir()
+    (site / "hooks" / "stop-app").write_text("#!/bin/sh\ntouch \"$(dirname \"$0\")/stopped\"\n")
+    (site / "hooks" / "stop-app").chmod(0o755)
+    elsewhere = site / "elsewhere"
+    elsewhere.mkdir()
+    settings = str(Path("..") / "settings.env")  # relative itself, to the working folder
+    for cwd in (site, elsewhere):
+        result = run_script("config_rollback.py", "--env-file", settings if cwd == elsewhere else "settings.env",
+                            "backup", env={}, cwd=cwd)
+        assert result.returncode == 0, result.stderr
+    listed = run_script("config_rollback.py", "--json", "--env-file", settings, "list", env={}, cwd=elsewhere)
+    assert len(json.loads(listed.stdout)["backups"]) == 2
+    # A default is the file's folder's too; a relative path from the environment is the working folder's.
+    result = run_script("rollback.py", "--env-file", settings, "backup", env={}, cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert (site / "restore_points").is_dir() and list(elsewhere.iterdir()) == []
+    result = run_script("rollback.py", "--env-file", settings, "restore", "latest", "--yes", "--no-system-check",
+                        env={}, cwd=elsewhere)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (site / "hooks" / "stopped").exists()  # the hook's program, relative to the settings file too
+    result = run_script("config_rollback.py", "--env-file", settings, "backup", env={"CONFIG_BACKUP_DIR": "here"},
+                        cwd=elsewhere)
+    assert result.returncode == 0 and [p.name for p in elsewhere.iterdir()] == ["here"]

@@ -13,6 +13,7 @@ from helpers import ROOT, process_state, wait_until_dead
 
 from common.errors import LockBusy, SettingError, ToolkitError, UsageError
 from common.files import atomic_write, make_private_dir, resolve_inside
+from common.locks import HeldLocks
 from common.manifest import check_backup
 from common.proc import run_tool, secret_file
 from common.settings import Settings
@@ -144,6 +145,40 @@ def test_store_lock_is_exclusive_and_names_its_holder(tmp_path: Path):
         assert busy.value.exit_code == 75
     with other.lock("second run"):
         pass
+
+
+_TAKE_LOCK = """
+import sys
+from pathlib import Path
+from common.errors import LockBusy
+from common.store import BackupStore
+try:
+    with BackupStore(Path(sys.argv[1]), "config").lock("a step"):
+        print("locked")
+except LockBusy as exc:
+    print(exc)
+"""
+
+
+def test_a_store_lock_held_for_a_run_is_handed_down_to_the_scripts_it_runs(tmp_path: Path):
+    """A child given the held lock's descriptor works under it; without it, or for another store, it is
+    refused; the child's end releases nothing; a third run is kept out until the holder lets go."""
+    held, other = BackupStore(tmp_path / "held", "config"), BackupStore(tmp_path / "other", "config")
+    with other.lock("someone else"), HeldLocks("rollback.py restore", 0) as locks:
+        locks.take(held.root / ".lock")
+
+        def child(store: BackupStore, handed: bool) -> str:
+            return run_tool([sys.executable, "-c", _TAKE_LOCK, str(store.root)], "child", cwd=ROOT,
+                            env={**(locks.child_env() if handed else {}), "PYTHONPATH": str(ROOT)},
+                            pass_fds=locks.fds if handed else ()).stdout.decode().strip()
+
+        assert child(held, handed=True) == "locked"
+        assert child(held, handed=True) == "locked"  # the first child's end did not release it
+        assert "'rollback.py restore'" in child(held, handed=False)
+        assert "'someone else'" in child(other, handed=True)  # only the locks actually handed down
+        with held.lock("this process, under its own held lock (a pull before the steps)"):
+            assert held.locked
+    assert child(held, handed=False) == "locked"
 
 
 def test_store_resolves_and_checks_backups(tmp_path: Path):

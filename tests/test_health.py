@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -17,6 +18,7 @@ from common.settings import Settings
 from db_server import DbServer
 
 SLOW_SECONDS = 0.6
+TRICKLE_SECONDS = 0.1
 DEADLINE_SECONDS = 10
 POLL_SECONDS = 0.02
 
@@ -37,6 +39,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/slow":
             time.sleep(SLOW_SECONDS)  # the slowness is the behaviour under test
             self._answer(200)
+        elif self.path == "/private":  # basic authentication as user `ops`, password `p@ss:word`
+            expected = "Basic " + base64.b64encode(b"ops:p@ss:word").decode()
+            self._answer(200 if self.headers.get("Authorization") == expected else 401)
+        elif self.path in ("/trickle-body", "/trickle-headers"):
+            self._trickle(headers_too=self.path == "/trickle-headers")
         elif self.path == "/flaky":
             with self.server.flaky_guard:
                 self.server.flaky_hits += 1
@@ -52,6 +59,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _trickle(self, headers_too: bool) -> None:
+        """A whole answer, one byte every TRICKLE_SECONDS: each read is quick, the request is not."""
+        body = b"ok" * 100
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        if not headers_too:
+            self.wfile.write(answer[: answer.index(b"\r\n\r\n") + 4])
+            answer = body
+        try:
+            for byte in answer:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(TRICKLE_SECONDS)  # the trickle is the behaviour under test
+        except OSError:
+            pass  # the client gave up: what the test wants
+        self.close_connection = True
 
     def log_message(self, *args: object) -> None:
         pass  # keep pytest's captured output to the failures
@@ -106,6 +129,29 @@ def test_unreachable_port_fails_with_every_request():
     checks = by_name(check_http(f"http://127.0.0.1:{port}/", Thresholds()))
     assert not checks["http error rate"].ok and checks["http error rate"].value == 100
     assert not checks["http p95"].ok and "every request failed" in checks["http p95"].detail
+
+
+def test_a_url_with_user_and_password_is_sent_basic_authentication(web):
+    """urllib takes `user:password@` for part of the host name: every request failed with a name lookup error."""
+    base = web.replace("http://", "")
+    assert by_name(check_http(f"http://ops:p%40ss%3Aword@{base}/private", Thresholds(requests=2)))[
+        "http error rate"].ok
+    rate = by_name(check_http(f"http://ops:wrong@{base}/private", Thresholds(requests=2)))["http error rate"]
+    assert not rate.ok and "HTTP 401" in rate.detail
+    with pytest.raises(UsageError) as refused:
+        check_http(f"ftp://ops:p%40ss@{base}/", Thresholds())
+    assert "p%40ss" not in str(refused.value) and "ftp://ops:********@" in str(refused.value)
+
+
+@pytest.mark.parametrize("path", ["/trickle-body", "/trickle-headers"])
+def test_health_timeout_is_a_deadline_for_the_whole_request(web, path):
+    """A server answering a byte every 0.1 s took 20 s a request whatever HEALTH_TIMEOUT said."""
+    started = time.monotonic()
+    checks = by_name(check_http(f"{web}{path}", Thresholds(requests=2, timeout_seconds=0.5)))
+    assert time.monotonic() - started < 5
+    rate = checks["http error rate"]
+    assert not rate.ok and rate.value == 100
+    assert "no whole answer within 0.5 s (HEALTH_TIMEOUT)" in rate.detail
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/", "127.0.0.1:8080/health", "http://",

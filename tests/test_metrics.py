@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -143,6 +144,45 @@ def test_dry_runs_and_listings_are_not_recorded_and_a_write_failure_is_only_a_wa
     assert result.returncode == 0
     warnings = [line for line in result.stderr.splitlines() if "metrics file" in line]
     assert len(warnings) == 1 and "warning" in warnings[0]
+
+
+def test_a_metrics_lock_someone_keeps_costs_a_warning_not_a_hang(ws: Workspace):
+    """A reader of the metrics (any user: the lock file is 0644) holding a shared flock must not keep a backup,
+    or a point restore and its steps, from finishing: they used to wait forever once their work was done."""
+    point = run_script("rollback.py", "backup", env=ws.env, cwd=ws.root)
+    assert point.returncode == 0, point.stderr
+    lock = Path(f"{ws.metrics}.lock")
+    lock.touch(mode=0o644)
+    held = os.open(lock, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_SH)
+    try:
+        started = time.monotonic()
+        result = ws.run_recorded("backup")
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started < 30
+        assert "not recorded in the metrics file" in result.stderr and "stayed locked" in result.stderr
+        assert len(json.loads(ws.run("--json", "list").stdout)["backups"]) == 2
+
+        (ws.config / "app.yml").write_text("server:\n  port: 9090\n")
+        result = run_script("rollback.py", "restore", "latest", "--yes", "--no-system-check",
+                            env={**ws.env, "METRICS_FILE": str(ws.metrics)}, cwd=ws.root, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "restored: configuration" in result.stdout and "to undo this restore" in result.stdout
+        assert (ws.config / "app.yml").read_text() == "server:\n  port: 8080\n"
+    finally:
+        os.close(held)
+    assert not ws.metrics.exists()
+    assert ws.run_recorded("verify").returncode == 0
+    assert ws.value("rollback_last_run_ok", "verify") == 1
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o000])
+def test_the_metrics_file_and_its_lock_are_0644_whatever_the_umask(ws: Workspace, umask: int):
+    result = run_script("config_rollback.py", "backup", env={**ws.env, "METRICS_FILE": str(ws.metrics)},
+                        cwd=ws.root, umask=umask)
+    assert result.returncode == 0, result.stderr
+    for path in (ws.metrics, Path(f"{ws.metrics}.lock")):
+        assert path.stat().st_mode & 0o777 == 0o644, path
 
 
 def test_restore_json_reports_its_rto(ws: Workspace):

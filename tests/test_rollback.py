@@ -7,84 +7,19 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import database_state, git, run_script, tree_snapshot
-
-SCHEMA = """
-CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL);
-CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers(id), total numeric(10,2));
-INSERT INTO customers (name) SELECT 'customer ' || i FROM generate_series(1, 50) i;
-INSERT INTO orders (customer_id, total) SELECT 1 + i % 50, i * 1.5 FROM generate_series(1, 300) i;
-"""
-
-
-class System:
-    """An application's configuration, deployed code (from a git repository) and database, with all stores."""
-
-    def __init__(self, root: Path, pg_db):
-        self.root, self.pg_db = root, pg_db
-        self.config = root / "config"
-        (self.config / "services").mkdir(parents=True)
-        (self.config / "app.yml").write_text("server:\n  port: 8080  # public\n")
-        (self.config / "services" / "cache.json").write_text('{"ttl": 60}\n')
-        (root / ".env.app").write_text("API_URL=https://api.example.test\n")
-        os.chmod(root / ".env.app", 0o600)
-        self.repo = root / "repo"
-        self.repo.mkdir()
-        git(self.repo, "init", "-q", "-b", "main")
-        (self.repo / "app.py").write_text("print('v1')\n")
-        git(self.repo, "add", "-A")
-        git(self.repo, "commit", "-q", "-m", "v1")
-        git(self.repo, "tag", "v1")
-        self.deploy = root / "deploy"
-        self.deploy.mkdir()
-        (self.deploy / "app.py").write_text("print('v1')\n")
-        (self.deploy / "lib").mkdir()
-        (self.deploy / "lib" / "util.py").write_text("X = 1\n")
-        with pg_db.connect() as conn, conn.cursor() as cur:
-            cur.execute(SCHEMA)
-        self.env = {
-            "CONFIG_DIR": str(self.config), "CONFIG_BACKUP_DIR": str(root / "config_backups"),
-            "ENV_FILE": str(root / ".env.app"),
-            "REPO_PATH": str(self.repo), "DEPLOYMENT_DIR": str(self.deploy),
-            "CODE_BACKUP_DIR": str(root / "code_backups"),
-            "BACKUP_DIR": str(root / "db_backups"), "POINTS_DIR": str(root / "points"),
-            # CPU and memory of a shared test machine are not what these tests are about.
-            "HEALTH_MAX_CPU": "100", "HEALTH_MAX_MEMORY": "100",
-            **pg_db.env,
-        }
-
-    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
-        return run_script("rollback.py", *args, env={**self.env, **env}, cwd=self.root)
-
-    def state(self) -> dict:
-        return {"config": tree_snapshot(self.config), "env": (self.root / ".env.app").read_bytes(),
-                "code": tree_snapshot(self.deploy), "db": database_state(self.pg_db)}
-
-    def break_everything(self) -> None:
-        (self.config / "app.yml").write_text("server: [broken\n")
-        (self.config / "services" / "cache.json").unlink()
-        (self.root / ".env.app").write_text("API_URL=https://wrong.example.test\n")
-        (self.deploy / "app.py").write_text("print('v2, broken')\n")
-        (self.deploy / "new_module.py").write_text("Y = 2\n")
-        with self.pg_db.connect() as conn, conn.cursor() as cur:
-            cur.execute("DELETE FROM orders WHERE id > 100; ALTER TABLE customers ADD COLUMN email text;"
-                        " CREATE TABLE audit (id int);")
+from helpers import git, run_script, script_argv, tree_snapshot
+from point_system import System, take_point
 
 
 @pytest.fixture
 def system(tmp_path: Path, pg_db) -> System:
     return System(tmp_path, pg_db)
-
-
-def take_point(system: System, label: str = "before release 2") -> dict:
-    result = system.run("--json", "backup", "--label", label)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)["point"]
 
 
 def test_restore_point_puts_all_three_back_in_order(system: System):
@@ -233,7 +168,7 @@ def test_what_would_stop_part_way_is_refused_before_the_first_change(system: Sys
     broken = system.state()
     assert system.run("restore", "latest", "--yes", "--health-url", "ftp://example.test/").returncode == 2
     with BackupStore(system.root / "points", "point").lock("a restore in progress"):
-        assert system.run("restore", "latest", "--yes").returncode == 75
+        assert system.run("restore", "latest", "--yes", LOCK_WAIT_SECONDS="0").returncode == 75
     subprocess.run(["rm", "-rf", str(system.root / "code_backups" / point["parts"]["code"])], check=True)
     result = system.run("restore", "latest", "--yes")
     assert result.returncode == 2 and "no longer in" in result.stderr
@@ -350,3 +285,130 @@ def test_a_restore_stopped_by_sigterm_still_reports_and_prints_its_undo(system: 
         assert subprocess.run(command, shell=True, env={**os.environ, **system.env}).returncode == 0
     now = system.state()
     assert now["config"] == broken["config"] and now["code"] == broken["code"]
+
+
+def test_an_in_place_deployment_is_restored_with_its_head_and_the_database(system: System):
+    """REPO_PATH is what runs (no DEPLOYMENT_DIR): a deploy is a commit, and the restore puts HEAD back too."""
+    system.env["DEPLOYMENT_DIR"] = ""
+
+    def state() -> dict:
+        files = {path: what for path, what in tree_snapshot(system.repo).items() if not path.startswith(".git")}
+        return {**system.state(), "code": files, "head": git(system.repo, "rev-parse", "HEAD")}
+
+    before = state()
+    point = take_point(system)
+    assert set(point["parts"]) == {"config", "code", "db"}
+    system.break_everything()
+    (system.repo / "app.py").write_text("print('v2')\n")
+    git(system.repo, "commit", "-q", "-am", "deploy v2")
+    stopped, started = system.root / "stopped", system.root / "started"
+
+    result = system.run("--json", "restore", "latest", "--yes", PRE_RESTORE_HOOK=f"touch {stopped}",
+                        POST_RESTORE_HOOK=f"touch {started}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["restored"] == ["config", "code", "db"] and report["failure"] is None
+    assert state() == before  # files and HEAD (detached: main has moved on), configuration and database
+    assert stopped.exists() and started.exists()  # the application was stopped and started again
+    assert system.run("verify").returncode == 0
+
+
+def test_a_restore_beside_a_drill_changes_nothing_until_it_has_every_lock(system: System):
+    """A drill's scratch restore holds the database store's lock: the restore waits for it, then exits 75
+    with nothing changed (it used to restore configuration and code and stop at the database with exit 1)."""
+    from common.store import BackupStore
+
+    before = system.state()
+    take_point(system)
+    system.break_everything()
+    broken = system.state()
+    database_store = BackupStore(system.root / "db_backups", "db")
+    with database_store.lock("database_rollback.py restore (a drill's scratch restore)"):
+        result = system.run("restore", "latest", "--yes", LOCK_WAIT_SECONDS="0.5")
+        assert result.returncode == 75, result.stdout + result.stderr
+        assert "a drill's scratch restore" in result.stderr and "waited 0.5 s" in result.stderr
+        assert system.state() == broken
+        safety = [p for p in (system.root / "config_backups").iterdir() if not p.name.startswith(".")]
+        assert len([p for p in safety if p.is_dir()]) == 1  # the point's own backup: no safety backup was taken
+
+        # Within the wait, the restore goes ahead as soon as the lock is free, and holds every lock to the end.
+        proc = subprocess.Popen(script_argv("rollback.py", "restore", "latest", "--yes"),
+                                env={**os.environ, **system.env, "LOCK_WAIT_SECONDS": "120"}, cwd=system.root,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        waiting = proc.stderr.readline()
+        assert "waiting up to" in waiting and f"for the lock on {database_store.root}" in waiting
+        assert system.state() == broken
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout + stderr
+    assert system.state() == before
+
+
+def test_a_drill_waits_for_a_restore_that_holds_the_database_store(system: System):
+    from common.store import BackupStore
+
+    take_point(system)
+    with BackupStore(system.root / "db_backups", "db").lock("rollback.py restore"):
+        result = system.run("drill", LOCK_WAIT_SECONDS="0")
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert "another run holds the lock on" in result.stderr and "rollback.py restore" in result.stderr
+    with system.pg_db.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT datname FROM pg_database WHERE strpos(datname, %s) > 0", ("__drill_",))
+        assert cur.fetchall() == []  # no scratch database was made
+    assert system.run("drill").returncode == 0
+
+
+def test_a_restore_stopped_while_a_step_runs_does_not_claim_that_step_was_not_restored(system: System):
+    """The step's script may have finished its work when the stop came: the report says it cannot tell, and
+    gives the verify that can (it used to say `not restored: configuration`, with no undo for it)."""
+    import signal
+
+    from helpers import ROOT, wait_for_child
+
+    take_point(system)
+    system.break_everything()
+    proc = subprocess.Popen(script_argv("rollback.py", "restore", "latest", "--yes"),
+                            env={**os.environ, **system.env}, cwd=system.root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_child(proc, Path(sys.executable).name, with_arg=str(ROOT / "config_rollback.py"))
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stdout
+    assert "STOPPED: during the configuration step: interrupted by SIGTERM" in stdout
+    assert "not restored: code, database" in stdout
+    verify = stdout.split("the configuration step was cut off while its script ran")[1].split("`")[1]
+    assert "config_rollback.py" in verify and "verify --against" in verify
+    checked = subprocess.run(verify, shell=True, env={**os.environ, **system.env}, capture_output=True, text=True)
+    assert checked.returncode in (0, 3), checked.stderr  # restored, or not: verify tells which
+
+
+def test_a_step_whose_verify_finds_problems_stops_the_restore_and_shows_them(system: System):
+    """The report said only "exit code 3"; it now says what the verify found."""
+    migrations = system.root / "migrations"
+    migrations.mkdir()
+    (migrations / "001_add_notes.up.sql").write_text("ALTER TABLE customers ADD COLUMN notes text;\n")
+    (migrations / "001_add_notes.down.sql").write_text("ALTER TABLE customers DROP COLUMN notes;\n")
+    system.env["MIGRATIONS_DIR"] = str(migrations)
+    migrated = run_script("database_rollback.py", "migrate", "--yes", env=system.env, cwd=system.root)
+    assert migrated.returncode == 0, migrated.stderr
+    take_point(system)
+    # The applied migration's file is edited afterwards: the database, once restored, no longer matches it.
+    (migrations / "001_add_notes.up.sql").write_text("ALTER TABLE customers ADD COLUMN notes varchar(80);\n")
+    result = system.run("restore", "latest", "--yes")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "STOPPED: database verify after the restore found 1 problem: migration 001_add_notes" in result.stdout
+    assert "database: restored" in result.stdout and "NOT verified" in result.stdout
+    assert "  problem: migration 001_add_notes" in result.stdout
+
+
+def test_a_drill_step_that_fails_is_not_logged_as_verified(system: System):
+    point = take_point(system)
+    dump = system.root / "db_backups" / point["parts"]["db"] / "db.dump"
+    os.chmod(dump, 0o600)
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    dump.write_bytes(bytes(data))
+    result = system.run("drill")
+    assert result.returncode == 1, result.stdout + result.stderr
+    database = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if "into " in line]
+    assert database and not [line for line in database if "verified" in line], database
+    assert "restore failed" in result.stdout and "damaged" in result.stdout
