@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
