@@ -120,8 +120,10 @@ def test_what_a_hook_leaves_writing_to_its_output_keeps_running(tmp_path: Path):
     hook = run_hook("POST_RESTORE_HOOK", ["sh", "-c", script], timeout=30)
     assert hook.exit_code == 0 and hook.output.startswith("started\n")
     try:
-        seen = ticks.stat().st_size
         deadline = time.monotonic() + 30
+        while not ticks.exists():  # the writer may not have run yet when the hook's shell exits
+            assert time.monotonic() < deadline, "the background writer never started"
+        seen = ticks.stat().st_size
         while ticks.stat().st_size < seen + 100_000:  # it goes on writing, to its output too
             assert time.monotonic() < deadline, "the background writer stopped"
     finally:
