@@ -198,7 +198,10 @@ def cmd_restore(ctx: Context) -> Result:
             data.update(previous_database=outcome.before, outage_seconds=round(outcome.outage, 3),
                         sessions_ended=outcome.sessions_ended, transactions_ended=outcome.transactions_ended,
                         subscriptions_handed_over=outcome.subscriptions)
-            lines += _swap_lines(db.server, plan, outcome)
+            if outcome.subscriptions:
+                first, then = undo_statements(db.server.name, plan.subscriptions)
+                data["undo_subscriptions"] = {"before_renames": first, "after_renames": then}
+            lines += _swap_lines(db.server, outcome, data.get("undo_subscriptions"))
             for warning in outcome.warnings:
                 ctx.warn(warning)
         skipped = subscriptions_in(entries)
@@ -228,7 +231,7 @@ def _preflight(db: DbContext, backup: Backup | None, dump: Path, args) -> tuple[
     return plan, space
 
 
-def _swap_lines(server: DbServer, plan: SwapPlan, outcome: SwapOutcome) -> list[str]:
+def _swap_lines(server: DbServer, outcome: SwapOutcome, undo_subscriptions: dict | None) -> list[str]:
     """What a swap did, and how to undo it, for the report."""
     if outcome.before is None:
         return [f"{server.name} did not exist: it was created (no database was replaced, so none is kept)"]
@@ -240,10 +243,10 @@ def _swap_lines(server: DbServer, plan: SwapPlan, outcome: SwapOutcome) -> list[
                      "they go on from their slots where the replaced database's stopped (what they received "
                      "since the backup was taken is not in the restored data)")
     lines.append(undo_hint(server, outcome.before))
-    if outcome.subscriptions:
-        first, then = undo_statements(server.name, plan.subscriptions)
+    if undo_subscriptions:
         lines.append(f"with the undo, hand the subscriptions back: connected to {server.name}, before the renames: "
-                     + "; ".join(first) + f"; connected to {server.name} again after them: " + "; ".join(then) + ";")
+                     + "; ".join(undo_subscriptions["before_renames"]) + f"; connected to {server.name} again after "
+                     "them: " + "; ".join(undo_subscriptions["after_renames"]) + ";")
     return lines
 
 

@@ -15,7 +15,10 @@ from helpers import database_state, run_script
 from pg_cluster import Database, ThrowawayCluster
 from test_database_rollback import RICH_SCHEMA, DbWorkspace, break_database
 
-from db_scratch import KEPT, scratch_name
+from common.settings import Settings
+from db_dumps import rename_back_statements
+from db_scratch import KEPT, drop_database, scratch_name
+from db_server import DbServer
 
 PROPERTIES = ("SELECT t.spcname, d.datconnlimit, d.datistemplate, shobj_description(d.oid, 'pg_database'),"
               " d.datlocprovider, d.daticulocale, d.datcollate FROM pg_database d"
@@ -213,6 +216,41 @@ def test_a_swap_hands_the_subscription_over_and_cleanup_drops_the_kept_database(
     assert len(dropped) == 1 and dropped[0] in kept_now and dropped[0] not in dbw.databases()
     slots = replication.sql("postgres", f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'")
     assert slots == [(1,)]  # the live database's subscription streams from it
+
+
+def test_the_undo_hands_the_subscription_back_to_the_replaced_database(dbw: DbWorkspace, replication: Replication):
+    live = dbw.pg_db.name
+    slot = replication.slot()
+    replication.publish(1)
+    replication.subscribe(live, "orders_feed", slot)
+    until(lambda: replication.feed(live) == [1], "the initial copy")
+    assert dbw.run("backup").returncode == 0
+    replication.publish(2)
+    until(lambda: replication.feed(live) == [1, 2], "row 2 replicated")
+    result = dbw.run("--json", "restore", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+
+    # The undo as printed: the hand-back statements in the live database around the renames.
+    for statement in report["undo_subscriptions"]["before_renames"]:
+        replication.sql(live, statement)
+    for statement in rename_back_statements(live, report["previous_database"]):
+        replication.sql("postgres", statement)
+    for statement in report["undo_subscriptions"]["after_renames"]:
+        replication.sql(live, statement)
+
+    replication.publish(3)
+    until(lambda: replication.feed(live) == [1, 2, 3], "row 3 replicated into the database put back")
+    assert [(db, enabled, slot_name) for db, _name, enabled, slot_name in replication.subscriptions()
+            if db == live] == [(live, True, slot)]
+    undone = [db for db, *_ in replication.subscriptions() if "__undone_" in db]
+    assert [(enabled, slot_name) for db, _name, enabled, slot_name in replication.subscriptions()
+            if db in undone] == [(False, None)]
+    # What the undo set aside refuses connections, as the swap left it; dropping it drops its subscription first.
+    server = DbServer.from_settings(Settings.load(None, environ=dbw.env))
+    for name in undone:
+        assert "dropped subscription orders_feed" in drop_database(server, name)[0]
+    assert name not in dbw.databases()
 
 
 def test_cleanup_drops_a_kept_database_whose_subscription_still_streams(dbw: DbWorkspace, replication: Replication):
