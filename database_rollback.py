@@ -49,6 +49,7 @@ from db_dumps import (
     restore_into,
     subscriptions_in,
     undo_hint,
+    with_full_disk_named,
 )
 from db_properties import read_properties
 from db_scratch import (
@@ -189,7 +190,10 @@ def cmd_restore(ctx: Context) -> Result:
                 ids.append(safety.id)
                 lines.append(f"saved the current database as {safety.id}; to undo: {SCRIPT} restore {safety.id}")
             with ctx.progress(f"restoring {db.server.name} in place", lambda: -1, None):
-                restore_into(db.server, db.tools, dump, db.server.name, 1, single_transaction=True, clean=True)
+                try:
+                    restore_into(db.server, db.tools, dump, db.server.name, 1, single_transaction=True, clean=True)
+                except ToolkitError as exc:
+                    raise with_full_disk_named(exc, space.full_now() or "the server's disk") from None
             data["safety_backup"] = ids[-1] if not args.no_backup else None
         else:
             expected = backup.extra.get("database_size") if backup else None
@@ -532,8 +536,9 @@ def build_parser():
     sub = add_verify_command(commands, cmd_verify, "check the database and a backup (problems exit 3)",
                       "Connects and reports the server version; applied migrations must have unchanged files;\n"
                       "no invalid indexes; no <name>__restore_ database left by a killed restore (one a running\n"
-                      "restore is building is only noted); long transactions and lock waits are warned of; the\n"
-                      "newest backup (or BACKUP) must pass its checksums and pg_restore --list.")
+                      "restore is building is only noted); no enabled subscription in a database a restore set\n"
+                      "aside; long transactions and lock waits are warned of; the newest backup (or BACKUP) must\n"
+                      "pass its checksums and pg_restore --list.")
     sub.add_argument("backup", metavar="BACKUP", nargs="?", help="the backup to check (default: the newest)")
 
     sub = add_command(commands, "locks", cmd_locks, "blocked sessions and who blocks them")

@@ -144,13 +144,14 @@ def feed_after_filling(proc: subprocess.Popen, fifo: tuple[Path, bytes], full: P
     return filler
 
 
+@pytest.mark.parametrize("mode", [[], ["--in-place"]])
 def test_a_disk_that_fills_mid_restore_is_named_and_the_half_built_database_dropped(
-        dbw: DbWorkspace, small_tablespace: Path):
+        dbw: DbWorkspace, small_tablespace: Path, mode: list[str]):
     dump = big_dump(dbw.pg_db, dbw.root, rows=50000)
     state, databases = database_state(dbw.pg_db), dbw.databases()
     contents = fifo_dump(dump)
 
-    proc = subprocess.Popen(script_argv("database_rollback.py", "restore", str(dump), "--yes"), cwd=dbw.root,
+    proc = subprocess.Popen(script_argv("database_rollback.py", "restore", str(dump), "--yes", *mode), cwd=dbw.root,
                             env={**os.environ, **dbw.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     filler = feed_after_filling(proc, contents, small_tablespace)
     _, stderr = proc.communicate(timeout=120)

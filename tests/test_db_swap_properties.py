@@ -202,6 +202,8 @@ def test_a_swap_hands_the_subscription_over_and_cleanup_drops_the_kept_database(
     # The restored database goes on from the slot: row 4 came after the backup, so it is not in the restored data.
     until(lambda: replication.feed(live) == [1, 2, 3, 5], "row 5 replicated into the restored database")
     assert replication.feed(kept) == [1, 2, 3, 4]  # the replaced database no longer receives anything
+    verify = dbw.run("verify")
+    assert verify.returncode == 0, verify.stdout
 
     # A second restore keeps a second database; cleanup drops the first, which still has its subscription.
     assert dbw.run("restore", "latest", "--yes").returncode == 0
@@ -264,6 +266,10 @@ def test_cleanup_drops_a_kept_database_whose_subscription_still_streams(dbw: DbW
     replication.publish(1)
     replication.subscribe(old, "old_feed", slot)
     until(lambda: replication.feed(old) == [1], "the old kept database streaming")
+    verify = dbw.run("--json", "verify")
+    assert verify.returncode == 3
+    assert [p for p in json.loads(verify.stdout)["problems"] if p.startswith(f"subscription old_feed of {old}, a "
+                                                                             "database set aside, is enabled")]
 
     cleaned = dbw.run("--json", "cleanup", "0", "--keep", "1")
     assert cleaned.returncode == 0, cleaned.stderr  # it was ObjectInUse: a database with a subscription
