@@ -116,9 +116,9 @@ def prepare_handover(server: DbServer, live: str, restored: str, subscriptions: 
             extra = _tables(cur, subscription.name) - _tables_in(server, live, subscription.name)
             if extra:
                 raise ToolkitError(
-                    f"publication of subscription {subscription.name} now holds tables its subscription in {live} "
-                    f"has not taken in ({', '.join(sorted(extra))}): run ALTER SUBSCRIPTION "
-                    f"{subscription.name} REFRESH PUBLICATION in {live} first; nothing was switched")
+                    f"the publications of subscription {subscription.name} of {live} now hold tables it has not "
+                    f"taken in ({', '.join(sorted(extra))}), which would start without their data: run ALTER "
+                    f"SUBSCRIPTION {subscription.name} REFRESH PUBLICATION in {live} first; nothing was switched in")
 
 
 def _create_statement(subscription: Subscription):

@@ -21,6 +21,7 @@ from db_properties import (
 from db_scratch import claimed, drop_database, scratch_names
 from db_server import APPLICATION_NAME, MAINTENANCE_DB, DbServer
 from db_space import SpaceCheck
+from db_sql import pg_error
 from db_subscriptions import (
     Subscription,
     prepare_handover,
@@ -124,13 +125,29 @@ def restore_into_fresh_database(server: DbServer, tools: PgTools, plan: SwapPlan
                 except ToolkitError as exc:
                     raise with_full_disk_named(exc, space.full_now() or "the server's disk") from None
             if plan.live is not None:
-                copy_database_properties(server, plan.live, restored)
-                prepare_handover(server, server.name, restored, plan.subscriptions)
+                carry_over(server, plan, restored)
             claim.check()  # unclaimed, a cleanup may have dropped or be dropping it: never switch that in
             return switch(server, restored, before, plan)
         except BaseException as first:
             drop_built(server, restored, first, space)
             raise
+
+
+def carry_over(server: DbServer, plan: SwapPlan, restored: str) -> None:
+    """Give `restored` the live database's properties and, disabled, its subscriptions; a server error is one
+    line saying which."""
+    import psycopg2
+
+    try:
+        copy_database_properties(server, plan.live, restored)
+    except psycopg2.Error as exc:
+        raise ToolkitError(f"could not give {restored} the properties of {server.name} ({pg_error(exc)}): "
+                           "nothing was switched in") from None
+    try:
+        prepare_handover(server, server.name, restored, plan.subscriptions)
+    except psycopg2.Error as exc:
+        raise ToolkitError(f"could not make the subscriptions of {server.name} in {restored} to hand them over "
+                           f"({pg_error(exc)}): nothing was switched in") from None
 
 
 def switch(server: DbServer, restored: str, before: str, plan: SwapPlan) -> SwapOutcome:

@@ -220,6 +220,28 @@ def test_a_swap_hands_the_subscription_over_and_cleanup_drops_the_kept_database(
     assert slots == [(1,)]  # the live database's subscription streams from it
 
 
+def test_a_publication_grown_since_the_last_refresh_is_refused_and_the_built_database_dropped(
+        dbw: DbWorkspace, replication: Replication):
+    live = dbw.pg_db.name
+    for database in (live, replication.publisher.name):
+        replication.sql(database, "CREATE TABLE feed_more (id int PRIMARY KEY)")
+    replication.subscribe(live, "orders_feed", replication.slot())
+    until(lambda: replication.sql(live, "SELECT bool_and(srsubstate = 'r') FROM pg_subscription_rel") == [(True,)],
+          "the initial copy done")
+    replication.sql(replication.publisher.name, "ALTER PUBLICATION feed ADD TABLE feed_more")  # no REFRESH yet
+    assert dbw.run("backup").returncode == 0
+    state, databases = database_state(dbw.pg_db), dbw.databases()
+
+    result = dbw.run("restore", "latest", "--yes")
+    assert result.returncode == 1
+    assert f"the publications of subscription orders_feed of {live} now hold tables it has not taken in (feed_more)" \
+        in result.stderr
+    assert f"ALTER SUBSCRIPTION orders_feed REFRESH PUBLICATION in {live} first" in result.stderr
+    assert database_state(dbw.pg_db) == state
+    assert dbw.databases() == databases  # the database built, with its subscription, was dropped
+    assert [row[:2] for row in replication.subscriptions()] == [(live, "orders_feed")]
+
+
 def test_the_undo_hands_the_subscription_back_to_the_replaced_database(dbw: DbWorkspace, replication: Replication):
     live = dbw.pg_db.name
     slot = replication.slot()
