@@ -239,9 +239,15 @@ def _swap_lines(server: DbServer, outcome: SwapOutcome, undo_subscriptions: dict
     """What a swap did, and how to undo it, for the report."""
     if outcome.before is None:
         return [f"{server.name} did not exist: it was created (no database was replaced, so none is kept)"]
+    if not outcome.sessions_ended:
+        sessions = "no session was connected to it"
+    elif outcome.transactions_ended:
+        sessions = (f"ended {count(outcome.sessions_ended, 'session')} on it, {outcome.transactions_ended} of them "
+                    "in an open transaction (rolled back)")
+    else:
+        sessions = f"ended {count(outcome.sessions_ended, 'session')} on it, none in an open transaction"
     lines = [f"the previous database is kept as {outcome.before} ({server.name} was out of service for "
-             f"{outcome.outage * 1000:.0f} ms); ended {count(outcome.sessions_ended, 'session')} on it, "
-             f"{count(outcome.transactions_ended, 'open transaction')} among them rolled back"]
+             f"{outcome.outage * 1000:.0f} ms); {sessions}"]
     if outcome.subscriptions:
         lines.append(f"handed the subscriptions {', '.join(outcome.subscriptions)} over to the restored database: "
                      "they go on from their slots where the replaced database's stopped (what they received "
