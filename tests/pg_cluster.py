@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
@@ -238,6 +239,12 @@ class ThrowawayCluster:
     def restart(self) -> None:
         """Start the server again on its port after it stopped (e.g. crashed), with its data as it is."""
         self._require_tmp()
+        # A postmaster that gave up after a crash may still be on its way out, holding postmaster.pid.
+        pid, deadline = self._server_pid(), time.monotonic() + START_TIMEOUT_SECONDS
+        while pid is not None and _is_alive(pid):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the server (pid {pid}) is still running: not restarted")
+            time.sleep(0.05)
         argv = [self._tool("pg_ctl"), "-D", self.data_dir, "-l", self.log_file, "-w"]
         result = self._run([*argv, "-t", str(START_TIMEOUT_SECONDS), "start"])
         if result.returncode != 0:
