@@ -41,28 +41,29 @@ from db_dumps import (
     PgTools,
     ServerInfo,
     check_client_version,
-    copy_database_settings,
-    create_database_like,
-    database_size,
+    dump_entries,
     dump_into,
     dump_path,
+    dump_size,
     foreign_dump,
-    list_dump,
     restore_into,
-    swap_in,
+    subscriptions_in,
     undo_hint,
+    with_full_disk_named,
 )
+from db_properties import read_properties
 from db_scratch import (
     CLAIMED,
     KEPT_ROLES,
     being_built,
-    claimed,
     drop_database,
     drop_if_unclaimed,
     scratch_databases,
-    scratch_names,
 )
 from db_server import MAINTENANCE_DB, DbServer
+from db_space import SpaceCheck, refuse_if_short, restore_space
+from db_subscriptions import refuse_in_place, undo_statements
+from db_swap import SwapOutcome, SwapPlan, plan_swap, restore_into_fresh_database
 
 COMPONENT = "db"
 STORE_SETTING = ("BACKUP_DIR", "./backups")  # the backup folder
@@ -134,29 +135,6 @@ def backup_before(db: DbContext, version: int) -> Backup | None:
     return None
 
 
-def restore_into_fresh_database(db: DbContext, dump: Path, jobs: int, expected_size: int | None,
-                                progress: Progress = no_progress) -> tuple[str | None, float]:
-    """Restore into a new `<name>__restore_...` database, then swap names.
-
-    Returns the name the replaced database is kept under (None if there was none: a new --target-db) and
-    how long the live name was out of service. The scratch name is claimed before the database exists and
-    until it is switched in or dropped, so that cleanup never drops it under a running restore.
-    """
-    restored, before = scratch_names(db.server.name)
-    with claimed(db.server, restored) as claim:
-        create_database_like(db.server, restored)
-        try:
-            with progress(f"restoring into {restored}", lambda: database_size(db.server, restored), expected_size):
-                restore_into(db.server, db.tools, dump, restored, jobs, single_transaction=jobs <= 1)
-            copy_database_settings(db.server, db.server.name, restored)
-            claim.check()  # unclaimed, a cleanup may have dropped or be dropping it: never switch that in
-            outage = swap_in(db.server, restored, before)
-        except BaseException:
-            drop_database(db.server, restored)
-            raise
-    return (before, outage) if outage is not None else (None, 0.0)
-
-
 # -- the commands -----------------------------------------------------------------------------------
 
 
@@ -177,7 +155,8 @@ def cmd_backup(ctx: Context) -> Result:
 
 
 def cmd_restore(ctx: Context) -> Result:
-    """restore BACKUP: checksums and the dump's table of contents first, then a restore that fails safe."""
+    """restore BACKUP: checksums, the dump's table of contents, privileges, properties, subscriptions and free
+    space first, then a restore that fails safe."""
     db = DbContext.from_settings(ctx.settings)
     args = ctx.args
     own_database = db.is_own  # `latest` means the newest backup of DB_NAME, also with --target-db
@@ -186,17 +165,23 @@ def cmd_restore(ctx: Context) -> Result:
     mode = "in place" if args.in_place else "into a fresh database, then switched in"
     if ctx.dry_run:
         backup, dump, entries = _restore_source(ctx, db, own_database)
+        plan, space = _preflight(db, backup, dump, args)
         source = backup.id if backup else str(dump)
-        return Result({"source": source, "database": db.server.name, "dump_entries": entries, "dry_run": True,
-                       "mode": "in-place" if args.in_place else "swap"},
-                      [f"would restore {source} ({entries} entries) over {db.server.name}, {mode}"], report=True)
+        return Result({"source": source, "database": db.server.name, "dump_entries": len(entries), "dry_run": True,
+                       "mode": "in-place" if args.in_place else "swap", "space": space.to_dict(),
+                       "subscriptions": [s.name for s in plan.subscriptions] if plan else []},
+                      [f"would restore {source} ({len(entries)} entries) over {db.server.name}, {mode}",
+                       *space.lines()], report=True)
     lines = []
     # From resolving the backup to the switch, under the lock: a cleanup cannot remove it meanwhile.
     with db.store.lock(f"{SCRIPT} restore"):
         backup, dump, entries = _restore_source(ctx, db, own_database)
+        plan, space = _preflight(db, backup, dump, args)  # before the first change: refused, nothing changed
+        for line in space.lines():
+            (ctx.warn if space.unchecked else ctx.info)(line)
         source = backup.id if backup else str(dump)
         data = {"source": source, "database": db.server.name, "mode": "in-place" if args.in_place else "swap",
-                "dump_entries": entries}
+                "dump_entries": len(entries), "space": space.to_dict()}
         ids = [backup.id] if backup else []
         ctx.confirm(f"Replace database {db.server.name} with {source}?")
         if args.in_place:
@@ -205,25 +190,78 @@ def cmd_restore(ctx: Context) -> Result:
                 ids.append(safety.id)
                 lines.append(f"saved the current database as {safety.id}; to undo: {SCRIPT} restore {safety.id}")
             with ctx.progress(f"restoring {db.server.name} in place", lambda: -1, None):
-                restore_into(db.server, db.tools, dump, db.server.name, 1, single_transaction=True, clean=True)
+                try:
+                    restore_into(db.server, db.tools, dump, db.server.name, 1, single_transaction=True, clean=True)
+                except ToolkitError as exc:
+                    raise with_full_disk_named(exc, space.full_now() or "the server's disk") from None
             data["safety_backup"] = ids[-1] if not args.no_backup else None
         else:
             expected = backup.extra.get("database_size") if backup else None
-            before, outage = restore_into_fresh_database(db, dump, args.jobs, expected, ctx.progress)
-            data.update(previous_database=before, outage_seconds=round(outage, 3))
-            if before is None:
-                lines.append(f"{db.server.name} did not exist: it was created (no database was replaced, so "
-                             "none is kept)")
-            else:
-                lines.append(f"the previous database is kept as {before} ({db.server.name} was out of service "
-                             f"for {outage * 1000:.0f} ms)")
-                lines.append(undo_hint(db.server, before))
+            outcome = restore_into_fresh_database(db.server, db.tools, plan, dump, args.jobs, expected, space,
+                                                  ctx.progress)
+            data.update(previous_database=outcome.before, outage_seconds=round(outcome.outage, 3),
+                        sessions_ended=outcome.sessions_ended, transactions_ended=outcome.transactions_ended,
+                        subscriptions_handed_over=outcome.subscriptions)
+            if outcome.subscriptions:
+                first, then = undo_statements(db.server.name, plan.subscriptions)
+                data["undo_subscriptions"] = {"before_renames": first, "after_renames": then}
+            lines += _swap_lines(db.server, outcome, data.get("undo_subscriptions"))
+            for warning in outcome.warnings:
+                ctx.warn(warning)
+        skipped = subscriptions_in(entries)
+        if skipped:
+            lines.append(f"the dump's subscriptions ({', '.join(skipped)}) were not restored: they name the live "
+                         "database's replication slot (a swap hands the live database's own over)")
     lines.insert(0, f"restored {source} into {db.server.name} ({mode})")
     return Result({**data, "restored": True}, lines, backup_ids=ids)
 
 
-def _restore_source(ctx: Context, db: DbContext, own_database) -> tuple[Backup | None, Path, int]:
-    """The backup (None for a dump made outside the toolkit), its dump, and the dump's entry count, all checked."""
+def _preflight(db: DbContext, backup: Backup | None, dump: Path, args) -> tuple[SwapPlan | None, SpaceCheck]:
+    """What must hold before a restore's first change, checked in that order: the swap's privileges,
+    properties and subscriptions (or, in place, no subscriptions), then free space. Any failure refuses."""
+    if args.in_place:
+        plan = None
+        refuse_in_place(db.server, db.server.name)
+        live = read_properties(db.server, db.server.name)
+    else:
+        plan = plan_swap(db.server)
+        live = plan.live
+    dump_bytes = dump_size(dump)
+    recorded = backup.extra.get("database_size") if backup else None
+    safety_folder = db.store.root if args.in_place and not args.no_backup else None
+    space = restore_space(db.server, db.server.name, live.tablespace if live else "pg_default", recorded,
+                          dump_bytes, safety_folder)
+    refuse_if_short(db.server, space, args.in_place, dump_bytes)
+    return plan, space
+
+
+def _swap_lines(server: DbServer, outcome: SwapOutcome, undo_subscriptions: dict | None) -> list[str]:
+    """What a swap did, and how to undo it, for the report."""
+    if outcome.before is None:
+        return [f"{server.name} did not exist: it was created (no database was replaced, so none is kept)"]
+    if not outcome.sessions_ended:
+        sessions = "no session was connected to it"
+    elif outcome.transactions_ended:
+        sessions = (f"ended {count(outcome.sessions_ended, 'session')} on it, {outcome.transactions_ended} of them "
+                    "in an open transaction (rolled back)")
+    else:
+        sessions = f"ended {count(outcome.sessions_ended, 'session')} on it, none in an open transaction"
+    lines = [f"the previous database is kept as {outcome.before} ({server.name} was out of service for "
+             f"{outcome.outage * 1000:.0f} ms); {sessions}"]
+    if outcome.subscriptions:
+        lines.append(f"handed the subscriptions {', '.join(outcome.subscriptions)} over to the restored database: "
+                     "they go on from their slots where the replaced database's stopped (what they received "
+                     "since the backup was taken is not in the restored data)")
+    lines.append(undo_hint(server, outcome.before))
+    if undo_subscriptions:
+        lines.append(f"with the undo, hand the subscriptions back: connected to {server.name}, before the renames: "
+                     + "; ".join(undo_subscriptions["before_renames"]) + f"; connected to {server.name} again after "
+                     "them: " + "; ".join(undo_subscriptions["after_renames"]) + ";")
+    return lines
+
+
+def _restore_source(ctx: Context, db: DbContext, own_database) -> tuple[Backup | None, Path, list[str]]:
+    """The backup (None for a dump made outside the toolkit), its dump, and the dump's entries, all checked."""
     ref = ctx.args.backup
     # `latest` and backup ids are the store's, even if a file of that name happens to be in the folder.
     in_store = ref == "latest" or ("/" not in ref and (db.store.root / ref).exists())
@@ -238,7 +276,7 @@ def _restore_source(ctx: Context, db: DbContext, own_database) -> tuple[Backup |
         dump = dump_path(backup)
     else:
         ctx.warn(f"{dump} was not made by this toolkit: there is no checksum to check")
-    return backup, dump, list_dump(db.server, db.tools, dump)
+    return backup, dump, dump_entries(db.server, db.tools, dump)
 
 
 def cmd_list(ctx: Context) -> Result:
@@ -265,14 +303,22 @@ def cmd_cleanup(ctx: Context) -> Result:
         result.data["would_drop_databases"] = old + leftovers
         result.lines += [f"would drop database {name}" for name in old + leftovers]
         return result
+    notes: list[str] = []
     with db.store.lock(f"{SCRIPT} cleanup"):
         for name in old:
-            drop_database(db.server, name)
-        dropped_leftovers = [name for name in leftovers if drop_if_unclaimed(db.server, name)]
+            notes += drop_database(db.server, name)
+        dropped_leftovers = []
+        for name in leftovers:
+            dropped = drop_if_unclaimed(db.server, name)
+            if dropped is not None:
+                dropped_leftovers.append(name)
+                notes += dropped
     result.data["dropped_databases"] = old + dropped_leftovers
+    result.data["subscriptions_dropped"] = notes
     result.lines += [f"dropped database {name} (kept by an earlier restore)" for name in old]
     result.lines += [f"dropped database {name} (left by a restore or drill that did not finish)"
                      for name in dropped_leftovers]
+    result.lines += notes
     return result
 
 
@@ -361,7 +407,7 @@ def cmd_verify(ctx: Context) -> Result:
         backup_problems = check_backup(backup)
         if not backup_problems:
             try:
-                entries = list_dump(db.server, db.tools, dump_path(backup))
+                entries = len(dump_entries(db.server, db.tools, dump_path(backup)))
                 notes.append(f"backup {backup.id}: checksums hold, {entries} entries in its table of contents")
             except ToolkitError as exc:
                 backup_problems.append(str(exc))
@@ -443,14 +489,23 @@ def build_parser():
 
     sub = add_command(
         commands, "restore", cmd_restore, "restore a backup or a plain pg_dump file",
-        "Checks the backup's checksums and `pg_restore --list` before anything is touched. By default the\n"
-        "dump is restored into a fresh database <name>__restore_<stamp>_<random>, then names are switched\n"
-        "in one short step (new connections refused, sessions ended, live renamed to\n"
-        "<name>__before_<stamp>_<random>, restored renamed to live): the live name is out of service for\n"
-        "well under a second, and the previous database is kept whole for an instant undo. A restore\n"
-        "killed before the switch leaves its __restore_ database: `verify` names it, `cleanup` drops it.\n"
-        "--in-place (for users without CREATEDB) first takes a backup, then runs pg_restore --clean\n"
-        "--single-transaction. Either way a failure leaves the live database as it was.")
+        "Before anything is touched (a failed check is exit 1, nothing changed): the backup's checksums and\n"
+        "`pg_restore --list`; DB_USER's privileges for the switch (CREATEDB, membership in the owner's\n"
+        "role, ending the sessions on the live database); the live database's properties and subscriptions;\n"
+        "and free space: the database's size (recorded with the backup, else the live one's, at least the\n"
+        "dump's) on its tablespace's filesystem, and as much WAL (up to max_wal_size) on pg_wal's. Without\n"
+        "the privileges to look, or run on another host than the server, the check is skipped with a warning.\n"
+        "By default the dump is restored into a fresh database <name>__restore_<stamp>_<random>, given the\n"
+        "live one's tablespace, locale, owner, grants, settings, connection limit, comment and template flag,\n"
+        "then names are switched in one short step (new connections refused, sessions ended and counted,\n"
+        "live renamed to <name>__before_<stamp>_<random>, restored renamed to live): the live name is out of\n"
+        "service for well under a second, and the previous database is kept whole for an instant undo.\n"
+        "Subscriptions are handed over: the restored database's copy takes up the same slot, the kept one lets\n"
+        "go of it. The dump's own subscriptions are never restored. A failure before the switch drops what was\n"
+        "built and names its first cause; a restore killed before the switch leaves its __restore_ database:\n"
+        "`verify` names it, `cleanup` drops it. --in-place (for users without CREATEDB) first takes a backup,\n"
+        "then runs pg_restore --clean --single-transaction; it needs as much space at its peak, and is refused\n"
+        "for a database with subscriptions. Either way a failure leaves the live database as it was.")
     add_backup_argument(sub, ", or a pg_dump archive made elsewhere (custom, directory or tar format; "
                              "a plain SQL dump is refused: restore it with psql)")
     sub.add_argument("--target-db", metavar="NAME",
@@ -487,8 +542,9 @@ def build_parser():
     sub = add_verify_command(commands, cmd_verify, "check the database and a backup (problems exit 3)",
                       "Connects and reports the server version; applied migrations must have unchanged files;\n"
                       "no invalid indexes; no <name>__restore_ database left by a killed restore (one a running\n"
-                      "restore is building is only noted); long transactions and lock waits are warned of; the\n"
-                      "newest backup (or BACKUP) must pass its checksums and pg_restore --list.")
+                      "restore is building is only noted); no enabled subscription in a database a restore set\n"
+                      "aside; long transactions and lock waits are warned of; the newest backup (or BACKUP) must\n"
+                      "pass its checksums and pg_restore --list.")
     sub.add_argument("backup", metavar="BACKUP", nargs="?", help="the backup to check (default: the newest)")
 
     sub = add_command(commands, "locks", cmd_locks, "blocked sessions and who blocks them")
@@ -498,7 +554,9 @@ def build_parser():
     commands.choices["cleanup"].description = (
         "Removes backups older than DAYS, keeping the newest --keep; drops <name>__before_ databases older\n"
         "than DAYS beyond the newest --keep; and drops every <name>__restore_ database a restore left when it\n"
-        "was killed, but never one that a restore running now is still building.")
+        "was killed, but never one that a restore running now is still building. The subscriptions of a\n"
+        "database it drops are dropped first, without touching their slots on the publisher (another\n"
+        "subscription may stream from them); the report says whether one here still does.")
     return parser
 
 

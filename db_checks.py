@@ -67,9 +67,24 @@ def scratch_report(cur, live: str, notes: list[str]) -> list[str]:
     kept = [s.name for s in scratch if s.role in KEPT_ROLES]
     if kept:
         notes.append(f"kept by earlier restores for an undo (cleanup DAYS drops old ones): {', '.join(kept)}")
-    return [f"database {name} was left by a restore or drill that did not finish: `{APPLICATION_NAME} cleanup` "
-            "drops it"
-            for name in restoring if name not in building]
+    problems = [f"database {name} was left by a restore or drill that did not finish: `{APPLICATION_NAME} cleanup` "
+                "drops it"
+                for name in restoring if name not in building]
+    return problems + _streaming_aside(cur, live, kept)
+
+
+def _streaming_aside(cur, live: str, kept: list[str]) -> list[str]:
+    """Problems: enabled subscriptions in databases set aside, which take what the live database should get
+    (a swap made before subscriptions were handed over left them so)."""
+    if not kept:
+        return []
+    cur.execute("SELECT d.datname, s.subname, s.subslotname FROM pg_subscription s JOIN pg_database d"
+                " ON d.oid = s.subdbid WHERE s.subenabled AND d.datname = ANY(%s) ORDER BY 1, 2", (kept,))
+    return [f"subscription {subscription} of {name}, a database set aside, is enabled: it takes the changes of slot "
+            f"{slot} that {live} should get; in {name}: ALTER SUBSCRIPTION {subscription} DISABLE, then SET "
+            f"(slot_name = NONE); in {live}, make the subscription again on slot {slot} (create_slot = false, "
+            "copy_data = false)"
+            for name, subscription, slot in cur.fetchall()]
 
 
 def _refuses_connections(server: DbServer) -> str | None:

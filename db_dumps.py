@@ -1,4 +1,4 @@
-"""pg_dump into the backup store, and pg_restore back: into a fresh database switched in by renames, or in place.
+"""pg_dump into the backup store, and pg_restore back (into the live database, or the one db_swap builds).
 
 User-supplied names never reach argv: the database to dump comes through PGDATABASE, the one to restore
 into as a quoted conninfo value, and the password through the memory-only PGPASSFILE of DbServer.run_client().
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from db_server import MAINTENANCE_DB, DbServer
 
 DUMP_FILE = "db.dump"  # custom format: one file plain pg_restore reads
 DUMP_DIR = "db.dir"  # directory format: dumped and restored in parallel
-SESSION_END_TIMEOUT_SECONDS = 10
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), in pg_dump's, pg_restore's and the server's errors
 _HEAD_BYTES = 4096
 _CUSTOM_MAGIC = b"PGDMP"  # pg_dump --format=custom
 _TAR_MAGIC, _TAR_MAGIC_AT = b"ustar", 257  # pg_dump --format=tar: a POSIX tar header
@@ -89,9 +88,21 @@ def dump_into(staging: Staging, server: DbServer, tools: PgTools, fmt: str, jobs
         argv.append(f"--jobs={jobs}")
     if compress is not None:
         argv.append(f"--compress={compress}")
-    server.run_client(argv, f"pg_dump of {server.name}", env={"PGDATABASE": server.name})
+    try:
+        server.run_client(argv, f"pg_dump of {server.name}", env={"PGDATABASE": server.name})
+    except ToolkitError as exc:
+        raise with_full_disk_named(exc, f"the backup folder {staging.path.parent} (BACKUP_DIR)") from None
     staging.adopt(target)
     return target
+
+
+def with_full_disk_named(exc: ToolkitError, where: str) -> ToolkitError:
+    """`exc`, saying which filesystem is full if it is a "No space left on device" (pg_dump names no path)."""
+    if NO_SPACE not in str(exc):
+        return exc
+    named = ToolkitError(f"{exc} ({where} is on a full filesystem)")
+    named.exit_code = exc.exit_code
+    return named
 
 
 def dump_path(backup: Backup) -> Path:
@@ -105,74 +116,40 @@ def dump_path(backup: Backup) -> Path:
 
 def list_dump(server: DbServer, tools: PgTools, path: Path) -> int:
     """Check that pg_restore can read the dump's table of contents; return its number of entries."""
+    return len(dump_entries(server, tools, path))
+
+
+def dump_entries(server: DbServer, tools: PgTools, path: Path) -> list[str]:
+    """The dump's table of contents as pg_restore --list prints it, one line per entry; a dump pg_restore
+    cannot read is an error."""
     result = server.run_client([tools.path("pg_restore"), "--list", str(path)], f"pg_restore --list of {path}",
                                check=False)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no error message"])[-1]
         raise ToolkitError(f"{path} is not a dump pg_restore can read: {last}")
-    return sum(1 for line in result.stdout.decode().splitlines() if line and not line.startswith(";"))
+    return [line for line in result.stdout.decode().splitlines() if line and not line.startswith(";")]
+
+
+def subscriptions_in(entries: list[str]) -> list[str]:
+    """The names of the subscriptions in a table of contents (`<id>; <oids> SUBSCRIPTION - <name> <owner>`)."""
+    names = []
+    for entry in entries:
+        words = entry.split()
+        if "SUBSCRIPTION" in words[:4] and len(words) > words.index("SUBSCRIPTION") + 2:
+            names.append(words[words.index("SUBSCRIPTION") + 2])
+    return names
+
+
+def dump_size(path: Path) -> int:
+    """The bytes of a dump file, or of every file in a directory-format dump."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(entry.stat().st_size for entry in path.iterdir() if entry.is_file())
 
 
 def conninfo_dbname(name: str) -> str:
     """A conninfo string naming only the database, quoted so the name is data, never options."""
     return "dbname='" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def create_database_like(server: DbServer, name: str) -> None:
-    """Create an empty database with the live one's owner, encoding and locale (or the defaults)."""
-    from psycopg2 import sql
-
-    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype"
-                    " FROM pg_database WHERE datname = %s", (server.name,))
-        like = cur.fetchone()
-        query = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
-        if like:
-            query += sql.SQL(" OWNER {} ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
-                sql.Identifier(like[0]), sql.Literal(like[1]), sql.Literal(like[2]), sql.Literal(like[3]))
-        cur.execute(query)
-
-
-# Settings whose value is a list: written back as SQL list text, the way SHOW prints them.
-_LIST_SETTINGS = {"search_path", "temp_tablespaces", "session_preload_libraries", "local_preload_libraries"}
-_DATABASE_PRIVILEGES = {"CREATE", "CONNECT", "TEMPORARY"}
-
-
-def copy_database_settings(server: DbServer, source: str, target: str) -> None:
-    """Give `target` the grants and ALTER DATABASE / ALTER ROLE IN DATABASE settings of `source`.
-
-    pg_dump without --create carries neither, so a restored database switched in by renames would
-    otherwise lose, say, a REVOKE CONNECT FROM PUBLIC or a statement_timeout.
-    """
-    from psycopg2 import sql
-
-    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT oid, datacl IS NULL FROM pg_database WHERE datname = %s", (source,))
-        row = cur.fetchone()
-        if row is None:
-            return
-        oid, default_acl = row
-        db = sql.Identifier(target)
-        if not default_acl:
-            cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
-            cur.execute("SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,"
-                        " a.privilege_type, a.is_grantable"
-                        " FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s", (source,))
-            for grantee, privilege, grantable in cur.fetchall():
-                if privilege not in _DATABASE_PRIVILEGES:
-                    continue
-                who = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
-                option = sql.SQL(" WITH GRANT OPTION") if grantable else sql.SQL("")
-                cur.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
-                    sql.SQL(privilege), db, who, option))
-        cur.execute("SELECT CASE WHEN setrole = 0 THEN NULL ELSE pg_get_userbyid(setrole) END,"
-                    " unnest(setconfig) FROM pg_db_role_setting WHERE setdatabase = %s", (oid,))
-        for role, item in cur.fetchall():
-            name, value = item.split("=", 1)
-            value_sql = sql.SQL(value) if name in _LIST_SETTINGS else sql.Literal(value)
-            target_sql = (sql.SQL("DATABASE {}").format(db) if role is None
-                          else sql.SQL("ROLE {} IN DATABASE {}").format(sql.Identifier(role), db))
-            cur.execute(sql.SQL("ALTER {} SET {} = {}").format(target_sql, sql.Identifier(name), value_sql))
 
 
 def database_size(server: DbServer, name: str) -> int:
@@ -184,8 +161,12 @@ def database_size(server: DbServer, name: str) -> int:
 
 def restore_into(server: DbServer, tools: PgTools, path: Path, dbname: str, jobs: int, single_transaction: bool,
                  clean: bool = False) -> None:
-    """pg_restore a dump into `dbname`, stopping at the first error."""
-    argv = [tools.path("pg_restore"), "--exit-on-error", "--no-password", f"--dbname={conninfo_dbname(dbname)}"]
+    """pg_restore a dump into `dbname`, stopping at the first error.
+
+    Never its subscriptions: they name the replication slot the live database's subscription is using.
+    A swap restore hands the live database's over instead; an in-place restore refuses a database that has some."""
+    argv = [tools.path("pg_restore"), "--exit-on-error", "--no-password", "--no-subscriptions",
+            f"--dbname={conninfo_dbname(dbname)}"]
     if clean:
         argv += ["--clean", "--if-exists"]
     if single_transaction:
@@ -194,59 +175,6 @@ def restore_into(server: DbServer, tools: PgTools, path: Path, dbname: str, jobs
         argv.append(f"--jobs={jobs}")
     argv.append(str(path))
     server.run_client(argv, f"pg_restore into {dbname}")
-
-
-def swap_in(server: DbServer, restored: str, before: str) -> float | None:
-    """Switch names: live -> `before`, `restored` -> live. Returns how long the live name was out of service,
-    or None if there was no live database to replace (`restored` simply took the name).
-
-    New connections to the live database are refused, its sessions ended, then both renames commit in one
-    transaction. Whatever fails, the live database accepts connections again afterwards.
-    """
-    from psycopg2 import sql
-
-    live = sql.Identifier(server.name)
-    conn = server.connect(MAINTENANCE_DB, autocommit=True)
-    started = time.monotonic()
-    swapped = False
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (server.name,))
-            if cur.fetchone() is None:  # nothing to replace (e.g. --target-db with a new name)
-                cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), live))
-                swapped = True
-                return None
-            cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(live))
-            _end_sessions(cur, server.name)
-            conn.autocommit = False
-            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(live, sql.Identifier(before)))
-            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), live))
-            conn.commit()
-            swapped = True
-            outage = time.monotonic() - started
-            conn.autocommit = True
-            cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(before)))
-        return outage
-    finally:
-        if not swapped and not conn.closed:
-            conn.rollback()
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(live))
-        conn.close()
-
-
-def _end_sessions(cur, dbname: str) -> None:
-    """Terminate every session on `dbname` and wait until the server has really let them go."""
-    deadline = time.monotonic() + SESSION_END_TIMEOUT_SECONDS
-    while True:
-        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
-        if cur.fetchone()[0] == 0:
-            return
-        if time.monotonic() > deadline:
-            raise ToolkitError(f"sessions on {dbname} did not end within {SESSION_END_TIMEOUT_SECONDS} s")
-        time.sleep(0.005)  # pg_terminate_backend only signals; the backend exits a moment later
 
 
 def quote_identifier(name: str) -> str:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 from common.errors import ToolkitError
 from db_server import MAINTENANCE_DB, DbServer
+from db_subscriptions import drop_subscriptions, subscription_names
 
 MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: longer names are cut, and could then collide
 RESTORING = "restore"
@@ -141,24 +142,40 @@ def claimed(server: DbServer, name: str) -> Iterator[Claim]:
         conn.close()  # a session-level advisory lock ends with the session
 
 
-def drop_database(server: DbServer, name: str) -> None:
-    """Drop a scratch database, ending any session on it."""
+def drop_database(server: DbServer, name: str) -> list[str]:
+    """Drop a scratch or kept database, ending any session on it; what became of its subscriptions' slots."""
     with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
-        _drop(cur, name)
+        return _drop(server, cur, name)
 
 
-def drop_if_unclaimed(server: DbServer, name: str) -> bool:
-    """Drop `name` unless a running restore holds its claim; whether it was dropped. Holding the claim while
-    dropping keeps a second cleanup, or anything else that checks the claim, from racing this one."""
+def drop_if_unclaimed(server: DbServer, name: str) -> list[str] | None:
+    """Drop `name` unless a running restore holds its claim: None if it was not dropped, else what became of
+    its subscriptions' slots. Holding the claim while dropping keeps a second cleanup, or anything else that
+    checks the claim, from racing this one."""
     with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_try_advisory_lock(%s)", (claim_key(name),))
         if not cur.fetchone()[0]:
-            return False
-        _drop(cur, name)
-    return True
+            return None
+        return _drop(server, cur, name)
 
 
-def _drop(cur, name: str) -> None:
+def _drop(server: DbServer, cur, name: str) -> list[str]:
+    """DROP DATABASE, after what would stop it: a template flag, refused connections (needed to drop its
+    subscriptions), and subscriptions, which a database being dropped may not have."""
     from psycopg2 import sql
 
-    cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    db = sql.Identifier(name)
+    cur.execute("SELECT datistemplate, datallowconn FROM pg_database WHERE datname = %s", (name,))
+    found = cur.fetchone()
+    if found is None:
+        return []
+    template, allows_connections = found
+    if template:
+        cur.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(db))
+    notes = []
+    if subscription_names(cur, name):
+        if not allows_connections:
+            cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(db))
+        notes = drop_subscriptions(server, name)
+    cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db))
+    return notes

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
@@ -103,8 +104,17 @@ class Database:
 class ThrowawayCluster:
     """A private PostgreSQL server on a unix socket and 127.0.0.1, for one test session."""
 
-    def __init__(self, bindir: str | None = None) -> None:
+    def __init__(self, bindir: str | None = None, settings: dict[str, str] | None = None,
+                 data_dir: str | None = None, wal_dir: str | None = None, wal_segment_mb: int | None = None) -> None:
+        """`settings`: postgresql.conf lines added to the defaults (e.g. {"max_wal_size": "64MB"}).
+        `data_dir` and `wal_dir`: where initdb puts the cluster and its WAL (e.g. on a small filesystem the
+        caller mounted), instead of inside the temporary folder; folders that must not exist yet.
+        `wal_segment_mb`: initdb's --wal-segsize (16 by default), smaller for WAL that grows in small steps."""
         self.bindir = bindir or find_bindir()
+        self._extra_settings = dict(settings or {})
+        self._data_dir = data_dir
+        self._wal_dir = wal_dir
+        self._wal_segment_mb = wal_segment_mb
         self.user = SUPERUSER
         self.password = secrets.token_urlsafe(18)
         self.host = ""  # the socket folder, set by start()
@@ -123,7 +133,7 @@ class ThrowawayCluster:
 
     @property
     def data_dir(self) -> str:
-        return os.path.join(self._require_tmp(), "data")
+        return self._data_dir or os.path.join(self._require_tmp(), "data")
 
     @property
     def log_file(self) -> str:
@@ -166,7 +176,9 @@ class ThrowawayCluster:
                     error = self._failure("pg_ctl stop", result)
         finally:
             # Even if the stop failed, a postmaster whose data folder vanished shuts itself down.
-            shutil.rmtree(tmp, ignore_errors=True)
+            for made in (tmp, self._data_dir, self._wal_dir):
+                if made is not None:
+                    shutil.rmtree(made, ignore_errors=True)
             self._tmp = None
             self.port = 0
         if error is not None:
@@ -218,6 +230,26 @@ class ThrowawayCluster:
 
         self._admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
+    def server_folder(self, prefix: str) -> str:
+        """A new empty folder the server may write into (e.g. a tablespace's), removed with the cluster."""
+        path = tempfile.mkdtemp(prefix=prefix, dir=self._require_tmp())
+        self._own(path)
+        return path
+
+    def restart(self) -> None:
+        """Start the server again on its port after it stopped (e.g. crashed), with its data as it is."""
+        self._require_tmp()
+        # A postmaster that gave up after a crash may still be on its way out, holding postmaster.pid.
+        pid, deadline = self._server_pid(), time.monotonic() + START_TIMEOUT_SECONDS
+        while pid is not None and _is_alive(pid):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the server (pid {pid}) is still running: not restarted")
+            time.sleep(0.05)
+        argv = [self._tool("pg_ctl"), "-D", self.data_dir, "-l", self.log_file, "-w"]
+        result = self._run([*argv, "-t", str(START_TIMEOUT_SECONDS), "start"])
+        if result.returncode != 0:
+            raise self._failure("pg_ctl start", result)
+
     def _admin(self, statement: object) -> None:
         # CREATE/DROP DATABASE cannot run inside a transaction block.
         conn = self.connect("postgres")
@@ -244,6 +276,8 @@ class ThrowawayCluster:
             "-E", "UTF8",
             "--locale=C",
             "--no-sync",
+            *([f"--waldir={self._wal_dir}"] if self._wal_dir else []),
+            *([f"--wal-segsize={self._wal_segment_mb}"] if self._wal_segment_mb else []),
         ]  # fmt: skip
         try:
             result = self._run(argv)
@@ -280,6 +314,9 @@ class ThrowawayCluster:
             "fsync": "off",
             "full_page_writes": "off",
             "synchronous_commit": "off",
+            # Logical replication between two databases of the cluster: subscriptions across a swap restore.
+            "wal_level": "logical",
+            **self._extra_settings,
         }
         with open(path, "w", encoding="utf-8") as conf:
             conf.writelines(f"{name} = {value}\n" for name, value in settings.items())

@@ -178,7 +178,9 @@ def test_live_sessions_are_ended_by_the_swap(dbw: DbWorkspace):
 
     result = dbw.run("--json", "restore", "latest", "--yes")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["outage_seconds"] < 1
+    report = json.loads(result.stdout)
+    assert report["outage_seconds"] < 1
+    assert (report["sessions_ended"], report["transactions_ended"]) == (2, 1)  # the operator hears of both
     assert database_state(dbw.pg_db) == before
     for conn in (idle, in_transaction):
         import psycopg2
