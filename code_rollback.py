@@ -16,18 +16,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from code_git import (
-    check_out,
-    export_commit,
-    git_state,
-    head_plan,
-    is_repository,
-    local_changes,
-    move_head,
-    resolve_commit,
-)
-from code_layout import build_path, leftovers, nothing_to_save, replaced_trees, switch_and_keep
-from code_tree import BuildStats, SnapshotStats, build_tree, code_excluder, remove_tree, snapshot_tree
+from backup_store.listing import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
+from backup_store.manifest import Backup, load_backup
+from backup_store.store import BACKUP_ID, DELETING_PREFIX, STAGING_PREFIX, BackupStore, open_store
+from backup_store.trees import diff_tree, live_paths, restore_tree, tree_entries
 from common.cli import (
     Context,
     Result,
@@ -40,15 +32,23 @@ from common.cli import (
     make_parser,
     run,
 )
-from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
 from common.errors import ToolkitError, UsageError
 from common.files import atomic_write
-from common.manifest import Backup, load_backup
 from common.progress import Progress, no_progress
 from common.settings import Settings
 from common.signals import stop_signals_held
-from common.store import BACKUP_ID, DELETING_PREFIX, STAGING_PREFIX, BackupStore, open_store
-from common.trees import diff_tree, live_paths, restore_tree, tree_entries
+from deployed_code.git import (
+    check_out,
+    export_commit,
+    git_state,
+    head_plan,
+    is_repository,
+    local_changes,
+    move_head,
+    resolve_commit,
+)
+from deployed_code.layout import build_path, leftovers, nothing_to_save, replaced_trees, switch_and_keep
+from deployed_code.tree import BuildStats, SnapshotStats, build_tree, code_excluder, remove_tree, snapshot_tree
 
 COMPONENT = "code"
 STORE_SETTING = ("CODE_BACKUP_DIR", "./code_backups")  # the backup folder
@@ -272,7 +272,7 @@ def _restore_in_place(ctx: Context, paths: CodePaths) -> Result:
 
     The working copy cannot be swapped as a whole without moving .git, so each changed file is written
     beside its live copy and renamed over it (as config restores do). HEAD then goes back where the
-    backup was taken (see code_git.head_plan), with the index as HEAD, so `git status` shows only the
+    backup was taken (see deployed_code.git.head_plan), with the index as HEAD, so `git status` shows only the
     backup's own local changes; nothing else of .git is touched.
     """
     with paths.store.lock(f"{SCRIPT} restore"):

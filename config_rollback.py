@@ -9,7 +9,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import config_formats
+from backup_store.listing import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
+from backup_store.manifest import Backup, check_backup
+from backup_store.store import BackupStore, open_store
+from backup_store.trees import TreeDiff, diff_tree, matches, restore_label, restore_tree, tree_entries
 from common.cli import (
     Context,
     Result,
@@ -22,13 +25,10 @@ from common.cli import (
     make_parser,
     run,
 )
-from common.commands import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
 from common.errors import SettingError, ToolkitError, UsageError
 from common.files import WriteFailed, atomic_write, file_mode, is_inside, resolve_inside
-from common.manifest import Backup, check_backup
 from common.settings import Settings
-from common.store import BackupStore, open_store
-from common.trees import TreeDiff, diff_tree, matches, restore_label, restore_tree, tree_entries
+from configuration import formats
 
 COMPONENT = "config"
 STORE_SETTING = ("CONFIG_BACKUP_DIR", "./config_backups")  # the backup folder
@@ -134,13 +134,13 @@ def resolve_target(paths: ConfigPaths, name: str) -> Path:
 
 def patch_file(target: Path, patch_json: str, env_file: Path) -> tuple[bytes, str, str]:
     """Apply a merge patch to a config file's text; return (new bytes, old text, new text)."""
-    fmt = config_formats.editable_format(target, env_file)
-    patch = config_formats.parse_merge_patch(patch_json)
+    fmt = formats.editable_format(target, env_file)
+    patch = formats.parse_merge_patch(patch_json)
     try:
         old = target.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{target} is not UTF-8 text") from None
-    new = config_formats.patch_text(fmt, old, patch)
+    new = formats.patch_text(fmt, old, patch)
     return new.encode("utf-8"), old, new
 
 
@@ -252,12 +252,12 @@ def cmd_update(ctx: Context) -> Result:
     patch = read_patch(ctx.args)
     if ctx.dry_run:
         _, old, new = patch_file(target, patch, paths.env_file)
-        diff = config_formats.masked_diff(old, new, ctx.args.file)
+        diff = formats.masked_diff(old, new, ctx.args.file)
         return Result({"file": str(target), "changed": old != new, "dry_run": True, "diff": diff},
                       [diff or f"{ctx.args.file}: no change"], report=True)
     with paths.store.lock("config_rollback.py update"):
         data, old, new = patch_file(target, patch, paths.env_file)
-        diff = config_formats.masked_diff(old, new, ctx.args.file)
+        diff = formats.masked_diff(old, new, ctx.args.file)
         if old == new:
             return Result({"file": str(target), "changed": False, "diff": ""}, [f"{ctx.args.file}: no change"])
         ids = [] if ctx.args.no_backup else [take_backup(paths, f"before update of {ctx.args.file}",
@@ -283,10 +283,10 @@ def cmd_verify(ctx: Context) -> Result:
     files = config_files(paths)
     for path in files:
         try:
-            fmt = config_formats.file_format(path, paths.env_file)
+            fmt = formats.file_format(path, paths.env_file)
         except UsageError:
             continue  # not a format we can read: nothing to check
-        problem = config_formats.check_file(path, fmt)
+        problem = formats.check_file(path, fmt)
         if problem:
             problems.append(f"{problem.path}:{problem.line}:{problem.column}: {problem.message}")
     problems += _env_file_problems(paths)
@@ -340,8 +340,8 @@ def _env_file_problems(paths: ConfigPaths) -> list[str]:
         if not env_file.is_file():
             problems.append(f"{env_file} is missing but {example} exists")
         else:
-            have = set(config_formats.env_keys(env_file.read_text(errors="replace")))
-            missing = [k for k in config_formats.env_keys(example.read_text(errors="replace")) if k not in have]
+            have = set(formats.env_keys(env_file.read_text(errors="replace")))
+            missing = [k for k in formats.env_keys(example.read_text(errors="replace")) if k not in have]
             if missing:
                 problems.append(f"{env_file} lacks keys listed in {example}: {', '.join(missing)}")
     return problems

@@ -9,7 +9,17 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import db_migrations
+from backup_store.listing import (
+    cleanup_backups,
+    count,
+    human_size,
+    list_backups,
+    refuse_damaged,
+    resolve_component,
+    table,
+)
+from backup_store.manifest import Backup, check_backup
+from backup_store.store import BackupStore, open_store
 from common.cli import (
     Context,
     Result,
@@ -22,22 +32,12 @@ from common.cli import (
     make_parser,
     run,
 )
-from common.commands import (
-    cleanup_backups,
-    count,
-    human_size,
-    list_backups,
-    refuse_damaged,
-    resolve_component,
-    table,
-)
 from common.errors import ToolkitError, UsageError
-from common.manifest import Backup, check_backup
 from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
-from common.store import BackupStore, open_store
-from db_checks import database_problems
-from db_dumps import (
+from database import migrations as db_migrations
+from database.checks import database_problems
+from database.dumps import (
     PgTools,
     ServerInfo,
     check_client_version,
@@ -51,8 +51,8 @@ from db_dumps import (
     undo_hint,
     with_full_disk_named,
 )
-from db_properties import read_properties
-from db_scratch import (
+from database.properties import read_properties
+from database.scratch import (
     CLAIMED,
     KEPT_ROLES,
     being_built,
@@ -60,10 +60,10 @@ from db_scratch import (
     drop_if_unclaimed,
     scratch_databases,
 )
-from db_server import MAINTENANCE_DB, DbServer
-from db_space import SpaceCheck, refuse_if_short, restore_space
-from db_subscriptions import refuse_in_place, undo_statements
-from db_swap import SwapOutcome, SwapPlan, plan_swap, restore_into_fresh_database
+from database.server import MAINTENANCE_DB, DbServer
+from database.space import SpaceCheck, refuse_if_short, restore_space
+from database.subscriptions import refuse_in_place, undo_statements
+from database.swap import SwapOutcome, SwapPlan, plan_swap, restore_into_fresh_database
 
 COMPONENT = "db"
 STORE_SETTING = ("BACKUP_DIR", "./backups")  # the backup folder

@@ -8,6 +8,10 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from backup_store.listing import cleanup_backups, count, table
+from backup_store.locks import HeldLocks
+from backup_store.manifest import MANIFEST, Backup, check_backup, format_time, load_backup
+from backup_store.store import BACKUP_ID, LOCK_FILE, BackupStore, open_store
 from common.cli import (
     Context,
     Result,
@@ -19,17 +23,13 @@ from common.cli import (
     push_wanted,
     run,
 )
-from common.commands import cleanup_backups, count, table
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
-from common.locks import HeldLocks
-from common.manifest import MANIFEST, Backup, check_backup, format_time, load_backup
 from common.settings import Settings
-from common.store import BACKUP_ID, LOCK_FILE, BackupStore, open_store
-from point_hooks import Hooks
-from point_steps import BY_NAME, COMPONENTS, Component, ScriptRun, ScriptRunner
+from restore_points.hooks import Hooks
+from restore_points.steps import BY_NAME, COMPONENTS, Component, ScriptRun, ScriptRunner
 
 if TYPE_CHECKING:  # the health module pulls in urllib; --help stays instant without it
-    from common.health import HealthReport, Thresholds
+    from restore_points.health import HealthReport, Thresholds
 
 COMPONENT = "point"
 STORE_SETTING = ("POINTS_DIR", "./restore_points")  # where the restore points (small manifests) live
@@ -92,7 +92,7 @@ def cmd_backup(ctx: Context) -> Result:
 
 def _push_parts(ctx: Context, runner: ScriptRunner, parts: dict[str, str], result: Result) -> None:
     """Push a new point's three backups; a failure keeps the point, says so, and exits 1 (the point stays local)."""
-    from common.remote_commands import push_failed
+    from offsite.commands import push_failed
 
     for name, backup_id in parts.items():
         step = runner.run(BY_NAME[name], "push", backup_id)
@@ -138,8 +138,8 @@ def cmd_cleanup(ctx: Context) -> Result:
 
 def cmd_restore(ctx: Context) -> Result:
     """restore POINT: configuration, then code, then database, each verified, stopping at the first failure."""
-    from common.health import validate_url
-    from point_restore import restore_point
+    from restore_points.health import validate_url
+    from restore_points.restore import restore_point
 
     store = points_store(ctx.settings)
     # Settings first: bad input is refused at once, before any wait for a lock.
@@ -249,7 +249,7 @@ def _only(text: str | None) -> set[str]:
 
 
 def _thresholds(ctx: Context) -> Thresholds:
-    from common.health import Thresholds
+    from restore_points.health import Thresholds
 
     args = ctx.args
     return Thresholds.from_settings(ctx.settings, max_error_rate_percent=args.max_error_rate,
@@ -263,11 +263,11 @@ def _health_url(ctx: Context) -> str | None:
 
 def _health(ctx: Context, thresholds: Thresholds, url: str | None) -> HealthReport:
     """HTTP (when a URL is given), this host's CPU and memory (unless --no-system-check), the database's sessions."""
-    from common.health import run_health
+    from restore_points.health import run_health
 
     server = None
     if BY_NAME["db"].configured(ctx.settings):
-        from db_server import DbServer
+        from database.server import DbServer
 
         server = DbServer.from_settings(ctx.settings)
     return run_health(thresholds, url=url, server=server, system=not ctx.args.no_system_check)
@@ -303,7 +303,7 @@ def cmd_verify(ctx: Context) -> Result:
 
 def cmd_drill(ctx: Context) -> Result:
     """drill: the monthly test: restore the newest database backup aside, check the rest, time each against its RTO."""
-    from drill import run_drill
+    from restore_points.drill import run_drill
 
     configured = [c.title for c in COMPONENTS if c.configured(ctx.settings)]
     if ctx.dry_run:

@@ -36,7 +36,7 @@ import code_bench  # noqa: E402 - the code benchmark's tree
 import harness  # noqa: E402
 from s3_server import LocalS3  # noqa: E402
 
-from common.store import BackupStore  # noqa: E402
+from backup_store.store import BackupStore  # noqa: E402
 
 DUMP_MB, QUICK_DUMP_MB = 450, 2
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))

@@ -14,15 +14,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from backup_store.store import BackupStore, open_store
+from commands.metrics import record_run
+from commands.rto import OBJECTIVES, RtoReport, rto_for
 from common.audit import append_audit
 from common.errors import EXIT_FAILED, Interrupted, SettingError, ToolkitError, UsageError
-from common.metrics import record_run
 from common.progress import show_progress
-from common.remote_pull import forbid_downloads
-from common.rto import OBJECTIVES, RtoReport, rto_for
 from common.settings import Settings
-from common.store import BackupStore, open_store
 from common.text import mask_url_password
+from offsite.pull import forbid_downloads
 
 # A script's backup folder: its variable and default, e.g. ("CONFIG_BACKUP_DIR", "./config_backups").
 StoreSetting = tuple[str, str]
@@ -216,7 +216,7 @@ def add_backup_arguments(sub: argparse.ArgumentParser) -> None:
 
 def _remote_command(name: str) -> Callable[[Context], Result]:
     def handler(ctx: Context) -> Result:
-        from common import remote_commands  # boto3 and its kin only for the commands that talk to a remote
+        from offsite import commands as remote_commands  # boto3 and its kin only for the commands that talk to a remote
 
         return getattr(remote_commands, name)(ctx)
 
@@ -272,7 +272,7 @@ def run(
         result = args.handler(ctx)
         _attach_rto(ctx, result, component, objective, time.monotonic() - started)
         if args.command == "backup" and result.exit_code == 0 and not ctx.dry_run and push_wanted(ctx):
-            from common.remote_commands import push_after_backup
+            from offsite.commands import push_after_backup
 
             push_after_backup(ctx, result)
         _emit(result, args)

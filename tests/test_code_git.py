@@ -14,8 +14,8 @@ import pytest
 from code_workspace import CodeWorkspace, git_archive_tree, in_place_workspace
 from helpers import git, run_script, tree_snapshot
 
-from code_git import extract_archive
 from common.errors import ToolkitError
+from deployed_code.git import extract_archive
 
 # -- export -------------------------------------------------------------------------------------------------
 

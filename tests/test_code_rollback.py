@@ -136,7 +136,7 @@ def test_damaged_backup_is_refused_and_live_tree_unchanged(cw: CodeWorkspace):
 
 
 def test_lock_held_exits_75_and_commit_is_recorded(cw: CodeWorkspace):
-    from common.store import BackupStore
+    from backup_store.store import BackupStore
 
     with BackupStore(cw.store, "code").lock("a deploy in progress"):
         assert cw.run("backup").returncode == 75

@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, tree_snapshot
 
-from code_layout import switch_in
-from code_tree import (
+from backup_store.manifest import Backup, Entry, check_backup, load_backup
+from backup_store.store import BackupStore
+from common.errors import ToolkitError, UsageError
+from deployed_code.layout import switch_in
+from deployed_code.tree import (
     PAYLOAD_FILE,
     build_tree,
     code_excluder,
     remove_tree,
     snapshot_tree,
 )
-from common.errors import ToolkitError, UsageError
-from common.manifest import Backup, Entry, check_backup, load_backup
-from common.store import BackupStore
 
 TREE = "tree"
 HOUR_NS = 3600 * 10**9
@@ -401,9 +401,9 @@ def _umask() -> int:
 RESTORE_SCRIPT = """
 import sys
 from pathlib import Path
-from code_tree import build_tree
-from code_layout import switch_in
-from common.manifest import load_backup
+from deployed_code.tree import build_tree
+from deployed_code.layout import switch_in
+from backup_store.manifest import load_backup
 backup, target, live = load_backup(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
 build_tree(backup, "tree", target)
 switch_in(target, live)

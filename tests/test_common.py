@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, process_state, wait_until_dead
 
+from backup_store.locks import HeldLocks
+from backup_store.manifest import check_backup
+from backup_store.store import BackupStore
 from common.errors import LockBusy, SettingError, ToolkitError, UsageError
 from common.files import atomic_write, make_private_dir, resolve_inside
-from common.locks import HeldLocks
-from common.manifest import check_backup
 from common.proc import run_tool, secret_file
 from common.settings import Settings
 from common.signals import stop_signals_held
-from common.store import BackupStore
 
 
 def test_atomic_write_sets_mode_whatever_the_umask_and_leaves_no_temp(tmp_path: Path):
@@ -151,7 +151,7 @@ _TAKE_LOCK = """
 import sys
 from pathlib import Path
 from common.errors import LockBusy
-from common.store import BackupStore
+from backup_store.store import BackupStore
 try:
     with BackupStore(Path(sys.argv[1]), "config").lock("a step"):
         print("locked")

@@ -1,4 +1,4 @@
-"""config_formats: merge patches that leave untouched lines alone, parse checks, masked diffs."""
+"""configuration.formats: merge patches that leave untouched lines alone, parse checks, masked diffs."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import yaml as pyyaml
 from dotenv import dotenv_values
 from ruamel.yaml import YAML
 
-import config_formats as cf
+import configuration.formats as cf
 from common.errors import ToolkitError, UsageError
-from config_formats.bounds import MAX_DEPTH
+from configuration.formats.bounds import MAX_DEPTH
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers

@@ -15,7 +15,7 @@ import pytest
 import yaml as pyyaml
 from helpers import run_script, script_argv, tree_snapshot
 
-from common.store import BackupStore
+from backup_store.store import BackupStore
 
 APP_YML = """\
 # Application settings.

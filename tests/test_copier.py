@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, tree_snapshot, writer_once_read
 
-import common.copier
-from code_tree import build_tree, snapshot_tree
-from common.copier import PARALLEL_FROM, CopyFailed, CopyJob, copy_all
+import backup_store.copier
+from backup_store.copier import PARALLEL_FROM, CopyFailed, CopyJob, copy_all
+from backup_store.manifest import load_backup
+from backup_store.store import BackupStore
 from common.errors import ToolkitError
-from common.manifest import load_backup
-from common.store import BackupStore
+from deployed_code.tree import build_tree, snapshot_tree
 
 MANY = PARALLEL_FROM + 344  # enough for the workers to share the runs
 
@@ -61,7 +61,7 @@ def jobs_for(sources: list[Path], dest: Path, seen: dict[int, tuple[int, str]]) 
 @pytest.mark.parametrize("runs", ["short", "long"])
 def test_many_files_are_copied_byte_for_byte_and_each_reported_once(tmp_path, monkeypatch, runs):
     if runs == "long":  # runs of 200 files: reported in several pipe writes each
-        monkeypatch.setattr(common.copier, "_MAX_RUNS", 3)
+        monkeypatch.setattr(backup_store.copier, "_MAX_RUNS", 3)
     sources = make_files(tmp_path / "src")
     before = children()
     seen: dict[int, tuple[int, str]] = {}
@@ -116,7 +116,7 @@ def test_a_check_failing_here_stops_the_workers(tmp_path):
 KILLED_PARENT = """
 import fcntl, os, sys
 from pathlib import Path
-from common.copier import CopyJob, copy_all
+from backup_store.copier import CopyJob, copy_all
 src, out, lock = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 held = os.open(lock, os.O_RDWR | os.O_CREAT)
 fcntl.flock(held, fcntl.LOCK_EX)  # as the store's lock is held through a backup

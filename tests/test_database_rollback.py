@@ -204,7 +204,7 @@ def test_failed_restore_leaves_live_database_and_no_scratch_database(dbw: DbWork
 
 
 def test_second_run_while_lock_is_held_exits_75(dbw: DbWorkspace):
-    from common.store import BackupStore
+    from backup_store.store import BackupStore
 
     with BackupStore(dbw.store, "db").lock("a migration in another terminal"):
         result = dbw.run("backup")

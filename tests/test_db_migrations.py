@@ -13,7 +13,7 @@ from psycopg2 import sql
 
 from common.errors import LockBusy, ToolkitError, UsageError
 from common.settings import Settings
-from db_migrations import (
+from database.migrations import (
     MigrationFailed,
     MissingDownFile,
     RollbackFailed,
@@ -28,8 +28,8 @@ from db_migrations import (
     status,
     terminate,
 )
-from db_server import DbServer
-from db_sessions import LOCK_KEY
+from database.server import DbServer
+from database.sessions import LOCK_KEY
 
 # id -> (up SQL, down SQL); 006's down runs outside a transaction, the rest inside the rollback transaction.
 MIGRATIONS: dict[str, tuple[str, str]] = {

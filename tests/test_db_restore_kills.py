@@ -23,7 +23,7 @@ import pytest
 from helpers import database_state, descendants, script_argv, wait_for_child, wait_until_dead
 from test_database_rollback import RICH_SCHEMA, DbWorkspace
 
-from db_scratch import KEPT, RESTORING, parse_scratch_name
+from database.scratch import KEPT, RESTORING, parse_scratch_name
 
 FILLER_ROWS = 60_000  # enough data (4 MB) for pg_restore to be frozen a third and two thirds in
 SWAP_STAGES = ["listing the dump", "creating the scratch database", "pg_restore starting",

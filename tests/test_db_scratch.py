@@ -17,8 +17,8 @@ from test_database_rollback import RICH_SCHEMA, DbWorkspace, break_database
 
 from common.errors import ToolkitError
 from common.settings import Settings
-from db_dumps import rename_back_statements
-from db_scratch import (
+from database.dumps import rename_back_statements
+from database.scratch import (
     DRILLING,
     KEPT,
     RESTORING,
@@ -30,7 +30,7 @@ from db_scratch import (
     scratch_name,
     scratch_names,
 )
-from db_server import DbServer
+from database.server import DbServer
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from pg_cluster import Database, ThrowawayCluster
 from test_database_rollback import RICH_SCHEMA, DbWorkspace, break_database
 
 from common.settings import Settings
-from db_dumps import rename_back_statements
-from db_scratch import KEPT, drop_database, scratch_name
-from db_server import DbServer
+from database.dumps import rename_back_statements
+from database.scratch import KEPT, drop_database, scratch_name
+from database.server import DbServer
 
 PROPERTIES = ("SELECT t.spcname, d.datconnlimit, d.datistemplate, shobj_description(d.oid, 'pg_database'),"
               " d.datlocprovider, d.daticulocale, d.datcollate FROM pg_database d"

@@ -13,9 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from common.errors import SettingError, ToolkitError, UsageError
-from common.health import Check, Thresholds, check_database, check_http, check_system, run_health
 from common.settings import Settings
-from db_server import DbServer
+from database.server import DbServer
+from restore_points.health import Check, Thresholds, check_database, check_http, check_system, run_health
 
 SLOW_SECONDS = 0.6
 TRICKLE_SECONDS = 0.1

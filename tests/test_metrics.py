@@ -14,9 +14,9 @@ import pytest
 from helpers import ROOT, run_script
 from prometheus_client.parser import text_string_to_metric_families
 
+from commands.metrics import record_run
+from commands.rto import RtoReport, rto_for
 from common.errors import SettingError
-from common.metrics import record_run
-from common.rto import RtoReport, rto_for
 from common.settings import Settings
 
 

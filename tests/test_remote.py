@@ -320,7 +320,7 @@ def test_an_encrypted_large_file_goes_up_and_comes_back_in_parallel_parts(tmp_pa
 
 
 def test_bad_settings_and_a_second_run_at_once_change_nothing(tmp_path: Path, remote: Bucket):
-    from common.store import BackupStore
+    from backup_store.store import BackupStore
 
     site = ConfigSite(tmp_path, remote)
     backup_id = site.backup()

@@ -15,7 +15,7 @@ from helpers import script_argv
 from remote_sites import ConfigSite, remote_ids
 from s3_server import Bucket
 
-from common.store import BACKUP_ID, new_backup_id
+from backup_store.store import BACKUP_ID, new_backup_id
 
 OLD_STYLE_ID = "20261125T013000.123Z-config"  # what ids looked like before the host and random part
 

@@ -161,7 +161,7 @@ def test_a_failing_pre_hook_stops_the_restore_before_anything_changes(system: Sy
 
 
 def test_what_would_stop_part_way_is_refused_before_the_first_change(system: System):
-    from common.store import BackupStore
+    from backup_store.store import BackupStore
 
     point = take_point(system)
     system.break_everything()
@@ -316,7 +316,7 @@ def test_an_in_place_deployment_is_restored_with_its_head_and_the_database(syste
 def test_a_restore_beside_a_drill_changes_nothing_until_it_has_every_lock(system: System):
     """A drill's scratch restore holds the database store's lock: the restore waits for it, then exits 75
     with nothing changed (it used to restore configuration and code and stop at the database with exit 1)."""
-    from common.store import BackupStore
+    from backup_store.store import BackupStore
 
     before = system.state()
     take_point(system)
@@ -344,7 +344,7 @@ def test_a_restore_beside_a_drill_changes_nothing_until_it_has_every_lock(system
 
 
 def test_a_drill_waits_for_a_restore_that_holds_the_database_store(system: System):
-    from common.store import BackupStore
+    from backup_store.store import BackupStore
 
     take_point(system)
     with BackupStore(system.root / "db_backups", "db").lock("rollback.py restore"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import SettingError
-from common.sealing import (
+from offsite.sealing import (
     FRAME,
     HEADER,
     KEY_SETTING,

@@ -1,0 +1,1 @@
+"""The local backup store: manifests, staging, retention, locks, tree copy and hash."""

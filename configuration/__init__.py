@@ -1,0 +1,1 @@
+"""The configuration folder and .env: formats, merge patch, checks, backup and restore."""

@@ -1,0 +1,1 @@
+"""PostgreSQL: the server, dumps, the swap restore, migrations, sessions, checks."""

@@ -1,0 +1,1 @@
+"""The deployed code: tree snapshots, release layouts and the switch, git."""

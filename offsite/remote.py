@@ -1,0 +1,391 @@
+"""Off-host copies of the backup store in S3-compatible object storage: content-addressed, manifest last.
+
+Layout under REMOTE_URL (s3://BUCKET/PREFIX):
+
+    PREFIX/blobs/<2 chars>/<name>               every payload file once; <name> is its sha256, or a keyed
+                                                HMAC of it when REMOTE_ENCRYPTION_KEY_FILE is set
+    PREFIX/<component>/manifests/<backup id>    the backup's manifest (compressed), uploaded after its blobs
+    PREFIX/cleanup-candidates                   blobs no manifest named at a cleanup, and since when
+                                                (verify and cleanup: offsite/upkeep.py)
+    PREFIX/damaged/<name>                       a blob a deep verify or a pull found damaged: every push
+                                                sends it again before relying on it (offsite/push.py)
+
+A backup is on the remote once its manifest is: a push cut off at any moment leaves blobs that no manifest
+names, which `list --remote` does not show and the next push finds and does not send again. A pull checks
+every byte's sha256 while downloading into a staging folder of the local store, which becomes a backup
+only when whole. A cleanup deletes a blob only once no manifest has named it for REMOTE_CLEANUP_GRACE_SECONDS
+(seen by two cleanups), so a push that is reusing it has time to upload its manifest. Credentials come from
+boto3's own chain (environment, profile, instance role) or the .env file: never from the command line, and
+never printed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from backup_store.manifest import Backup, Entry, UnsafeManifest, backup_from_manifest
+from common.errors import SettingError, ToolkitError
+from common.files import size_and_sha256
+from common.settings import Settings
+from offsite.remote_io import (
+    ATTEMPTS,
+    PARALLEL,
+    SMALL_OBJECT,
+    HashingReader,
+    HashingWriter,
+    ObjectMissing,
+    RemoteMissing,
+    Transfer,
+    check_content,
+    s3_call,
+    transfer_config,
+)
+from offsite.sealing import KEY_SETTING, Sealer, SealError, WrongKey, sealed_fingerprint
+from offsite.sealing import MAGIC as SEAL_MAGIC
+
+LOCAL_ONLY_FIELDS = ("mtime_ns", "ctime_ns", "ino")  # a file's identity on this host: meaningless elsewhere
+CANDIDATES = "cleanup-candidates"  # blobs no manifest named at a cleanup, and since when
+DAMAGED = "damaged"  # DAMAGED/<blob name>: a blob found damaged, which pushes send again before relying on it
+GZIP_MAGIC = b"\x1f\x8b"
+CREDENTIAL_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                       "AWS_PROFILE")
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """Where the off-host copies go, from REMOTE_URL, S3_ENDPOINT_URL and REMOTE_ENCRYPTION_KEY_FILE."""
+
+    bucket: str
+    prefix: str
+    endpoint: str | None
+    key_file: Path | None
+    grace: timedelta = timedelta(hours=1)
+    timeout: float = 30.0  # S3_TIMEOUT_SECONDS: to connect, and for each answer to come (per attempt)
+    # AWS_* settings from the .env file, which boto3 does not read; the environment it reads itself.
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RemoteConfig | None:
+        """None when REMOTE_URL is not set; a malformed one is a SettingError."""
+        url = settings.text("REMOTE_URL")
+        if url is None:
+            return None
+        match = re.fullmatch(r"s3://([^/]*)(?:/(.*))?", url.strip())
+        if not match:
+            raise SettingError(f"REMOTE_URL must look like s3://bucket/prefix, got {url!r}")
+        problem = bucket_name_problem(match.group(1))
+        if problem:
+            raise SettingError(f"REMOTE_URL {url!r}: the bucket name {match.group(1)!r} {problem}")
+        credentials = {name: value for name in CREDENTIAL_SETTINGS
+                       if name not in os.environ and (value := settings.text(name))}
+        return cls(match.group(1), (match.group(2) or "").strip("/"), settings.text("S3_ENDPOINT_URL"),
+                   settings.path("REMOTE_ENCRYPTION_KEY_FILE"),
+                   timedelta(seconds=settings.number("REMOTE_CLEANUP_GRACE_SECONDS", 3600.0, minimum=0)),
+                   settings.number("S3_TIMEOUT_SECONDS", 30.0, minimum=1), credentials)
+
+
+class UnreadableManifest(ToolkitError):
+    """A remote manifest that cannot be read: damaged (`repairable` from a local copy of the backup), or
+    sealed with another key or none, which is no damage and which no push replaces."""
+
+    def __init__(self, message: str, repairable: bool = True):
+        super().__init__(message)
+        self.repairable = repairable
+
+
+@dataclass
+class RemoteBackup:
+    """A backup as the remote has it: its manifest, and the object key of each payload file."""
+
+    backup: Backup
+    manifest_bytes: bytes
+    data: dict  # the manifest's JSON
+    blobs: dict[str, str] = field(default_factory=dict)  # entry path -> object key
+
+
+class Remote:
+    """The off-host copies of every component's backups, in one bucket and prefix."""
+
+    def __init__(self, config: RemoteConfig):
+        self.config = config
+        self.sealer = Sealer.from_key_file(config.key_file) if config.key_file else None
+        self._client = None
+        self._present: dict[str, tuple[int, str]] | None = None  # see present_blobs
+        self._present_mark: str | None = None
+        self._damaged: set[str] = set()
+
+    @property
+    def client(self):
+        """A boto3 S3 client (thread-safe), made when first needed: boto3 is heavy to import."""
+        if self._client is None:
+            import boto3
+            import botocore.session
+            from botocore.config import Config
+
+            session = botocore.session.get_session()
+            # Timestamps stay text: parsing 1,000 of them per listing page dominated an unchanged push.
+            session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+            creds = self.config.credentials
+            self._client = s3_call(lambda: boto3.Session(
+                botocore_session=session, profile_name=creds.get("AWS_PROFILE"),
+                aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
+                aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+                aws_session_token=creds.get("AWS_SESSION_TOKEN"), region_name=creds.get("AWS_DEFAULT_REGION"),
+            ).client("s3", endpoint_url=self.config.endpoint, config=Config(
+                max_pool_connections=PARALLEL, retries={"max_attempts": ATTEMPTS, "mode": "standard"},
+                connect_timeout=self.config.timeout, read_timeout=self.config.timeout,
+                s3={"addressing_style": "path"} if self.config.endpoint else None)))
+        return self._client
+
+    def call(self, method: str, **kwargs):
+        """One client method on this bucket, through s3_call."""
+        return s3_call(lambda: getattr(self.client, method)(Bucket=self.config.bucket, **kwargs))
+
+    # -- names ----------------------------------------------------------------------------------------
+
+    def key(self, *parts: str) -> str:
+        """An object key under the prefix."""
+        return "/".join(part for part in (self.config.prefix, *parts) if part)
+
+    def blob_key(self, sha256: str) -> str:
+        """The object holding content with this sha256."""
+        name = self.sealer.name_for(sha256) if self.sealer else sha256
+        return self.key("blobs", name[:2], name)
+
+    def manifest_key(self, component: str, backup_id: str) -> str:
+        """The object holding a backup's manifest."""
+        return self.key(component, "manifests", backup_id)
+
+    def stored_size(self, size: int) -> int:
+        """How big the object for `size` bytes of content is on the remote."""
+        return self.sealer.sealed_size(size) if self.sealer else size
+
+    def size_fits(self, stored: int, size: int) -> bool:
+        """Whether an object of `stored` bytes can hold `size` bytes of content (sealed in any format version)."""
+        return stored in self.sealer.sealed_sizes(size) if self.sealer else stored == size
+
+    def describe(self) -> str:
+        """The remote, for messages (never credentials)."""
+        endpoint = f" at {self.config.endpoint}" if self.config.endpoint else ""
+        return f"s3://{self.config.bucket}/{self.config.prefix}{endpoint}"
+
+    # -- reading the remote ------------------------------------------------------------------------------
+
+    def _list(self, prefix: str) -> Iterator[dict]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in s3_call(lambda: list(paginator.paginate(Bucket=self.config.bucket, Prefix=prefix))):
+            yield from page.get("Contents", [])
+
+    def blob_sizes(self) -> dict[str, tuple[int, str]]:
+        """Every blob's key, size and time of upload (ISO text): one listing of 1,000 keys a request."""
+        return {item["Key"]: (item["Size"], item["LastModified"]) for item in self._list(self.key("blobs") + "/")}
+
+    def backup_ids(self, component: str) -> list[str]:
+        """The ids of the component's backups on the remote, newest first."""
+        prefix = self.key(component, "manifests") + "/"
+        return sorted((item["Key"][len(prefix):] for item in self._list(prefix)), reverse=True)
+
+    def all_manifests(self) -> Iterator[tuple[str, str]]:
+        """(component, backup id) of every backup of every component on the remote."""
+        root = self.key() + "/" if self.config.prefix else ""
+        for item in self._list(root):
+            parts = item["Key"][len(root):].split("/")
+            if len(parts) == 3 and parts[1] == "manifests":
+                yield parts[0], parts[2]
+
+    def read(self, component: str, backup_id: str) -> RemoteBackup:
+        """A backup's manifest from the remote (opened when encrypted); UnreadableManifest names what is wrong."""
+        key = self.manifest_key(component, backup_id)
+        raw = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read(),
+                      RemoteMissing, f"no backup {backup_id!r} of {component} on {self.describe()}")
+        what = f"the remote manifest of {component} backup {backup_id}"
+        packed = self._open_manifest(raw, what)
+        try:
+            plain = gzip.decompress(packed)
+            data = json.loads(plain)
+            backup = backup_from_manifest(Path(backup_id), data)
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UnreadableManifest(f"{what} is unreadable, damaged ({exc})") from None
+        except UnsafeManifest as exc:
+            raise UnreadableManifest(f"{exc} (on {self.describe()})") from None
+        if backup.id != backup_id or backup.component != component:
+            raise UnreadableManifest(f"the remote manifest {key} describes {backup.component} {backup.id}: refused")
+        return RemoteBackup(backup, plain, data, {e.path: self.blob_key(e.sha256) for e in backup.files})
+
+    def _open_manifest(self, raw: bytes, what: str) -> bytes:
+        """The manifest's compressed bytes: opened with the key, which it must have been sealed with."""
+        if self.sealer is None:
+            if raw.startswith(SEAL_MAGIC):
+                fingerprint = sealed_fingerprint(raw)
+                named = f" with the key of fingerprint {fingerprint}" if fingerprint else ""
+                raise UnreadableManifest(f"{what} is encrypted{named}, and {KEY_SETTING} is not set: set it to the "
+                                         "key it was pushed with", repairable=False)
+            return raw
+        if raw.startswith(GZIP_MAGIC):
+            raise UnreadableManifest(f"{what} is not encrypted (it was pushed without {KEY_SETTING}); with "
+                                     f"{KEY_SETTING} set, only encrypted copies are read", repairable=False)
+        try:
+            return self.sealer.open_bytes(raw)
+        except WrongKey as exc:
+            raise UnreadableManifest(f"{what}: {exc}", repairable=False) from None
+        except SealError as exc:
+            raise UnreadableManifest(f"{what} is damaged: {exc}") from None
+
+    def scan(self, component: str | None = None) -> tuple[list[RemoteBackup], list[tuple[str, UnreadableManifest]]]:
+        """The component's backups on the remote (every component's with None), newest first, and the id of
+        each manifest that cannot be read with why (one manifest must not hide the others)."""
+        ids = [(component, backup_id) for backup_id in self.backup_ids(component)] if component else sorted(
+            self.all_manifests(), key=lambda item: item[1], reverse=True)
+        copies, unreadable = [], []
+        for owner, backup_id in ids:
+            try:
+                copies.append(self.read(owner, backup_id))
+            except UnreadableManifest as exc:
+                unreadable.append((backup_id, exc))
+            except RemoteMissing:
+                continue  # removed since the listing: a cleanup ran meanwhile
+        return copies, unreadable
+
+    # -- blobs: the one upload, the one download, the deep check, what is known damaged -----------------------
+
+    def present_blobs(self, refresh: bool = False) -> dict[str, tuple[int, str]]:
+        """blob_sizes(), listed once for a run that pushes many backups, and again when `refresh` or when a
+        cleanup has run since (it may have removed a blob that was there)."""
+        mark = self._cleanup_mark()
+        if refresh or self._present is None or mark != self._present_mark:
+            self._present, self._present_mark = self.blob_sizes(), mark
+            self._damaged = self.damaged_blobs()
+        return self._present
+
+    def cleanup_ran(self) -> bool:
+        """Whether a cleanup finished since present_blobs() last listed the blobs."""
+        return self._cleanup_mark() != self._present_mark
+
+    def sound(self, key: str, entry: Entry) -> bool:
+        """Whether present_blobs() found `entry`'s object with its size, and it is not known to be damaged."""
+        listed = (self._present or {}).get(key)
+        return listed is not None and self.size_fits(listed[0], entry.size) and key not in self._damaged
+
+    def upload(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
+        """Send one payload file of a local backup as the object `key`, its checksum checked as it is read."""
+        if entry.size < SMALL_OBJECT:
+            self._put_small(backup, key, entry, done)
+        else:
+            self._put_large(backup, key, entry, done)
+        if self._present is not None:
+            self._present[key] = (self.stored_size(entry.size), "")
+        if key in self._damaged:
+            self.call("delete_object", Key=self._damaged_marker(key))
+            self._damaged.discard(key)
+
+    def _put_small(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
+        data = (backup.path / entry.path).read_bytes()
+        check_content(backup.id, entry.path, (entry.size, entry.sha256), len(data), hashlib.sha256(data).hexdigest())
+        self.call("put_object", Key=key, Body=self.sealer.seal_bytes(data) if self.sealer else data)
+        done.add(objects=1, size=len(data))
+
+    def _put_large(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
+        path = backup.path / entry.path
+        if self.sealer:  # sealed as it is read: one stream, hashed on the way
+            with open(path, "rb") as raw:
+                reader = HashingReader(raw, done)
+                body = self.sealer.sealing_reader(reader)
+                s3_call(lambda: self.client.upload_fileobj(body, self.config.bucket, key, Config=transfer_config()))
+            size, digest = reader.size, reader.digest.hexdigest()
+        else:  # parts read in parallel by s3transfer; the checksum on another thread meanwhile
+            with ThreadPoolExecutor(1) as hasher:
+                hashed = hasher.submit(size_and_sha256, path)
+                s3_call(lambda: self.client.upload_file(str(path), self.config.bucket, key, Config=transfer_config(),
+                                                        Callback=lambda sent: done.add(size=sent)))
+                size, digest = hashed.result()
+        try:
+            check_content(backup.id, entry.path, (entry.size, entry.sha256), size, digest)
+        except ToolkitError:
+            self.call("delete_object", Key=key)
+            raise
+        done.add(objects=1)
+
+    def blob_problem(self, key: str, entry: Entry) -> str | None:
+        """What is wrong with the object holding `entry`'s content, read whole and hashed; None when it is sound.
+
+        A damaged object is marked so (mark_damaged): no push reuses it before sending it again.
+        """
+        try:  # streamed through the hash, never held whole: a dump may be larger than memory
+            writer = self.download(key, entry.size, HashingWriter(None, Transfer()), f"object {key} is missing")
+        except ObjectMissing as exc:
+            return str(exc)
+        except SealError as exc:
+            self.mark_damaged(key)
+            return f"object {key}: {exc}"
+        if writer.size != entry.size or writer.digest.hexdigest() != entry.sha256:
+            self.mark_damaged(key)
+            return f"object {key} does not match its checksum (changed or damaged on the remote)"
+        return None
+
+    def damaged_blobs(self) -> set[str]:
+        """The blobs a deep verify or a pull found damaged, and no push has sent again since."""
+        prefix = self.key(DAMAGED) + "/"
+        names = (item["Key"][len(prefix):] for item in self._list(prefix))
+        return {self.key("blobs", name[:2], name) for name in names if name and "/" not in name}
+
+    def mark_damaged(self, key: str) -> None:
+        """Note that the object `key` is damaged, for every host's next push to send it again."""
+        self.call("put_object", Key=self._damaged_marker(key), Body=b"")
+        self._damaged.add(key)
+
+    def _damaged_marker(self, key: str) -> str:
+        return self.key(DAMAGED, key.rsplit("/", 1)[1])
+
+    def download(self, key: str, size: int, writer: HashingWriter, missing: str) -> HashingWriter:
+        """Stream an object through `writer` (opened first when encrypted); large ones in parallel parts."""
+        sink = self.sealer.opening_writer(writer) if self.sealer else writer
+        if size >= SMALL_OBJECT:
+            s3_call(lambda: self.client.download_fileobj(self.config.bucket, key, sink, Config=transfer_config()),
+                    ObjectMissing, missing)
+        else:
+            body = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=key)["Body"],
+                           ObjectMissing, missing)
+            s3_call(lambda: [sink.write(chunk) for chunk in body.iter_chunks(1024 * 1024)])
+        sink.close()
+        return writer
+
+    def _cleanup_mark(self) -> str | None:
+        """The ETag of the record a cleanup rewrites at its end, or None when no cleanup ever ran."""
+        try:
+            return s3_call(lambda: self.client.head_object(Bucket=self.config.bucket,
+                                                           Key=self.key(CANDIDATES))["ETag"], RemoteMissing)
+        except RemoteMissing:
+            return None
+
+
+def bucket_name_problem(name: str) -> str | None:
+    """Why S3 would refuse `name` as a bucket name, if it would (3-63 of a-z 0-9 . -, a letter or digit at each end)."""
+    if not 3 <= len(name) <= 63:
+        return f"has {len(name)} characters; S3 bucket names have 3 to 63"
+    if not re.fullmatch(r"[a-z0-9.\-]+", name):
+        return "may hold only lowercase letters, digits, dots and hyphens"
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        return "must begin and end with a letter or a digit"
+    return None
+
+
+def remote_manifest_data(path: Path) -> dict:
+    """The manifest as the remote keeps it (compressed, on upload): without what only meant something here.
+
+    A file's mtime, ctime and inode say whether the next backup here may link it unchanged; elsewhere
+    they mean nothing, and they are most of what an unchanged backup would send.
+    """
+    data = json.loads(path.read_bytes())
+    for entry in data["entries"]:
+        for name in LOCAL_ONLY_FIELDS:
+            entry.pop(name, None)
+    return data
