@@ -16,10 +16,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from backup_store.listing import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
 from backup_store.manifest import Backup, load_backup
-from backup_store.store import BACKUP_ID, DELETING_PREFIX, STAGING_PREFIX, BackupStore, open_store
+from backup_store.store import (
+    BACKUP_ID,
+    DELETING_PREFIX,
+    STAGING_PREFIX,
+    BackupStore,
+    refuse_damaged,
+    resolve_component,
+)
 from backup_store.trees import diff_tree, live_paths, restore_tree, tree_entries
+from commands.run import run
+from commands.store_commands import add_store_commands, add_verify_command, cleanup_backups, list_backups
 from common.cli import (
     Context,
     Result,
@@ -27,16 +35,15 @@ from common.cli import (
     add_backup_arguments,
     add_command,
     add_no_backup_argument,
-    add_store_commands,
-    add_verify_command,
     make_parser,
-    run,
 )
+from common.components import CODE
 from common.errors import ToolkitError, UsageError
 from common.files import atomic_write
 from common.progress import Progress, no_progress
 from common.settings import Settings
 from common.signals import stop_signals_held
+from common.text import count, human_size
 from deployed_code.git import (
     check_out,
     export_commit,
@@ -49,9 +56,8 @@ from deployed_code.git import (
 )
 from deployed_code.layout import build_path, leftovers, nothing_to_save, replaced_trees, switch_and_keep
 from deployed_code.tree import BuildStats, SnapshotStats, build_tree, code_excluder, remove_tree, snapshot_tree
+from offsite.pull import open_store
 
-COMPONENT = "code"
-STORE_SETTING = ("CODE_BACKUP_DIR", "./code_backups")  # the backup folder
 SCRIPT = "code_rollback.py"
 TREE = "tree"  # where the deployed tree lives inside a backup
 DEPLOYED = "deployed.json"  # in the store: which backup the live tree was last made from
@@ -72,7 +78,7 @@ class CodePaths:
         return cls(
             repo=settings.path("REPO_PATH"),
             deployment=settings.path("DEPLOYMENT_DIR"),
-            store=open_store(settings, STORE_SETTING, COMPONENT),
+            store=open_store(settings, CODE),
             exclude=[p for p in re.split(r"[,\s]+", settings.text("CODE_EXCLUDE", "")) if p],
         )
 
@@ -500,7 +506,7 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     """Run code_rollback.py."""
-    return run(build_parser(), COMPONENT, STORE_SETTING, argv)
+    return run(build_parser(), CODE, argv)
 
 
 if __name__ == "__main__":

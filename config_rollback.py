@@ -9,10 +9,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from backup_store.listing import cleanup_backups, count, human_size, list_backups, refuse_damaged, resolve_component
 from backup_store.manifest import Backup, check_backup
-from backup_store.store import BackupStore, open_store
+from backup_store.store import BackupStore, refuse_damaged, resolve_component
 from backup_store.trees import TreeDiff, diff_tree, matches, restore_label, restore_tree, tree_entries
+from commands.run import run
+from commands.store_commands import add_store_commands, add_verify_command, cleanup_backups, list_backups
 from common.cli import (
     Context,
     Result,
@@ -20,18 +21,16 @@ from common.cli import (
     add_backup_arguments,
     add_command,
     add_no_backup_argument,
-    add_store_commands,
-    add_verify_command,
     make_parser,
-    run,
 )
+from common.components import CONFIG
 from common.errors import SettingError, ToolkitError, UsageError
 from common.files import WriteFailed, atomic_write, file_mode, is_inside, resolve_inside
 from common.settings import Settings
+from common.text import count, human_size
 from configuration import formats
+from offsite.pull import open_store
 
-COMPONENT = "config"
-STORE_SETTING = ("CONFIG_BACKUP_DIR", "./config_backups")  # the backup folder
 TREE = "config"  # where CONFIG_DIR lives inside a backup
 ENV_ENTRY = "env_file"  # where ENV_FILE lives inside a backup
 MAX_PATCH_BYTES = 16 << 20  # a patch read from standard input or a file
@@ -52,11 +51,11 @@ class ConfigPaths:
         paths = cls(
             config_dir=settings.path("CONFIG_DIR", "./config"),
             env_file=settings.path("ENV_FILE", ".env"),
-            store=open_store(settings, STORE_SETTING, COMPONENT),
+            store=open_store(settings, CONFIG),
         )
         if is_inside(paths.store.root, paths.config_dir):
             raise SettingError(f"CONFIG_BACKUP_DIR {paths.store.root} is inside CONFIG_DIR {paths.config_dir}: "
-                               "keep the backups outside the configuration they back up", setting=STORE_SETTING[0])
+                               "keep the backups outside the configuration they back up", setting=CONFIG.store_setting)
         return paths
 
     @property
@@ -416,7 +415,7 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     """Run config_rollback.py."""
-    return run(build_parser(), COMPONENT, STORE_SETTING, argv)
+    return run(build_parser(), CONFIG, argv)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from backup_store.listing import (
-    cleanup_backups,
-    count,
-    human_size,
-    list_backups,
-    refuse_damaged,
-    resolve_component,
-    table,
-)
 from backup_store.manifest import Backup, check_backup
-from backup_store.store import BackupStore, open_store
+from backup_store.store import BackupStore, refuse_damaged, resolve_component
+from commands.run import run
+from commands.store_commands import add_store_commands, add_verify_command, cleanup_backups, list_backups
 from common.cli import (
     Context,
     Result,
@@ -27,14 +20,13 @@ from common.cli import (
     add_backup_arguments,
     add_command,
     add_no_backup_argument,
-    add_store_commands,
-    add_verify_command,
     make_parser,
-    run,
 )
+from common.components import DATABASE
 from common.errors import ToolkitError, UsageError
 from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
+from common.text import count, human_size, table
 from database import migrations as db_migrations
 from database.checks import database_problems
 from database.dumps import (
@@ -64,9 +56,8 @@ from database.server import MAINTENANCE_DB, DbServer
 from database.space import SpaceCheck, refuse_if_short, restore_space
 from database.subscriptions import refuse_in_place, undo_statements
 from database.swap import SwapOutcome, SwapPlan, plan_swap, restore_into_fresh_database
+from offsite.pull import open_store
 
-COMPONENT = "db"
-STORE_SETTING = ("BACKUP_DIR", "./backups")  # the backup folder
 SCRIPT = "database_rollback.py"
 
 
@@ -84,7 +75,7 @@ class DbContext:
         """DB_*, BACKUP_DIR (./backups), MIGRATIONS_DIR (./migrations), PG_BINDIR (PATH if unset)."""
         return cls(
             server=DbServer.from_settings(settings),
-            store=open_store(settings, STORE_SETTING, COMPONENT),
+            store=open_store(settings, DATABASE),
             tools=PgTools(settings.path("PG_BINDIR")),
             migrations_dir=settings.path("MIGRATIONS_DIR", "./migrations"),
         )
@@ -562,7 +553,7 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     """Run database_rollback.py."""
-    return run(build_parser(), COMPONENT, STORE_SETTING, argv)
+    return run(build_parser(), DATABASE, argv)
 
 
 if __name__ == "__main__":

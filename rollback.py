@@ -6,40 +6,33 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
-from backup_store.listing import cleanup_backups, count, table
 from backup_store.locks import HeldLocks
 from backup_store.manifest import MANIFEST, Backup, check_backup, format_time, load_backup
-from backup_store.store import BACKUP_ID, LOCK_FILE, BackupStore, open_store
-from common.cli import (
-    Context,
-    Result,
-    add_backup_arguments,
-    add_command,
-    add_store_commands,
-    add_verify_command,
-    make_parser,
-    push_wanted,
-    run,
-)
+from backup_store.store import BACKUP_ID, LOCK_FILE, BackupStore
+from commands.run import run
+from commands.store_commands import add_store_commands, add_verify_command, cleanup_backups
+from common.cli import Context, Result, add_backup_arguments, add_command, make_parser, push_wanted
+from common.components import BY_NAME, PARTS, POINTS, Component
 from common.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_VERIFY, LockBusy, ToolkitError, UsageError
 from common.settings import Settings
+from common.text import count, table
+from database.server import DbServer
+from offsite.commands import push_failed
+from offsite.pull import open_store
+from restore_points.drill import run_drill
+from restore_points.health import HealthReport, Thresholds, run_health, validate_url
 from restore_points.hooks import Hooks
-from restore_points.steps import BY_NAME, COMPONENTS, Component, ScriptRun, ScriptRunner
+from restore_points.restore import restore_point
+from restore_points.steps import ScriptRun, ScriptRunner
 
-if TYPE_CHECKING:  # the health module pulls in urllib; --help stays instant without it
-    from restore_points.health import HealthReport, Thresholds
-
-COMPONENT = "point"
-STORE_SETTING = ("POINTS_DIR", "./restore_points")  # where the restore points (small manifests) live
 SCRIPT = "rollback.py"
 DEFAULT_LOCK_WAIT_SECONDS = 30.0
 
 
 def points_store(settings: Settings) -> BackupStore:
     """The store of restore points: one manifest per point naming its three backups."""
-    return open_store(settings, STORE_SETTING, COMPONENT)
+    return open_store(settings, POINTS)
 
 
 def runner_for(ctx: Context) -> ScriptRunner:
@@ -57,18 +50,18 @@ def _step_failed(what: str, step: ScriptRun, consequence: str) -> ToolkitError:
 
 def cmd_backup(ctx: Context) -> Result:
     """backup: a configuration, a code and a database backup under one restore point id and label."""
-    configured = [c for c in COMPONENTS if c.configured(ctx.settings)]
-    skipped = [c for c in COMPONENTS if c not in configured]
+    configured = [c for c in PARTS if c.configured(ctx.settings)]
+    skipped = [c for c in PARTS if c not in configured]
     if not configured:
         raise UsageError("none of CONFIG_DIR, DEPLOYMENT_DIR/REPO_PATH or DB_NAME is set: nothing to back up")
-    notes = [f"{c.title} skipped: none of {', '.join(c.settings)} is set" for c in skipped]
+    notes = [f"{c.title} skipped: none of {', '.join(c.configured_by)} is set" for c in skipped]
     if ctx.dry_run:
         return Result({"dry_run": True, "components": [c.name for c in configured]},
                       [f"would back up {', '.join(c.title for c in configured)}", *notes], report=True)
     store, parts = points_store(ctx.settings), {}
     with held_locks(ctx, "backup") as locks:
         # All taken first: a drill or a restore holding one store must not cost a point half its backups.
-        for lock in [store.root, *(c.store(ctx.settings).root for c in configured)]:
+        for lock in [store.root, *(open_store(ctx.settings, c).root for c in configured)]:
             locks.take(lock / LOCK_FILE)
         runner = replace(runner_for(ctx), locks=locks)
         with store.lock(f"{SCRIPT} backup"), store.new_backup(ctx.args.label) as staging:
@@ -92,8 +85,6 @@ def cmd_backup(ctx: Context) -> Result:
 
 def _push_parts(ctx: Context, runner: ScriptRunner, parts: dict[str, str], result: Result) -> None:
     """Push a new point's three backups; a failure keeps the point, says so, and exits 1 (the point stays local)."""
-    from offsite.commands import push_failed
-
     for name, backup_id in parts.items():
         step = runner.run(BY_NAME[name], "push", backup_id)
         if not step.ok:
@@ -112,7 +103,7 @@ def _describe(point: Backup) -> dict:
 def cmd_list(ctx: Context) -> Result:
     """list: the restore points, newest first, with their three backups (a part whose backup is gone is marked)."""
     points = points_store(ctx.settings).backups()
-    roots = {c.name: c.store(ctx.settings).root for c in COMPONENTS}
+    roots = {c.name: open_store(ctx.settings, c).root for c in PARTS}
 
     def part(point: Backup, name: str) -> str:
         backup_id = point.extra.get("parts", {}).get(name)
@@ -120,10 +111,10 @@ def cmd_list(ctx: Context) -> Result:
             return "-"
         return backup_id if (roots[name] / backup_id / MANIFEST).is_file() else f"{backup_id} (gone)"
 
-    rows = [(p.id, format_time(p.created_at), *(part(p, c.name) for c in COMPONENTS), p.label or "") for p in points]
+    rows = [(p.id, format_time(p.created_at), *(part(p, c.name) for c in PARTS), p.label or "") for p in points]
     lines = table(("POINT", "TIME (UTC)", "CONFIG", "CODE", "DATABASE", "LABEL"), rows) if rows else [
         f"no restore points in {points_store(ctx.settings).root}"]
-    described = [{**_describe(p), "gone": [c.name for c in COMPONENTS if part(p, c.name).endswith("(gone)")]}
+    described = [{**_describe(p), "gone": [c.name for c in PARTS if part(p, c.name).endswith("(gone)")]}
                  for p in points]
     return Result({"points": described}, lines, report=True)
 
@@ -138,9 +129,6 @@ def cmd_cleanup(ctx: Context) -> Result:
 
 def cmd_restore(ctx: Context) -> Result:
     """restore POINT: configuration, then code, then database, each verified, stopping at the first failure."""
-    from restore_points.health import validate_url
-    from restore_points.restore import restore_point
-
     store = points_store(ctx.settings)
     # Settings first: bad input is refused at once, before any wait for a lock.
     wanted = _only(ctx.args.only)
@@ -153,18 +141,18 @@ def cmd_restore(ctx: Context) -> Result:
     with held_locks(ctx, "restore") as locks:
         locks.take(store.root / LOCK_FILE)
         point = store.resolve(ctx.args.point)
-        if point.component != COMPONENT:
+        if point.component != POINTS.name:
             raise UsageError(f"{ctx.args.point} is a {point.component} backup, not a restore point")
         parts = point.extra.get("parts", {})
-        plan = [c for c in COMPONENTS if c.name in parts and c.name in wanted]
+        plan = [c for c in PARTS if c.name in parts and c.name in wanted]
         if not plan:
             raise UsageError(f"restore point {point.id} holds none of {', '.join(sorted(wanted))}")
         if not ctx.dry_run:  # a dry run's steps take their own locks, each for its own look
             for component in plan:
-                locks.take(component.store(ctx.settings).root / LOCK_FILE)
+                locks.take(open_store(ctx.settings, component).root / LOCK_FILE)
         # Everything that could stop the run part-way is checked before the first change.
         _check_parts(ctx.settings, point, plan)
-        absent = [f"not in this restore point: {c.title}" for c in COMPONENTS
+        absent = [f"not in this restore point: {c.title}" for c in PARTS
                   if c.name in wanted and c.name not in parts]
         order = " -> ".join(f"{c.title} {parts[c.name]}" for c in plan)
         if ctx.dry_run:
@@ -211,7 +199,7 @@ def _check_parts(settings: Settings, point: Backup, plan: list[Component]) -> No
     is pulled now) and whole: its manifest sound and every checksum holding. Nothing has changed yet."""
     parts, missing, damaged = point.extra["parts"], [], []
     for component in plan:
-        store = component.store(settings)
+        store = open_store(settings, component)
         backup_id = parts[component.name]
         if not isinstance(backup_id, str) or not BACKUP_ID.fullmatch(backup_id):
             raise ToolkitError(f"restore point {point.id} names {backup_id!r} as its {component.title} backup, "
@@ -249,8 +237,6 @@ def _only(text: str | None) -> set[str]:
 
 
 def _thresholds(ctx: Context) -> Thresholds:
-    from restore_points.health import Thresholds
-
     args = ctx.args
     return Thresholds.from_settings(ctx.settings, max_error_rate_percent=args.max_error_rate,
                                     max_p95_ms=args.max_p95_ms, max_cpu_percent=args.max_cpu,
@@ -263,11 +249,8 @@ def _health_url(ctx: Context) -> str | None:
 
 def _health(ctx: Context, thresholds: Thresholds, url: str | None) -> HealthReport:
     """HTTP (when a URL is given), this host's CPU and memory (unless --no-system-check), the database's sessions."""
-    from restore_points.health import run_health
-
     server = None
     if BY_NAME["db"].configured(ctx.settings):
-        from database.server import DbServer
 
         server = DbServer.from_settings(ctx.settings)
     return run_health(thresholds, url=url, server=server, system=not ctx.args.no_system_check)
@@ -279,7 +262,7 @@ def _health(ctx: Context, thresholds: Thresholds, url: str | None) -> HealthRepo
 def cmd_verify(ctx: Context) -> Result:
     """verify: the three verifies and the health check, one report, one exit code."""
     runner = runner_for(ctx)
-    configured = [c for c in COMPONENTS if c.configured(ctx.settings)]
+    configured = [c for c in PARTS if c.configured(ctx.settings)]
     if not configured:
         raise UsageError("none of CONFIG_DIR, DEPLOYMENT_DIR/REPO_PATH or DB_NAME is set: nothing to verify")
     lines, data, codes = [], {}, []
@@ -303,9 +286,7 @@ def cmd_verify(ctx: Context) -> Result:
 
 def cmd_drill(ctx: Context) -> Result:
     """drill: the monthly test: restore the newest database backup aside, check the rest, time each against its RTO."""
-    from restore_points.drill import run_drill
-
-    configured = [c.title for c in COMPONENTS if c.configured(ctx.settings)]
+    configured = [c.title for c in PARTS if c.configured(ctx.settings)]
     if ctx.dry_run:
         return Result({"dry_run": True, "components": configured},
                       [f"would drill: {', '.join(configured) or 'nothing (no component is configured)'}"], report=True)
@@ -313,7 +294,7 @@ def cmd_drill(ctx: Context) -> Result:
     with held_locks(ctx, "drill") as locks:
         database = BY_NAME["db"]
         if database.configured(ctx.settings):  # taken first: the drill waits for a restore, or a restore for it
-            locks.take(database.store(ctx.settings).root / LOCK_FILE)
+            locks.take(open_store(ctx.settings, database).root / LOCK_FILE)
         report = run_drill(ctx.settings, ScriptRunner(env_file=ctx.args.env_file, locks=locks), ctx.info)
     return Result(report.to_json(), report.lines(), exit_code=report.exit_code, report=True)
 
@@ -384,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run rollback.py."""
-    return run(build_parser(), COMPONENT, STORE_SETTING, argv)
+    return run(build_parser(), POINTS, argv)
 
 
 if __name__ == "__main__":

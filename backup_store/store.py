@@ -18,13 +18,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from backup_store.locks import handed_down, release_lock, take_lock
-from backup_store.manifest import MANIFEST, MANIFEST_FORMAT, Backup, backup_from_manifest, format_time, load_backup
+from backup_store.manifest import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    Backup,
+    backup_from_manifest,
+    check_backup,
+    format_time,
+    load_backup,
+)
 from backup_store.staging import Staging
 from common import __version__
 from common.errors import ToolkitError, UsageError
 from common.files import PRIVATE_DIR, atomic_write, flush_filesystem, fsync_dir, make_private_dir
-from common.settings import Settings
-from offsite.pull import pull_when_missing
 
 # What a backup id looks like: one path component that sorts by time (see new_backup_id). Ids made before
 # the host and the random part were added (`20261125T013000.123Z-db-ariesone-2`) match too.
@@ -271,12 +277,20 @@ class BackupStore:
         return names
 
 
-def open_store(settings: Settings, store_setting: tuple[str, str], component: str) -> BackupStore:
-    """A component's store from its setting; with REMOTE_URL set, an id found only off-host is pulled first."""
-    store = BackupStore(settings.path(*store_setting), component)
-    if settings.text("REMOTE_URL"):
-        store.fetch = pull_when_missing(settings, store)
-    return store
+def resolve_component(store: BackupStore, ref: str, match: Callable[[Backup], bool] | None = None) -> Backup:
+    """store.resolve, refusing another component's backup."""
+    backup = store.resolve(ref, match)
+    if backup.component != store.component:
+        raise UsageError(f"{ref} is a {backup.component} backup, not a {store.component} backup")
+    return backup
+
+
+def refuse_damaged(backup: Backup) -> None:
+    """Stop before anything changes if the backup's payload does not match its manifest."""
+    problems = check_backup(backup)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ToolkitError(f"backup {backup.id} is damaged: {problems[0]}{more}; refused, nothing changed")
 
 
 def new_backup_id(component: str, name: str | None, created: datetime) -> str:

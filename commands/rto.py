@@ -8,23 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.components import BY_NAME
 from common.settings import Settings
-
-# The store's component name -> (its setting, the runbook's objective in seconds).
-OBJECTIVES: dict[str, tuple[str, float]] = {
-    "config": ("RTO_CONFIG_SECONDS", 300.0),
-    "code": ("RTO_CODE_SECONDS", 900.0),
-    "db": ("RTO_DATABASE_SECONDS", 1800.0),
-}
 
 
 def rto_for(settings: Settings, component: str) -> float:
-    """The component's recovery time objective in seconds; a malformed or negative setting is a SettingError."""
-    try:
-        name, default = OBJECTIVES[component]
-    except KeyError:
-        raise ValueError(f"no recovery time objective for component {component!r}") from None
-    return settings.number(name, default, minimum=0)
+    """The objective in seconds of component `component` (config, code, db); a malformed or negative setting is
+    a SettingError."""
+    found = BY_NAME.get(component)
+    if found is None or found.rto_setting is None or found.rto_default is None:
+        raise ValueError(f"no recovery time objective for component {component!r}")
+    return settings.number(found.rto_setting, found.rto_default, minimum=0)
 
 
 @dataclass

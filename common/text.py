@@ -30,3 +30,26 @@ def _escape(char: str) -> str:
 def mask_url_password(text: str) -> str:
     """`text` with the password of every `scheme://user:password@host` in it replaced by ********."""
     return _URL_PASSWORD.sub(r"\g<user>" + MASK + "@", text)
+
+
+def count(number: int, noun: str) -> str:
+    """`1 problem`, `3 problems`."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def human_size(size: float) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 2.0 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns, two spaces apart; a cell's control characters (a label's newline, a terminal
+    escape) are shown escaped, so each row is one line and prints as what it holds."""
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]]

@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backup_store.listing import human_size
 from common.errors import ToolkitError
+from common.text import human_size
 from database.scratch import KEPT_ROLES, scratch_databases
 from database.server import APPLICATION_NAME, MAINTENANCE_DB, DbServer
 

@@ -1,4 +1,4 @@
-"""Code trees: snapshot a deployed tree into the store, build a backup's tree aside (deployed_code.layout switches it in).
+"""Code trees: snapshot a deployed tree into the store, build a backup's tree aside (the layout switches it in).
 
 - `snapshot_tree` copies a tree into a backup like `Staging.add_tree`, but a file unchanged since the
   previous backup (same size, mtime, ctime, inode and mode, as git's index decides) is hard-linked from

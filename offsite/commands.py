@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
-from backup_store.listing import human_size, table
 from backup_store.manifest import Backup, format_time
 from common.cli import Context, Result, push_wanted
 from common.errors import EXIT_FAILED, EXIT_VERIFY, UsageError
+from common.text import human_size, table
 from offsite import pull, push, upkeep
+from offsite.pull import open_store
 from offsite.remote import Remote, RemoteConfig
 from offsite.remote_io import PushRefused, Transfer
 
@@ -50,9 +51,9 @@ def push_backups(ctx: Context, remote: Remote, backups: list[Backup], repair: bo
                   exit_code=EXIT_FAILED if refused else 0)
 
 
-def cmd_push(ctx: Context) -> Result:
+def push_command(ctx: Context) -> Result:
     """push [BACKUP | --all]: copy backups to the remote; only what it does not have yet goes up."""
-    remote, store = remote_for(ctx), ctx.store()
+    remote, store = remote_for(ctx), open_store(ctx.settings, ctx.component)
     # Newest first: if the run is cut short, the backups most likely to be needed are already across.
     backups = store.backups() if ctx.args.all else [store.resolve(ctx.args.backup or "latest")]
     if ctx.dry_run:
@@ -61,9 +62,9 @@ def cmd_push(ctx: Context) -> Result:
     return push_backups(ctx, remote, backups, ctx.args.repair)
 
 
-def cmd_pull(ctx: Context) -> Result:
+def pull_command(ctx: Context) -> Result:
     """pull BACKUP: bring a backup from the remote into the local store, every byte's checksum checked."""
-    remote, store = remote_for(ctx), ctx.store()
+    remote, store = remote_for(ctx), open_store(ctx.settings, ctx.component)
     backup_id = ctx.args.backup
     if (store.root / backup_id).is_dir():
         raise UsageError(f"backup {backup_id} is already in {store.root}")
@@ -81,7 +82,7 @@ def cmd_pull(ctx: Context) -> Result:
 def list_remote(ctx: Context) -> Result:
     """list --remote: the component's backups on the remote, newest first; a manifest that cannot be read is
     named (a warning), and the others are listed."""
-    remote, component = remote_for(ctx), ctx.component
+    remote, component = remote_for(ctx), ctx.component.name
     copies, unreadable = remote.scan(component)
     backups = [copy.backup for copy in copies]
     rows = [(b.id, format_time(b.created_at), str(len(b.files)), human_size(b.size),
@@ -99,9 +100,10 @@ def verify_remote(ctx: Context) -> Result:
     """verify --remote [--deep] [--repair]: every object a remote manifest names is there with its size (--deep:
     its sha256); --repair sends what is missing or damaged again from the local store."""
     remote = remote_for(ctx)
-    report = upkeep.verify(remote, ctx.component, ctx.args.deep, ctx.store() if ctx.args.repair else None)
+    store = open_store(ctx.settings, ctx.component) if ctx.args.repair else None
+    report = upkeep.verify(remote, ctx.component.name, ctx.args.deep, store)
     what = "sha256 of every object" if ctx.args.deep else "every object and its size"
-    lines = [f"verify {remote.describe()} ({ctx.component}, {report.backups} backups, {what}): "
+    lines = [f"verify {remote.describe()} ({ctx.component.name}, {report.backups} backups, {what}): "
              + (f"{len(report.problems)} problems" if report.problems else "OK"),
              *[f"  {p}" for p in report.problems], *[f"  repaired: {r}" for r in report.repaired]]
     return Result({"remote": remote.describe(), "backups": report.backups, "problems": report.problems,
@@ -112,7 +114,7 @@ def cleanup_remote(ctx: Context) -> Result:
     """cleanup DAYS --remote: the local retention rules on the remote; a blob goes when no manifest names it.
     A manifest that cannot be read is named (a warning) and kept, and then no blob goes."""
     remote = remote_for(ctx)
-    report = upkeep.cleanup(remote, ctx.component, ctx.args.days, ctx.args.keep, ctx.dry_run)
+    report = upkeep.cleanup(remote, ctx.component.name, ctx.args.days, ctx.args.keep, ctx.dry_run)
     for problem in report.unreadable:
         ctx.warn(problem)
     if ctx.dry_run:
@@ -136,7 +138,7 @@ def push_after_backup(ctx: Context, result: Result) -> None:
         return
     backup_id = result.backup_ids[0]
     try:
-        pushed = push_backups(ctx, remote_for(ctx), [ctx.store().resolve(backup_id)])
+        pushed = push_backups(ctx, remote_for(ctx), [open_store(ctx.settings, ctx.component).resolve(backup_id)])
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the backup stands and its report must go out
         push_failed(ctx, result, f"backup {backup_id} was made, but the push failed: {exc}; "
                                  f"`push {backup_id}` sends it later")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
 
 from backup_store.manifest import MANIFEST, Backup, Entry, load_backup
+from backup_store.store import BackupStore
+from common.components import Component
 from common.errors import ToolkitError, UsageError
 from common.files import PRIVATE_DIR, atomic_write, flushing_meanwhile
 from common.settings import Settings
@@ -20,21 +20,7 @@ from offsite.sealing import SealError
 PAYLOAD_MODE = 0o400  # pulled payload files are read-only, like a code backup's
 
 
-class LocalStore(Protocol):
-    """What a pull needs of common.store.BackupStore (which sets pull_when_missing as its fetch)."""
-
-    root: Path
-    component: str
-
-    @property
-    def locked(self) -> bool: ...
-
-    def lock(self, command: str) -> AbstractContextManager[None]: ...
-
-    def receive(self, backup_id: str) -> AbstractContextManager[Path]: ...
-
-
-def pull(remote: Remote, store: LocalStore, backup_id: str, done: Transfer | None = None) -> Backup:
+def pull(remote: Remote, store: BackupStore, backup_id: str, done: Transfer | None = None) -> Backup:
     """Download a backup into the local store (the caller holds its lock), every byte's sha256 checked.
 
     Folders first, then files (never through a link), symlinks last; a missing or changed object
@@ -94,7 +80,7 @@ def forbid_downloads() -> None:
     _downloads_allowed = False
 
 
-def pull_when_missing(settings: Settings, store: LocalStore) -> Callable[[str], bool]:
+def pull_when_missing(settings: Settings, store: BackupStore) -> Callable[[str], bool]:
     """A BackupStore.fetch: an id found only on the remote is pulled into the store (under its lock)."""
     def fetch(backup_id: str) -> bool:
         config = RemoteConfig.from_settings(settings)
@@ -119,3 +105,12 @@ def pull_when_missing(settings: Settings, store: LocalStore) -> Callable[[str], 
         return True
 
     return fetch
+
+
+def open_store(settings: Settings, component: Component) -> BackupStore:
+    """A component's store as every command opens it: with REMOTE_URL set, an id found only off-host is
+    pulled into it first."""
+    store = BackupStore(component.store_path(settings), component.name)
+    if settings.text("REMOTE_URL"):
+        store.fetch = pull_when_missing(settings, store)
+    return store

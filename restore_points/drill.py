@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 
 from backup_store.manifest import Backup, check_backup
 from backup_store.store import BackupStore
+from commands.rto import rto_for
+from common.components import BY_NAME, PARTS, Component
 from common.errors import EXIT_FAILED, EXIT_VERIFY
 from common.settings import Settings
-from restore_points.steps import BY_NAME, COMPONENTS, Component, ScriptRunner
+from database.scratch import DRILLING, claimed, drop_database, scratch_name
+from database.server import DbServer
+from offsite.pull import open_store
+from restore_points.steps import ScriptRunner
 
 NO_METRICS = {"METRICS_FILE": ""}
 
@@ -77,14 +82,12 @@ class DrillReport:
 
 def run_drill(settings: Settings, runner: ScriptRunner, info: Callable[[str], None]) -> DrillReport:
     """Run every step of the drill for the configured components."""
-    from commands.rto import rto_for
-
     report = DrillReport()
-    for component in COMPONENTS:
+    for component in PARTS:
         if not component.configured(settings):
-            report.notes.append(f"{component.title} skipped: none of {', '.join(component.settings)} is set")
+            report.notes.append(f"{component.title} skipped: none of {', '.join(component.configured_by)} is set")
             continue
-        store = component.store(settings)
+        store = open_store(settings, component)
         objective = rto_for(settings, component.name)
         if component.name == "db":
             step = _database_step(settings, runner, store, objective, info)
@@ -108,8 +111,6 @@ def _checksum_step(component: Component, store: BackupStore, objective: float) -
 
 def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore, objective: float,
                    info: Callable[[str], None]) -> DrillStep:
-    from database.scratch import DRILLING, claimed, drop_database, scratch_name
-    from database.server import DbServer
 
     server = DbServer.from_settings(settings)
     backup: Backup | None = store.latest(match=lambda b: b.source.get("database") == server.name)

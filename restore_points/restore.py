@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backup_store.listing import count
 from backup_store.manifest import Backup
 from commands.rto import RtoReport, rto_for
+from common.components import Component
 from common.errors import EXIT_FAILED, EXIT_VERIFY, Interrupted, ToolkitError
 from common.settings import Settings
+from common.text import count
 from restore_points.health import HealthReport
 from restore_points.hooks import HookFailed, HookRun, Hooks
-from restore_points.steps import Component, ScriptRun, ScriptRunner, undo_commands
+from restore_points.steps import ScriptRun, ScriptRunner, undo_commands, verify_args
 
 # Between steps the application is expected to be unwell, so the check there is short: a few requests.
 REQUESTS_BETWEEN_STEPS = 3
@@ -145,8 +146,9 @@ def restore_point(point: Backup, plan: list[Component], settings: Settings, runn
 def _cut_off(outcome: Outcome, component: Component, backup_id: str, runner: ScriptRunner) -> None:
     """A step stopped while its script ran may have finished its restore (its report was lost with it)."""
     outcome.cut_off = component
+    check = runner.shell_line(component, *verify_args(component, backup_id))
     outcome.notes.append(f"the {component.title} step was cut off while its script ran: it may have been restored "
-                         f"or not. `{runner.shell_line(component, *component.verify_args(backup_id))}` says which, and "
+                         f"or not. `{check}` says which, and "
                          f"`{runner.shell_line(component, 'list')}` shows the safety backup it took, if it "
                          "took one (restore that to undo it)")
 
@@ -160,7 +162,7 @@ def _restore_one(component: Component, backup_id: str, runner: ScriptRunner, out
         outcome.stop(f"{component.title} restore failed: {step.restore.error}", step.restore.exit_code)
         return False
     outcome.done.append(step)
-    step.verify = runner.run(component, *component.verify_args(backup_id))
+    step.verify = runner.run(component, *verify_args(component, backup_id))
     if not step.verify.ok:
         problems = step.verify.problems
         found = (f"found {count(len(problems), 'problem')}: {problems[0]}"

@@ -7,7 +7,6 @@ step are the same commands, known to work.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shlex
@@ -17,44 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backup_store.locks import HeldLocks
-from backup_store.store import BackupStore, open_store
+from common.components import CONFIG, Component
 from common.proc import run_tool
 from common.settings import Settings
 from common.text import printable
+from database.dumps import rename_back_statements
+from database.server import DbServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass(frozen=True)
-class Component:
-    """One component as rollback.py sees it."""
-
-    name: str  # the store's component name: config, code, db
-    title: str
-    script: str
-    settings: tuple[str, ...]  # the component is configured when any of these is set
-
-    def configured(self, settings: Settings) -> bool:
-        """Whether the operator has set this component up (its folder or database is named)."""
-        return any(settings.text(name) for name in self.settings)
-
-    def verify_args(self, backup_id: str) -> list[str]:
-        """The verify that follows a restore of `backup_id`."""
-        return ["verify", "--against", backup_id] if self.name == "config" else ["verify"]
-
-    def store(self, settings: Settings) -> BackupStore:
-        """The component's backup store, where its script keeps it (the script names its own setting)."""
-        store_setting = importlib.import_module(self.script.removesuffix(".py")).STORE_SETTING
-        return open_store(settings, store_setting, self.name)
-
-
-# The runbook's order: configuration, then code, then the database.
-COMPONENTS = (
-    Component("config", "configuration", "config_rollback.py", ("CONFIG_DIR",)),
-    Component("code", "code", "code_rollback.py", ("DEPLOYMENT_DIR", "REPO_PATH")),
-    Component("db", "database", "database_rollback.py", ("DB_NAME",)),
-)
-BY_NAME = {component.name: component for component in COMPONENTS}
+def verify_args(component: Component, backup_id: str) -> list[str]:
+    """The verify that follows a restore of `backup_id`."""
+    return ["verify", "--against", backup_id] if component is CONFIG else ["verify"]
 
 
 @dataclass
@@ -154,9 +128,6 @@ def _rename_back(settings: Settings, database: str, previous: str) -> str:
 
     The password comes from the operator's PGPASSWORD or .pgpass.
     """
-    from database.dumps import rename_back_statements
-    from database.server import DbServer
-
     server = DbServer.from_settings(settings)
     argv = ["psql", "-h", server.host, "-p", str(server.port), "-U", server.user, "-d", "postgres",
             "-v", "ON_ERROR_STOP=1", "-X", "-q"]

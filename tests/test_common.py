@@ -89,7 +89,7 @@ def test_sigterm_stops_the_child_tool(tmp_path: Path):
     child_code = f"import os, time; open({str(fifo)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     wrapper_code = (
         "import signal, sys\n"
-        "from common.cli import _raise_interrupted\n"
+        "from commands.run import _raise_interrupted\n"
         "from common.proc import run_tool\n"
         "signal.signal(signal.SIGTERM, _raise_interrupted)\n"
         f"run_tool([sys.executable, '-c', {child_code!r}], 'a long tool')\n"

@@ -1,4 +1,4 @@
-"""db_migrations against the real throwaway cluster: migrate, plan and run rollbacks, locks and drift."""
+"""database.migrations against the real throwaway cluster: migrate, plan and run rollbacks, locks and drift."""
 
 from __future__ import annotations
 

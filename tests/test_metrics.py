@@ -117,7 +117,7 @@ def test_samples_of_other_operations_and_components_survive_a_later_run(ws: Work
 
 def test_concurrent_runs_keep_each_others_samples(tmp_path: Path):
     metrics = tmp_path / "rollback.prom"
-    code = "import sys; from common.metrics import record_run; record_run(*sys.argv[1:4], True, 1.0)"
+    code = "import sys; from commands.metrics import record_run; record_run(*sys.argv[1:4], True, 1.0)"
     runs = [(component, operation) for component in ("config", "code", "db")
             for operation in ("backup", "restore", "verify")]
     procs = [subprocess.Popen([sys.executable, "-c", code, str(metrics), *run], cwd=ROOT) for run in runs]

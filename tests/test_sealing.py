@@ -330,5 +330,5 @@ def test_streaming_fifty_megabytes_uses_bounded_memory(sealer: Sealer, tmp_path:
 
 
 def test_importing_the_module_does_not_load_cryptography() -> None:
-    check = "import sys, common.sealing; sys.exit('cryptography' in sys.modules)"
+    check = "import sys, offsite.sealing; sys.exit('cryptography' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], cwd=ROOT).returncode == 0
