@@ -11,6 +11,7 @@ from common.cli import Context, Result
 from common.errors import UsageError
 from common.text import human_size
 from configuration.paths import ENV_ENTRY, TREE, ConfigPaths
+from configuration.source import ConfigSource
 
 
 def take_backup(paths: ConfigPaths, label: str | None, safety: bool = False) -> Backup:
@@ -24,14 +25,14 @@ def take_backup(paths: ConfigPaths, label: str | None, safety: bool = False) -> 
         raise UsageError(f"CONFIG_DIR {paths.config_dir} is not a folder: set CONFIG_DIR to the configuration folder")
     with paths.store.new_backup(label, safety=safety) as staging:
         has_env = not paths.env_in_tree and os.path.lexists(paths.env_file)
-        staging.source = {
-            "host": socket.gethostname(),
-            "config_dir": str(paths.config_dir.resolve()),
-            "env_file": str(paths.env_file.resolve()),
-            "env_file_present": has_env or paths.env_in_tree,
-            "env_file_in_config_dir": paths.env_in_tree,
-            "config_dir_present": present,
-        }
+        staging.source = ConfigSource(
+            host=socket.gethostname(),
+            config_dir=str(paths.config_dir.resolve()),
+            env_file=str(paths.env_file.resolve()),
+            env_file_present=has_env or paths.env_in_tree,
+            env_file_in_config_dir=paths.env_in_tree,
+            config_dir_present=present,
+        ).dump()
         if present:
             staging.add_tree(paths.config_dir, TREE)
         if has_env:

@@ -11,12 +11,13 @@ from common.cli import Context, Result
 from common.text import count
 from configuration.backups import take_backup
 from configuration.paths import ENV_ENTRY, TREE, ConfigPaths
+from configuration.source import ConfigSource
 
 
 def compare(backup: Backup, paths: ConfigPaths) -> tuple[TreeDiff, str | None]:
     """How the live configuration differs from a backup: the tree's diff and the ENV_FILE's ("" if same)."""
     diff = diff_tree(tree_entries(backup, TREE), paths.config_dir)
-    if backup.source.get("env_file_in_config_dir") or paths.env_in_tree:
+    if ConfigSource.load(backup).env_file_in_config_dir or paths.env_in_tree:
         return diff, None
     entry = next((e for e in backup.entries if e.path == ENV_ENTRY), None)
     live = os.path.lexists(paths.env_file)
