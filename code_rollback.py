@@ -55,6 +55,7 @@ from deployed_code.git import (
     resolve_commit,
 )
 from deployed_code.layout import build_path, leftovers, nothing_to_save, replaced_trees, switch_and_keep
+from deployed_code.source import LAYOUT_IN_PLACE, LAYOUT_RELEASE, CodeSource
 from deployed_code.tree import BuildStats, SnapshotStats, build_tree, code_excluder, remove_tree, snapshot_tree
 from offsite.pull import open_store
 
@@ -108,10 +109,11 @@ def take_backup(paths: CodePaths, label: str | None, safety: bool = False, progr
     previous = paths.store.newest()
     stats = SnapshotStats()
     with paths.store.new_backup(label, safety=safety) as staging:
-        staging.source = {"host": socket.gethostname(), "layout": "in-place" if paths.in_place else "release",
-                          "live": str(paths.live.absolute()), **git_state(paths.repo)}
+        source = CodeSource(host=socket.gethostname(), layout=LAYOUT_IN_PLACE if paths.in_place else LAYOUT_RELEASE,
+                            live=str(paths.live.absolute()), **git_state(paths.repo))
         if deployed_commit:
-            staging.source["commit"] = deployed_commit
+            source.commit = deployed_commit
+        staging.source = source.dump()
         # The previous backup's size is the estimate: code trees change little between deploys.
         with progress(f"backing up {paths.live}", lambda: stats.bytes, previous.size if previous else None):
             snapshot_tree(staging, paths.live, TREE, previous, paths.exclude, stats, cancelled)
@@ -150,7 +152,7 @@ def cmd_backup(ctx: Context) -> Result:
         return Result({"dry_run": True, "live": str(paths.live)}, [f"would back up {paths.live}"], report=True)
     with paths.store.lock(f"{SCRIPT} backup"):
         backup, stats = take_backup(paths, ctx.args.label, progress=ctx.progress)
-    commit = backup.source.get("commit")
+    commit = CodeSource.load(backup).commit
     return Result({"backup": backup.summary(), "snapshot": stats, "commit": commit},
                   [f"backup {backup.id}: {len(backup.files)} files, {human_size(backup.size)} "
                    f"({stats['copied']} copied, {stats['linked'] + stats['rehashed']} unchanged and linked)"
@@ -286,7 +288,7 @@ def _restore_in_place(ctx: Context, paths: CodePaths) -> Result:
         refuse_damaged(backup)
         excluded = code_excluder(paths.exclude)
         diff = diff_tree(tree_entries(backup, TREE), paths.live, excluded)
-        head = head_plan(paths.repo, backup.source, backup.id) if is_repository(paths.repo) else None
+        head = head_plan(paths.repo, CodeSource.load(backup), backup.id) if is_repository(paths.repo) else None
         moves_head = head is not None and head.how in ("branch", "detached")
         data = {"backup": backup.summary(), "changes": diff.restore_json(), "head": head.to_json() if head else None}
         if ctx.dry_run or not (diff or moves_head):
@@ -374,7 +376,7 @@ def cmd_verify(ctx: Context) -> Result:
         diff = diff_tree(tree_entries(backup, TREE), live, code_excluder(paths.exclude))
         problems += [f"{kind} {path}" for kind, names in diff.to_json().items() for path in names if path != "."]
         # Only a working copy runs its HEAD; a release folder's REPO_PATH may have moved on since the deploy.
-        expected = backup.source.get("commit") if paths.in_place else None
+        expected = CodeSource.load(backup).commit if paths.in_place else None
         head = git_state(paths.repo).get("commit") if expected else None
         if expected and head and head != expected:
             problems.append(f"{paths.repo} is at {head[:12]}, expected {expected[:12]}")
@@ -441,7 +443,7 @@ def cmd_cleanup(ctx: Context) -> Result:
 def cmd_list(ctx: Context) -> Result:
     """list: the backups, newest first."""
     return list_backups(CodePaths.from_settings(ctx.settings).store,
-                        {"COMMIT": lambda b: (b.source.get("commit") or "-")[:12]})
+                        {"COMMIT": lambda b: (CodeSource.load(b).commit or "-")[:12]})
 
 
 # -- the command line -------------------------------------------------------------------------------
