@@ -1,1 +1,2 @@
-"""The deployed code: tree snapshots, release layouts and the switch, git."""
+"""The deployed code: its commands (backups, restore, rollback, verify, cleanup) over its paths and source
+metadata, tree snapshots, release layouts and the switch, git."""

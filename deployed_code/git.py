@@ -20,6 +20,7 @@ from pathlib import Path
 from common.errors import ToolkitError, UsageError
 from common.files import PRIVATE_DIR, PRIVATE_FILE, flush_filesystem, fsync_dir, relative_parts
 from common.proc import ToolRun, run_tool
+from deployed_code.source import CodeSource
 from deployed_code.tree import remove_tree
 
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # sha1 or sha256 object names
@@ -210,15 +211,15 @@ class HeadPlan:
         return asdict(self)
 
 
-def head_plan(repo: Path, source: dict, backup_id: str) -> HeadPlan:
+def head_plan(repo: Path, source: CodeSource, backup_id: str) -> HeadPlan:
     """Where the backup was taken: its branch if that still points at its commit, else its commit, detached.
 
     HEAD stays where it is when the backup is not of this working copy or its commit cannot be had."""
     now = git_state(repo)
     here = now.get("commit")
     at = f"at {here[:12]}" if here else "with no commit yet"
-    recorded, branch = source.get("commit"), source.get("branch")
-    if source.get("layout") != "in-place":
+    recorded, branch = source.commit, source.branch
+    if not source.in_place:
         return HeadPlan("left", here, now.get("branch"), f"HEAD left {at}: backup {backup_id} is of a release "
                         "folder, not of this working copy")
     if not recorded:
@@ -227,7 +228,7 @@ def head_plan(repo: Path, source: dict, backup_id: str) -> HeadPlan:
     if not isinstance(recorded, str) or not _SHA.fullmatch(recorded) or _commit_of(repo, recorded) != recorded:
         return HeadPlan("left", here, now.get("branch"), f"HEAD left {at}: the backup's commit {str(recorded)[:12]} "
                         f"is not in {repo}, so `git status` shows the restored files as changes")
-    dirty = "; the backup had local changes, which `git status` shows" if source.get("dirty") else ""
+    dirty = "; the backup had local changes, which `git status` shows" if source.dirty else ""
     if isinstance(branch, str) and branch and _commit_of(repo, f"refs/heads/{branch}") == recorded:
         if now.get("branch") == branch:
             return HeadPlan("unchanged", recorded, branch, f"HEAD is on {branch} at {recorded[:12]}, as when "
