@@ -23,6 +23,7 @@ from offsite.pull import open_store
 from restore_points.drill import run_drill
 from restore_points.health import HealthReport, Thresholds, run_health, validate_url
 from restore_points.hooks import Hooks
+from restore_points.record import PointRecord, describe
 from restore_points.restore import restore_point
 from restore_points.steps import ScriptRun, ScriptRunner
 
@@ -74,10 +75,10 @@ def cmd_backup(ctx: Context) -> Result:
                     raise _step_failed(f"{component.title} backup", step, f"no restore point was made{taken}")
                 parts[component.name] = step.data["backup"]["id"]
                 ctx.info(f"{component.title}: {parts[component.name]}")
-            staging.extra = {"parts": parts, "skipped": [c.name for c in skipped]}
+            staging.extra = PointRecord(parts, [c.name for c in skipped]).dump()
     point = staging.backup
     lines = [f"restore point {point.id}: " + ", ".join(f"{BY_NAME[n].title} {i}" for n, i in parts.items()), *notes]
-    result = Result({"point": _describe(point)}, lines, backup_ids=[point.id, *parts.values()])
+    result = Result({"point": describe(point)}, lines, backup_ids=[point.id, *parts.values()])
     if push_wanted(ctx):
         _push_parts(ctx, runner_for(ctx), parts, result)  # the point itself goes last, after the command (common.cli)
     return result
@@ -95,18 +96,13 @@ def _push_parts(ctx: Context, runner: ScriptRunner, parts: dict[str, str], resul
         ctx.info(f"{BY_NAME[name].title}: {backup_id} pushed")
 
 
-def _describe(point: Backup) -> dict:
-    return {"id": point.id, "created_at": format_time(point.created_at), "label": point.label,
-            "parts": point.extra.get("parts", {}), "skipped": point.extra.get("skipped", [])}
-
-
 def cmd_list(ctx: Context) -> Result:
     """list: the restore points, newest first, with their three backups (a part whose backup is gone is marked)."""
     points = points_store(ctx.settings).backups()
     roots = {c.name: open_store(ctx.settings, c).root for c in PARTS}
 
     def part(point: Backup, name: str) -> str:
-        backup_id = point.extra.get("parts", {}).get(name)
+        backup_id = PointRecord.load(point).parts.get(name)
         if backup_id is None:
             return "-"
         return backup_id if (roots[name] / backup_id / MANIFEST).is_file() else f"{backup_id} (gone)"
@@ -114,7 +110,7 @@ def cmd_list(ctx: Context) -> Result:
     rows = [(p.id, format_time(p.created_at), *(part(p, c.name) for c in PARTS), p.label or "") for p in points]
     lines = table(("POINT", "TIME (UTC)", "CONFIG", "CODE", "DATABASE", "LABEL"), rows) if rows else [
         f"no restore points in {points_store(ctx.settings).root}"]
-    described = [{**_describe(p), "gone": [c.name for c in PARTS if part(p, c.name).endswith("(gone)")]}
+    described = [{**describe(p), "gone": [c.name for c in PARTS if part(p, c.name).endswith("(gone)")]}
                  for p in points]
     return Result({"points": described}, lines, report=True)
 
@@ -143,7 +139,7 @@ def cmd_restore(ctx: Context) -> Result:
         point = store.resolve(ctx.args.point)
         if point.component != POINTS.name:
             raise UsageError(f"{ctx.args.point} is a {point.component} backup, not a restore point")
-        parts = point.extra.get("parts", {})
+        parts = PointRecord.load(point).parts
         plan = [c for c in PARTS if c.name in parts and c.name in wanted]
         if not plan:
             raise UsageError(f"restore point {point.id} holds none of {', '.join(sorted(wanted))}")
@@ -181,7 +177,7 @@ def held_locks(ctx: Context, command: str) -> HeldLocks:
 
 def _preview(ctx: Context, point: Backup, plan: list[Component], order: str, absent: list[str]) -> Result:
     """restore --dry-run: the order, and what each step's own `restore --dry-run` says it would change."""
-    runner, parts = runner_for(ctx), point.extra["parts"]
+    runner, parts = runner_for(ctx), PointRecord.load(point).parts
     steps, lines, exit_code = [], [f"would restore, in this order: {order}"], 0
     for component in plan:
         code, said = runner.preview(component, parts[component.name])
@@ -190,14 +186,14 @@ def _preview(ctx: Context, point: Backup, plan: list[Component], order: str, abs
         lines.append(f"{component.title} ({parts[component.name]}):")
         lines += [f"  {line}" for line in said]
         exit_code = exit_code or code
-    return Result({"dry_run": True, "point": _describe(point), "plan": [c.name for c in plan], "steps": steps},
+    return Result({"dry_run": True, "point": describe(point), "plan": [c.name for c in plan], "steps": steps},
                   lines + absent, exit_code=exit_code, report=True)
 
 
 def _check_parts(settings: Settings, point: Backup, plan: list[Component]) -> None:
     """Refuse the point unless every part's backup is here (a part found only off-host, with REMOTE_URL set,
     is pulled now) and whole: its manifest sound and every checksum holding. Nothing has changed yet."""
-    parts, missing, damaged = point.extra["parts"], [], []
+    parts, missing, damaged = PointRecord.load(point).parts, [], []
     for component in plan:
         store = open_store(settings, component)
         backup_id = parts[component.name]
