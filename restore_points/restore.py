@@ -18,6 +18,7 @@ from common.settings import Settings
 from common.text import count
 from restore_points.health import HealthReport
 from restore_points.hooks import HookFailed, HookRun, Hooks
+from restore_points.record import PointRecord
 from restore_points.steps import ScriptRun, ScriptRunner, undo_commands, verify_args
 
 # Between steps the application is expected to be unwell, so the check there is short: a few requests.
@@ -117,7 +118,7 @@ def restore_point(point: Backup, plan: list[Component], settings: Settings, runn
     outcome = Outcome(point, plan)
     pre = hooks.run("PRE_RESTORE_HOOK", "nothing was restored")
     outcome.hooks += [pre] if pre else []
-    parts = point.extra["parts"]
+    parts = PointRecord.load(point).parts
     current, finishing = plan[0], False
     try:
         for current in plan:
