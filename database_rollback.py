@@ -28,6 +28,7 @@ from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
 from common.text import count, human_size, table
 from database import migrations as db_migrations
+from database.backup_info import DbBackupInfo
 from database.checks import database_problems
 from database.dumps import (
     PgTools,
@@ -82,7 +83,7 @@ class DbContext:
 
     def is_own(self, backup: Backup) -> bool:
         """Whether a backup is of DB_NAME (one BACKUP_DIR may hold backups of several databases)."""
-        return backup.source.get("database") == self.server.name
+        return DbBackupInfo.load(backup).database == self.server.name
 
 
 # -- the work ---------------------------------------------------------------------------------------
@@ -94,10 +95,10 @@ def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int
     info = ServerInfo.read(db.server)
     client = check_client_version(db.tools, info.major)
     with db.store.new_backup(label, name=db.server.name, safety=safety) as staging:
-        staging.source = {"host": socket.gethostname(), "db_host": db.server.host, "db_port": db.server.port,
-                          "database": db.server.name, "user": db.server.user}
-        staging.extra = {"dump_format": fmt, "server_version": info.version, "pg_dump_version": client,
-                         "database_size": info.database_size, "migration_version": current_migration(db)}
+        staging.source, staging.extra = DbBackupInfo(
+            host=socket.gethostname(), db_host=db.server.host, db_port=db.server.port, database=db.server.name,
+            user=db.server.user, dump_format=fmt, server_version=info.version, pg_dump_version=client,
+            database_size=info.database_size, migration_version=current_migration(db)).dump()
         with progress(f"dumping {db.server.name}", lambda: bytes_under(staging.path), None):
             dump_into(staging, db.server, db.tools, fmt, jobs, compress)
     return staging.backup
@@ -120,8 +121,8 @@ def backup_before(db: DbContext, version: int) -> Backup | None:
     for backup in db.store.backups():
         if not db.is_own(backup):
             continue
-        current = backup.extra.get("migration_version")
-        if current is None or int(current.split("_", 1)[0]) < version:
+        number = DbBackupInfo.load(backup).migration_number
+        if number is None or number < version:
             return backup
     return None
 
@@ -142,7 +143,7 @@ def cmd_backup(ctx: Context) -> Result:
         backup = take_backup(db, args.label, args.format, args.jobs, args.compress, ctx.progress)
     return Result({"backup": backup.summary()},
                   [f"backup {backup.id}: {human_size(backup.size)}, migration "
-                   f"{backup.extra.get('migration_version') or '-'}, in {backup.path}"], backup_ids=[backup.id])
+                   f"{DbBackupInfo.load(backup).migration_version or '-'}, in {backup.path}"], backup_ids=[backup.id])
 
 
 def cmd_restore(ctx: Context) -> Result:
@@ -187,7 +188,7 @@ def cmd_restore(ctx: Context) -> Result:
                     raise with_full_disk_named(exc, space.full_now() or "the server's disk") from None
             data["safety_backup"] = ids[-1] if not args.no_backup else None
         else:
-            expected = backup.extra.get("database_size") if backup else None
+            expected = DbBackupInfo.load(backup).database_size if backup else None
             outcome = restore_into_fresh_database(db.server, db.tools, plan, dump, args.jobs, expected, space,
                                                   ctx.progress)
             data.update(previous_database=outcome.before, outage_seconds=round(outcome.outage, 3),
@@ -218,7 +219,7 @@ def _preflight(db: DbContext, backup: Backup | None, dump: Path, args) -> tuple[
         plan = plan_swap(db.server)
         live = plan.live
     dump_bytes = dump_size(dump)
-    recorded = backup.extra.get("database_size") if backup else None
+    recorded = DbBackupInfo.load(backup).database_size if backup else None
     safety_folder = db.store.root if args.in_place and not args.no_backup else None
     space = restore_space(db.server, db.server.name, live.tablespace if live else "pg_default", recorded,
                           dump_bytes, safety_folder)
@@ -261,7 +262,7 @@ def _restore_source(ctx: Context, db: DbContext, own_database) -> tuple[Backup |
     if dump is None:
         backup = resolve_component(db.store, ctx.args.backup, match=own_database)
         if not own_database(backup) and not ctx.args.target_db:
-            raise UsageError(f"backup {backup.id} is of database {backup.source.get('database')!r}, not "
+            raise UsageError(f"backup {backup.id} is of database {DbBackupInfo.load(backup).database!r}, not "
                              f"{db.server.name!r}: pass --target-db {db.server.name} to restore it there anyway")
         refuse_damaged(backup)
         dump = dump_path(backup)
@@ -273,7 +274,7 @@ def _restore_source(ctx: Context, db: DbContext, own_database) -> tuple[Backup |
 def cmd_list(ctx: Context) -> Result:
     """list: the backups, newest first."""
     return list_backups(DbContext.from_settings(ctx.settings).store,
-                        {"MIGRATION": lambda b: b.extra.get("migration_version") or "-"})
+                        {"MIGRATION": lambda b: DbBackupInfo.load(b).migration_version or "-"})
 
 
 def cmd_cleanup(ctx: Context) -> Result:
