@@ -28,6 +28,7 @@ from common.progress import Progress, bytes_under, no_progress
 from common.settings import Settings
 from common.text import count, human_size, table
 from database import migrations as db_migrations
+from database import sessions as db_sessions
 from database.backup_info import DbBackupInfo
 from database.checks import database_problems
 from database.dumps import (
@@ -44,6 +45,8 @@ from database.dumps import (
     undo_hint,
     with_full_disk_named,
 )
+from database.migrate import migrate
+from database.migration_rollback import MissingDownFile, plan_rollback, run_rollback
 from database.properties import read_properties
 from database.scratch import (
     CLAIMED,
@@ -333,7 +336,7 @@ def cmd_migrate(ctx: Context) -> Result:
     with db.store.lock(f"{SCRIPT} migrate"):
         if not ctx.args.no_backup:
             ids.append(take_backup(db, f"before migrate to {pending[-1]}", progress=ctx.progress, safety=True).id)
-        done = db_migrations.migrate(db.server, migrations, ctx.args.target, progress=ctx.info)
+        done = migrate(db.server, migrations, ctx.args.target, progress=ctx.info)
     lines = [f"applied {ident}" for ident in done] + [f"backup before migrating: {i}" for i in ids]
     return Result({"applied": done, "current": done[-1] if done else state["current"],
                    "safety_backup": ids[0] if ids else None}, lines, backup_ids=ids)
@@ -344,12 +347,12 @@ def cmd_rollback(ctx: Context) -> Result:
     db = DbContext.from_settings(ctx.settings)
     migrations = db_migrations.discover(db.migrations_dir)
     try:
-        plan = db_migrations.plan_rollback(migrations, applied_migrations(db), _rollback_ref(ctx.args))
-    except db_migrations.MissingDownFile as missing:
+        plan = plan_rollback(migrations, applied_migrations(db), _rollback_ref(ctx.args))
+    except MissingDownFile as missing:
         way_back = backup_before(db, min(missing.versions))
         hint = (f"; restore the backup taken before it: {SCRIPT} restore {way_back.id}" if way_back
                 else "; no backup from before it is in the store")
-        raise db_migrations.MissingDownFile(str(missing) + hint, []) from None
+        raise MissingDownFile(str(missing) + hint, []) from None
     if not plan.steps:
         return Result({"rolled_back": [], "current": plan.target_id}, [plan.render()])
     for warning in plan.warnings:
@@ -363,7 +366,7 @@ def cmd_rollback(ctx: Context) -> Result:
             ids.append(take_backup(db, f"before rollback to {plan.target_label}", progress=ctx.progress,
                                    safety=True).id)
         lock_timeout = db.server.lock_timeout if ctx.args.lock_timeout is None else ctx.args.lock_timeout
-        outcome = db_migrations.run_rollback(db.server, plan, lock_timeout, ctx.args.terminate_blockers,
+        outcome = run_rollback(db.server, plan, lock_timeout, ctx.args.terminate_blockers,
                                              progress=ctx.info)
     lines = [f"rolled back {ident}" for ident in outcome.rolled_back]
     lines += [f"ended blocking session {s['pid']} ({s.get('user')}, {s.get('application')})"
@@ -420,10 +423,10 @@ def cmd_locks(ctx: Context) -> Result:
                 return Result({"dry_run": True, "terminate": ctx.args.terminate},
                               [f"would end session {ctx.args.terminate}"], report=True)
             ctx.confirm(f"End session {ctx.args.terminate} on {db.server.name}?")
-            if not db_migrations.terminate(conn, ctx.args.terminate):
+            if not db_sessions.terminate(conn, ctx.args.terminate):
                 raise UsageError(f"no session with pid {ctx.args.terminate}")
             return Result({"terminated": ctx.args.terminate}, [f"ended session {ctx.args.terminate}"])
-        sessions = db_migrations.blocking_report(conn, db.server.name)
+        sessions = db_sessions.blocking_report(conn, db.server.name)
     finally:
         conn.close()
     rows = [(str(s["pid"]), str(s["user"]), str(s["application"] or ""), str(s["state"] or ""),
