@@ -1,17 +1,45 @@
-"""What `database_rollback.py verify` checks on the live server: version, migrations, indexes, sessions, and
-the databases restores left beside the live one."""
+"""`database_rollback.py verify`: what it checks on the live server (version, migrations, indexes, sessions,
+and the databases restores left beside the live one), and a backup's checksums and table of contents."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from backup_store.manifest import check_backup
+from backup_store.store import resolve_component
+from common.cli import Context, Result
 from common.errors import ToolkitError, UsageError
+from common.text import count
 from database import migrations
-from database.dumps import quote_identifier
+from database.context import DbContext
+from database.dumps import dump_entries, dump_path, quote_identifier
 from database.scratch import CLAIMED, KEPT_ROLES, being_built, scratch_databases
 from database.server import APPLICATION_NAME, MAINTENANCE_DB, DbServer
 
 LONG_TRANSACTION_SECONDS = 300
+
+
+def verify_command(ctx: Context) -> Result:
+    """verify [BACKUP]: server, migrations, indexes, sessions, and a backup's checksums and table of contents."""
+    db = DbContext.from_settings(ctx.settings)
+    problems, notes = database_problems(db.server, db.migrations_dir)
+    backup = (resolve_component(db.store, ctx.args.backup) if ctx.args.backup
+              else db.store.latest(match=db.is_own))
+    if backup is None:
+        notes.append(f"no backups in {db.store.root} yet")
+    else:
+        backup_problems = check_backup(backup)
+        if not backup_problems:
+            try:
+                entries = len(dump_entries(db.server, db.tools, dump_path(backup)))
+                notes.append(f"backup {backup.id}: checksums hold, {entries} entries in its table of contents")
+            except ToolkitError as exc:
+                backup_problems.append(str(exc))
+        problems += [f"backup {backup.id}: {p}" for p in backup_problems]
+    lines = [f"verify {db.server.name}: " + (count(len(problems), "problem") if problems else "OK")]
+    lines += [f"  problem: {p}" for p in problems] + [f"  {n}" for n in notes]
+    return Result({"problems": problems, "notes": notes, "backup": backup.id if backup else None}, lines,
+                  exit_code=3 if problems else 0, report=True)
 
 
 def database_problems(server: DbServer, migrations_dir: Path) -> tuple[list[str], list[str]]:

@@ -1,4 +1,4 @@
-"""pg_dump into the backup store, and pg_restore back (into the live database, or the one db_swap builds).
+"""pg_dump into the backup store, and pg_restore back (into the live database, or the one database.swap builds).
 
 User-supplied names never reach argv: the database to dump comes through PGDATABASE, the one to restore
 into as a quoted conninfo value, and the password through the memory-only PGPASSFILE of DbServer.run_client().
@@ -16,8 +16,7 @@ from backup_store.staging import Staging
 from common.errors import ToolkitError, UsageError
 from common.proc import run_tool
 from database.scratch import UNDONE, scratch_name
-from database.scratch import drop_database as drop_database  # re-exported: restore_points.drill imports it from here
-from database.server import MAINTENANCE_DB, DbServer
+from database.server import DbServer
 
 DUMP_FILE = "db.dump"  # custom format: one file plain pg_restore reads
 DUMP_DIR = "db.dir"  # directory format: dumped and restored in parallel
@@ -114,11 +113,6 @@ def dump_path(backup: Backup) -> Path:
     raise ToolkitError(f"backup {backup.id} holds no {DUMP_FILE} or {DUMP_DIR}")
 
 
-def list_dump(server: DbServer, tools: PgTools, path: Path) -> int:
-    """Check that pg_restore can read the dump's table of contents; return its number of entries."""
-    return len(dump_entries(server, tools, path))
-
-
 def dump_entries(server: DbServer, tools: PgTools, path: Path) -> list[str]:
     """The dump's table of contents as pg_restore --list prints it, one line per entry; a dump pg_restore
     cannot read is an error."""
@@ -150,13 +144,6 @@ def dump_size(path: Path) -> int:
 def conninfo_dbname(name: str) -> str:
     """A conninfo string naming only the database, quoted so the name is data, never options."""
     return "dbname='" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def database_size(server: DbServer, name: str) -> int:
-    """pg_database_size of `name` (for restore progress), 0 if it cannot be read."""
-    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_database_size(%s)", (name,))
-        return cur.fetchone()[0] or 0
 
 
 def restore_into(server: DbServer, tools: PgTools, path: Path, dbname: str, jobs: int, single_transaction: bool,
@@ -197,12 +184,6 @@ def rename_back_statements(live: str, before: str) -> list[str]:
         # The swap refused connections to the database it set aside; a run killed just after it left that so.
         f"ALTER DATABASE {quote_identifier(live)} WITH ALLOW_CONNECTIONS true",
     ]
-
-
-def undo_hint(server: DbServer, before: str) -> str:
-    """The SQL that puts the previous database back, for the operator."""
-    return (f"to undo, run as a superuser, connected to {MAINTENANCE_DB}: "
-            + "; ".join(rename_back_statements(server.name, before)) + ";")
 
 
 def foreign_dump(ref: str) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 # migrate and rollback take the same advisory lock; advisory locks are per database, so other databases are free.
 LOCK_KEY = int.from_bytes(hashlib.sha256(b"database_rollback.migrate").digest()[:8], "big", signed=True)
 POLL_SECONDS = 0.05
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of an expired lock_timeout
 _QUERY_CHARS = 200
 
 
@@ -53,6 +55,19 @@ def terminate(conn: connection, pid: int) -> bool:
         raise ToolkitError(f"could not end session {pid}: {pg_error(exc)} (it takes a superuser, the "
                            "session's own role, or pg_signal_backend)") from None
     return ended
+
+
+def wait_until_gone(conn: connection, pids: list[int], seconds: float) -> None:
+    """Wait up to `seconds` until none of `pids` is a session any more (pg_terminate_backend only signals)."""
+    deadline = time.monotonic() + seconds
+    while pids and time.monotonic() < deadline:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
+            left = cur.fetchone()[0]
+        conn.rollback()  # pg_stat_activity is read once per transaction
+        if not left:
+            break
+        time.sleep(POLL_SECONDS)
 
 
 def _sessions(cur, pids: list[int]) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from common.errors import ToolkitError
 from common.progress import Progress, no_progress
-from database.dumps import PgTools, database_size, restore_into, with_full_disk_named
+from database.dumps import PgTools, restore_into, with_full_disk_named
 from database.properties import (
     DEFAULT_TABLESPACE,
     DatabaseProperties,
@@ -131,6 +131,13 @@ def restore_into_fresh_database(server: DbServer, tools: PgTools, plan: SwapPlan
         except BaseException as first:
             drop_built(server, restored, first, space)
             raise
+
+
+def database_size(server: DbServer, name: str) -> int:
+    """pg_database_size of `name` (for restore progress), 0 if it cannot be read."""
+    with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_database_size(%s)", (name,))
+        return cur.fetchone()[0] or 0
 
 
 def carry_over(server: DbServer, plan: SwapPlan, restored: str) -> None:

@@ -17,6 +17,7 @@ from commands.rto import rto_for
 from common.components import BY_NAME, PARTS, Component
 from common.errors import EXIT_FAILED, EXIT_VERIFY
 from common.settings import Settings
+from database.backup_info import DbBackupInfo
 from database.scratch import DRILLING, claimed, drop_database, scratch_name
 from database.server import DbServer
 from offsite.pull import open_store
@@ -113,7 +114,7 @@ def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore,
                    info: Callable[[str], None]) -> DrillStep:
 
     server = DbServer.from_settings(settings)
-    backup: Backup | None = store.latest(match=lambda b: b.source.get("database") == server.name)
+    backup: Backup | None = store.latest(match=lambda b: DbBackupInfo.load(b).database == server.name)
     if backup is None:
         return DrillStep("db", "restore of the newest backup", 0.0, objective,
                          [f"no backups of {server.name} in {store.root}"], failed=True)

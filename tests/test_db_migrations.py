@@ -1,4 +1,5 @@
-"""database.migrations against the real throwaway cluster: migrate, plan and run rollbacks, locks and drift."""
+"""database.migrations, .migrate and .migration_rollback against the real throwaway cluster: migrate, plan and
+run rollbacks, locks and drift."""
 
 from __future__ import annotations
 
@@ -13,23 +14,11 @@ from psycopg2 import sql
 
 from common.errors import LockBusy, ToolkitError, UsageError
 from common.settings import Settings
-from database.migrations import (
-    MigrationFailed,
-    MissingDownFile,
-    RollbackFailed,
-    applied,
-    blocking_report,
-    current_id,
-    discover,
-    find,
-    migrate,
-    plan_rollback,
-    run_rollback,
-    status,
-    terminate,
-)
+from database.migrate import MigrationFailed, migrate
+from database.migration_rollback import MissingDownFile, RollbackFailed, plan_rollback, run_rollback
+from database.migrations import applied, current_id, discover, find, status
 from database.server import DbServer
-from database.sessions import LOCK_KEY
+from database.sessions import LOCK_KEY, blocking_report, terminate
 
 # id -> (up SQL, down SQL); 006's down runs outside a transaction, the rest inside the rollback transaction.
 MIGRATIONS: dict[str, tuple[str, str]] = {
