@@ -76,6 +76,12 @@ class Backup:
         return self.extra.get("kind") == "safety"
 
     @property
+    def host(self) -> str | None:
+        """The host the backup was taken on, as every component records it in its source."""
+        host = self.source.get("host")
+        return host if isinstance(host, str) else None
+
+    @property
     def size(self) -> int:
         """Bytes of payload."""
         return sum(entry.size for entry in self.files)

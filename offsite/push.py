@@ -50,7 +50,7 @@ def _holds(remote: Remote, backup: Backup, local: dict, repair: bool) -> bool:
         raise PushRefused(f"{exc}: not pushed{hint}") from None
     if there.data != local:
         raise PushRefused(f"backup {backup.id} is already on {remote.describe()} with other content (made on "
-                          f"{there.backup.source.get('host', 'another host')}): not pushed, the remote copy is "
+                          f"{there.backup.host or 'another host'}): not pushed, the remote copy is "
                           "left as it is; this host's backup stays in the local store")
     return True
 

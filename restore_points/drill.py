@@ -112,7 +112,6 @@ def _checksum_step(component: Component, store: BackupStore, objective: float) -
 
 def _database_step(settings: Settings, runner: ScriptRunner, store: BackupStore, objective: float,
                    info: Callable[[str], None]) -> DrillStep:
-
     server = DbServer.from_settings(settings)
     backup: Backup | None = store.latest(match=lambda b: DbBackupInfo.load(b).database == server.name)
     if backup is None:
