@@ -13,17 +13,16 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from backup_store.store import BackupStore
 from commands.metrics import record_run
 from commands.rto import RtoReport, rto_for
 from common.audit import append_audit
 from common.cli import Context, Result, emit, push_wanted, report_error
 from common.components import Component
-from common.errors import EXIT_FAILED, Interrupted, SettingError, ToolkitError
+from common.errors import EXIT_FAILED, EXIT_VERIFY, Interrupted, SettingError, ToolkitError
 from common.settings import Settings
 from common.text import mask_url_password
 from offsite.commands import push_after_backup
-from offsite.pull import forbid_downloads
+from offsite.pull import forbid_downloads, open_store
 
 RTO_COMMANDS = frozenset({"restore", "rollback"})  # timed against the component's recovery time objective
 UNRECORDED_COMMANDS = frozenset({"list", "status", "locks"})  # they change nothing: no metrics
@@ -117,7 +116,7 @@ def _record_metrics(
         if path is None:
             return
         count, newest_bytes = _store_state(settings, component)
-        verify_ok = {0: True, 3: False}.get(code) if args.command == "verify" else None
+        verify_ok = {0: True, EXIT_VERIFY: False}.get(code) if args.command == "verify" else None
         record_run(path, component.name, args.command, code == 0, duration, count, newest_bytes, verify_ok, objective)
     except Exception as exc:  # the command is over and its exit code stands, whatever went wrong here
         print(f"{script}: warning: the run was not recorded in the metrics file: {exc}", file=sys.stderr)
@@ -127,7 +126,7 @@ def _store_state(settings: Settings | None, component: Component) -> tuple[int |
     """How many backups the store holds and the newest one's size; unknown without settings."""
     if settings is None:
         return None, None
-    store = BackupStore(component.store_path(settings), component.name)
+    store = open_store(settings, component)
     newest = store.newest()
     # The folders, not store.backups(): counting must not read every manifest of a large store.
     return len(store.backup_folders()), (newest.size if newest else None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_VERIFY = 3
@@ -27,12 +26,6 @@ class SettingError(UsageError):
     def __init__(self, message: str, setting: str | None = None):
         super().__init__(message)
         self.setting = setting
-
-
-class VerifyFailed(ToolkitError):
-    """Verification found a problem."""
-
-    exit_code = EXIT_VERIFY
 
 
 class LockBusy(ToolkitError):

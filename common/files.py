@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import secrets
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from common.errors import ToolkitError, UsageError
+from common.libc import libc_function
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -29,8 +29,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_libc = None
-
 
 def flush_filesystem(path: Path) -> None:
     """Flush every written file on the filesystem holding `path` in one call.
@@ -38,10 +36,7 @@ def flush_filesystem(path: Path) -> None:
     One syncfs after writing many files costs about as much as one fsync, where an fsync per file
     would dominate a 1,000-file restore.
     """
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    syncfs = getattr(_libc, "syncfs", None)
+    syncfs = libc_function("syncfs", (ctypes.c_int,))
     if syncfs is None:
         os.sync()
         return

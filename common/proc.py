@@ -7,7 +7,6 @@ SIGKILL included, and a password reaches a child only through a file that exists
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from common.errors import ToolkitError
+from common.libc import libc_function
 
 _STOP_GRACE_SECONDS = 5
 # Never inherited by a child: a password reaches a tool only through a private file named in `env`.
@@ -131,15 +131,8 @@ def die_with_parent_hook() -> Callable[[], None] | None:
     return die_with_parent
 
 
-@functools.cache
 def _prctl() -> Callable[..., int] | None:
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl
+    return libc_function("prctl", (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong))
 
 
 @dataclass(frozen=True)

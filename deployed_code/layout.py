@@ -24,13 +24,13 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from common.errors import UsageError
 from common.files import fsync_dir, temp_name
+from common.libc import libc_function
 from common.signals import stop_signals_held
 from deployed_code.tree import remove_tree
 
@@ -188,21 +188,15 @@ def switch_in(new: Path, live: Path, aside: Path | None = None, link: bool = Fal
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-_renameat2: Callable | None = None
 
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths; False when the system or filesystem cannot (then the caller renames)."""
-    global _renameat2
-    if _renameat2 is None:
-        try:
-            function = ctypes.CDLL(None, use_errno=True).renameat2
-        except (AttributeError, OSError):
-            return False
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        function.restype = ctypes.c_int
-        _renameat2 = function
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    renameat2 = libc_function("renameat2", argtypes)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):

@@ -206,6 +206,17 @@ class ThrowawayCluster:
 
         return psycopg2.connect(self.dsn(dbname, **overrides))
 
+    def query(self, dbname: str, statement: str) -> list:
+        """Run `statement` in `dbname` outside a transaction block; the rows it returns, if any."""
+        conn = self.connect(dbname)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(statement)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
     def env(self, dbname: str) -> dict[str, str]:
         """The DB_* settings that point the toolkit's scripts at `dbname` in this cluster."""
         self._require_tmp()

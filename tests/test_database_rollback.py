@@ -48,13 +48,7 @@ class DbWorkspace:
         return run_script("database_rollback.py", *args, env=self.env, cwd=self.root, umask=umask)
 
     def sql(self, statement: str, dbname: str | None = None) -> list:
-        conn = self.pg_db.cluster.connect(dbname or self.pg_db.name)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement)
-            result = cur.fetchall() if cur.description else []
-        conn.close()
-        return result
+        return self.pg_db.cluster.query(dbname or self.pg_db.name, statement)
 
     def backup_ids(self) -> list[str]:
         listing = self.run("--json", "list")

@@ -120,13 +120,7 @@ class Replication:
         self.slots: list[str] = []
 
     def sql(self, dbname: str, statement: str) -> list:
-        conn = self.cluster.connect(dbname)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement)
-            rows = cur.fetchall() if cur.description else []
-        conn.close()
-        return rows
+        return self.cluster.query(dbname, statement)
 
     def slot(self) -> str:
         """A logical slot on the publisher, made apart from CREATE SUBSCRIPTION (same cluster)."""
