@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import pty
+import re
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -172,3 +175,45 @@ def wait_for_child(proc: subprocess.Popen, program: str, with_arg: str | None = 
         for pid, argv in descendants(proc.pid).items():
             if Path(argv[0]).name == program and (with_arg is None or any(a.startswith(with_arg) for a in argv)):
                 return pid
+
+
+class Terminal:
+    """A pseudo-terminal whose screen a test reads as it is written: `follower` is the end a program writes to
+    (its stderr), read on a thread so that a writer never blocks on a full terminal."""
+
+    def __init__(self) -> None:
+        self.leader, self.follower = pty.openpty()
+        self._seen = b""
+        self._closed = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.leader, 4096)
+            except OSError:  # EIO: every writer has closed its end
+                chunk = b""
+            with self._changed:
+                self._seen += chunk
+                self._closed = not chunk
+                self._changed.notify_all()
+            if not chunk:
+                return
+
+    def wait_for(self, pattern: bytes, timeout: float = 60) -> re.Match:
+        """The first match of `pattern` on the screen, once it is there (AssertionError if it never comes)."""
+        with self._changed:
+            self._changed.wait_for(lambda: re.search(pattern, self._seen) or self._closed, timeout)
+            found = re.search(pattern, self._seen)
+        assert found, f"{pattern!r} never appeared on the terminal: {self._seen[-400:]!r}"
+        return found
+
+    def screen(self, timeout: float = 60) -> bytes:
+        """Everything written, once every writer has closed its end (the program ended)."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self._closed, timeout), "the terminal was never closed"
+        self._reader.join()
+        os.close(self.leader)
+        return self._seen

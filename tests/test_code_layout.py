@@ -14,6 +14,8 @@ import pytest
 from code_workspace import CodeWorkspace, commit_v2, git_archive_tree
 from helpers import git, script_argv, writer_once_read
 
+from backup_store.copier import PARALLEL_FROM
+
 
 @pytest.fixture(params=["plain-folder", "symlink"])
 def cw(request, tmp_path: Path) -> CodeWorkspace:
@@ -155,17 +157,21 @@ def wait_for_no_processes(session: int, timeout: float = 10) -> list[int]:
 
 
 def test_sigkill_at_ten_moments_of_a_restore_leaves_old_or_new_nothing_unnamed_and_a_retry_works(tmp_path: Path):
-    """Killed at ten evenly spread moments: no process of the run lives on, DEPLOYMENT_DIR is the whole old tree
-    or the whole new one, and a retry right after succeeds; verify names every half-built tree, cleanup removes them.
+    """Killed at ten evenly spread moments of its work: no process of the run lives on, DEPLOYMENT_DIR is the whole
+    old tree or the whole new one, and a retry right after succeeds; verify names every half-built tree, cleanup
+    removes them.
 
     The plain-folder layout, where half-built trees are left beside DEPLOYMENT_DIR itself; the symlink layout's
-    are covered above, and its switch under SIGKILL in test_code_tree."""
+    are covered above, and its switch under SIGKILL in test_code_tree. The tree is just large enough for the
+    build to copy on several processes (PARALLEL_FROM files), and the moments are spread over what a run does
+    once it has started, not over the interpreter's start, where a kill finds nothing to leave behind."""
     cw = CodeWorkspace(tmp_path, symlink_layout=False)
     live = cw.live
     for d in range(20):
         (live / f"d{d:02d}").mkdir()
-        for f in range(100):
+        for f in range(20):
             (live / f"d{d:02d}" / f"f{f:02d}.py").write_bytes(os.urandom(1500))
+    assert len(list(live.rglob("*.py"))) >= PARALLEL_FROM
     assert cw.run("backup").returncode == 0
     new_tree = cw.tree()
 
@@ -180,12 +186,18 @@ def test_sigkill_at_ten_moments_of_a_restore_leaves_old_or_new_nothing_unnamed_a
     began = time.monotonic()
     assert subprocess.run(argv, env=env, cwd=cw.root, capture_output=True).returncode == 0
     whole = time.monotonic() - began
+    began = time.monotonic()  # a run that stops once started: its interpreter, imports, settings and store
+    started = subprocess.run(script_argv("code_rollback.py", "restore", "no-such-backup", "--yes"), env=env,
+                             cwd=cw.root, capture_output=True)
+    assert started.returncode == 2 and b"no backup 'no-such-backup'" in started.stderr
+    start = min(time.monotonic() - began, whole / 2)
     outcomes = set()
     for moment in range(10):
         break_live()
         proc = subprocess.Popen(argv, env=env, cwd=cw.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        time.sleep(whole * (moment + 0.5) / 10)  # not synchronisation: it picks where in the run the kill lands
+        # Not synchronisation: it picks where in the run's work the kill lands.
+        time.sleep(start + (whole - start) * (moment + 0.5) / 10)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert wait_for_no_processes(proc.pid) == [], f"kill {moment}: processes of the killed run live on"

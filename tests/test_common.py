@@ -1,4 +1,4 @@
-"""The shared library on real files and processes: safe files, settings, the tool runner, the store."""
+"""The shared library (common/) on real files and processes: safe files, settings, the tool runner, signals."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, process_state, wait_until_dead
 
-from backup_store.locks import HeldLocks
-from backup_store.manifest import check_backup
-from backup_store.store import BackupStore
-from common.errors import LockBusy, SettingError, ToolkitError, UsageError
+from common.errors import SettingError, ToolkitError, UsageError
 from common.files import atomic_write, make_private_dir, resolve_inside
 from common.proc import run_tool, secret_file
 from common.settings import Settings
@@ -134,81 +131,6 @@ def test_secret_file_reaches_the_child_and_has_no_name_anywhere(tmp_path: Path):
     assert result.stdout.decode().split() == ["hunter2", "0o600"]
     with pytest.raises(OSError):
         os.fstat(fd)  # closed with the block: the memory is gone with the last holder
-
-
-def test_store_lock_is_exclusive_and_names_its_holder(tmp_path: Path):
-    store = BackupStore(tmp_path / "store", "config")
-    other = BackupStore(tmp_path / "store", "config")
-    with store.lock("first run"):
-        with pytest.raises(LockBusy, match="first run") as busy, other.lock("second run"):
-            pass
-        assert busy.value.exit_code == 75
-    with other.lock("second run"):
-        pass
-
-
-_TAKE_LOCK = """
-import sys
-from pathlib import Path
-from common.errors import LockBusy
-from backup_store.store import BackupStore
-try:
-    with BackupStore(Path(sys.argv[1]), "config").lock("a step"):
-        print("locked")
-except LockBusy as exc:
-    print(exc)
-"""
-
-
-def test_a_store_lock_held_for_a_run_is_handed_down_to_the_scripts_it_runs(tmp_path: Path):
-    """A child given the held lock's descriptor works under it; without it, or for another store, it is
-    refused; the child's end releases nothing; a third run is kept out until the holder lets go."""
-    held, other = BackupStore(tmp_path / "held", "config"), BackupStore(tmp_path / "other", "config")
-    with other.lock("someone else"), HeldLocks("rollback.py restore", 0) as locks:
-        locks.take(held.root / ".lock")
-
-        def child(store: BackupStore, handed: bool) -> str:
-            return run_tool([sys.executable, "-c", _TAKE_LOCK, str(store.root)], "child", cwd=ROOT,
-                            env={**(locks.child_env() if handed else {}), "PYTHONPATH": str(ROOT)},
-                            pass_fds=locks.fds if handed else ()).stdout.decode().strip()
-
-        assert child(held, handed=True) == "locked"
-        assert child(held, handed=True) == "locked"  # the first child's end did not release it
-        assert "'rollback.py restore'" in child(held, handed=False)
-        assert "'someone else'" in child(other, handed=True)  # only the locks actually handed down
-        with held.lock("this process, under its own held lock (a pull before the steps)"):
-            assert held.locked
-    assert child(held, handed=False) == "locked"
-
-
-def test_store_resolves_and_checks_backups(tmp_path: Path):
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "a.txt").write_text("alpha")
-    store = BackupStore(tmp_path / "store", "config")
-    with store.lock("test"):
-        for label in ("one", "two"):
-            with store.new_backup(label) as staging:
-                staging.add_tree(source, "tree")
-    older, newer = sorted(store.backups(), key=lambda b: b.created_at)
-    assert store.resolve("latest").id == newer.id
-    assert store.resolve(older.id).id == older.id
-    assert store.resolve(str(older.path / "tree" / "a.txt")).id == older.id
-    assert check_backup(older) == []
-    (older.path / "tree" / "stray").write_text("?")
-    assert check_backup(older) == ["tree/stray: in the backup folder but not in its manifest"]
-    with pytest.raises(UsageError):
-        store.resolve("nope")
-    with pytest.raises(RuntimeError), store.new_backup("unlocked"):
-        pass
-
-
-def test_failed_backup_leaves_nothing(tmp_path: Path):
-    store = BackupStore(tmp_path / "store", "config")
-    with store.lock("test"), pytest.raises(UsageError), store.new_backup("doomed") as staging:
-        staging.add_file(tmp_path, "not-a-file")
-    assert [p.name for p in store.root.iterdir()] == [".lock"]
-    assert store.backups() == []
 
 
 def test_stop_signals_held_notes_a_signal_and_delivers_it_when_the_block_ends():

@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from helpers import ROOT, run_script
 from prometheus_client.parser import text_string_to_metric_families
 
+from backup_store.store import BackupStore
 from commands.metrics import record_run
 from commands.rto import RtoReport, rto_for
 from common.errors import SettingError
@@ -55,8 +57,12 @@ class Workspace:
 
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
-    ws = Workspace(tmp_path)
-    ws.config.mkdir()
+    return make_workspace(tmp_path)
+
+
+def make_workspace(root: Path) -> Workspace:
+    ws = Workspace(root)
+    ws.config.mkdir(parents=True)
     ws.metrics.parent.mkdir()
     (ws.config / "app.yml").write_text("server:\n  port: 8080\n")
     (ws.config / "db.json").write_text('{"host": "db"}\n')
@@ -146,29 +152,38 @@ def test_dry_runs_and_listings_are_not_recorded_and_a_write_failure_is_only_a_wa
     assert len(warnings) == 1 and "warning" in warnings[0]
 
 
-def test_a_metrics_lock_someone_keeps_costs_a_warning_not_a_hang(ws: Workspace):
+def test_a_metrics_lock_someone_keeps_costs_a_warning_not_a_hang(ws: Workspace, tmp_path: Path):
     """A reader of the metrics (any user: the lock file is 0644) holding a shared flock must not keep a backup,
-    or a point restore and its steps, from finishing: they used to wait forever once their work was done."""
-    point = run_script("rollback.py", "backup", env=ws.env, cwd=ws.root)
-    assert point.returncode == 0, point.stderr
+    or a point restore and its steps, from finishing: they used to wait forever once their work was done.
+
+    Each recorded run waits the 5 s that --metrics-file's help promises, so the backup (of another config folder
+    recording into the same file) runs beside the point restore, whose three recorded runs (its restore and
+    verify steps, then rollback.py itself) wait one after the other."""
+    other = make_workspace(tmp_path / "other")
+    other.metrics = ws.metrics
     lock = Path(f"{ws.metrics}.lock")
     lock.touch(mode=0o644)
     held = os.open(lock, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_SH)
     try:
-        started = time.monotonic()
-        result = ws.run_recorded("backup")
-        assert result.returncode == 0, result.stderr
-        assert time.monotonic() - started < 30
-        assert "not recorded in the metrics file" in result.stderr and "stayed locked" in result.stderr
-        assert len(json.loads(ws.run("--json", "list").stdout)["backups"]) == 2
+        with ThreadPoolExecutor(1) as beside:
+            started = time.monotonic()
+            backup = beside.submit(lambda: (other.run_recorded("backup"), time.monotonic() - started))
+            point = run_script("rollback.py", "backup", env=ws.env, cwd=ws.root)  # not recorded: no METRICS_FILE
+            assert point.returncode == 0, point.stderr
+            (ws.config / "app.yml").write_text("server:\n  port: 9090\n")
+            result = run_script("rollback.py", "restore", "latest", "--yes", "--no-system-check",
+                                env={**ws.env, "METRICS_FILE": str(ws.metrics)}, cwd=ws.root, timeout=120)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "restored: configuration" in result.stdout and "to undo this restore" in result.stdout
+            assert "not recorded in the metrics file" in result.stderr and "stayed locked" in result.stderr
+            assert (ws.config / "app.yml").read_text() == "server:\n  port: 8080\n"
 
-        (ws.config / "app.yml").write_text("server:\n  port: 9090\n")
-        result = run_script("rollback.py", "restore", "latest", "--yes", "--no-system-check",
-                            env={**ws.env, "METRICS_FILE": str(ws.metrics)}, cwd=ws.root, timeout=120)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "restored: configuration" in result.stdout and "to undo this restore" in result.stdout
-        assert (ws.config / "app.yml").read_text() == "server:\n  port: 8080\n"
+            result, took = backup.result()
+        assert result.returncode == 0, result.stderr
+        assert took < 30
+        assert "not recorded in the metrics file" in result.stderr and "stayed locked" in result.stderr
+        assert len(BackupStore(other.root / "config_backups", "config").backups()) == 1
     finally:
         os.close(held)
     assert not ws.metrics.exists()
