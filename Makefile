@@ -13,9 +13,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
+# The tests start the scripts as processes hundreds of times: each must load bytecode, not compile every
+# module again, even where the environment sets PYTHONDONTWRITEBYTECODE.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -n auto
+	env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/pytest -q -n auto
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
