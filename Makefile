@@ -13,11 +13,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
+# Two test workers per core: much of a test's time is spent waiting on PostgreSQL, S3 or a child process.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
+
 # The tests start the scripts as processes hundreds of times: each must load bytecode, not compile every
 # module again, even where the environment sets PYTHONDONTWRITEBYTECODE.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/pytest -q -n auto
+	env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
