@@ -16,7 +16,7 @@ demo: $(STAMP)
 # Two test workers per core: much of a test's time is spent waiting on PostgreSQL, S3 or a child process.
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
 
-# The tests start the scripts as processes hundreds of times: each must load bytecode, not compile every
+# Most tests start the scripts as processes, often several times: each must load bytecode, not compile every
 # module again, even where the environment sets PYTHONDONTWRITEBYTECODE.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
