@@ -38,6 +38,11 @@ class Entry:
     ctime_ns: int | None = None
     ino: int | None = None
 
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """(uid, gid) for os.lchown, gid -1 when unrecorded; None when the owner was not recorded."""
+        return None if self.uid is None else (self.uid, self.gid if self.gid is not None else -1)
+
     def to_json(self) -> dict:
         """The manifest form: only the fields that apply to this type."""
         # The instance's own dict: dataclasses.asdict deep-copies, which dominates a 20,000-entry manifest.

@@ -179,7 +179,7 @@ def restore_tree(backup: Backup, prefix: str, root: Path, diff: TreeDiff,
     # Modes and owners of folders last: a read-only folder must not stop the files going in.
     for rel, entry in sorted(wanted.items(), key=lambda item: item[0].count("/"), reverse=True):
         if entry.type == "dir" and rel:
-            _set_owner_and_mode(root / rel, entry)
+            set_owner_and_mode(root / rel, entry)
     if "" in wanted and _root_mode_differs(wanted[""], root):
         _set_root_owner_and_mode(root, wanted[""])
     for parent in {live.parent for _, live in staging.files} | {root}:
@@ -246,8 +246,8 @@ def _root_mode_differs(entry: Entry, root: Path) -> bool:
 
 
 def _set_root_owner_and_mode(root: Path, entry: Entry) -> None:
-    if os.geteuid() == 0 and entry.uid is not None:
-        os.chown(root, entry.uid, entry.gid if entry.gid is not None else -1)
+    if os.geteuid() == 0 and entry.owner is not None:
+        os.chown(root, *entry.owner)
     os.chmod(root, entry.mode)  # both follow a symlink to the real folder
 
 
@@ -259,7 +259,7 @@ def _stage(backup: Backup, entry: Entry, live: Path) -> Path:
             os.symlink(entry.target, temp)
         else:
             copy_and_hash(source, temp, mode=PRIVATE_FILE)
-        _set_owner_and_mode(temp, entry)
+        set_owner_and_mode(temp, entry)
     except OSError as exc:
         if exc.errno != errno.EEXIST:  # a name already there is not ours to remove
             temp.unlink(missing_ok=True)
@@ -285,8 +285,9 @@ def _remove(path: Path) -> None:
         pass  # already gone with a folder the backup has as a file
 
 
-def _set_owner_and_mode(path: Path, entry: Entry) -> None:
-    if os.geteuid() == 0 and entry.uid is not None:
-        os.lchown(path, entry.uid, entry.gid if entry.gid is not None else -1)
+def set_owner_and_mode(path: Path, entry: Entry) -> None:
+    """Give `path` the entry's mode, and its owner when running as root (a symlink: the owner only)."""
+    if os.geteuid() == 0 and entry.owner is not None:
+        os.lchown(path, *entry.owner)
     if entry.type != "symlink":
         os.chmod(path, entry.mode)  # after chown, which may clear setuid bits

@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from common.components import DATABASE
 from common.errors import SettingError, ToolkitError
 from common.proc import ToolRun, run_tool, secret_file
 from common.settings import Settings
 
-APPLICATION_NAME = "database_rollback.py"
+APPLICATION_NAME = DATABASE.script  # the toolkit's own sessions are told apart from the application's by it
 MAINTENANCE_DB = "postgres"  # where the toolkit connects to create, rename and drop databases
 CONNECT_TIMEOUT_SECONDS = 10
 

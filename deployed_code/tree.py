@@ -23,7 +23,7 @@ from pathlib import Path
 from backup_store.copier import CopyJob, copy_all
 from backup_store.manifest import Backup, Entry
 from backup_store.staging import Staging
-from backup_store.trees import tree_entries
+from backup_store.trees import set_owner_and_mode, tree_entries
 from common.errors import Interrupted, ToolkitError, UsageError
 from common.files import (
     PRIVATE_DIR,
@@ -281,11 +281,11 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
             if entry.target is None:
                 raise ToolkitError(f"backup {backup.id}: symlink {entry.path} has no target in the manifest")
             os.symlink(entry.target, out)
-            if as_root and entry.uid is not None:
-                os.lchown(out, entry.uid, entry.gid if entry.gid is not None else -1)
+            if as_root and entry.owner is not None:
+                os.lchown(out, *entry.owner)
             stats.symlinks += 1
         elif entry.type == "file":
-            owner = _owner(entry) if as_root else None
+            owner = entry.owner if as_root else None
             copies.append(CopyJob(os.path.join(base, entry.path), out, entry.mode, owner, checked(entry)))
         else:
             raise ToolkitError(f"backup {backup.id}: {entry.path} has an unknown type {entry.type!r}")
@@ -293,17 +293,7 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
     # Folder modes last and deepest first: a read-only folder must not stop what goes into it.
     for rel, entry in sorted(entries.items(), key=lambda item: item[0].count("/"), reverse=True):
         if entry.type == "dir":
-            _set_owner_and_mode(target / rel if rel else target, entry, as_root)
-
-
-def _owner(entry: Entry) -> tuple[int, int] | None:
-    return None if entry.uid is None else (entry.uid, entry.gid if entry.gid is not None else -1)
-
-
-def _set_owner_and_mode(path: Path, entry: Entry, as_root: bool) -> None:
-    if as_root and entry.uid is not None:
-        os.lchown(path, entry.uid, entry.gid if entry.gid is not None else -1)
-    os.chmod(path, entry.mode)  # after chown, which may clear setuid bits; never a symlink here
+            set_owner_and_mode(target / rel if rel else target, entry)
 
 
 def remove_tree(path: Path) -> None:
