@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import re
 
-MASK = "********"
+from common.text import MASK, mask_url_password
+
 # A key names a secret when one of its words (DB_PASS, sessionKey, x-api-key) is one of these: short words
 # count only whole (KEYBOARD_LAYOUT and PASSENGERS are not secrets), long ones anywhere (dbpassword).
 _SECRET_WORD = re.compile(r"pass|pwd|pw|keys?|private|apikey|pin")
@@ -26,7 +27,6 @@ _OPENS_BLOCK = re.compile(r"(?:![^\s]*[ \t]+)?(?:[|>][0-9+-]*)?(?:[ \t]+#.*)?|[{
 # "all: {password: x" is read as the key `password` inside `all`, not as `all` with a value "{password:"
 _INLINE = re.compile(
     r"""(?P<key>["']?[A-Za-z0-9_.-]+["']?[ \t]*:[ \t]*)(?P<value>"(?:\\.|[^"\\])*"|'[^']*'|[^,{}\[\]\s][^,}\]\s]*)""")
-_URL_PASSWORD = re.compile(r"(?P<user>://[^/\s:@]*:)[^/\s@]+@")
 
 
 def masked_diff(old: str, new: str, name: str) -> str:
@@ -79,4 +79,4 @@ def _mask_line(content: str, block_indent: int | None) -> tuple[str, int | None]
             shown = MASK + ("," if match.group("q") == '"' and value.rstrip().endswith(",") else "")
         return body[: match.start("value")] + shown + ending, block_indent
     body = _INLINE.sub(lambda m: m.group("key") + MASK if names_a_secret(m.group("key")) else m.group(), body)
-    return _URL_PASSWORD.sub(r"\g<user>" + MASK + "@", body) + ending, block_indent
+    return mask_url_password(body) + ending, block_indent
