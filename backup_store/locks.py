@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import getpass
 import os
-import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -54,7 +53,7 @@ def take_lock(path: Path, command: str, until: float | None = None,
             os.close(fd)
             raise
     since = format_time(datetime.now(UTC))
-    holder = f"pid {os.getpid()}, {_user()}@{socket.gethostname()}, '{command}', since {since}"
+    holder = f"pid {os.getpid()}, {_user()}@{os.uname().nodename}, '{command}', since {since}"
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode(), 0)
     return fd

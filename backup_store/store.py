@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-import socket
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -244,7 +242,7 @@ class BackupStore:
 
     def remove(self, backup: Backup) -> None:
         """Delete a backup: renamed out of sight first, so a half-deleted one is never taken for whole."""
-        doomed = self.root / f"{DELETING_PREFIX}{backup.id}-{secrets.token_hex(3)}"
+        doomed = self.root / f"{DELETING_PREFIX}{backup.id}-{os.urandom(3).hex()}"
         os.rename(backup.path, doomed)
         fsync_dir(self.root)
         shutil.rmtree(doomed)
@@ -303,7 +301,7 @@ def new_backup_id(component: str, name: str | None, created: datetime) -> str:
     parts = [stamp, component]
     if name:
         parts.append(_id_part(name, 40))
-    parts += [_id_part(socket.gethostname().split(".")[0], 32), secrets.token_hex(4)]
+    parts += [_id_part(os.uname().nodename.split(".")[0], 32), os.urandom(4).hex()]
     return "-".join(parts)
 
 

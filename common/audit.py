@@ -5,7 +5,6 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import socket
 from pathlib import Path
 
 from common.files import PRIVATE_FILE, make_private_dir
@@ -17,7 +16,7 @@ def append_audit(path: Path, record: dict) -> None:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = str(os.getuid())
-    line = json.dumps({"user": user, "host": socket.gethostname(), **record}, default=str) + "\n"
+    line = json.dumps({"user": user, "host": os.uname().nodename, **record}, default=str) + "\n"
     make_private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
     try:

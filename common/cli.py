@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -190,6 +189,8 @@ def report_error(script: str, args: argparse.Namespace, message: str, code: int)
     """The one line a failure prints (stderr; and a JSON document with --json), the traceback with --verbose."""
     message = mask_url_password(message)
     if args.verbose:
+        import traceback  # only for --verbose: it costs every command's start a few milliseconds
+
         traceback.print_exc()
     print(f"{script}: error: {message}", file=sys.stderr)
     if args.json:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
-import secrets
 import stat
 import threading
 from collections.abc import Iterator
@@ -36,7 +34,7 @@ def flush_filesystem(path: Path) -> None:
     One syncfs after writing many files costs about as much as one fsync, where an fsync per file
     would dominate a 1,000-file restore.
     """
-    syncfs = libc_function("syncfs", (ctypes.c_int,))
+    syncfs = libc_function("syncfs", ("int",))
     if syncfs is None:
         os.sync()
         return
@@ -75,7 +73,7 @@ def flushing_meanwhile(path: Path, interval: float = 0.05) -> Iterator[None]:
 
 def temp_name(path: Path) -> Path:
     """A hidden, unique sibling of `path`, on the same filesystem so it can be renamed over it."""
-    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    return path.with_name(f".{path.name}.tmp-{os.urandom(4).hex()}")
 
 
 class WriteFailed(ToolkitError):

@@ -6,7 +6,6 @@ SIGKILL included, and a password reaches a child only through a file that exists
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -132,7 +131,7 @@ def die_with_parent_hook() -> Callable[[], None] | None:
 
 
 def _prctl() -> Callable[..., int] | None:
-    return libc_function("prctl", (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong))
+    return libc_function("prctl", ("int", "ulong", "ulong", "ulong", "ulong"))
 
 
 @dataclass(frozen=True)

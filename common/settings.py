@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import io
 import math
 import os
@@ -158,6 +157,8 @@ def _expanded_length(value: str, expanded: dict[str, int]) -> int:
 
 def _near_misses(values: dict[str, str], source: Path | None) -> list[str]:
     """A warning for each name that is not a setting but is one letter or so away from one (CONFG_DIR)."""
+    import difflib  # here, not at the top: --help reads no settings and need not load it
+
     where = f"{source}: " if source else "the environment: "
     found = []
     for name in sorted(values):

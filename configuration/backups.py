@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 from backup_store.manifest import Backup
 from commands.store_commands import cleanup_backups, list_backups
@@ -26,7 +25,7 @@ def take_backup(paths: ConfigPaths, label: str | None, safety: bool = False) -> 
     with paths.store.new_backup(label, safety=safety) as staging:
         has_env = not paths.env_in_tree and os.path.lexists(paths.env_file)
         staging.source = ConfigSource(
-            host=socket.gethostname(),
+            host=os.uname().nodename,
             config_dir=str(paths.config_dir.resolve()),
             env_file=str(paths.env_file.resolve()),
             env_file_present=has_env or paths.env_in_tree,

@@ -3,7 +3,7 @@ command takes first), the `list` command, and the backup that leads back past a 
 
 from __future__ import annotations
 
-import socket
+import os
 
 from backup_store.manifest import Backup
 from commands.store_commands import list_backups
@@ -24,7 +24,7 @@ def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int
     client = check_client_version(db.tools, info.major)
     with db.store.new_backup(label, name=db.server.name, safety=safety) as staging:
         staging.source, staging.extra = DbBackupInfo(
-            host=socket.gethostname(), db_host=db.server.host, db_port=db.server.port, database=db.server.name,
+            host=os.uname().nodename, db_host=db.server.host, db_port=db.server.port, database=db.server.name,
             user=db.server.user, dump_format=fmt, server_version=info.version, pg_dump_version=client,
             database_size=info.database_size, migration_version=read_current(db.server)).dump()
         with progress(f"dumping {db.server.name}", lambda: bytes_under(staging.path), None):

@@ -12,8 +12,8 @@ held is still being built.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,7 +48,7 @@ class ScratchDatabase:
 def scratch_name(live: str, role: str, moment: datetime | None = None) -> str:
     """`<live>__<role>_<UTC stamp>_<6 hex digits>`, the live name cut so the whole fits 63 bytes."""
     stamp = (moment or datetime.now(UTC)).strftime(_STAMP)
-    suffix = f"__{role}_{stamp}_{secrets.token_hex(_RANDOM_BYTES)}"
+    suffix = f"__{role}_{stamp}_{os.urandom(_RANDOM_BYTES).hex()}"
     return _cut(live, len(suffix)) + suffix
 
 

@@ -4,7 +4,7 @@ is deployed, and the `backup` and `list` commands."""
 from __future__ import annotations
 
 import json
-import socket
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +35,7 @@ def take_backup(paths: CodePaths, label: str | None, safety: bool = False, progr
     previous = paths.store.newest()
     stats = SnapshotStats()
     with paths.store.new_backup(label, safety=safety) as staging:
-        source = CodeSource(host=socket.gethostname(), layout=paths.layout, live=str(paths.live.absolute()),
+        source = CodeSource(host=os.uname().nodename, layout=paths.layout, live=str(paths.live.absolute()),
                             **git_state(paths.repo))
         if deployed_commit:
             source.commit = deployed_commit

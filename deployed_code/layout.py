@@ -17,11 +17,9 @@ switched in or removed, and cleanup removes them only while holding that lock.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
-import secrets
 import stat
 import time
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from pathlib import Path
 
 from common.errors import UsageError
 from common.files import fsync_dir, temp_name
-from common.libc import libc_function
+from common.libc import last_errno, libc_function
 from common.signals import stop_signals_held
 from deployed_code.tree import remove_tree
 
@@ -192,13 +190,13 @@ _AT_FDCWD = -100
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths; False when the system or filesystem cannot (then the caller renames)."""
-    argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    argtypes = ("int", "char_p", "int", "char_p", "uint")
     renameat2 = libc_function("renameat2", argtypes)
     if renameat2 is None:
         return False
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
-    code = ctypes.get_errno()
+    code = last_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
@@ -214,7 +212,7 @@ _TEMP = re.compile(r"\.tmp-[0-9a-f]{8}$")  # common.files.temp_name
 def aside_path(live: Path) -> Path:
     """A new name beside `live` for the tree a switch replaces: `.<live name>.replaced-<UTC time>-<random>`."""
     stamp = datetime.now(UTC).strftime(_STAMP)
-    return live.with_name(f".{live.name}.replaced-{stamp}-{secrets.token_hex(3)}")
+    return live.with_name(f".{live.name}.replaced-{stamp}-{os.urandom(3).hex()}")
 
 
 def replaced_trees(live: Path) -> list[tuple[Path, datetime]]:

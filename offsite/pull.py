@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from backup_store.manifest import MANIFEST, Backup, Entry, load_backup
@@ -26,6 +25,8 @@ def pull(remote: Remote, store: BackupStore, backup_id: str, done: Transfer | No
     Folders first, then files (never through a link), symlinks last; a missing or changed object
     refuses the pull, is marked damaged on the remote, and the local store is as it was.
     """
+    from concurrent.futures import ThreadPoolExecutor  # like boto3: loaded only when a remote is used
+
     done = done or Transfer()
     copy = remote.read(store.component, backup_id)
     backup = copy.backup

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 from backup_store.manifest import MANIFEST, Backup, Entry
 from offsite.remote import Remote, UnreadableManifest, remote_manifest_data
@@ -89,6 +88,8 @@ def _send_missing(remote: Remote, backup: Backup, done: Transfer, deep: bool = F
 def _each(objects: dict[str, Entry], keys: set[str], work) -> list[str | None]:
     """Run `work(key)` for each key: small objects 16 at a time, large ones one at a time (each in parallel
     parts, so memory stays bounded). Returns the keys for which it returned something true."""
+    from concurrent.futures import ThreadPoolExecutor  # like boto3: loaded only when a remote is used
+
     small = [key for key in keys if objects[key].size < SMALL_OBJECT]
     with ThreadPoolExecutor(PARALLEL) as pool:
         found = [key for key, said in zip(small, pool.map(work, small), strict=True) if said]

@@ -27,7 +27,6 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -302,6 +301,8 @@ class Remote:
                 s3_call(lambda: self.client.upload_fileobj(body, self.config.bucket, key, Config=transfer_config()))
             size, digest = reader.size, reader.digest.hexdigest()
         else:  # parts read in parallel by s3transfer; the checksum on another thread meanwhile
+            from concurrent.futures import ThreadPoolExecutor  # like boto3: loaded only when a remote is used
+
             with ThreadPoolExecutor(1) as hasher:
                 hashed = hasher.submit(size_and_sha256, path)
                 s3_call(lambda: self.client.upload_file(str(path), self.config.bucket, key, Config=transfer_config(),

@@ -29,7 +29,6 @@ import hmac
 import io
 import os
 import re
-import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -182,7 +181,7 @@ class _SealingReader(io.RawIOBase):
 
     def __init__(self, aead: AESGCM, fingerprint: bytes, raw: BinaryIO):
         self._aead, self._raw = aead, raw
-        self._header = MAGIC + bytes([VERSION]) + fingerprint + secrets.token_bytes(STREAM_ID_SIZE)
+        self._header = MAGIC + bytes([VERSION]) + fingerprint + os.urandom(STREAM_ID_SIZE)
         self._pending = memoryview(self._header)  # sealed bytes made but not handed out yet
         self._index = 0
         self._done = False

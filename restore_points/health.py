@@ -9,7 +9,6 @@ memory > 80 %). Each can be changed with a HEALTH_* setting (environment, then .
 from __future__ import annotations
 
 import math
-import socket
 import threading
 import time
 import urllib.parse
@@ -21,6 +20,8 @@ from common.settings import Settings
 from common.text import mask_url_password
 
 if TYPE_CHECKING:
+    import socket
+
     from database.server import DbServer
 
 CPU_SAMPLE_SECONDS = 0.2
@@ -186,6 +187,8 @@ class _Deadline:
 
     @staticmethod
     def _shut(sock: socket.socket) -> None:
+        import socket  # loaded by _opener already
+
         try:
             # The plain socket's shutdown, also for a TLS socket: a blocked read returns at once (the
             # TLS layer's own shutdown would pull its state from under the reading thread).
@@ -207,7 +210,9 @@ class _Deadline:
 def _opener(deadline: _Deadline):  # -> urllib.request.OpenerDirector
     """urllib's opener whose connections (a redirect's too) are watched by the deadline from the moment they
     are made, TLS handshake included. (The name lookup before is the resolver's; it has its own timeouts.)"""
+    # Loaded only when a health URL is checked, not by every command's start.
     import http.client
+    import socket
     import urllib.request
 
     def watched_connection(address: tuple[str, int], timeout: object = None, source_address: object = None
