@@ -1,4 +1,4 @@
-"""The four benchmarks in their quick mode, run as whole processes on the suite's own servers: a benchmark that
+"""The benchmarks in their quick mode, run as whole processes on the suite's own servers: a benchmark that
 no longer runs fails here, not months later when someone wants its figures."""
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def quick_runs(tmp_path_factory: pytest.TempPathFactory, pg_cluster: ThrowawayCl
     runs = {
         "config": start_quick("config_bench.py", work / "config", **shell),
         "code": start_quick("code_bench.py", work / "code"),
+        "help": start_quick("help_bench.py", work / "help"),
         "db": start_quick("db_bench.py", work / "db", BENCH_DB_HOST=pg_cluster.host,
                           BENCH_DB_PORT=str(pg_cluster.port), BENCH_DB_USER=pg_cluster.user,
                           BENCH_DB_PASSWORD=pg_cluster.password),
@@ -101,6 +102,13 @@ def test_config_benchmark_quick_mode_prints_every_ratio_whatever_the_shell_holds
     assert_figures(result, rf"^  --help{against_cp}", rf"^  update \(one YAML key, with its backup\){against_cp}",
                    rf"^  restore, all 50 files differ{against_cp}", rf"^  restore, one file differs{against_cp}",
                    rf"^  cp -a of the tree{against_cp}")
+
+
+def test_help_benchmark_quick_mode_times_each_script_beside_the_bare_interpreter(quick_runs: dict[str, QuickRun]):
+    result = quick_runs["help"].finish()
+    assert_figures(result, rf"^  python -c pass\s+{NUMBER} ms$",
+                   *(rf"^  {script} --help\s+{NUMBER} ms\s+target < 150 ms: (met|MISSED)$"
+                     for script in ("config_rollback.py", "code_rollback.py", "database_rollback.py", "rollback.py")))
 
 
 def test_code_benchmark_quick_mode_prints_every_ratio(quick_runs: dict[str, QuickRun]):
