@@ -95,9 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "Runs PRE_RESTORE_HOOK, restores each component with its script (which saves what it\n"
                       "replaces first), verifies it, checks health, and stops at the first failure with the\n"
                       "commands that undo the steps already taken; then POST_RESTORE_HOOK and a last health\n"
-                      "check. Each step's time is reported against its RTO.")
+                      "check. Each step's time is reported against its RTO. The database goes back with its down\n"
+                      "migrations to the version the point recorded, keeping every row written since, when each\n"
+                      "down file exists; otherwise, or with --restore-data, its dump is restored, and the plan\n"
+                      "first counts, per table, the rows written since the point that this throws away.")
     sub.add_argument("point", metavar="POINT", help="a restore point id or `latest`")
     sub.add_argument("--only", metavar="LIST", help="a comma-separated subset of config,code,db")
+    sub.add_argument("--restore-data", action="store_true",
+                     help="restore the database's dump, losing every row written since the point, instead of "
+                          "rolling the schema back with the down migrations")
     add_health_arguments(sub)
     sub = add_verify_command(commands, cmd_verify, "the three verifies and the health check, one exit code",
                              "Runs each configured component's verify and the health check: one report, exit 3\n"

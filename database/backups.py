@@ -15,6 +15,7 @@ from database.backup_info import DbBackupInfo
 from database.context import SCRIPT, DbContext
 from database.dumps import ServerInfo, check_client_version, dump_into
 from database.migrations import read_current
+from database.row_counters import record_counters
 
 
 def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int = 1,
@@ -27,6 +28,7 @@ def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int
             host=os.uname().nodename, db_host=db.server.host, db_port=db.server.port, database=db.server.name,
             user=db.server.user, dump_format=fmt, server_version=info.version, pg_dump_version=client,
             database_size=info.database_size, migration_version=read_current(db.server)).dump()
+        record_counters(staging, db.server)  # before the dump: what a restore later compares with
         with progress(f"dumping {db.server.name}", lambda: bytes_under(staging.path), None):
             dump_into(staging, db.server, db.tools, fmt, jobs, compress)
     return staging.backup

@@ -28,6 +28,7 @@ from database.dumps import (
     with_full_disk_named,
 )
 from database.properties import read_properties
+from database.row_counters import WritesReport, read_counters, recorded_counters, writes_since
 from database.server import MAINTENANCE_DB, DbServer
 from database.space import SpaceCheck, refuse_if_short, restore_space
 from database.subscriptions import refuse_in_place, undo_statements
@@ -72,6 +73,11 @@ def restore_command(ctx: Context) -> Result:
             (ctx.warn if space.unchecked else ctx.info)(line)
         data = {"source": source.name, "database": db.server.name, "mode": "in-place" if args.in_place else "swap",
                 "dump_entries": len(source.entries), "space": space.to_dict()}
+        writes = writes_report(db, source, plan)
+        if writes:
+            for line in writes.lines():  # before the question: what answering yes throws away
+                ctx.info(line)
+            data["writes_since_backup"] = writes.to_dict()
         ids = [source.backup.id] if source.backup else []
         ctx.confirm(f"Replace database {db.server.name} with {source.name}?")
         if args.in_place:
@@ -81,6 +87,8 @@ def restore_command(ctx: Context) -> Result:
         else:
             done, lines = restore_by_swap(ctx, db, plan, source, space)
             data.update(done)
+        if writes:
+            lines.append(writes.lines()[0])
         skipped = subscriptions_in(source.entries)
         if skipped:
             lines.append(f"the dump's subscriptions ({', '.join(skipped)}) were not restored: they name the live "
@@ -93,11 +101,13 @@ def _dry_run(ctx: Context, db: DbContext, own_database: Callable[[Backup], bool]
     """restore --dry-run: every check a restore makes first, and what it would do."""
     source = find_source(ctx, db, own_database)
     plan, space = preflight(db, source, ctx.args)
+    writes = writes_report(db, source, plan)
     return Result({"source": source.name, "database": db.server.name, "dump_entries": len(source.entries),
                    "dry_run": True, "mode": "in-place" if ctx.args.in_place else "swap", "space": space.to_dict(),
-                   "subscriptions": [s.name for s in plan.subscriptions] if plan else []},
+                   "subscriptions": [s.name for s in plan.subscriptions] if plan else [],
+                   "writes_since_backup": writes.to_dict() if writes else None},
                   [f"would restore {source.name} ({len(source.entries)} entries) over {db.server.name}, {mode}",
-                   *space.lines()], report=True)
+                   *space.lines(), *(writes.lines() if writes else [])], report=True)
 
 
 def find_source(ctx: Context, db: DbContext, own_database: Callable[[Backup], bool]) -> RestoreSource:
@@ -117,6 +127,29 @@ def find_source(ctx: Context, db: DbContext, own_database: Callable[[Backup], bo
     else:
         ctx.warn(f"{dump} was not made by this toolkit: there is no checksum to check")
     return RestoreSource(backup, dump, dump_entries(db.server, db.tools, dump))
+
+
+def writes_report(db: DbContext, source: RestoreSource, plan: SwapPlan | None) -> WritesReport | None:
+    """The rows written to the database being replaced since the backup; None when there is none to replace
+    (a swap into a new name)."""
+    if plan is not None and plan.live is None:
+        return None
+    return writes_lost(db, source.backup)
+
+
+def writes_lost(db: DbContext, backup: Backup | None) -> WritesReport:
+    """The rows written to DB_NAME since `backup` (None: a dump made elsewhere), which restoring it loses."""
+    recorded = None
+    if backup:
+        taken_from = DbBackupInfo.load(backup).database
+        if taken_from != db.server.name:
+            return WritesReport(db.server.name, f"the backup is of database {taken_from!r}")
+        recorded = recorded_counters(backup)
+    try:
+        now = read_counters(db.server)
+    except ToolkitError as exc:  # e.g. a switch killed half-way left it refusing connections: the swap reopens it
+        return WritesReport(db.server.name, f"its counters could not be read: {exc}")
+    return writes_since(db.server.name, recorded, now)
 
 
 def preflight(db: DbContext, source: RestoreSource, args: argparse.Namespace) -> tuple[SwapPlan | None, SpaceCheck]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 from backup_store.manifest import MANIFEST, Backup, check_backup, load_backup
 from backup_store.store import BACKUP_ID
 from common.cli import Context, Result
-from common.components import BY_NAME, PARTS, Component
+from common.components import BY_NAME, DATABASE, PARTS, Component
 from common.errors import ToolkitError, UsageError
 from common.settings import Settings
 from offsite.pull import open_store
 from restore_points.command_setup import runner_for
+from restore_points.database_plan import DatabasePlan
 from restore_points.record import PointRecord, describe
 
 
@@ -75,16 +76,31 @@ def check_parts(settings: Settings, point: Backup, plan: list[Component]) -> Non
         raise ToolkitError(f"restore point {point.id} cannot be restored: {'; '.join(damaged)}; nothing changed")
 
 
-def preview(ctx: Context, point: Backup, plan: list[Component], order: str, absent: list[str]) -> Result:
-    """restore --dry-run: the order, and what each step's own `restore --dry-run` says it would change."""
+def step_arguments(point: Backup, plan: list[Component], database: DatabasePlan | None) -> dict[str, list[str]]:
+    """Each part's script arguments: `restore BACKUP`, or what the database plan chose."""
+    parts = PointRecord.load(point).parts
+    chosen = {component.name: ["restore", parts[component.name]] for component in plan}
+    if database:
+        chosen[DATABASE.name] = database.step_args()
+    return chosen
+
+
+def preview(ctx: Context, point: Backup, plan: list[Component], order: str, absent: list[str],
+            database: DatabasePlan | None) -> Result:
+    """restore --dry-run: the order, the database's way back and why, and what each step's own --dry-run
+    says it would change."""
     runner, parts = runner_for(ctx), PointRecord.load(point).parts
     steps, lines, exit_code = [], [f"would restore, in this order: {order}"], 0
+    lines += database.lines() if database else []
+    chosen = step_arguments(point, plan, database)
     for component in plan:
-        code, said = runner.preview(component, parts[component.name])
-        steps.append({"component": component.name, "backup": parts[component.name], "exit_code": code,
-                      "would": said})
+        args = chosen[component.name]
+        code, said = runner.preview(component, *args)
+        steps.append({"component": component.name, "backup": parts[component.name], "args": args,
+                      "exit_code": code, "would": said})
         lines.append(f"{component.title} ({parts[component.name]}):")
         lines += [f"  {line}" for line in said]
         exit_code = exit_code or code
-    return Result({"dry_run": True, "point": describe(point), "plan": [c.name for c in plan], "steps": steps},
+    return Result({"dry_run": True, "point": describe(point), "plan": [c.name for c in plan], "steps": steps,
+                   "database_plan": database.to_dict() if database else None},
                   lines + absent, exit_code=exit_code, report=True)

@@ -36,6 +36,15 @@ class Step:
     health: HealthReport | None = None
 
     @property
+    def done_what(self) -> str:
+        """What the step did, for the report."""
+        if self.restore.args[:1] == ["rollback"]:
+            if not self.restore.data.get("rolled_back"):
+                return f"schema already at {self.restore.args[1]}, nothing to roll back, every row kept"
+            return f"schema rolled back to {self.restore.args[1]} with the down migrations, every row kept"
+        return f"restored {self.backup_id}"
+
+    @property
     def seconds(self) -> float:
         """Restore plus verify: the time until the component is known to be back."""
         return self.restore.seconds + (self.verify.seconds if self.verify else 0.0)
@@ -89,7 +98,7 @@ class Outcome:
         else:
             lines = [f"restore point {self.point.id} restored: " + ", ".join(c.title for c in restored)]
         for step in self.done:
-            lines.append(f"{step.component.title}: restored {step.backup_id}, "
+            lines.append(f"{step.component.title}: {step.done_what}, "
                          + ("verified" if step.verify and step.verify.ok else "NOT verified"))
             lines += [f"  problem: {problem}" for problem in (step.verify.problems if step.verify else [])]
         lines += [f"  {report.line()}" for report in self.rtos]
@@ -109,11 +118,12 @@ class Outcome:
 
 def restore_point(point: Backup, plan: list[Component], settings: Settings, runner: ScriptRunner, hooks: Hooks,
                   health: Callable[[str | None, int | None], HealthReport], url: str | None,
-                  info: Callable[[str], None]) -> Outcome:
-    """Run PRE_RESTORE_HOOK, each component's restore and verify in order, POST_RESTORE_HOOK, a last health check.
+                  info: Callable[[str], None], step_args: dict[str, list[str]]) -> Outcome:
+    """Run PRE_RESTORE_HOOK, each component's step and verify in order, POST_RESTORE_HOOK, a last health check.
 
-    `health(url, requests)` runs the health check (url None: no HTTP part; requests None: the configured
-    number). PRE_RESTORE_HOOK's failure is raised (nothing was restored); everything later is recorded.
+    `step_args` holds each component's script arguments (`restore BACKUP`, or the database's `rollback
+    MIGRATION`). `health(url, requests)` runs the health check (url None: no HTTP part; requests None: the
+    configured number). PRE_RESTORE_HOOK's failure is raised (nothing was restored); everything later is recorded.
     """
     outcome = Outcome(point, plan)
     pre = hooks.run("PRE_RESTORE_HOOK", "nothing was restored")
@@ -123,8 +133,8 @@ def restore_point(point: Backup, plan: list[Component], settings: Settings, runn
     try:
         for current in plan:
             # While a pre-restore hook holds the application down, its URL is only asked at the end.
-            if not _restore_one(current, parts[current.name], runner, outcome, health, None if hooks.pre else url,
-                                info):
+            if not _restore_one(current, parts[current.name], step_args[current.name], runner, outcome, health,
+                                None if hooks.pre else url, info):
                 break
         else:
             finishing = True
@@ -154,11 +164,11 @@ def _cut_off(outcome: Outcome, component: Component, backup_id: str, runner: Scr
                          "took one (restore that to undo it)")
 
 
-def _restore_one(component: Component, backup_id: str, runner: ScriptRunner, outcome: Outcome,
+def _restore_one(component: Component, backup_id: str, args: list[str], runner: ScriptRunner, outcome: Outcome,
                  health: Callable[[str | None, int | None], HealthReport], url: str | None,
                  info: Callable[[str], None]) -> bool:
     """Restore and verify one component; False when the run must stop."""
-    step = Step(component, backup_id, runner.run(component, "restore", backup_id, "--yes"))
+    step = Step(component, backup_id, runner.run(component, *args, "--yes"))
     if not step.restore.ok:
         outcome.stop(f"{component.title} restore failed: {step.restore.error}", step.restore.exit_code)
         return False

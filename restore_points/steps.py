@@ -93,10 +93,10 @@ class ScriptRunner:
             data = {}
         return ScriptRun(component, list(args), done.returncode, data, done.stderr, time.monotonic() - started)
 
-    def preview(self, component: Component, backup_id: str) -> tuple[int, list[str]]:
-        """What the script's `restore BACKUP --dry-run` says it would change: its exit code and its lines
-        (its report, or its one-line error)."""
-        done = run_tool(self.argv(component, "restore", backup_id, "--dry-run"), component.script, cwd=self.cwd,
+    def preview(self, component: Component, *args: str) -> tuple[int, list[str]]:
+        """What the script's step (`restore BACKUP`, or the database's `rollback MIGRATION`) says with --dry-run
+        it would change: its exit code and its lines (its report, or its one-line error)."""
+        done = run_tool(self.argv(component, *args, "--dry-run"), component.script, cwd=self.cwd,
                         env=self._lock_env(), check=False, keep_secrets=True, pass_fds=self._lock_fds())
         text = done.stdout.decode(errors="replace") if done.returncode == 0 else done.stderr
         return done.returncode, [line for line in text.splitlines() if line.strip()]
@@ -114,6 +114,9 @@ class ScriptRunner:
 
 def undo_commands(step: ScriptRun, runner: ScriptRunner, settings: Settings) -> list[str]:
     """What puts back the state a successful restore step replaced."""
+    if step.args[:1] == ["rollback"]:  # a schema rollback: migrating up again keeps the rows written since
+        undone = step.data.get("rolled_back") or []
+        return [runner.shell_line(step.component, "migrate", undone[0])] if undone else []
     safety = step.data.get("safety_backup")
     if safety:
         return [runner.shell_line(step.component, "restore", safety, "--yes")]
