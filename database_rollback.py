@@ -153,6 +153,8 @@ def build_parser():
                       "line is `-- rollback: no-transaction` runs alone, outside any transaction, its row marked\n"
                       "dirty until it has run. An advisory lock keeps two migrators apart.")
     sub.add_argument("target", metavar="TARGET", nargs="?", help="stop after this migration (id or version)")
+    sub.add_argument("--allow-out-of-order", action="store_true",
+                     help="also apply pending files older than the newest applied one")
     add_no_backup_argument(sub, "the database")
 
     sub = add_command(

@@ -51,10 +51,10 @@ class MigrationFailed(ToolkitError):
 
 
 def migrate(server: DbServer, migrations: list[Migration], target: str | None = None,
-            progress: Callable[[str], None] = lambda message: None) -> list[str]:
+            progress: Callable[[str], None] = lambda message: None, allow_out_of_order: bool = False) -> list[str]:
     """Apply pending migrations up to `target` (default all) under lock_timeout = server.lock_timeout; returns
-    the ids applied. A dirty mark, changed applied files, a pending file older than the newest applied one or
-    a BEGIN/COMMIT in a transactional file are refused before anything runs."""
+    the ids applied. A dirty mark, changed applied files, a pending file older than the newest applied one
+    (unless allow_out_of_order) or a BEGIN/COMMIT in a transactional file are refused before anything runs."""
     conn = server.connect()
     done: list[str] = []
     try:
@@ -64,7 +64,7 @@ def migrate(server: DbServer, migrations: list[Migration], target: str | None = 
             conn.commit()
             refuse_dirty(rows, migrations, server.name)
             refuse_drift(migrations, rows)
-            todo = pending(migrations, rows, target)
+            todo = pending(migrations, rows, target, allow_out_of_order)
             texts = {m.version: read_sql(m.up) for m in todo}
             for migration in todo:
                 if not migration.up_no_transaction:
@@ -147,21 +147,29 @@ def refuse_drift(migrations: list[Migration], rows: list[Applied]) -> None:
                            f"for the change (or, if the change is only cosmetic, `{DATABASE.script} repair`)")
 
 
-def pending(migrations: list[Migration], rows: list[Applied], target: str | None) -> list[Migration]:
-    """The migrations `migrate [target]` applies, in version order; a UsageError for a target below the
-    current version, or for pending files below it."""
+def pending(migrations: list[Migration], rows: list[Applied], target: str | None,
+            allow_out_of_order: bool = False) -> list[Migration]:
+    """The migrations `migrate [target]` applies, in version order; a UsageError for an applied target below
+    the current version, or for pending files below it unless allow_out_of_order."""
     done = {row.version for row in rows}
     current = max(done, default=None)
     limit = MAX_VERSION
     if target is not None:
         wanted = find(migrations, rows, target)
-        if current is not None and wanted.version < current:
+        if current is not None and wanted.version < current and wanted.version in done:
             raise UsageError(f"{wanted.id} is older than the current version {current_id(rows)}: "
                              f"to go back, use `rollback {wanted.id}`")
         limit = wanted.version
     # Applying an older file after newer ones makes the version order lie about what rollback undoes.
-    late = [m.id for m in migrations if m.version not in done and current is not None and m.version < current]
-    if late:
+    late = [m.id for m in out_of_order(migrations, rows) if m.version <= limit]
+    if late and not allow_out_of_order:
         raise UsageError(f"{', '.join(late)} not applied but older than the current version {current_id(rows)}: "
-                         "renumber them above it")
+                         "renumber them above it, or apply them anyway with --allow-out-of-order")
     return [m for m in migrations if m.version not in done and m.version <= limit]
+
+
+def out_of_order(migrations: list[Migration], rows: list[Applied]) -> list[Migration]:
+    """Pending migrations older than the newest applied one."""
+    done = {row.version for row in rows}
+    current = max(done, default=None)
+    return [m for m in migrations if m.version not in done and current is not None and m.version < current]

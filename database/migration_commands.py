@@ -9,7 +9,7 @@ from common.cli import Context, Result
 from common.errors import UsageError
 from database.backups import backup_before, take_backup
 from database.context import SCRIPT, DbContext
-from database.migrate import migrate, pending
+from database.migrate import migrate, out_of_order, pending
 from database.migration_rollback import MissingDownFile, plan_rollback, run_rollback
 from database.migrations import discover, display_id, find, read_applied, refuse_dirty, status
 
@@ -22,11 +22,15 @@ def migrate_command(ctx: Context) -> Result:
         find(migrations, [], ctx.args.target)  # a malformed or unknown target: exit 2
     rows = read_applied(db.server)
     refuse_dirty(rows, migrations, db.server.name)
-    todo = pending(migrations, rows, ctx.args.target)
+    todo = pending(migrations, rows, ctx.args.target, ctx.args.allow_out_of_order)
     current = status(migrations, rows)["current"]
     if not todo:
         return Result({"applied": [], "current": current},
                       [f"nothing to apply: {db.server.name} is at {current or 'no migration'}"])
+    late = {m.id for m in out_of_order(migrations, rows)}
+    for ident in [m.id for m in todo if m.id in late]:
+        ctx.warn(f"{ident} is older than the current version {current}: applied out of order, it is undone only by "
+                 "a rollback to a version below it")
     if ctx.dry_run:
         return Result({"dry_run": True, "pending": [m.id for m in todo]}, [f"would apply {m.id}" for m in todo],
                       report=True)
@@ -34,7 +38,8 @@ def migrate_command(ctx: Context) -> Result:
     with db.store.lock(f"{SCRIPT} migrate"):
         if not ctx.args.no_backup:
             ids.append(take_backup(db, f"before migrate to {todo[-1].id}", progress=ctx.progress, safety=True).id)
-        done = migrate(db.server, migrations, ctx.args.target, progress=ctx.info)
+        done = migrate(db.server, migrations, ctx.args.target, progress=ctx.info,
+                       allow_out_of_order=ctx.args.allow_out_of_order)
     newest = max([*rows, *(m for m in todo if m.id in done)], key=lambda item: item.version, default=None)
     lines = [f"applied {ident}" for ident in done] + [f"backup before migrating: {i}" for i in ids]
     return Result({"applied": done, "current": display_id(newest.id, migrations) if newest else None,
@@ -87,7 +92,8 @@ def status_command(ctx: Context) -> Result:
     dirty = "  DIRTY: ran outside a transaction and did not finish (see `force`)"
     lines += [f"  applied  {row['id']}  ({row['applied_at']}){dirty if row['dirty'] else ''}"
               for row in state["applied"]]
-    lines += [f"  pending  {ident}" for ident in state["pending"]]
+    late = "  older than the current version: migrate --allow-out-of-order applies it"
+    lines += [f"  pending  {ident}{late if ident in state['out_of_order'] else ''}" for ident in state["pending"]]
     lines += [f"  {d['problem']:8} {d['id']}: {d['detail']}" for d in state["drift"]]
     return Result(state, lines, report=True)
 

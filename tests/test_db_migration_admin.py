@@ -1,5 +1,5 @@
 """Migrations real schemas need, through database_rollback.py run as a real process against the throwaway
-cluster: no-transaction up files and their dirty mark, force, baseline and repair."""
+cluster: no-transaction up files and their dirty mark, force, baseline, repair, and out-of-order files."""
 
 from __future__ import annotations
 
@@ -280,6 +280,32 @@ def test_repair_re_records_the_checksum_of_an_edited_applied_file(ws: Workspace)
     assert json.loads(ws.ok("--json", "status").stdout)["drift"] == []
     assert "nothing to repair" in ws.ok("repair", "--yes").stdout
     assert ws.ok("migrate", "--no-backup").stdout == "applied 005_notes\n"
+
+
+# -- out of order -------------------------------------------------------------------------------------
+
+
+def test_out_of_order_files_need_the_flag_and_are_warned_of(ws: Workspace):
+    files = {ident: FILES[ident] for ident in ("001_customers", "002_orders", "004_mood")}
+    ws.write(files)
+    ws.ok("migrate", "--no-backup")
+    ws.write({"003_orders_by_customer": FILES["003_orders_by_customer"]})
+    before = ws.state()
+    for args in (["migrate", "--no-backup"], ["migrate", "--dry-run"]):
+        refused = ws.run(*args)
+        assert refused.returncode == 2, args
+        assert refused.stderr == ("database_rollback.py: error: 003_orders_by_customer not applied but older than "
+                                  "the current version 004_mood: renumber them above it, or apply them anyway with "
+                                  "--allow-out-of-order\n")
+    assert ws.state() == before
+    assert "pending  003_orders_by_customer  older than the current version" in ws.ok("status").stdout
+
+    result = ws.ok("--json", "migrate", "--no-backup", "--allow-out-of-order")
+    assert "warning: 003_orders_by_customer is older than the current version 004_mood" in result.stderr
+    report = json.loads(result.stdout)
+    assert (report["applied"], report["current"]) == (["003_orders_by_customer"], "004_mood")
+    assert ws.tracking() == [row(ws, ident) for ident in FILES]
+    assert ws.sql("SELECT indisvalid FROM pg_index WHERE indexrelid = 'orders_by_customer'::regclass") == [(True,)]
 
 
 # -- verify and indexes being built -------------------------------------------------------------------
