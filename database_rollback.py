@@ -25,7 +25,7 @@ from database.cleanup import cleanup_command
 from database.context import SCRIPT
 from database.locks import locks_command
 from database.migration_admin import baseline_command, force_command, repair_command
-from database.migration_commands import migrate_command, rollback_command, status_command
+from database.migration_commands import SqlOption, migrate_command, rollback_command, status_command
 from database.restore import restore_command
 
 # -- the commands -----------------------------------------------------------------------------------
@@ -108,6 +108,7 @@ def build_parser():
         f"  {SCRIPT} restore latest --yes\n"
         f"  {SCRIPT} restore /path/to/backup.dump --in-place --yes\n"
         f"  {SCRIPT} migrate\n"
+        f"  {SCRIPT} migrate --sql > migrate.sql\n"
         f"  {SCRIPT} rollback 001_initial_schema --yes\n"
         f"  {SCRIPT} rollback --all --dry-run\n"
         f"  {SCRIPT} locks\n"
@@ -155,6 +156,7 @@ def build_parser():
     sub.add_argument("target", metavar="TARGET", nargs="?", help="stop after this migration (id or version)")
     sub.add_argument("--allow-out-of-order", action="store_true",
                      help="also apply pending files older than the newest applied one")
+    sub.add_argument("--sql", action=SqlOption, help="print the SQL as a psql script; change nothing")
     add_no_backup_argument(sub, "the database")
 
     sub = add_command(
@@ -171,6 +173,7 @@ def build_parser():
     sub.add_argument("--lock-timeout", type=int, metavar="SECONDS", help="lock_timeout (default DB_LOCK_TIMEOUT)")
     sub.add_argument("--terminate-blockers", action="store_true",
                      help="on a lock timeout, end the blocking sessions and try once more")
+    sub.add_argument("--sql", action=SqlOption, help="print the SQL as a psql script; change nothing")
     add_no_backup_argument(sub, "the database")
 
     add_command(commands, "status", cmd_status, "applied and pending migrations, and changed files")

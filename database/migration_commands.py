@@ -1,5 +1,5 @@
 """The `migrate`, `rollback` and `status` commands: the migrations of MIGRATIONS_DIR against DB_NAME, each
-change after a safety backup."""
+change after a safety backup, or printed as a psql script with --sql."""
 
 from __future__ import annotations
 
@@ -9,9 +9,21 @@ from common.cli import Context, Result
 from common.errors import UsageError
 from database.backups import backup_before, take_backup
 from database.context import SCRIPT, DbContext
-from database.migrate import migrate, out_of_order, pending
+from database.migrate import migrate, out_of_order, pending, refuse_drift
 from database.migration_rollback import MissingDownFile, plan_rollback, run_rollback
+from database.migration_sql import migrate_script, rollback_script
 from database.migrations import discover, display_id, find, read_applied, refuse_dirty, status
+
+
+class SqlOption(argparse.Action):
+    """--sql: print the SQL instead of running it; it implies --dry-run, so the run records no metrics or RTO."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, True)
+        namespace.dry_run = True
 
 
 def migrate_command(ctx: Context) -> Result:
@@ -23,6 +35,10 @@ def migrate_command(ctx: Context) -> Result:
     rows = read_applied(db.server)
     refuse_dirty(rows, migrations, db.server.name)
     todo = pending(migrations, rows, ctx.args.target, ctx.args.allow_out_of_order)
+    if ctx.args.sql:
+        refuse_drift(migrations, rows)
+        script = migrate_script(db.server.name, migrations, rows, todo, db.server.lock_timeout)
+        return Result({"sql": script}, [script.rstrip("\n")], report=True)
     current = status(migrations, rows)["current"]
     if not todo:
         return Result({"applied": [], "current": current},
@@ -60,6 +76,9 @@ def rollback_command(ctx: Context) -> Result:
         hint = (f"; restore the backup taken before it: {SCRIPT} restore {way_back.id}" if way_back
                 else "; no backup from before it is in the store")
         raise MissingDownFile(str(missing) + hint, []) from None
+    if ctx.args.sql:
+        script = rollback_script(db.server.name, rows, plan, lock_timeout)
+        return Result({"sql": script}, [script.rstrip("\n")], report=True)
     if not plan.steps:
         return Result({"rolled_back": [], "current": plan.target_id}, [plan.render()])
     for warning in plan.warnings:

@@ -1,5 +1,6 @@
 """Migrations real schemas need, through database_rollback.py run as a real process against the throwaway
-cluster: no-transaction up files and their dirty mark, force, baseline, repair, and out-of-order files."""
+cluster: no-transaction up files and their dirty mark, force, baseline, repair, --sql scripts run by psql,
+and out-of-order files."""
 
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def test_a_failing_no_transaction_up_leaves_a_dirty_mark_that_blocks_until_force
     refusal = ("database_rollback.py: error: " + ws.db.name + " is dirty at 002_tags: it ran outside a transaction "
                "and did not finish; finish or undo it by hand, then record the version the schema is at with "
                "`database_rollback.py force VERSION`\n")
-    for args in (["migrate", "--no-backup"], ["rollback", "001", "--yes", "--no-backup"],
+    for args in (["migrate", "--no-backup"], ["migrate", "--sql"], ["rollback", "001", "--yes", "--no-backup"],
                  ["rollback", "0", "--dry-run"]):
         result = ws.run(*args)
         assert (result.returncode, result.stderr) == (1, refusal), args
@@ -282,6 +283,52 @@ def test_repair_re_records_the_checksum_of_an_edited_applied_file(ws: Workspace)
     assert ws.ok("migrate", "--no-backup").stdout == "applied 005_notes\n"
 
 
+# -- --sql --------------------------------------------------------------------------------------------
+
+
+def test_sql_scripts_run_by_psql_do_what_migrate_and_rollback_do(ws: Workspace, other: Workspace):
+    for side in (ws, other):
+        side.write(FILES)
+        side.ok("migrate", "001", "--no-backup")
+    before = ws.state()
+    script = ws.ok("migrate", "--sql").stdout
+    assert ws.state() == before  # printing it changed nothing
+    assert json.loads(ws.ok("--json", "migrate", "--sql").stdout)["sql"] == script
+    for needed in ("CREATE TABLE IF NOT EXISTS public.schema_migrations", "BEGIN;", "COMMIT;",
+                   f"INSERT INTO public.schema_migrations (version, name, sha256, duration_ms, dirty) VALUES "
+                   f"(3, 'orders_by_customer', '{row(ws, '003_orders_by_customer')[2]}', NULL, true);",
+                   "UPDATE public.schema_migrations SET dirty = false WHERE version = 3;"):
+        assert needed in script
+    # The no-transaction part sits between two transactions, not inside one.
+    no_tx = script.index("CREATE INDEX CONCURRENTLY")
+    assert script.rindex("COMMIT;", 0, no_tx) > script.rindex("BEGIN;", 0, no_tx)
+    path = ws.root / "migrate.sql"
+    path.write_text(script)
+    ran = ws.psql(path)
+    assert ran.returncode == 0, ran.stderr
+    other.ok("migrate", "--no-backup")
+    assert ws.state() == other.state()
+    assert ws.tracking() == [row(ws, ident) for ident in FILES]
+
+    # Made for another state, it stops before changing anything.
+    after = ws.state()
+    stale = ws.psql(path)
+    assert stale.returncode == 3 and "not those this script was made for" in stale.stderr
+    assert ws.state() == after
+
+    script = ws.ok("rollback", "001", "--sql").stdout
+    assert "DROP INDEX CONCURRENTLY orders_by_customer;" in script
+    assert "DELETE FROM public.schema_migrations WHERE version = 4;" in script
+    assert ws.state() == after
+    path.write_text(script)
+    ran = ws.psql(path)
+    assert ran.returncode == 0, ran.stderr
+    other.ok("rollback", "001", "--yes", "--no-backup")
+    assert ws.state() == other.state()
+    assert ws.tracking() == [row(ws, "001_customers")]
+    assert ws.ok("migrate", "--sql", "001").stdout == f"-- nothing to apply: {ws.db.name} is at 001_customers\n"
+
+
 # -- out of order -------------------------------------------------------------------------------------
 
 
@@ -291,7 +338,7 @@ def test_out_of_order_files_need_the_flag_and_are_warned_of(ws: Workspace):
     ws.ok("migrate", "--no-backup")
     ws.write({"003_orders_by_customer": FILES["003_orders_by_customer"]})
     before = ws.state()
-    for args in (["migrate", "--no-backup"], ["migrate", "--dry-run"]):
+    for args in (["migrate", "--no-backup"], ["migrate", "--dry-run"], ["migrate", "--sql"]):
         refused = ws.run(*args)
         assert refused.returncode == 2, args
         assert refused.stderr == ("database_rollback.py: error: 003_orders_by_customer not applied but older than "
