@@ -24,7 +24,8 @@ from database.checks import verify_command
 from database.cleanup import cleanup_command
 from database.context import SCRIPT
 from database.locks import locks_command
-from database.migration_commands import migrate_command, rollback_command, status_command
+from database.migration_admin import baseline_command, force_command, repair_command
+from database.migration_commands import SqlOption, migrate_command, rollback_command, status_command
 from database.restore import restore_command
 
 # -- the commands -----------------------------------------------------------------------------------
@@ -53,6 +54,21 @@ def cmd_rollback(ctx: Context) -> Result:
 def cmd_status(ctx: Context) -> Result:
     """status: applied and pending migrations, and applied files that changed since."""
     return status_command(ctx)
+
+
+def cmd_baseline(ctx: Context) -> Result:
+    """baseline VERSION: record VERSION and the migrations below it as applied, without running them."""
+    return baseline_command(ctx)
+
+
+def cmd_force(ctx: Context) -> Result:
+    """force VERSION: set the recorded version and clear the dirty mark, without running anything."""
+    return force_command(ctx)
+
+
+def cmd_repair(ctx: Context) -> Result:
+    """repair: re-record the checksums of applied files whose text changed."""
+    return repair_command(ctx)
 
 
 def cmd_verify(ctx: Context) -> Result:
@@ -92,6 +108,7 @@ def build_parser():
         f"  {SCRIPT} restore latest --yes\n"
         f"  {SCRIPT} restore /path/to/backup.dump --in-place --yes\n"
         f"  {SCRIPT} migrate\n"
+        f"  {SCRIPT} migrate --sql > migrate.sql\n"
         f"  {SCRIPT} rollback 001_initial_schema --yes\n"
         f"  {SCRIPT} rollback --all --dry-run\n"
         f"  {SCRIPT} locks\n"
@@ -133,9 +150,13 @@ def build_parser():
 
     sub = add_command(commands, "migrate", cmd_migrate, "apply pending migrations from MIGRATIONS_DIR",
                       "Applies <version>_<name>.up.sql files in version order, each in its own transaction with\n"
-                      "its row in public.schema_migrations, after a backup (unless --no-backup). An advisory\n"
-                      "lock keeps two migrators apart.")
+                      "its row in public.schema_migrations, after a backup (unless --no-backup). A file whose first\n"
+                      "line is `-- rollback: no-transaction` runs alone, outside any transaction, its row marked\n"
+                      "dirty until it has run. An advisory lock keeps two migrators apart.")
     sub.add_argument("target", metavar="TARGET", nargs="?", help="stop after this migration (id or version)")
+    sub.add_argument("--allow-out-of-order", action="store_true",
+                     help="also apply pending files older than the newest applied one")
+    sub.add_argument("--sql", action=SqlOption, help="print the SQL as a psql script; change nothing")
     add_no_backup_argument(sub, "the database")
 
     sub = add_command(
@@ -144,24 +165,34 @@ def build_parser():
         "applied migration), newest first, and their tracking-table deletes in ONE transaction under\n"
         "lock_timeout, after a backup. On a lock timeout nothing changes and the blocking sessions are\n"
         "named. A down file whose first line is `-- rollback: no-transaction` runs on its own (the plan\n"
-        "warns). A migration without a down file stops the rollback before anything changes, naming the\n"
-        "backup to restore instead.")
+        "warns), its row marked dirty until it has run. A migration without a down file stops the rollback\n"
+        "before anything changes, naming the backup to restore instead.")
     sub.add_argument("migration", metavar="MIGRATION", nargs="?",
                      help="an applied migration: id (001_initial_schema) or version; 0 for none (every one undone)")
     sub.add_argument("--all", action="store_true", help="roll back every applied migration (the same as 0)")
     sub.add_argument("--lock-timeout", type=int, metavar="SECONDS", help="lock_timeout (default DB_LOCK_TIMEOUT)")
     sub.add_argument("--terminate-blockers", action="store_true",
                      help="on a lock timeout, end the blocking sessions and try once more")
+    sub.add_argument("--sql", action=SqlOption, help="print the SQL as a psql script; change nothing")
     add_no_backup_argument(sub, "the database")
 
     add_command(commands, "status", cmd_status, "applied and pending migrations, and changed files")
+    sub = add_command(commands, "baseline", cmd_baseline, "adopt a database made without the toolkit",
+                      "Records VERSION and every migration below it as applied, with their checksums, without\n"
+                      "running them. Refused if anything is recorded already.")
+    sub.add_argument("version", metavar="VERSION", help="the migration the schema is at (id or version)")
+    sub = add_command(commands, "force", cmd_force, "set the recorded version after a failed migration",
+                      "For a migration that failed part-way outside a transaction: after finishing or undoing it\n"
+                      "by hand, records VERSION as current (rows above it removed) and clears the dirty mark.")
+    sub.add_argument("version", metavar="VERSION", help="the migration the schema is at (id or version; 0: none)")
+    add_command(commands, "repair", cmd_repair, "re-record the checksums of applied files that changed")
 
     sub = add_verify_command(commands, cmd_verify, "check the database and a backup (problems exit 3)",
-                      "Connects and reports the server version; applied migrations must have unchanged files;\n"
-                      "no invalid indexes; no <name>__restore_ database left by a killed restore (one a running\n"
-                      "restore is building is only noted); no enabled subscription in a database a restore set\n"
-                      "aside; long transactions and lock waits are warned of; the newest backup (or BACKUP) must\n"
-                      "pass its checksums and pg_restore --list.")
+                      "Connects and reports the server version; applied migrations must have unchanged files\n"
+                      "and no dirty mark; no invalid indexes; no <name>__restore_ database left by a killed\n"
+                      "restore (one a running restore is building is only noted); no enabled subscription in a\n"
+                      "database a restore set aside; long transactions and lock waits are warned of; the newest\n"
+                      "backup (or BACKUP) must pass its checksums and pg_restore --list.")
     sub.add_argument("backup", metavar="BACKUP", nargs="?", help="the backup to check (default: the newest)")
 
     sub = add_command(commands, "locks", cmd_locks, "blocked sessions and who blocks them")

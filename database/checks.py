@@ -15,6 +15,7 @@ from database.context import DbContext
 from database.dumps import dump_entries, dump_path, quote_identifier
 from database.scratch import CLAIMED, KEPT_ROLES, being_built, scratch_databases
 from database.server import APPLICATION_NAME, MAINTENANCE_DB, DbServer
+from database.sessions import migration_lock_holders
 
 LONG_TRANSACTION_SECONDS = 300
 
@@ -59,9 +60,7 @@ def database_problems(server: DbServer, migrations_dir: Path) -> tuple[list[str]
             cur.execute("SELECT version()")
             notes.append(f"server: {cur.fetchone()[0]}")
             problems += scratch_report(cur, server.name, notes)
-            cur.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid ORDER BY 1")
-            problems += [f"index {name} is invalid (a failed CREATE INDEX CONCURRENTLY?): drop or rebuild it"
-                         for (name,) in cur.fetchall()]
+            problems += _invalid_indexes(cur, notes)
             cur.execute("SELECT pid, usename, application_name, now() - xact_start FROM pg_stat_activity"
                         " WHERE datname = current_database() AND xact_start < now() - make_interval(secs => %s)"
                         " AND pid <> pg_backend_pid() ORDER BY xact_start", (LONG_TRANSACTION_SECONDS,))
@@ -72,8 +71,16 @@ def database_problems(server: DbServer, migrations_dir: Path) -> tuple[list[str]
             notes += [f"warning: session {pid} ({user}) waits for a lock held by {blockers}"
                       for pid, user, blockers in cur.fetchall()]
         rows = migrations.applied(conn)
+        with conn.cursor() as cur:
+            migrating = bool(migration_lock_holders(cur))
     finally:
         conn.close()
+    for row in rows:
+        if row.dirty and migrating:
+            notes.append(f"migration {row.id} is being applied or rolled back outside a transaction now")
+        elif row.dirty:
+            problems.append(f"migration {row.id} is marked dirty: it ran outside a transaction and did not finish; "
+                            f"finish or undo it by hand, then `{APPLICATION_NAME} force VERSION`")
     if rows or migrations_dir.is_dir():
         try:
             state = migrations.status(migrations.discover(migrations_dir), rows)
@@ -83,6 +90,17 @@ def database_problems(server: DbServer, migrations_dir: Path) -> tuple[list[str]
             notes.append(f"migration: {state['current'] or 'none applied'}, {len(state['pending'])} pending")
             problems += [f"migration {d['id']}: {d['detail']}" for d in state["drift"]]
     return problems, notes
+
+
+def _invalid_indexes(cur, notes: list[str]) -> list[str]:
+    """Problems: invalid indexes, as a failed or killed CREATE INDEX CONCURRENTLY (or REINDEX CONCURRENTLY)
+    leaves them. Notes (appended to `notes`): those a CREATE INDEX CONCURRENTLY is building now."""
+    cur.execute("SELECT i.indexrelid::regclass::text, EXISTS (SELECT FROM pg_stat_progress_create_index p"
+                " WHERE p.index_relid = i.indexrelid) FROM pg_index i WHERE NOT i.indisvalid ORDER BY 1")
+    found = cur.fetchall()
+    notes += [f"index {name} is being built now (CREATE INDEX CONCURRENTLY)" for name, building in found if building]
+    return [f"index {name} is invalid (left by a failed CREATE INDEX CONCURRENTLY?): drop it and build it again"
+            for name, building in found if not building]
 
 
 def scratch_report(cur, live: str, notes: list[str]) -> list[str]:

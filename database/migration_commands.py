@@ -1,5 +1,5 @@
 """The `migrate`, `rollback` and `status` commands: the migrations of MIGRATIONS_DIR against DB_NAME, each
-change after a safety backup."""
+change after a safety backup, or printed as a psql script with --sql."""
 
 from __future__ import annotations
 
@@ -9,33 +9,56 @@ from common.cli import Context, Result
 from common.errors import UsageError
 from database.backups import backup_before, take_backup
 from database.context import SCRIPT, DbContext
-from database.migrate import migrate
+from database.migrate import migrate, out_of_order, pending, refuse_drift
 from database.migration_rollback import MissingDownFile, plan_rollback, run_rollback
-from database.migrations import discover, find, read_applied, status
+from database.migration_sql import migrate_script, rollback_script
+from database.migrations import discover, display_id, find, read_applied, refuse_dirty, status
+
+
+class SqlOption(argparse.Action):
+    """--sql: print the SQL instead of running it; it implies --dry-run, so the run records no metrics or RTO."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, True)
+        namespace.dry_run = True
 
 
 def migrate_command(ctx: Context) -> Result:
     """migrate [TARGET]: apply pending migrations, after a backup tagged with the current version."""
     db = DbContext.from_settings(ctx.settings)
     migrations = discover(db.migrations_dir)
-    state = status(migrations, read_applied(db.server))
-    pending = [ident for ident in state["pending"]
-               if ctx.args.target is None or _version(ident) <= _version(ctx.args.target)]
     if ctx.args.target is not None:
         find(migrations, [], ctx.args.target)  # a malformed or unknown target: exit 2
-    if not pending:
-        return Result({"applied": [], "current": state["current"]},
-                      [f"nothing to apply: {db.server.name} is at {state['current'] or 'no migration'}"])
+    rows = read_applied(db.server)
+    refuse_dirty(rows, migrations, db.server.name)
+    todo = pending(migrations, rows, ctx.args.target, ctx.args.allow_out_of_order)
+    if ctx.args.sql:
+        refuse_drift(migrations, rows)
+        script = migrate_script(db.server.name, migrations, rows, todo, db.server.lock_timeout)
+        return Result({"sql": script}, [script.rstrip("\n")], report=True)
+    current = status(migrations, rows)["current"]
+    if not todo:
+        return Result({"applied": [], "current": current},
+                      [f"nothing to apply: {db.server.name} is at {current or 'no migration'}"])
+    late = {m.id for m in out_of_order(migrations, rows)}
+    for ident in [m.id for m in todo if m.id in late]:
+        ctx.warn(f"{ident} is older than the current version {current}: applied out of order, it is undone only by "
+                 "a rollback to a version below it")
     if ctx.dry_run:
-        return Result({"dry_run": True, "pending": pending}, [f"would apply {ident}" for ident in pending],
+        return Result({"dry_run": True, "pending": [m.id for m in todo]}, [f"would apply {m.id}" for m in todo],
                       report=True)
     ids = []
     with db.store.lock(f"{SCRIPT} migrate"):
         if not ctx.args.no_backup:
-            ids.append(take_backup(db, f"before migrate to {pending[-1]}", progress=ctx.progress, safety=True).id)
-        done = migrate(db.server, migrations, ctx.args.target, progress=ctx.info)
+            ids.append(take_backup(db, f"before migrate to {todo[-1].id}", progress=ctx.progress, safety=True).id)
+        done = migrate(db.server, migrations, ctx.args.target, progress=ctx.info,
+                       allow_out_of_order=ctx.args.allow_out_of_order)
+    newest = max([*rows, *(m for m in todo if m.id in done)], key=lambda item: item.version, default=None)
     lines = [f"applied {ident}" for ident in done] + [f"backup before migrating: {i}" for i in ids]
-    return Result({"applied": done, "current": done[-1] if done else state["current"],
+    return Result({"applied": done, "current": display_id(newest.id, migrations) if newest else None,
                    "safety_backup": ids[0] if ids else None}, lines, backup_ids=ids)
 
 
@@ -43,13 +66,19 @@ def rollback_command(ctx: Context) -> Result:
     """rollback MIGRATION: undo every applied migration above it, in one transaction, after a backup."""
     db = DbContext.from_settings(ctx.settings)
     migrations = discover(db.migrations_dir)
+    rows = read_applied(db.server)
+    refuse_dirty(rows, migrations, db.server.name)
+    lock_timeout = db.server.lock_timeout if ctx.args.lock_timeout is None else ctx.args.lock_timeout
     try:
-        plan = plan_rollback(migrations, read_applied(db.server), _rollback_ref(ctx.args))
+        plan = plan_rollback(migrations, rows, _rollback_ref(ctx.args))
     except MissingDownFile as missing:
         way_back = backup_before(db, min(missing.versions))
         hint = (f"; restore the backup taken before it: {SCRIPT} restore {way_back.id}" if way_back
                 else "; no backup from before it is in the store")
         raise MissingDownFile(str(missing) + hint, []) from None
+    if ctx.args.sql:
+        script = rollback_script(db.server.name, rows, plan, lock_timeout)
+        return Result({"sql": script}, [script.rstrip("\n")], report=True)
     if not plan.steps:
         return Result({"rolled_back": [], "current": plan.target_id}, [plan.render()])
     for warning in plan.warnings:
@@ -62,7 +91,6 @@ def rollback_command(ctx: Context) -> Result:
         if not ctx.args.no_backup:
             ids.append(take_backup(db, f"before rollback to {plan.target_label}", progress=ctx.progress,
                                    safety=True).id)
-        lock_timeout = db.server.lock_timeout if ctx.args.lock_timeout is None else ctx.args.lock_timeout
         outcome = run_rollback(db.server, plan, lock_timeout, ctx.args.terminate_blockers, progress=ctx.info)
     lines = [f"rolled back {ident}" for ident in outcome.rolled_back]
     lines += [f"ended blocking session {s['pid']} ({s.get('user')}, {s.get('application')})"
@@ -80,8 +108,11 @@ def status_command(ctx: Context) -> Result:
     db = DbContext.from_settings(ctx.settings)
     state = status(discover(db.migrations_dir), read_applied(db.server))
     lines = [f"{db.server.name} is at {state['current'] or 'no migration'}"]
-    lines += [f"  applied  {row['id']}  ({row['applied_at']})" for row in state["applied"]]
-    lines += [f"  pending  {ident}" for ident in state["pending"]]
+    dirty = "  DIRTY: ran outside a transaction and did not finish (see `force`)"
+    lines += [f"  applied  {row['id']}  ({row['applied_at']}){dirty if row['dirty'] else ''}"
+              for row in state["applied"]]
+    late = "  older than the current version: migrate --allow-out-of-order applies it"
+    lines += [f"  pending  {ident}{late if ident in state['out_of_order'] else ''}" for ident in state["pending"]]
     lines += [f"  {d['problem']:8} {d['id']}: {d['detail']}" for d in state["drift"]]
     return Result(state, lines, report=True)
 
@@ -94,10 +125,3 @@ def _rollback_ref(args: argparse.Namespace) -> str | None:
         raise UsageError("name the migration to roll back to (id or version), or 0 or --all to roll back every one")
     return None if args.all else args.migration
 
-
-def _version(ident: str) -> int:
-    """The version number a migration id or version starts with."""
-    head = ident.split("_", 1)[0]
-    if not head.isdigit():
-        raise UsageError(f"{ident!r} is not a migration id or version (e.g. 001_initial_schema or 1)")
-    return int(head)

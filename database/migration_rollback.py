@@ -9,13 +9,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.components import DATABASE
 from common.errors import ToolkitError, UsageError
-from database.migrations import Applied, Migration, applied, current_id, display_id, find
+from database.migrations import (
+    Applied,
+    Migration,
+    applied,
+    current_id,
+    display_id,
+    find,
+    prepare_tracking_table,
+    refuse_dirty,
+)
 from database.server import DbServer
 from database.sessions import (
     LOCK_NOT_AVAILABLE,
     BlockerWatch,
     abandon,
+    autocommit,
     blocked_by,
     migration_lock,
     set_lock_timeout,
@@ -30,6 +41,7 @@ if TYPE_CHECKING:
 BEFORE_FIRST = -1  # the target version of a rollback of every migration (`rollback 0` or `--all`)
 NO_MIGRATION = "no migration"  # how the state with nothing applied is shown
 _DELETE_TRACKING_ROW = "DELETE FROM public.schema_migrations WHERE version = %s"
+_MARK_DIRTY = "UPDATE public.schema_migrations SET dirty = true WHERE version = %s"
 
 
 class MissingDownFile(ToolkitError):
@@ -83,11 +95,12 @@ class RollbackPlan:
             return f"already at {self.target_label}: nothing to roll back"
         lines = [f"roll back {len(self.steps)} migration(s), from {self.current_id} to {self.target_label}"]
         lines += [f"warning: {warning}" for warning in self.warnings]
-        for number, batch in enumerate(_batches(self.steps), 1):
+        for number, batch in enumerate(batches(self.steps), 1):
             how = "on its own, outside any transaction" if batch[0].no_transaction else "in one transaction"
             lines.append(f"\n-- part {number}, {how}")
             for step in batch:
-                lines += [f"-- {step.file.name}", step.sql.strip(), _DELETE_TRACKING_ROW % step.version + ";"]
+                dirty = [_MARK_DIRTY % step.version + ";"] if step.no_transaction else []
+                lines += [f"-- {step.file.name}", *dirty, step.sql.strip(), _DELETE_TRACKING_ROW % step.version + ";"]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -127,7 +140,7 @@ def plan_rollback(migrations: list[Migration], applied: list[Applied], ref: str 
             missing.append((row.version, migration.id if migration else row.id))
             continue
         text = read_sql(migration.down)
-        if not migration.no_transaction:
+        if not migration.down_no_transaction:
             refuse_transaction_control(migration.down, text)
         else:
             warnings.append(f"{migration.down.name} runs outside the rollback transaction: the steps listed "
@@ -135,7 +148,7 @@ def plan_rollback(migrations: list[Migration], applied: list[Applied], ref: str 
         if migration.up_sha256 != row.sha256:
             warnings.append(f"{migration.up.name} changed since it was applied: its down file may not undo "
                             "what was applied")
-        steps.append(RollbackStep(row.version, migration.id, migration.down, text, migration.no_transaction))
+        steps.append(RollbackStep(row.version, migration.id, migration.down, text, migration.down_no_transaction))
     if missing:
         names = ", ".join(ident for _, ident in missing)
         raise MissingDownFile(f"cannot roll back to {target_id or NO_MIGRATION}: no down file for "
@@ -163,8 +176,9 @@ def run_rollback(server: DbServer, plan: RollbackPlan, lock_timeout: int, termin
     them and try once more.
 
     A no-transaction step splits the transaction in plan order: the steps before it are committed, it runs
-    on its own in autocommit (statement by statement, then its tracking row), and the rest run in a new
-    transaction. So if it fails, the steps before it stay rolled back; the plan's warnings say so.
+    on its own in autocommit (its row marked dirty, its statements one by one, then its row deleted), and the
+    rest run in a new transaction. So if it fails, the steps before it stay rolled back (the plan's warnings
+    say so) and its row stays, marked dirty.
     """
     import psycopg2
 
@@ -176,9 +190,10 @@ def run_rollback(server: DbServer, plan: RollbackPlan, lock_timeout: int, termin
     conn = server.connect()
     try:
         with migration_lock(conn, server.name):
-            _refuse_stale_plan(conn, plan)
+            prepare_tracking_table(conn, lock_timeout)
+            _refuse_stale_plan(conn, plan, server.name)
             with BlockerWatch(server, conn.get_backend_pid()) as watch:
-                for batch in _batches(plan.steps):
+                for batch in batches(plan.steps):
                     for attempt in (1, 2):
                         watch.clear()
                         try:
@@ -199,15 +214,16 @@ def run_rollback(server: DbServer, plan: RollbackPlan, lock_timeout: int, termin
     return outcome
 
 
-def _batches(steps: list[RollbackStep]) -> list[list[RollbackStep]]:
+def batches(steps: list[RollbackStep]) -> list[list[RollbackStep]]:
+    """The steps in the parts they run in."""
     # Consecutive transactional steps share one transaction; each no-transaction step is a batch of its own.
-    batches: list[list[RollbackStep]] = []
+    parts: list[list[RollbackStep]] = []
     for step in steps:
-        if step.no_transaction or not batches or batches[-1][0].no_transaction:
-            batches.append([step])
+        if step.no_transaction or not parts or parts[-1][0].no_transaction:
+            parts.append([step])
         else:
-            batches[-1].append(step)
-    return batches
+            parts[-1].append(step)
+    return parts
 
 
 def _run_batch(conn: connection, batch: list[RollbackStep], lock_timeout: int,
@@ -215,15 +231,11 @@ def _run_batch(conn: connection, batch: list[RollbackStep], lock_timeout: int,
     if batch[0].no_transaction:
         step = batch[0]
         progress(f"rolling back {step.id} (outside a transaction)")
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                set_lock_timeout(cur, lock_timeout, local=False)  # the connection is ours alone
-                execute_script(cur, step.file, step.sql)
-                cur.execute(_DELETE_TRACKING_ROW, (step.version,))
-        finally:
-            if not conn.closed:
-                conn.autocommit = False
+        with autocommit(conn), conn.cursor() as cur:
+            set_lock_timeout(cur, lock_timeout, local=False)  # the connection is ours alone
+            cur.execute(_MARK_DIRTY, (step.version,))
+            execute_script(cur, step.file, step.sql)
+            cur.execute(_DELETE_TRACKING_ROW, (step.version,))
         return
     with conn.cursor() as cur:
         set_lock_timeout(cur, lock_timeout, local=True)
@@ -234,10 +246,11 @@ def _run_batch(conn: connection, batch: list[RollbackStep], lock_timeout: int,
     conn.commit()
 
 
-def _refuse_stale_plan(conn: connection, plan: RollbackPlan) -> None:
+def _refuse_stale_plan(conn: connection, plan: RollbackPlan, dbname: str) -> None:
     # Someone may have migrated between the plan (or --dry-run) and now; only the lock makes this check hold.
     rows = applied(conn)
     conn.commit()
+    refuse_dirty(rows, [], dbname)
     above = [row.version for row in sorted(rows, key=lambda r: r.version, reverse=True)
              if row.version > plan.target_version]
     target_gone = plan.target_version != BEFORE_FIRST and plan.target_version not in {row.version for row in rows}
@@ -256,16 +269,21 @@ def _rollback_failed(failure: Exception, batch: list[RollbackStep], blockers: li
     if outcome.rolled_back:
         state = (f"{', '.join(outcome.rolled_back)} stay rolled back (committed before the no-transaction step); "
                  f"nothing else changed, now at {batch[0].id}")
-    if isinstance(failure, ScriptError) and batch[0].no_transaction and failure.statements_done:
-        state += (f"; {failure.path.name} runs outside a transaction, so its {failure.statements_done} "
-                  "statement(s) before the failing one stay done")
+    dirty = ""
+    if isinstance(failure, ScriptError) and batch[0].no_transaction:
+        done = failure.statements_done
+        dirty = (f"{batch[0].id} runs outside a transaction: "
+                 f"{f'its {done} statement(s) before the failing one stay done; ' if done else ''}it is marked "
+                 f"dirty: finish or undo it by hand, then `{DATABASE.script} force VERSION`; ")
+        state = state.replace("nothing changed", "nothing else changed")
     if failure.pgcode != LOCK_NOT_AVAILABLE:
-        return RollbackFailed(f"rollback to {outcome.target_id} failed: {where}; it was rolled back, {state}",
-                              outcome.rolled_back, blockers)
+        return RollbackFailed(f"rollback to {outcome.target_id} failed: {where}; "
+                              f"{dirty or 'it was rolled back, '}{state}", outcome.rolled_back, blockers)
     hint = ("they were ended and it was still blocked; retry later" if terminate_blockers
             else "retry when they finish, or end them with --terminate-blockers")
     return RollbackFailed(f"rollback to {outcome.target_id} gave up: {where}"
-                          f"{blocked_by(blockers, lock_timeout)}; {state}; {hint}", outcome.rolled_back, blockers)
+                          f"{blocked_by(blockers, lock_timeout)}; {dirty}{state}; {hint}", outcome.rolled_back,
+                          blockers)
 
 
 def _end_sessions(conn: connection, blockers: list[dict], wait_seconds: int, outcome: RollbackOutcome,

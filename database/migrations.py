@@ -1,6 +1,7 @@
 """Schema migrations for database_rollback.py: golang-migrate's file layout, the tracking table
-public.schema_migrations, and the status of one against the other. Applying them is in database.migrate,
-undoing them in database.migration_rollback."""
+public.schema_migrations (with its dirty marks), and the status of one against the other. Applying them is
+in database.migrate, undoing them in database.migration_rollback, their SQL as a script in
+database.migration_sql, baseline, force and repair in database.migration_admin."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.components import DATABASE
 from common.errors import ToolkitError, UsageError
 from database.server import DbServer
+from database.sessions import set_lock_timeout
 from database.sql import read_sql, sha256
 
 if TYPE_CHECKING:
@@ -29,9 +32,12 @@ CREATE TABLE IF NOT EXISTS public.schema_migrations (
     name text NOT NULL,
     sha256 text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now(),
-    duration_ms integer
+    duration_ms integer,
+    dirty boolean NOT NULL DEFAULT false
 )"""
-_TRACKING_COLUMNS = {"version", "name", "sha256", "applied_at", "duration_ms"}
+# Tables made before dirty marks existed get the column the first time a migrator holds the lock.
+ADD_DIRTY_COLUMN = "ALTER TABLE public.schema_migrations ADD COLUMN IF NOT EXISTS dirty boolean NOT NULL DEFAULT false"
+_TRACKING_COLUMNS = {"version", "name", "sha256", "applied_at", "duration_ms"}  # dirty may be missing: see above
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ class Migration:
     up: Path
     down: Path | None
     up_sha256: str
-    no_transaction: bool  # the down file runs on its own, outside the rollback transaction
+    up_no_transaction: bool  # the up file runs on its own, outside any transaction, marked dirty until done
+    down_no_transaction: bool  # the down file runs on its own, outside the rollback transaction
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Applied:
     sha256: str
     applied_at: datetime
     duration_ms: int | None
+    dirty: bool = False  # a no-transaction file of this version failed part-way (or is running now)
 
     @property
     def id(self) -> str:
@@ -95,12 +103,18 @@ def discover(folder: Path) -> list[Migration]:
     for (version, direction), (ident, path) in sorted(found.items()):
         if direction == "up":
             down = found.get((version, "down"), (None, None))[1]
-            first_line = read_sql(down).partition("\n")[0] if down else ""
             migrations.append(Migration(
                 version=version, name=ident.partition("_")[2], id=ident, up=path, down=down,
-                up_sha256=sha256(path), no_transaction=" ".join(first_line.split()).lower() == NO_TRANSACTION_MARK,
+                up_sha256=sha256(path), up_no_transaction=_no_transaction(path),
+                down_no_transaction=down is not None and _no_transaction(down),
             ))
     return migrations
+
+
+def _no_transaction(path: Path) -> bool:
+    """Whether a migration file's first line is the `-- rollback: no-transaction` mark."""
+    first_line = read_sql(path).partition("\n")[0]
+    return " ".join(first_line.split()).lower() == NO_TRANSACTION_MARK
 
 
 # -- the tracking table -----------------------------------------------------------------------------
@@ -112,16 +126,44 @@ def applied(conn: connection) -> list[Applied]:
         cur.execute("SELECT to_regclass('public.schema_migrations') IS NOT NULL")
         if not cur.fetchone()[0]:
             return []
-        cur.execute("SELECT column_name FROM information_schema.columns "
-                    "WHERE table_schema = 'public' AND table_name = 'schema_migrations'")
-        missing = _TRACKING_COLUMNS - {row[0] for row in cur.fetchall()}
+        columns = _tracking_columns(cur)
+        missing = _TRACKING_COLUMNS - columns
         if missing:
             # golang-migrate and other tools use the same table name with other columns.
             raise ToolkitError(f"public.schema_migrations exists but lacks {', '.join(sorted(missing))}: it was "
                                "made by another migration tool; rename it before using this one")
-        cur.execute("SELECT version, name, sha256, applied_at, duration_ms FROM public.schema_migrations "
+        dirty = "dirty" if "dirty" in columns else "false"
+        cur.execute(f"SELECT version, name, sha256, applied_at, duration_ms, {dirty} FROM public.schema_migrations "
                     "ORDER BY version")
         return [Applied(*row) for row in cur.fetchall()]
+
+
+def _tracking_columns(cur) -> set[str]:
+    cur.execute("SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = 'public' AND table_name = 'schema_migrations'")
+    return {row[0] for row in cur.fetchall()}
+
+
+def prepare_tracking_table(conn: connection, lock_timeout: int) -> None:
+    """Create public.schema_migrations, or add the dirty column to one made before it; call under the lock."""
+    with conn.cursor() as cur:
+        cur.execute(CREATE_TRACKING_TABLE)
+        # ALTER TABLE takes an exclusive lock even when the column is there: only when it is missing, and
+        # under lock_timeout, so that a pg_dump reading the table never makes every migrator queue.
+        if "dirty" not in _tracking_columns(cur):
+            set_lock_timeout(cur, lock_timeout, local=True)
+            cur.execute(ADD_DIRTY_COLUMN)
+    conn.commit()
+
+
+def refuse_dirty(rows: list[Applied], migrations: list[Migration], dbname: str) -> None:
+    """A ToolkitError naming the dirty version if a no-transaction migration failed part-way."""
+    dirty = [row for row in rows if row.dirty]
+    if dirty:
+        ident = display_id(dirty[0].id, migrations)
+        raise ToolkitError(f"{dbname} is dirty at {ident}: it ran outside a transaction and did not finish; "
+                           f"finish or undo it by hand, then record the version the schema is at with "
+                           f"`{DATABASE.script} force VERSION`")
 
 
 def current_id(applied: list[Applied]) -> str | None:
@@ -158,7 +200,8 @@ def status(migrations: list[Migration], applied: list[Applied]) -> dict:
     return {
         "current": display_id(current_id(applied), migrations),
         "applied": [{"id": display_id(row.id, migrations), "applied_at": row.applied_at.isoformat(),
-                     "duration_ms": row.duration_ms} for row in applied],
+                     "duration_ms": row.duration_ms, "dirty": row.dirty} for row in applied],
+        "dirty": [display_id(row.id, migrations) for row in applied if row.dirty],
         "pending": [m.id for m in migrations if m.version not in done],
         # Pending but older than the current version: migrate refuses these (see database.migrate).
         "out_of_order": [m.id for m in migrations if m.version not in done and current is not None

@@ -169,11 +169,7 @@ def migration_lock(conn: connection, dbname: str) -> Iterator[None]:
         cur.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))
         taken = cur.fetchone()[0]
         if not taken:
-            cur.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-                        "AND classid = %s::bigint::oid AND objid = %s::bigint::oid AND objsubid = 1",
-                        ((LOCK_KEY >> 32) & 0xFFFFFFFF, LOCK_KEY & 0xFFFFFFFF))
-            holders = _sessions(cur, [row[0] for row in cur.fetchall()])
+            holders = _sessions(cur, migration_lock_holders(cur))
     conn.commit()  # a session-level advisory lock outlives the transaction that took it
     if not taken:
         who = "; ".join(map(_describe_session, holders)) or "a session that has just finished"
@@ -191,6 +187,38 @@ def migration_lock(conn: connection, dbname: str) -> Iterator[None]:
                     conn.commit()
             except psycopg2.Error:
                 pass  # the lock goes with the session, which the caller closes
+
+
+def migration_lock_holders(cur) -> list[int]:
+    """The pids of the sessions holding the migration lock on the cursor's database (a migrate or rollback)."""
+    cur.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "AND classid = %s::bigint::oid AND objid = %s::bigint::oid AND objsubid = 1",
+                ((LOCK_KEY >> 32) & 0xFFFFFFFF, LOCK_KEY & 0xFFFFFFFF))
+    return [row[0] for row in cur.fetchall()]
+
+
+@contextmanager
+def autocommit(conn: connection) -> Iterator[None]:
+    """The connection in autocommit for the block (each statement its own transaction, as CREATE INDEX
+    CONCURRENTLY and VACUUM need), back in transaction mode after, with no transaction left open."""
+    import psycopg2
+    from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+
+    conn.autocommit = True
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            # A script's own BEGIN may have left a transaction open, which psycopg2 does not know of.
+            if conn.info.transaction_status != TRANSACTION_STATUS_IDLE:
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute("ROLLBACK")
+                except psycopg2.Error:
+                    pass  # a broken connection has no transaction left
+            if not conn.closed:
+                conn.autocommit = False
 
 
 def set_lock_timeout(cur, seconds: int, local: bool) -> None:

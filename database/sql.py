@@ -116,6 +116,22 @@ class ScriptError(Exception):
         return f"{self.path.name}, line {self.line}: {pg_error(self.exc)}"
 
 
+def terminated(text: str) -> str:
+    """A script's text for psql: as it is, with a `;` added if its last statement lacks one (the toolkit runs
+    such a file as it is; psql would join that statement to the next one)."""
+    statements = _statements(text)
+    if statements and statements[-1][0] + len(statements[-1][1]) == len(text):
+        return text.rstrip("\n") + "\n;\n"  # on a line of its own: the statement may end in a -- comment
+    return text if text.endswith("\n") else text + "\n"
+
+
+def quote_literal(text: str) -> str:
+    """A string as a SQL literal, for scripts shown to the operator (the toolkit passes values as parameters)."""
+    quoted = "'" + text.replace("'", "''") + "'"
+    # E'' takes backslashes as escapes whatever standard_conforming_strings says; '' would depend on it.
+    return "E" + quoted.replace("\\", "\\\\") if "\\" in text else quoted
+
+
 def refuse_transaction_control(path: Path, text: str) -> None:
     """A UsageError if the script has a top-level BEGIN, COMMIT, ROLLBACK or the like."""
     for offset, statement in _statements(text):

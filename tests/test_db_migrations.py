@@ -192,7 +192,8 @@ def test_discover_sorts_versions_as_numbers_and_reads_the_no_transaction_mark(tm
     (tmp_path / "README.md").write_text("not a migration")
     migrations = discover(folder)
     assert [(m.version, m.id) for m in migrations] == [(9, "9_nine"), (10, "10_ten"), (11, "011_eleven")]
-    assert migrations[0].down is None and not migrations[1].no_transaction and migrations[2].no_transaction
+    assert migrations[0].down is None and not migrations[1].down_no_transaction and migrations[2].down_no_transaction
+    assert not any(m.up_no_transaction for m in migrations)
     assert len(migrations[0].up_sha256) == 64
     for ref in ("9", "009", "9_nine"):
         assert find(migrations, [], ref).id == "9_nine"
