@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backup_store.manifest import Backup
-from common.errors import UsageError
+from common.errors import ToolkitError
 from common.settings import Settings
 from database.backup_info import DbBackupInfo
 from database.context import DbContext
-from database.migration_rollback import MissingDownFile, plan_rollback
-from database.migrations import current_id, discover, read_applied
+from database.migration_rollback import plan_rollback
+from database.migrations import current_id, discover, read_applied, refuse_dirty
 from database.properties import read_properties
 from database.restore import writes_lost
 from database.row_counters import WritesReport
@@ -73,8 +73,10 @@ def plan_database(settings: Settings, backup: Backup, restore_data: bool) -> Dat
         return _dump_restore(db, backup, "the point recorded no migration version, so no down migration leads "
                                          "back to it", target, current)
     try:
-        plan = plan_rollback(discover(db.migrations_dir), applied, target)
-    except (MissingDownFile, UsageError) as no_path:
+        migrations = discover(db.migrations_dir)
+        refuse_dirty(applied, migrations, db.server.name)  # a half-run migration: no down file knows that schema
+        plan = plan_rollback(migrations, applied, target)
+    except ToolkitError as no_path:  # MissingDownFile, an unknown target, a dirty mark, no MIGRATIONS_DIR
         return _dump_restore(db, backup, f"no migration path back: {no_path}", target, current)
     reason = "--restore-data restores the dump instead"
     return DatabasePlan(SCHEMA_ROLLBACK, reason, backup.id, plan.target_id, plan.current_id,

@@ -127,3 +127,12 @@ def test_without_a_down_file_the_dump_is_restored_after_the_report(system: Syste
     plan = json.loads(planned.stdout)["database_plan"]
     assert plan["action"] == "dump restore" and "no down file for 002_discount" in plan["reason"]
     assert plan["writes_since_backup"]["total"] == 42
+
+
+def test_a_database_left_dirty_by_a_half_run_migration_is_restored_from_its_dump(system: System):
+    take_point(settled(system))
+    release_with_a_migration(system)
+    sql(system, "UPDATE public.schema_migrations SET dirty = true WHERE version = 2")
+    planned = system.run("--json", "restore", "latest", "--dry-run")
+    plan = json.loads(planned.stdout)["database_plan"]
+    assert plan["action"] == "dump restore" and "is dirty at 002_discount" in plan["reason"]
