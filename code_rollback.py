@@ -19,6 +19,7 @@ from common.cli import (
 from common.components import CODE
 from deployed_code.backups import back_up, list_code_backups
 from deployed_code.cleanup import clean_up
+from deployed_code.history import show_history
 from deployed_code.paths import SCRIPT
 from deployed_code.restore import restore
 from deployed_code.rollback import roll_back
@@ -57,6 +58,11 @@ def cmd_list(ctx: Context) -> Result:
     return list_code_backups(ctx)
 
 
+def cmd_history(ctx: Context) -> Result:
+    """history [--limit N]: the deploys and backups, newest first, with who ran each and when."""
+    return show_history(ctx)
+
+
 # -- the command line -------------------------------------------------------------------------------
 
 
@@ -75,6 +81,7 @@ def build_parser():
         f"  {SCRIPT} backup --label release-1.4\n"
         f"  {SCRIPT} restore latest --yes\n"
         f"  {SCRIPT} verify --compile\n"
+        f"  {SCRIPT} history --limit 10\n"
         f"  {SCRIPT} cleanup 30 --keep 5",
     )
     sub = add_command(commands, "backup", cmd_backup, "snapshot the deployed tree",
@@ -112,6 +119,12 @@ def build_parser():
                       "against the backup's commit, and names the half-built trees and unfinished backups\n"
                       "of stopped runs. Any of these exits 3.")
     sub.add_argument("--compile", action="store_true", help="also byte-compile the Python files")
+
+    sub = add_command(commands, "history", cmd_history, "the deploys and backups, newest first: commit, who, when",
+                      "Each restore, rollback and backup with its commit's tags, author and subject (REPO_PATH),\n"
+                      "who ran it and when (the audit log), the one live now (what verify compares with) and,\n"
+                      "for `current -> releases/X`, whether its release folder is still kept.")
+    sub.add_argument("--limit", type=int, metavar="N", help="only the newest N entries")
 
     add_store_commands(commands, cmd_cleanup, cmd_list)
     return parser

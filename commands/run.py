@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from commands.metrics import record_run
 from commands.rto import RtoReport, rto_for
-from common.audit import append_audit
+from common.audit import append_audit, audit_log_path
 from common.cli import Context, Result, emit, push_wanted, report_error
 from common.components import Component
 from common.errors import EXIT_FAILED, EXIT_VERIFY, Interrupted, SettingError, ToolkitError
@@ -25,7 +25,7 @@ from offsite.commands import push_after_backup
 from offsite.pull import forbid_downloads, open_store
 
 RTO_COMMANDS = frozenset({"restore", "rollback"})  # timed against the component's recovery time objective
-UNRECORDED_COMMANDS = frozenset({"list", "status", "locks"})  # they change nothing: no metrics
+UNRECORDED_COMMANDS = frozenset({"list", "history", "status", "locks"})  # they change nothing: no metrics
 
 
 def run(parser: argparse.ArgumentParser, component: Component, argv: list[str] | None = None) -> int:
@@ -150,7 +150,7 @@ def _audit(
     arguments.update({key: "<redacted>" for key in args.secret_args})
     try:
         settings = settings or Settings.load(None)
-        path = settings.path("AUDIT_LOG") or component.store_path(settings) / "audit.log"
+        path = audit_log_path(settings, component)
     except ToolkitError:
         return  # settings too broken to know where the log lives; the error was already shown
     record = {
