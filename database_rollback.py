@@ -97,11 +97,15 @@ def build_parser():
         f"  {SCRIPT} locks\n"
         f"  {SCRIPT} cleanup 30 --keep 5",
     )
-    sub = add_command(commands, "backup", cmd_backup, "pg_dump DB_NAME into the backup store")
+    sub = add_command(commands, "backup", cmd_backup, "pg_dump DB_NAME into the backup store",
+                      "pg_dump DB_NAME, and pg_dumpall --globals-only (roles, memberships, their settings,\n"
+                      "tablespaces; without passwords unless --with-role-passwords) into globals.sql beside it.")
     sub.add_argument("--format", choices=("custom", "directory"), default="custom",
                      help="custom (default): one .dump file plain pg_restore reads; directory: parallel dumps")
     sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel dump jobs (directory format)")
     sub.add_argument("--compress", type=int, choices=range(10), metavar="N", help="compression level 0-9")
+    sub.add_argument("--with-role-passwords", action="store_true",
+                     help="keep the roles' password hashes in globals.sql (mode 0600, as every backup file)")
     add_backup_arguments(sub)
 
     sub = add_command(
