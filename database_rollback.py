@@ -126,12 +126,15 @@ def build_parser():
         "built and names its first cause; a restore killed before the switch leaves its __restore_ database:\n"
         "`verify` names it, `cleanup` drops it. --in-place (for users without CREATEDB) first takes a backup,\n"
         "then runs pg_restore --clean --single-transaction; it needs as much space at its peak, and is refused\n"
-        "for a database with subscriptions. Either way a failure leaves the live database as it was.")
+        "for a database with subscriptions. Either way a failure leaves the live database as it was.\n"
+        "A role the dump needs (an owner, a grantee) missing here is refused; --with-globals creates it.")
     add_backup_argument(sub, ", or a pg_dump archive made elsewhere (custom, directory or tar format; "
                              "a plain SQL dump is refused: restore it with psql)")
     sub.add_argument("--target-db", metavar="NAME",
                      help="restore into this database instead of DB_NAME (created if missing, else replaced)")
     sub.add_argument("--in-place", action="store_true", help="restore into the live database in one transaction")
+    sub.add_argument("--with-globals", action="store_true",
+                     help="first create the backup's roles, memberships and tablespaces missing here (superuser)")
     sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel pg_restore jobs (fresh database)")
     add_no_backup_argument(sub, "the database (--in-place)")
 

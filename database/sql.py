@@ -31,7 +31,7 @@ def sha256(path: Path) -> str:
         raise UsageError(f"cannot read {path}: {exc}") from None
 
 
-def _statements(text: str) -> list[tuple[int, str]]:
+def statements(text: str) -> list[tuple[int, str]]:
     """Top-level statements of a script as (offset of their first token, text), split the way psql does:
     semicolons in quotes, comments, dollar-quoted and BEGIN ATOMIC ... END bodies do not split."""
     statements: list[tuple[int, str]] = []
@@ -92,7 +92,7 @@ def execute_script(cur, path: Path, text: str) -> None:
     no position, and so that DROP INDEX CONCURRENTLY is not inside an implicit multi-statement block."""
     import psycopg2
 
-    for done, (offset, statement) in enumerate(_statements(text)):
+    for done, (offset, statement) in enumerate(statements(text)):
         try:
             cur.execute(statement)
         except psycopg2.Error as exc:
@@ -118,7 +118,7 @@ class ScriptError(Exception):
 
 def refuse_transaction_control(path: Path, text: str) -> None:
     """A UsageError if the script has a top-level BEGIN, COMMIT, ROLLBACK or the like."""
-    for offset, statement in _statements(text):
+    for offset, statement in statements(text):
         if _TRANSACTION_CONTROL.match(statement):
             line = text.count("\n", 0, offset) + 1
             raise UsageError(f"{path.name}, line {line}: {statement.split()[0].upper()} in a migration would end "
