@@ -114,11 +114,15 @@ def build_parser():
         f"  {SCRIPT} locks\n"
         f"  {SCRIPT} cleanup 30 --keep 5",
     )
-    sub = add_command(commands, "backup", cmd_backup, "pg_dump DB_NAME into the backup store")
+    sub = add_command(commands, "backup", cmd_backup, "pg_dump DB_NAME into the backup store",
+                      "pg_dump DB_NAME, and pg_dumpall --globals-only (roles, memberships, their settings,\n"
+                      "tablespaces; without passwords unless --with-role-passwords) into globals.sql beside it.")
     sub.add_argument("--format", choices=("custom", "directory"), default="custom",
                      help="custom (default): one .dump file plain pg_restore reads; directory: parallel dumps")
     sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel dump jobs (directory format)")
     sub.add_argument("--compress", type=int, choices=range(10), metavar="N", help="compression level 0-9")
+    sub.add_argument("--with-role-passwords", action="store_true",
+                     help="keep the roles' password hashes in globals.sql (mode 0600, as every backup file)")
     add_backup_arguments(sub)
 
     sub = add_command(
@@ -139,12 +143,15 @@ def build_parser():
         "built and names its first cause; a restore killed before the switch leaves its __restore_ database:\n"
         "`verify` names it, `cleanup` drops it. --in-place (for users without CREATEDB) first takes a backup,\n"
         "then runs pg_restore --clean --single-transaction; it needs as much space at its peak, and is refused\n"
-        "for a database with subscriptions. Either way a failure leaves the live database as it was.")
+        "for a database with subscriptions. Either way a failure leaves the live database as it was.\n"
+        "A role the dump needs (an owner, a grantee) missing here is refused; --with-globals creates it.")
     add_backup_argument(sub, ", or a pg_dump archive made elsewhere (custom, directory or tar format; "
                              "a plain SQL dump is refused: restore it with psql)")
     sub.add_argument("--target-db", metavar="NAME",
                      help="restore into this database instead of DB_NAME (created if missing, else replaced)")
     sub.add_argument("--in-place", action="store_true", help="restore into the live database in one transaction")
+    sub.add_argument("--with-globals", action="store_true",
+                     help="first create the backup's roles, memberships and tablespaces missing here (superuser)")
     sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel pg_restore jobs (fresh database)")
     add_no_backup_argument(sub, "the database (--in-place)")
 

@@ -25,10 +25,12 @@ class DbBackupInfo:
     pg_dump_version: int | None = None  # the major version of the pg_dump that made the dump
     database_size: int | None = None  # pg_database_size when dumped: what a restore needs room for
     migration_version: str | None = None  # the newest applied migration's id; None before the first migrate
+    has_globals: bool | None = None  # whether globals.sql (pg_dumpall --globals-only) is kept; None: taken before
+    role_passwords: bool | None = None  # whether that file holds the roles' password hashes
 
     SOURCE_KEYS: ClassVar[tuple[str, ...]] = ("host", "db_host", "db_port", "database", "user")
     EXTRA_KEYS: ClassVar[tuple[str, ...]] = ("dump_format", "server_version", "pg_dump_version", "database_size",
-                                             "migration_version")
+                                             "migration_version", "has_globals", "role_passwords")
 
     @classmethod
     def load(cls, backup: Backup) -> DbBackupInfo:
@@ -45,6 +47,14 @@ class DbBackupInfo:
         """(source, extra) as a new backup's staging takes them: every key, in the order written since the first."""
         return ({key: getattr(self, key) for key in self.SOURCE_KEYS},
                 {key: getattr(self, key) for key in self.EXTRA_KEYS})
+
+    @classmethod
+    def set_in(cls, extra: dict, **fields: object) -> None:
+        """Set fields in the `extra` of a backup being built (staging.extra), after its first dump()."""
+        for key, value in fields.items():
+            if key not in cls.EXTRA_KEYS:
+                raise KeyError(f"{key} is not a field of the manifest's own keys")
+            extra[key] = value
 
     @property
     def migration_number(self) -> int | None:

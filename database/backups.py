@@ -12,6 +12,7 @@ from common.errors import UsageError
 from common.progress import Progress, bytes_under, no_progress
 from common.text import human_size
 from database.backup_info import DbBackupInfo
+from database.cluster_globals import globals_summary, keep_globals
 from database.context import SCRIPT, DbContext
 from database.dumps import ServerInfo, check_client_version, dump_into
 from database.migrations import read_current
@@ -19,8 +20,10 @@ from database.row_counters import record_counters
 
 
 def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int = 1,
-                compress: int | None = None, progress: Progress = no_progress, safety: bool = False) -> Backup:
-    """pg_dump DB_NAME into a new store entry (the caller holds the lock); a failing pg_dump leaves none."""
+                compress: int | None = None, progress: Progress = no_progress, safety: bool = False,
+                role_passwords: bool = False) -> Backup:
+    """pg_dump DB_NAME into a new store entry, with the cluster's roles and tablespaces (the caller holds the
+    lock); a failing pg_dump leaves none."""
     info = ServerInfo.read(db.server)
     client = check_client_version(db.tools, info.major)
     with db.store.new_backup(label, name=db.server.name, safety=safety) as staging:
@@ -31,6 +34,7 @@ def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int
         record_counters(staging, db.server)  # before the dump: what a restore later compares with
         with progress(f"dumping {db.server.name}", lambda: bytes_under(staging.path), None):
             dump_into(staging, db.server, db.tools, fmt, jobs, compress)
+        keep_globals(staging, db.server, db.tools, role_passwords)  # pg_dumpall --globals-only beside the dump
     return staging.backup
 
 
@@ -53,12 +57,18 @@ def backup_command(ctx: Context) -> Result:
         raise UsageError("--jobs needs --format directory (pg_dump dumps in parallel only into a folder)")
     if ctx.dry_run:
         return Result({"dry_run": True, "database": db.server.name},
-                      [f"would pg_dump {db.server.name} ({args.format} format) into {db.store.root}"], report=True)
+                      [f"would pg_dump {db.server.name} ({args.format} format) and pg_dumpall --globals-only "
+                       f"({'with' if args.with_role_passwords else 'without'} role passwords) into {db.store.root}"],
+                      report=True)
     with db.store.lock(f"{SCRIPT} backup"):
-        backup = take_backup(db, args.label, args.format, args.jobs, args.compress, ctx.progress)
-    return Result({"backup": backup.summary()},
+        backup = take_backup(db, args.label, args.format, args.jobs, args.compress, ctx.progress,
+                             role_passwords=args.with_role_passwords)
+    info = DbBackupInfo.load(backup)
+    kept = {"kept": info.has_globals, "role_passwords": info.role_passwords}
+    return Result({"backup": backup.summary(), "globals": kept},
                   [f"backup {backup.id}: {human_size(backup.size)}, migration "
-                   f"{DbBackupInfo.load(backup).migration_version or '-'}, in {backup.path}"], backup_ids=[backup.id])
+                   f"{info.migration_version or '-'}, in {backup.path}", globals_summary(backup)],
+                  backup_ids=[backup.id])
 
 
 def list_command(ctx: Context) -> Result:

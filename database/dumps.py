@@ -68,14 +68,16 @@ class ServerInfo:
 
 
 def check_client_version(tools: PgTools, server_major: int) -> int:
-    """Refuse before the run if pg_dump is older than the server (it would fail mid-dump)."""
-    client = tools.major("pg_dump")
-    if client < server_major:
-        raise ToolkitError(
-            f"pg_dump {client} is older than the server ({server_major}): install the PostgreSQL {server_major} "
-            f"client (e.g. postgresql-client-{server_major}) or point PG_BINDIR at its bin folder"
-        )
-    return client
+    """Refuse before the run if pg_dump or pg_dumpall is older than the server (it would fail mid-dump);
+    pg_dump's major version."""
+    versions = {name: tools.major(name) for name in ("pg_dump", "pg_dumpall")}
+    for name, client in versions.items():
+        if client < server_major:
+            raise ToolkitError(
+                f"{name} {client} is older than the server ({server_major}): install the PostgreSQL "
+                f"{server_major} client (e.g. postgresql-client-{server_major}) or point PG_BINDIR at its bin folder"
+            )
+    return versions["pg_dump"]
 
 
 def dump_into(staging: Staging, server: DbServer, tools: PgTools, fmt: str, jobs: int, compress: int | None) -> str:

@@ -16,7 +16,9 @@ from common.errors import ToolkitError, UsageError
 from common.text import count
 from database.backup_info import DbBackupInfo
 from database.backups import take_backup
+from database.cluster_globals import create_globals
 from database.context import SCRIPT, DbContext
+from database.dump_roles import RoleCheck, check_roles
 from database.dumps import (
     dump_entries,
     dump_path,
@@ -42,6 +44,7 @@ class RestoreSource:
     backup: Backup | None
     dump: Path
     entries: list[str]  # its table of contents, as pg_restore --list reads it
+    roles: RoleCheck | None = None  # the roles it needs, as preflight found them
 
     @property
     def name(self) -> str:
@@ -80,6 +83,7 @@ def restore_command(ctx: Context) -> Result:
             data["writes_since_backup"] = writes.to_dict()
         ids = [source.backup.id] if source.backup else []
         ctx.confirm(f"Replace database {db.server.name} with {source.name}?")
+        data["globals"], globals_lines = made_globals(ctx, db, source)  # --with-globals: before pg_restore
         if args.in_place:
             safety_ids, lines = restore_in_place(ctx, db, source, space)
             ids += safety_ids
@@ -93,7 +97,7 @@ def restore_command(ctx: Context) -> Result:
         if skipped:
             lines.append(f"the dump's subscriptions ({', '.join(skipped)}) were not restored: they name the live "
                          "database's replication slot (a swap hands the live database's own over)")
-    lines.insert(0, f"restored {source.name} into {db.server.name} ({mode})")
+    lines[:0] = [f"restored {source.name} into {db.server.name} ({mode})", *globals_lines]
     return Result({**data, "restored": True}, lines, backup_ids=ids)
 
 
@@ -102,12 +106,17 @@ def _dry_run(ctx: Context, db: DbContext, own_database: Callable[[Backup], bool]
     source = find_source(ctx, db, own_database)
     plan, space = preflight(db, source, ctx.args)
     writes = writes_report(db, source, plan)
+    roles = source.roles
+    for warning in roles.plan.warnings if roles.plan else []:
+        ctx.warn(warning)
     return Result({"source": source.name, "database": db.server.name, "dump_entries": len(source.entries),
                    "dry_run": True, "mode": "in-place" if ctx.args.in_place else "swap", "space": space.to_dict(),
                    "subscriptions": [s.name for s in plan.subscriptions] if plan else [],
+                   "globals": roles.plan.to_dict() if roles.plan else None,
                    "writes_since_backup": writes.to_dict() if writes else None},
                   [f"would restore {source.name} ({len(source.entries)} entries) over {db.server.name}, {mode}",
-                   *space.lines(), *(writes.lines() if writes else [])], report=True)
+                   *(roles.plan.lines(done=False) if roles.plan else []), *roles.notes, *space.lines(),
+                   *(writes.lines() if writes else [])], report=True)
 
 
 def find_source(ctx: Context, db: DbContext, own_database: Callable[[Backup], bool]) -> RestoreSource:
@@ -154,7 +163,8 @@ def writes_lost(db: DbContext, backup: Backup | None) -> WritesReport:
 
 def preflight(db: DbContext, source: RestoreSource, args: argparse.Namespace) -> tuple[SwapPlan | None, SpaceCheck]:
     """What must hold before a restore's first change, checked in that order: the swap's privileges,
-    properties and subscriptions (or, in place, no subscriptions), then free space. Any failure refuses."""
+    properties and subscriptions (or, in place, no subscriptions), the roles the dump needs (kept in
+    `source.roles`), then free space. Any failure refuses."""
     if args.in_place:
         plan = None
         refuse_in_place(db.server, db.server.name)
@@ -162,12 +172,26 @@ def preflight(db: DbContext, source: RestoreSource, args: argparse.Namespace) ->
     else:
         plan = plan_swap(db.server)
         live = plan.live
+    source.roles = check_roles(db.server, db.tools, source.dump, source.entries, source.backup, args.with_globals,
+                               new_database=live is None and not args.in_place)
+    if plan is not None:
+        plan.owner = source.roles.database_owner
     dump_bytes = dump_size(source.dump)
     safety_folder = db.store.root if args.in_place and not args.no_backup else None
     space = restore_space(db.server, db.server.name, live.tablespace if live else "pg_default", source.recorded_size,
                           dump_bytes, safety_folder)
     refuse_if_short(db.server, space, args.in_place, dump_bytes)
     return plan, space
+
+
+def made_globals(ctx: Context, db: DbContext, source: RestoreSource) -> tuple[dict | None, list[str]]:
+    """restore --with-globals: create the backup's roles, memberships and tablespaces missing here; (what was
+    created, for --json; the report's lines, with preflight's notes on roles)."""
+    plan = source.roles.plan
+    if plan is None:
+        return None, list(source.roles.notes)
+    create_globals(db.server, plan, ctx.warn)
+    return plan.to_dict(), [*plan.lines(done=True), *source.roles.notes]
 
 
 def restore_in_place(ctx: Context, db: DbContext, source: RestoreSource, space: SpaceCheck

@@ -31,7 +31,7 @@ def sha256(path: Path) -> str:
         raise UsageError(f"cannot read {path}: {exc}") from None
 
 
-def _statements(text: str) -> list[tuple[int, str]]:
+def statements(text: str) -> list[tuple[int, str]]:
     """Top-level statements of a script as (offset of their first token, text), split the way psql does:
     semicolons in quotes, comments, dollar-quoted and BEGIN ATOMIC ... END bodies do not split."""
     statements: list[tuple[int, str]] = []
@@ -92,7 +92,7 @@ def execute_script(cur, path: Path, text: str) -> None:
     no position, and so that DROP INDEX CONCURRENTLY is not inside an implicit multi-statement block."""
     import psycopg2
 
-    for done, (offset, statement) in enumerate(_statements(text)):
+    for done, (offset, statement) in enumerate(statements(text)):
         try:
             cur.execute(statement)
         except psycopg2.Error as exc:
@@ -119,8 +119,8 @@ class ScriptError(Exception):
 def terminated(text: str) -> str:
     """A script's text for psql: as it is, with a `;` added if its last statement lacks one (the toolkit runs
     such a file as it is; psql would join that statement to the next one)."""
-    statements = _statements(text)
-    if statements and statements[-1][0] + len(statements[-1][1]) == len(text):
+    found = statements(text)
+    if found and found[-1][0] + len(found[-1][1]) == len(text):
         return text.rstrip("\n") + "\n;\n"  # on a line of its own: the statement may end in a -- comment
     return text if text.endswith("\n") else text + "\n"
 
@@ -134,7 +134,7 @@ def quote_literal(text: str) -> str:
 
 def refuse_transaction_control(path: Path, text: str) -> None:
     """A UsageError if the script has a top-level BEGIN, COMMIT, ROLLBACK or the like."""
-    for offset, statement in _statements(text):
+    for offset, statement in statements(text):
         if _TRANSACTION_CONTROL.match(statement):
             line = text.count("\n", 0, offset) + 1
             raise UsageError(f"{path.name}, line {line}: {statement.split()[0].upper()} in a migration would end "

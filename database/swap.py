@@ -42,6 +42,7 @@ class SwapPlan:
 
     live: DatabaseProperties | None
     subscriptions: list[Subscription]
+    owner: str | None = None  # with no live database: the owner to give the new one (the dump's), else DB_USER
 
 
 @dataclass
@@ -119,6 +120,8 @@ def restore_into_fresh_database(server: DbServer, tools: PgTools, plan: SwapPlan
     with claimed(server, restored) as claim:
         create_database_like(server, restored, plan.live)
         try:
+            if plan.live is None and plan.owner is not None:
+                give_owner(server, restored, plan.owner)
             with progress(f"restoring into {restored}", lambda: database_size(server, restored), expected_size):
                 try:
                     restore_into(server, tools, dump, restored, jobs, single_transaction=jobs <= 1)
@@ -131,6 +134,20 @@ def restore_into_fresh_database(server: DbServer, tools: PgTools, plan: SwapPlan
         except BaseException as first:
             drop_built(server, restored, first, space)
             raise
+
+
+def give_owner(server: DbServer, name: str, owner: str) -> None:
+    """ALTER DATABASE ... OWNER TO: before pg_restore, so what the dump leaves to the database's owner
+    (the public schema, on PostgreSQL 15 and later) is the dump's owner's, as on the server it came from."""
+    import psycopg2
+    from psycopg2 import sql
+
+    try:
+        with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(name), sql.Identifier(owner)))
+    except psycopg2.Error as exc:
+        raise ToolkitError(f"could not give {name} to its owner in the dump, {owner} ({pg_error(exc)}): "
+                           "nothing was switched in") from None
 
 
 def database_size(server: DbServer, name: str) -> int:

@@ -6,13 +6,15 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from backup_store.manifest import Backup, backup_from_manifest
 from database.backup_info import DbBackupInfo
 
 SOURCE = {"host": "web1", "db_host": "/var/run/postgresql", "db_port": 5432, "database": "ariesone",
           "user": "postgres"}
 EXTRA = {"dump_format": "custom", "server_version": "16.4", "pg_dump_version": 16, "database_size": 7_654_321,
-         "migration_version": "002_orders"}
+         "migration_version": "002_orders", "has_globals": True, "role_passwords": False}
 
 
 def manifest(source: dict, extra: dict) -> dict:
@@ -48,6 +50,7 @@ def test_an_old_manifest_without_the_keys_still_loads():
     info = DbBackupInfo.load(backup)
     assert info.database == "ariesone" and info.host == "web1"
     assert info.db_port is None and info.database_size is None and info.migration_version is None
+    assert info.has_globals is None and info.role_passwords is None  # taken before roles were kept
     bare = Backup(Path("/nowhere"), "x", "db", datetime.now(UTC), None, {}, [])
     assert DbBackupInfo.load(bare) == DbBackupInfo()
 
@@ -55,3 +58,11 @@ def test_an_old_manifest_without_the_keys_still_loads():
 def test_keys_of_other_kinds_are_left_out():
     info = DbBackupInfo.from_dicts({**SOURCE, "commit": "abc"}, {**EXTRA, "kind": "safety", "parts": {}})
     assert info.dump() == (SOURCE, EXTRA)
+
+
+def test_set_in_fills_a_key_of_a_backup_being_built_and_refuses_others():
+    extra = DbBackupInfo(**SOURCE, **{**EXTRA, "has_globals": None, "role_passwords": None}).dump()[1]
+    DbBackupInfo.set_in(extra, has_globals=True, role_passwords=False)
+    assert json.dumps(extra) == json.dumps(EXTRA)  # same keys, same order as a backup written in one go
+    with pytest.raises(KeyError):
+        DbBackupInfo.set_in(extra, database="other")  # a key of `source`, not of the manifest's own
