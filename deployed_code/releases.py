@@ -130,7 +130,10 @@ def read_manifest(release: Path) -> ReleaseManifest | None:
 
 def write_manifest(manifest: ReleaseManifest, folder: Path) -> None:
     """Write (or replace) the manifest of the release folder `folder`."""
-    atomic_write(manifest_path(folder), manifest.to_bytes())
+    path = manifest_path(folder)
+    atomic_write(path, manifest.to_bytes())
+    st = os.stat(path)
+    _read[str(path)] = ((st.st_ino, st.st_size, st.st_mtime_ns), manifest)  # read back as written, unparsed
 
 
 def drop_manifest(release: Path) -> None:
@@ -332,4 +335,6 @@ def prune(releases: Path, keep: int, protected: list[Path]) -> list[Path]:
     for stray in releases.glob(f".*{MANIFEST_SUFFIX}"):  # manifests whose release is gone
         if not (releases / stray.name[1:-len(MANIFEST_SUFFIX)]).is_dir():
             stray.unlink(missing_ok=True)
+    for stray in releases.glob(f".*{MANIFEST_SUFFIX}.tmp-*"):  # a write stopped part-way (all are made under
+        stray.unlink(missing_ok=True)  # the store's lock, which the caller holds)
     return removed
