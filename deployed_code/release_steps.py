@@ -65,14 +65,15 @@ class KeptRelease:
         return {"path": str(self.folder), "ok": self.ok, "problems": self.problems, "hashed_files": self.hashed,
                 "check_seconds": round(self.seconds, 3)}
 
-    def line(self) -> str:
+    def line(self, dry_run: bool = False) -> str:
         """What the check found, for people."""
         if self.ok:
             files = sum(entry.type == "file" for entry in self.manifest.entries)
             return (f"kept release {self.folder} checked in {self.seconds * 1000:.0f} ms ({self.hashed} of {files} "
                     "files hashed): switched in as it is, no copy")
         more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
-        return f"kept release {self.folder} failed its check: {self.problems[0]}{more}; built anew instead"
+        instead = "it would be built anew" if dry_run else "built anew instead"
+        return f"kept release {self.folder} failed its check: {self.problems[0]}{more}; {instead}"
 
 
 @dataclass

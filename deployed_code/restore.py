@@ -106,7 +106,7 @@ def _dry_run(paths: CodePaths, backup: Backup, kept: KeptRelease | None, skipped
              *diff.restore_lines(str(live), done=False)] if diff else \
         [f"would switch {live} to a copy of backup {backup.id}, whose files are the same"]
     if kept is not None:
-        lines.append(kept.line().replace("built anew instead", "it would be built anew"))
+        lines.append(kept.line(dry_run=True))
     return Result({**data, "changes": diff.restore_json()}, lines, report=True)
 
 

@@ -35,7 +35,8 @@ def roll_back(ctx: Context) -> Result:
             how = f"the kept release {kept.folder} (checked: whole; no copy)" if kept and kept.ok else commit[:12]
             return Result({"dry_run": True, "commit": commit, "safety_backup_skipped": skipped,
                            "kept_release": kept.to_json() if kept else None},
-                          [f"would roll {paths.live} back to {how}"], report=True)
+                          [f"would roll {paths.live} back to {how}",
+                           *([kept.line(dry_run=True)] if kept and not kept.ok else [])], report=True)
         ctx.confirm(f"Roll the code in {paths.live} back to {commit[:12]}?")
         label = f"before rollback to {commit[:12]}"
         if steps is None:
