@@ -66,6 +66,12 @@ def cmd_history(ctx: Context) -> Result:
 # -- the command line -------------------------------------------------------------------------------
 
 
+def add_verify_all_argument(sub) -> None:
+    """--verify-all: a kept release is hashed whole before it is switched back in."""
+    sub.add_argument("--verify-all", action="store_true",
+                     help="hash every file of a kept release before switching to it (default: those whose stat moved)")
+
+
 def build_parser():
     """Every command of code_rollback.py."""
     parser, commands = make_parser(
@@ -74,8 +80,11 @@ def build_parser():
         "settings (environment, then .env, then defaults):\n"
         "  REPO_PATH (a git repository)  DEPLOYMENT_DIR (the release folder, or a `current` symlink)\n"
         "  CODE_BACKUP_DIR=./code_backups  CODE_EXCLUDE (extra patterns; .git and __pycache__ always)\n"
-        "A DEPLOYMENT_DIR that does not exist yet is created by restore and rollback (named `current`, or a\n"
-        "symlink to nothing: as a symlink into a releases folder), with no safety backup: nothing to save.\n"
+        "  KEEP_RELEASES=5 (release folders kept beside `current`)  LINKED_PATHS (e.g. `.env storage/`: kept\n"
+        "  in shared/, linked into every release)  BUILD_HOOK (run in a new release before its switch)\n"
+        "  RESTART_HOOK (run after a switch)  HOOK_TIMEOUT_SECONDS=300\n"
+        "A DEPLOYMENT_DIR that does not exist yet, or is empty, is created by restore and rollback (named\n"
+        "`current`, or a symlink to nothing: as a symlink into a releases folder), with no safety backup.\n"
         "cleanup also removes the half-built .NAME.tmp-* trees of stopped restores and rollbacks.\n\n"
         "examples:\n"
         f"  {SCRIPT} backup --label release-1.4\n"
@@ -96,23 +105,27 @@ def build_parser():
                       "backup; then switches it in: a `current` symlink is replaced atomically; a plain\n"
                       "folder is exchanged with the new tree in one rename, and the replaced folder is kept\n"
                       "beside it (.NAME.replaced-TIME-X) until cleanup. A run killed before the switch\n"
-                      "leaves its .NAME.tmp-X tree: verify names it, cleanup removes it.\n"
+                      "leaves its .NAME.tmp-X tree: verify names it, cleanup removes it. A kept release\n"
+                      "that is the backup's tree is checked against its manifest and switched in, no copy.\n"
                       "In-place checkout: the files are put back one by one, then HEAD goes back to the\n"
                       "backup's branch (if it still points at the backup's commit) or commit, the index to\n"
                       "HEAD, so git status shows only the backup's own local changes.")
     add_backup_argument(sub)
     add_no_backup_argument(sub, "the current tree")
+    add_verify_all_argument(sub)
 
     sub = add_command(commands, "rollback", cmd_rollback, "put the code of a git commit in place",
                       "COMMIT is anything git rev-parse accepts (sha, tag, branch, HEAD~1). Release folder:\n"
                       "the commit's tree (git archive) is built beside DEPLOYMENT_DIR and switched in; paths\n"
-                      "or symlinks leading out of the tree, devices and hard links are refused.\n"
+                      "or symlinks leading out of the tree, devices and hard links are refused; a kept\n"
+                      "release of the commit is checked and switched in instead (README: Releases).\n"
                       "In-place checkout: local changes stop the rollback unless --stash; the commit is\n"
                       "checked out detached. A backup is taken first; the output says how to undo (with\n"
                       "`git stash pop` after --stash).")
     sub.add_argument("commit", metavar="COMMIT", help="the commit to roll back to")
     sub.add_argument("--stash", action="store_true", help="in-place: stash local changes instead of stopping")
     add_no_backup_argument(sub, "the current tree")
+    add_verify_all_argument(sub)
 
     sub = add_verify_command(commands, cmd_verify, "compare the deployed tree with the last restore's backup",
                       "Names every added, removed and changed file, checks the working copy's HEAD\n"

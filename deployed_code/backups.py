@@ -13,6 +13,7 @@ from backup_store.manifest import Backup, load_backup
 from backup_store.store import BACKUP_ID
 from commands.store_commands import list_backups
 from common.cli import Context, Result
+from common.errors import UsageError
 from common.files import atomic_write
 from common.progress import Progress, no_progress
 from common.signals import stop_signals_held
@@ -26,13 +27,14 @@ DEPLOYED = "deployed.json"  # in the store: which backup the live tree was last 
 
 
 def take_backup(paths: CodePaths, label: str | None, safety: bool = False, progress: Progress = no_progress,
-                deployed_commit: str | None = None, cancelled: Callable[[], bool] | None = None
-                ) -> tuple[Backup, dict]:
-    """Snapshot the deployed tree, hard-linking files unchanged since the newest backup (caller holds the lock).
+                deployed_commit: str | None = None, cancelled: Callable[[], bool] | None = None,
+                previous: Backup | None = None) -> tuple[Backup, dict]:
+    """Snapshot the deployed tree, hard-linking files unchanged since `previous` (default: the newest backup;
+    caller holds the lock).
 
     `deployed_commit` (after a rollback) is recorded as the backup's commit instead of REPO_PATH's HEAD;
     `cancelled` stops a snapshot taken on a thread (see snapshot_tree)."""
-    previous = paths.store.newest()
+    previous = previous or paths.store.newest()
     stats = SnapshotStats()
     with paths.store.new_backup(label, safety=safety) as staging:
         source = CodeSource(host=os.uname().nodename, layout=paths.layout, live=str(paths.live.absolute()),
@@ -49,6 +51,10 @@ def take_backup(paths: CodePaths, label: str | None, safety: bool = False, progr
 def back_up(ctx: Context) -> Result:
     """backup: snapshot the deployed tree."""
     paths = CodePaths.from_settings(ctx.settings)
+    if not os.path.isdir(paths.live):  # a new host before its first deploy
+        what = "points at nothing" if paths.live.is_symlink() else "does not exist yet"
+        raise UsageError(f"{paths.live} {what}: nothing to back up (on a new host, `{SCRIPT} rollback` or "
+                         "`restore` creates it)")
     if ctx.dry_run:
         return Result({"dry_run": True, "live": str(paths.live)}, [f"would back up {paths.live}"], report=True)
     with paths.store.lock(f"{SCRIPT} backup"):
@@ -103,8 +109,8 @@ class SafetyBackupMeanwhile:
     removed) and waited for before the error goes on; one that had finished is `backup`.
     """
 
-    def __init__(self, paths: CodePaths, label: str):
-        self.paths, self.label = paths, label
+    def __init__(self, paths: CodePaths, label: str, previous: Backup | None = None):
+        self.paths, self.label, self.previous = paths, label, previous
         self.backup: Backup | None = None
         self.error: BaseException | None = None
         self.seconds = 0.0
@@ -114,7 +120,8 @@ class SafetyBackupMeanwhile:
     def _take(self) -> None:
         started = time.perf_counter()
         try:
-            self.backup = take_backup(self.paths, self.label, safety=True, cancelled=self.stop.is_set)[0]
+            self.backup = take_backup(self.paths, self.label, safety=True, cancelled=self.stop.is_set,
+                                      previous=self.previous)[0]
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread when it leaves the block
             self.error = exc
         self.seconds = time.perf_counter() - started

@@ -8,10 +8,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
-import shutil
 import stat
 import tarfile
 from dataclasses import asdict, dataclass
@@ -23,6 +23,7 @@ from common.proc import ToolRun, run_tool
 from deployed_code.source import CodeSource
 from deployed_code.tree import remove_tree
 
+_CHUNK = 1 << 20
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # sha1 or sha256 object names
 # What tarfile's "tar" filter took away from a member's mode: set-id and sticky bits, group and other write.
 _UNSAFE_MODE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWGRP | stat.S_IWOTH
@@ -96,14 +97,16 @@ def check_out(repo: Path, commit: str, stash_message: str | None) -> list[str]:
 # -- export -----------------------------------------------------------------------------------------------
 
 
-def export_commit(repo: Path, commit: str, target: Path) -> None:
-    """Write the commit's tree into the new folder `target` (git archive, so nothing of .git), flushed."""
+def export_commit(repo: Path, commit: str, target: Path) -> dict[str, str]:
+    """Write the commit's tree into the new folder `target` (git archive, so nothing of .git), flushed; return
+    each file's sha256 by its relative path."""
     archive = _git(repo, "-c", "tar.umask=022", "archive", "--format=tar", "--end-of-options", commit).stdout
-    extract_archive(archive, target, f"commit {commit[:12]}")
+    return extract_archive(archive, target, f"commit {commit[:12]}")
 
 
-def extract_archive(archive: bytes, target: Path, what: str) -> None:
+def extract_archive(archive: bytes, target: Path, what: str) -> dict[str, str]:
     """Unpack a tar archive into the new folder `target` and flush it to disk; `what` names it in errors.
+    Returns the sha256 of each file written, by its relative path (hashed as written: no second read).
 
     Refused, with `target` removed: a member that would land outside `target` or under a symlink, a
     symlink pointing out of it, anything but files, folders and symlinks (devices, fifos, hard links).
@@ -111,18 +114,20 @@ def extract_archive(archive: bytes, target: Path, what: str) -> None:
     os.mkdir(target, PRIVATE_DIR)
     try:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            _extract(tar, target, what)
+            hashes = _extract(tar, target, what)
         flush_filesystem(target)
         fsync_dir(target.parent)
     except BaseException:
         remove_tree(target)
         raise
+    return hashes
 
 
-def _extract(tar: tarfile.TarFile, target: Path, what: str) -> None:
-    """Every member of `tar` into `target`, never through a symlink and never outside it."""
+def _extract(tar: tarfile.TarFile, target: Path, what: str) -> dict[str, str]:
+    """Every member of `tar` into `target`, never through a symlink and never outside it; the files' sha256."""
     folders: dict[str, int] = {"": 0o755}  # relative path -> mode, for the folders made here
     links: list[str] = []
+    hashes: dict[str, str] = {}
     root = str(target)
     for member in tar:
         rel = member.name.rstrip("/")
@@ -136,7 +141,7 @@ def _extract(tar: tarfile.TarFile, target: Path, what: str) -> None:
                 _mkdir(out, rel, what)
             folders[rel] = mode
         elif member.isreg():
-            _write(tar, member, out, mode, what)
+            hashes[rel] = _write(tar, member, out, mode, what)
         elif member.issym():
             _symlink(member.linkname, out, rel, what)
             links.append(rel)
@@ -149,6 +154,7 @@ def _extract(tar: tarfile.TarFile, target: Path, what: str) -> None:
             raise ToolkitError(f"{what}: the symlink {rel!r} points out of the tree: refused")
     for rel, mode in sorted(folders.items(), key=lambda item: item[0].count("/"), reverse=True):
         os.chmod(os.path.join(root, rel) if rel else root, mode)  # last: a read-only folder must not stop its files
+    return hashes
 
 
 def _make_parents(root: str, parent: str, folders: dict[str, int], what: str) -> None:
@@ -171,16 +177,20 @@ def _mkdir(out: str, rel: str, what: str) -> None:
             from None
 
 
-def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, out: str, mode: int, what: str) -> None:
+def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, out: str, mode: int, what: str) -> str:
+    """Write one file member; its sha256."""
     try:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE)
     except FileExistsError:
         raise ToolkitError(f"{what}: {member.name!r} is in the archive twice: refused") from None
+    digest = hashlib.sha256()
     with os.fdopen(fd, "wb") as dest:
         source = tar.extractfile(member)
-        if source is not None:
-            shutil.copyfileobj(source, dest)
+        while source is not None and (chunk := source.read(_CHUNK)):
+            digest.update(chunk)
+            dest.write(chunk)
         os.fchmod(fd, mode)
+    return digest.hexdigest()
 
 
 def _symlink(link_target: str, out: str, rel: str, what: str) -> None:

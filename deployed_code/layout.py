@@ -7,9 +7,10 @@
   an operator and a restored service).
 - A symlink layout (`current -> releases/X`): the new tree is built in the releases folder as
   `.current.tmp-X`, renamed to its release name when whole, and `current` is replaced by a new symlink
-  in one rename. The old release folder stays, as its deploy tool keeps it.
-- Nothing at DEPLOYMENT_DIR yet (a new host): a plain folder is made, or, for a DEPLOYMENT_DIR named
-  `current` or a symlink to nothing, a symlink layout with its releases folder.
+  in one rename. The old release folder stays, a kept release until KEEP_RELEASES prunes it
+  (deployed_code.releases).
+- Nothing at DEPLOYMENT_DIR yet, or an empty folder (a new host): a plain folder is made, or, for a
+  DEPLOYMENT_DIR named `current` or a symlink to nothing, a symlink layout with its releases folder.
 So only a tree still being built, or one whose run was killed, is ever under a `.tmp-` name: `leftovers`
 finds them. Restore and rollback hold the store's lock from before such a tree is made until it is
 switched in or removed, and cleanup removes them only while holding that lock.
@@ -22,6 +23,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,9 +43,16 @@ def releases_folder(live: Path) -> Path | None:
     `current` not made yet); None for a plain folder."""
     if live.is_symlink():
         return Path(os.path.realpath(live)).parent
-    if live.name == SYMLINK_LAYOUT_LINK and not os.path.lexists(live):
+    if live.name == SYMLINK_LAYOUT_LINK and (not os.path.lexists(live) or _empty_folder(live)):
         return live.parent / RELEASES
     return None
+
+
+def _empty_folder(path: Path) -> bool:
+    try:
+        return not path.is_symlink() and path.is_dir() and next(os.scandir(path), None) is None
+    except OSError:
+        return False
 
 
 def nothing_to_save(live: Path) -> str | None:
@@ -52,6 +61,8 @@ def nothing_to_save(live: Path) -> str | None:
         return f"{live} does not exist yet: nothing to save"
     if live.is_symlink() and not live.is_dir():
         return f"{live} points at nothing ({os.readlink(live)}): nothing to save"
+    if _empty_folder(Path(os.path.realpath(live))):
+        return f"{live} is empty: nothing to save"
     return None
 
 
@@ -63,11 +74,14 @@ def build_path(live: Path) -> Path:
     return temp_name(beside)
 
 
-def switch_and_keep(built: Path, live: Path, release: str) -> tuple[Switched, Path | None]:
+def switch_and_keep(built: Path, live: Path, release: str, before_switch: Callable[[Path], None] | None = None
+                    ) -> tuple[Switched, Path | None]:
     """Switch the tree at `built` in at `live`; return how, and where the plain folder it replaced is kept.
 
-    In a symlink layout the new release folder is named `release` (`-2`, `-3` ... when taken). A switch that
-    fails or is stopped before the new tree is live removes it; a stop signal waits for the switch to end.
+    In a symlink layout the new release folder is named `release` (`-2`, `-3` ... when taken). `before_switch`
+    is given the tree under its final name just before the switch (a release's manifest is written then).
+    A switch that fails or is stopped before the new tree is live removes it; a stop signal waits for the
+    switch to end. An empty folder it replaced is removed.
     """
     releases = releases_folder(live)
     if releases is not None:
@@ -82,11 +96,16 @@ def switch_and_keep(built: Path, live: Path, release: str) -> tuple[Switched, Pa
             if ready != built:
                 os.rename(built, ready)
                 fsync_dir(ready.parent)
+            if before_switch is not None:
+                before_switch(ready)
             switched = switch_in(ready, live, aside=aside_path(live), link=releases is not None)
     except BaseException:
         _remove_unless_live(new_inode, live, [built, ready])
         raise
     kept = switched.previous if switched.how in ("exchange", "renames") else None
+    if kept is not None and _empty_folder(kept):
+        os.rmdir(kept)  # an empty DEPLOYMENT_DIR of a new host: nothing to keep
+        kept = None
     return switched, kept
 
 
@@ -142,11 +161,14 @@ def switch_in(new: Path, live: Path, aside: Path | None = None, link: bool = Fal
       (`previous`). Without an atomic exchange (not Linux, or a filesystem without it) two renames are
       made: the old tree is moved to `aside` (default: a hidden sibling), then the new one in.
     - nothing at `live`: with `link`, a relative symlink to `new` is made there; else `new` is renamed to it.
+      With `link`, an empty folder at `live` is removed first (it served nothing).
     `new` and `live` must be on the same filesystem (build beside `live`).
     """
     if new.is_symlink() or not new.is_dir():
         raise UsageError(f"{new} is not a folder: nothing to switch in")
     started = time.perf_counter()
+    if link and _empty_folder(live):
+        os.rmdir(live)  # an empty folder served nothing: the symlink layout's link takes its place
     if live.is_symlink() or (link and not os.path.lexists(live)):
         old_target = os.readlink(live) if live.is_symlink() else None
         previous = Path(os.path.normpath(live.parent / old_target)) if old_target is not None else None

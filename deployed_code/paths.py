@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from backup_store.store import BackupStore
 from common.components import CODE
 from common.errors import UsageError
 from common.settings import Settings
+from deployed_code.linked import SETTING as LINKED_SETTING
+from deployed_code.linked import LinkedPath, parse_linked
 from deployed_code.source import LAYOUT_IN_PLACE, LAYOUT_RELEASE
 from offsite.pull import open_store
 
@@ -25,16 +27,23 @@ class CodePaths:
     repo: Path | None
     deployment: Path | None
     store: BackupStore
-    exclude: list[str]
+    exclude: list[str]  # what snapshots leave out: CODE_EXCLUDE, and each linked path at the top
+    linked: list[LinkedPath] = field(default_factory=list)
+    keep_releases: int = 5
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CodePaths:
-        """REPO_PATH, DEPLOYMENT_DIR, CODE_BACKUP_DIR (./code_backups) and CODE_EXCLUDE (comma or space separated)."""
+        """REPO_PATH, DEPLOYMENT_DIR, CODE_BACKUP_DIR (./code_backups), CODE_EXCLUDE (comma or space separated),
+        LINKED_PATHS and KEEP_RELEASES (5)."""
+        linked = parse_linked(settings.text(LINKED_SETTING))
         return cls(
             repo=settings.path("REPO_PATH"),
             deployment=settings.path("DEPLOYMENT_DIR"),
             store=open_store(settings, CODE),
-            exclude=[p for p in re.split(r"[,\s]+", settings.text("CODE_EXCLUDE", "")) if p],
+            exclude=[p for p in re.split(r"[,\s]+", settings.text("CODE_EXCLUDE", "")) if p]
+            + [item.pattern for item in linked],
+            linked=linked,
+            keep_releases=settings.integer("KEEP_RELEASES", 5, minimum=1),
         )
 
     @property

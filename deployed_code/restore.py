@@ -8,6 +8,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from backup_store.manifest import Backup
 from backup_store.store import refuse_damaged, resolve_component
 from backup_store.trees import diff_tree, restore_tree, tree_entries
 from common.cli import Context, Result
@@ -16,61 +17,97 @@ from deployed_code.backups import SafetyBackupMeanwhile, record_deployed, take_b
 from deployed_code.git import head_plan, is_repository, move_head
 from deployed_code.layout import build_path, nothing_to_save, switch_and_keep
 from deployed_code.paths import SCRIPT, TREE, CodePaths
+from deployed_code.release_steps import KeptRelease, ReleaseSteps
 from deployed_code.source import CodeSource
 from deployed_code.tree import BuildStats, build_tree, code_excluder, remove_tree
 
 
 def restore(ctx: Context) -> Result:
-    """restore BACKUP: the tree built aside (every checksum checked) while the live one is saved, then switched in."""
+    """restore BACKUP: the tree built aside (every checksum checked) while the live one is saved, then switched in;
+    a kept release that is the backup's tree is checked and switched in as it is."""
     paths = CodePaths.from_settings(ctx.settings)
     if paths.in_place:
         return _restore_in_place(ctx, paths)
     live = paths.deployment
+    steps = ReleaseSteps.from_settings(ctx, paths)  # hooks and shared files checked before anything changes
     with paths.store.lock(f"{SCRIPT} restore"):
         backup = resolve_component(paths.store, ctx.args.backup)
         skipped = safety_skipped(ctx, live)
+        kept = steps.kept_for_backup(backup, forget_damaged=not ctx.dry_run)
         if ctx.dry_run:
-            refuse_damaged(backup)
-            diff = diff_tree(tree_entries(backup, TREE), Path(os.path.realpath(live)), code_excluder(paths.exclude))
-            return Result({"dry_run": True, "backup": backup.summary(), "changes": diff.restore_json(),
-                           "safety_backup_skipped": skipped},
-                          [f"would switch {live} to a copy of backup {backup.id}, which would:",
-                           *diff.restore_lines(str(live), done=False)] if diff else
-                          [f"would switch {live} to a copy of backup {backup.id}, whose files are the same"],
-                          report=True)
+            return _dry_run(paths, backup, kept, skipped)
         ctx.confirm(f"Replace the code in {live} with backup {backup.id}?")
-        # Built beside the live tree (or in its releases folder), so the switch is a rename on one filesystem.
-        # The build checks every file's size and sha256 as it copies: a damaged backup stops here, before
-        # anything live changes, with no separate checksum pass.
-        target = build_path(live)
-        started = time.perf_counter()
-        safety = None if skipped else SafetyBackupMeanwhile(paths, f"before restore of {backup.id}")
-        built = BuildStats()
-        try:
-            with safety or nullcontext(), ctx.progress(f"building {target}", lambda: built.bytes, backup.size):
-                build_tree(backup, TREE, target, stats=built)
-                build_seconds = time.perf_counter() - started
-        except BaseException:
-            if target.exists():
-                remove_tree(target)
-            if safety and safety.backup:  # nothing changed, so the copy of the unchanged live tree goes too
-                paths.store.remove(safety.backup)
-            raise
-        ids = [safety.backup.id] if safety and safety.backup else []
-        try:
-            switched, kept = switch_and_keep(target, live, backup.id)
-        except BaseException:
-            if ids:
-                ctx.warn(f"the backup of the live tree taken before the switch failed: {ids[0]}")
-            raise
-        record_deployed(paths, backup)
-        seconds = {"build": build_seconds, "safety_backup": safety.seconds if safety else 0.0,
-                   "switch": switched.seconds, "total": time.perf_counter() - started}
+        if kept is not None and kept.ok:
+            result = steps.switch_to_kept(ctx, kept, f"before restore of {backup.id}", skipped, backup, None)[0]
+            result.data["backup"] = backup.summary()
+            result.lines.insert(0, f"restored {backup.id} into {live} (a kept release)")
+            return result
+        return _build_and_switch(ctx, paths, steps, backup, kept, skipped)
+
+
+def _build_and_switch(ctx: Context, paths: CodePaths, steps: ReleaseSteps, backup: Backup, kept: KeptRelease | None,
+                      skipped: str | None) -> Result:
+    """The backup's tree built aside, shared paths linked and BUILD_HOOK run, while the live tree is saved on
+    another thread; then the switch, and what follows it (caller holds the lock)."""
+    live = paths.deployment
+    # Built beside the live tree (or in its releases folder), so the switch is a rename on one filesystem.
+    # The build checks every file's size and sha256 as it copies: a damaged backup stops here, before
+    # anything live changes, with no separate checksum pass (and a release's manifest takes them from it).
+    target = build_path(live)
+    started = time.perf_counter()
+    safety = None if skipped else SafetyBackupMeanwhile(paths, f"before restore of {backup.id}", steps.snapshot_base())
+    built = BuildStats()
+    known = {rel: entry.sha256 for rel, entry in tree_entries(backup, TREE).items() if entry.sha256}
+    try:
+        with safety or nullcontext(), ctx.progress(f"building {target}", lambda: built.bytes, backup.size):
+            build_tree(backup, TREE, target, stats=built)
+            prepared = steps.prepare(target, known, backup=backup.id)
+            build_seconds = time.perf_counter() - started
+    except BaseException:
+        if target.exists():
+            remove_tree(target)
+        if safety and safety.backup:  # nothing changed, so the copy of the unchanged live tree goes too
+            paths.store.remove(safety.backup)
+        raise
+    ids = [safety.backup.id] if safety and safety.backup else []
+    previous = Path(os.path.realpath(live)) if live.is_symlink() else None
+    try:
+        switched, kept_tree = switch_and_keep(target, live, backup.id, prepared.write_manifest)
+    except BaseException:
+        if ids:
+            ctx.warn(f"the backup of the live tree taken before the switch failed: {ids[0]}")
+        raise
+    steps.remember_safety(previous, safety.backup if safety else None)
+    deployed = steps.record_new_release(prepared, backup, None, f"deployed by restore of {backup.id}")
+    seconds = {"build": build_seconds, "safety_backup": safety.seconds if safety else 0.0,
+               "switch": switched.seconds, "total": time.perf_counter() - started}
     lines = [f"restored {backup.id} into {live} ({switched.how}, {switched.seconds * 1000:.1f} ms)",
-             *switch_lines(ids, kept, skipped)]
-    return Result({"backup": backup.summary(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None,
-                   "safety_backup_skipped": skipped, "replaced_tree": str(kept) if kept else None,
-                   "seconds": seconds}, lines, backup_ids=[backup.id, *ids])
+             *([kept.line()] if kept else []), *switch_lines(ids, kept_tree, skipped)]
+    result = Result({"backup": backup.summary(), "switch": switched.to_json(),
+                     "safety_backup": ids[0] if ids else None, "safety_backup_skipped": skipped,
+                     "replaced_tree": str(kept_tree) if kept_tree else None,
+                     "kept_release": kept.to_json() if kept else None, "seconds": seconds},
+                    lines, backup_ids=list(dict.fromkeys([backup.id, *ids, deployed.id])))
+    steps.after_switch(ctx, result, previous, ids)
+    return result
+
+
+def _dry_run(paths: CodePaths, backup: Backup, kept: KeptRelease | None, skipped: str | None) -> Result:
+    """What a restore would do: switch to a kept release, or the changes the switch to a new copy would make."""
+    live = paths.deployment
+    data = {"dry_run": True, "backup": backup.summary(), "safety_backup_skipped": skipped,
+            "kept_release": kept.to_json() if kept else None}
+    if kept is not None and kept.ok:
+        return Result(data, [f"would switch {live} to the kept release {kept.folder} (checked: whole; no copy)"],
+                      report=True)
+    refuse_damaged(backup)
+    diff = diff_tree(tree_entries(backup, TREE), Path(os.path.realpath(live)), code_excluder(paths.exclude))
+    lines = [f"would switch {live} to a copy of backup {backup.id}, which would:",
+             *diff.restore_lines(str(live), done=False)] if diff else \
+        [f"would switch {live} to a copy of backup {backup.id}, whose files are the same"]
+    if kept is not None:
+        lines.append(kept.line(dry_run=True))
+    return Result({**data, "changes": diff.restore_json()}, lines, report=True)
 
 
 def safety_skipped(ctx: Context, live: Path) -> str | None:

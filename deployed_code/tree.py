@@ -52,16 +52,21 @@ def code_excluder(patterns: Iterable[str] = ()) -> Callable[[str], bool]:
 
     `.git` and `__pycache__` are always left out, at any depth. Each pattern (CODE_EXCLUDE) is an
     fnmatch pattern tried against the item's name and against its relative path, so `*.log` and
-    `node_modules` match at any depth and `build/tmp` only there; a trailing `/` is ignored.
+    `node_modules` match at any depth and `build/tmp` only there; a trailing `/` is ignored. A leading
+    `/` ties a pattern to the tree's top: `/.env` is only the top-level `.env` (LINKED_PATHS are left out so).
     """
     wanted = [pattern.strip().rstrip("/") for pattern in patterns]
-    wanted = [pattern for pattern in wanted if pattern]
+    anywhere = [pattern for pattern in wanted if pattern and not pattern.startswith("/")]
+    rooted = [pattern[1:] for pattern in wanted if pattern.startswith("/") and pattern[1:]]
 
     def excluded(rel: str) -> bool:
         name = rel.rsplit("/", 1)[-1]
         if name in ALWAYS_EXCLUDED:
             return True
-        return any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(rel, pattern) for pattern in wanted)
+        if not (anywhere or rooted):
+            return False
+        return (any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(rel, pattern) for pattern in anywhere)
+                or any(fnmatch.fnmatchcase(rel, pattern) for pattern in rooted))
 
     return excluded
 

@@ -1,4 +1,5 @@
-"""verify [--compile]: the deployed tree against the backup it was last made from, and what stopped runs left."""
+"""verify [--compile]: the deployed tree against the backup it was last made from, its links to the shared paths,
+and what stopped runs left."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from common.text import count
 from deployed_code.backups import deployed_backup
 from deployed_code.git import git_state
 from deployed_code.layout import leftovers
+from deployed_code.linked import link_problems, shared_folder
 from deployed_code.paths import SCRIPT, TREE, CodePaths
 from deployed_code.source import CodeSource
 from deployed_code.tree import code_excluder
@@ -35,6 +37,8 @@ def verify(ctx: Context) -> Result:
         head = git_state(paths.repo).get("commit") if expected else None
         if expected and head and head != expected:
             problems.append(f"{paths.repo} is at {head[:12]}, expected {expected[:12]}")
+    if paths.linked and not paths.in_place:
+        problems += link_problems(paths.live, shared_folder(paths.live), paths.linked)
     if ctx.args.compile:
         problems += compile_problems(live, code_excluder(paths.exclude))
     problems += [f"unfinished {path} (a run was stopped, or is running now): `{SCRIPT} cleanup` removes it"

@@ -14,10 +14,11 @@ from backup_store.manifest import Backup
 from commands.rto import RtoReport, rto_for
 from common.components import Component
 from common.errors import EXIT_FAILED, EXIT_VERIFY, Interrupted, ToolkitError
+from common.hooks import HookFailed, HookRun
 from common.settings import Settings
 from common.text import count
 from restore_points.health import HealthReport
-from restore_points.hooks import HookFailed, HookRun, Hooks
+from restore_points.hooks import Hooks
 from restore_points.record import PointRecord
 from restore_points.steps import ScriptRun, ScriptRunner, undo_commands, verify_args
 

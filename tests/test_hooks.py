@@ -15,7 +15,7 @@ import pytest
 from helpers import process_state, script_argv, wait_until_dead
 from point_system import System, take_point
 
-from restore_points.hooks import OUTPUT_KEPT_BYTES, run_hook
+from common.hooks import OUTPUT_KEPT_BYTES, run_hook
 
 
 @pytest.fixture

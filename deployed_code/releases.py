@@ -1,0 +1,340 @@
+"""Kept releases of a symlink layout (`current -> releases/X`): their manifests, their check, and pruning.
+
+Each release folder the toolkit builds gets a manifest beside it, `releases/.X.manifest.json`: every path
+of the release with its type, mode, size, sha256 (files), target (symlinks) and stat identity (mtime,
+ctime, inode), and what the release is (the backups whose tree it is, the commit it was exported from).
+A restore or rollback whose tree is a kept release checks the folder against that manifest, the way git
+checks its index: a file whose stat is unchanged is taken as unchanged, the others are hashed (all of them
+with `--verify-all`), and anything added, missing or different fails the check. A release that passes is
+switched in as it is: no copy. Paths that snapshots leave out (CODE_EXCLUDE, LINKED_PATHS, `__pycache__`)
+are left out here too, so a release the application has run keeps matching.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from backup_store.manifest import Backup, Entry, format_time, parse_time
+from backup_store.trees import tree_entries
+from common.files import atomic_write, file_mode, sha256_file
+from deployed_code.paths import TREE
+from deployed_code.tree import remove_tree
+
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_FORMAT = 1
+# A file written this close to the moment its stat is recorded could be written again within the same
+# timestamp tick without its mtime moving: its stat is not recorded, so every check hashes it.
+RACY_NS = 50_000_000
+
+Excluded = Callable[[str], bool]
+
+
+@dataclass
+class ReleaseManifest:
+    """What a kept release is, and every path in it.
+
+    On disk: a first line of JSON saying what the release is, then its entries as one JSON list, so that
+    finding a release among several reads a line of each, and only the chosen one's entries are parsed."""
+
+    release: str  # the folder's name in the releases folder
+    built_at: str
+    root_mode: int
+    commit: str | None = None  # the commit whose tree it is (exported by a rollback)
+    backups: list[str] = field(default_factory=list)  # backups whose tree it is, as checked when each was added
+    switched_at: str | None = None  # when it last went live
+    raw_entries: bytes = b"[]"  # the entries as written; parsed by `entries` when first needed
+    parsed: list[Entry] | None = field(default=None, repr=False)
+    compared: dict = field(default_factory=dict, repr=False)  # its _content, by the excluder it was made with
+
+    @classmethod
+    def of(cls, release: str, root_mode: int, entries: list[Entry], commit: str | None, backups: list[str]
+           ) -> ReleaseManifest:
+        """A new manifest of a release just described."""
+        raw = json.dumps([entry.to_json() for entry in entries], separators=(",", ":")).encode()
+        return cls(release, now(), root_mode, commit, backups, raw_entries=raw, parsed=entries)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Every path of the release (ValueError when the manifest's list is not one)."""
+        if self.parsed is None:
+            entries = [Entry.from_json(item) for item in json.loads(self.raw_entries)]
+            if not all(map(_well_formed, entries)):
+                raise ValueError("not a release manifest's entries")
+            self.parsed = entries
+        return self.parsed
+
+    def to_bytes(self) -> bytes:
+        """The file's content."""
+        header = {"format": MANIFEST_FORMAT, "release": self.release, "built_at": self.built_at,
+                  "switched_at": self.switched_at, "commit": self.commit, "backups": self.backups,
+                  "root_mode": self.root_mode}
+        return json.dumps(header, separators=(",", ":")).encode() + b"\n" + self.raw_entries
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReleaseManifest:
+        """From the file's content (KeyError, TypeError or ValueError when it is not one); entries unparsed."""
+        first, _, rest = data.partition(b"\n")
+        header = json.loads(first)
+        backups = header.get("backups") or []
+        if header.get("format") != MANIFEST_FORMAT or not all(isinstance(item, str) for item in backups):
+            raise ValueError("not a release manifest")
+        commit = header.get("commit")
+        return cls(release=str(header["release"]), built_at=str(header["built_at"]),
+                   root_mode=int(header["root_mode"]), commit=commit if isinstance(commit, str) else None,
+                   backups=list(backups), switched_at=header.get("switched_at"), raw_entries=rest)
+
+    def last_used(self) -> datetime:
+        """When it was last switched in, else built."""
+        return parse_time(self.switched_at or self.built_at)
+
+
+def _well_formed(entry: Entry) -> bool:
+    """Paths are only compared with what a walk of the folder finds, never opened as written: a manifest needs
+    no more than well-typed entries."""
+    if not isinstance(entry.path, str) or entry.type not in ("file", "dir", "symlink"):
+        return False
+    return entry.type != "file" or (isinstance(entry.size, int) and isinstance(entry.sha256, str))
+
+
+def manifest_path(release: Path) -> Path:
+    """Where a release's manifest is: `.NAME.manifest.json` beside it."""
+    return release.with_name(f".{release.name}{MANIFEST_SUFFIX}")
+
+
+_read: dict[str, tuple[tuple[int, int, int], ReleaseManifest]] = {}  # a run reads each manifest once
+
+
+def read_manifest(release: Path) -> ReleaseManifest | None:
+    """The release's manifest; None when it has none, or one that cannot be read (then it is not kept)."""
+    path = manifest_path(release)
+    try:
+        st = os.stat(path)
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)  # a manifest is replaced, never changed in place
+        cached = _read.get(str(path))
+        if cached is not None and cached[0] == identity:
+            manifest = cached[1]
+        else:
+            manifest = ReleaseManifest.from_bytes(path.read_bytes())
+            _read[str(path)] = (identity, manifest)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return manifest if manifest.release == release.name else None
+
+
+def write_manifest(manifest: ReleaseManifest, folder: Path) -> None:
+    """Write (or replace) the manifest of the release folder `folder`."""
+    path = manifest_path(folder)
+    atomic_write(path, manifest.to_bytes())
+    st = os.stat(path)
+    _read[str(path)] = ((st.st_ino, st.st_size, st.st_mtime_ns), manifest)  # read back as written, unparsed
+
+
+def drop_manifest(release: Path) -> None:
+    """Forget a release: it is no longer switched to without a check or a copy."""
+    manifest_path(release).unlink(missing_ok=True)
+
+
+def now() -> str:
+    """The time as manifests record it."""
+    return format_time(datetime.now(UTC))
+
+
+# -- describing a release ------------------------------------------------------------------------------
+
+
+def describe(folder: Path, excluded: Excluded, known: dict[str, str] | None = None, name: str | None = None,
+             commit: str | None = None, backups: list[str] | None = None) -> ReleaseManifest:
+    """The manifest of the release in `folder` (to be named `name`), as it is on disk now.
+
+    `known` gives files' sha256 by path where they were just checked (a build) or hashed as written (an
+    export); every other file is read here."""
+    known = known or {}
+    not_racy_before = time.time_ns() - RACY_NS
+    entries = []
+    for rel, st in _walk(folder, excluded):
+        if stat.S_ISDIR(st.st_mode):
+            entries.append(Entry(rel, "dir", mode=file_mode(st)))
+        elif stat.S_ISLNK(st.st_mode):
+            entries.append(Entry(rel, "symlink", target=os.readlink(folder / rel)))
+        elif stat.S_ISREG(st.st_mode):
+            entry = Entry(rel, "file", mode=file_mode(st), size=st.st_size,
+                          sha256=known.get(rel) or sha256_file(folder / rel))
+            if st.st_mtime_ns < not_racy_before:
+                entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+            entries.append(entry)
+    return ReleaseManifest.of(name or folder.name, file_mode(os.lstat(folder)), entries, commit, list(backups or []))
+
+
+def _walk(folder: Path, excluded: Excluded):
+    """(relative path, lstat) of everything under `folder` but what `excluded` leaves out; no link followed."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        rel_dir = os.path.relpath(dirpath, folder)
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = [name for name in dirnames if not excluded(prefix + name)]
+        names = dirnames + [name for name in filenames if not excluded(prefix + name)]
+        for name in names:
+            yield prefix + name, os.lstat(os.path.join(dirpath, name))
+
+
+# -- is it the tree wanted? ------------------------------------------------------------------------------
+
+
+def visibility(excluded: Excluded) -> Callable[[str], bool]:
+    """A test for paths of a flat list: neither left out nor inside a folder left out (each folder asked once)."""
+    folders: dict[str, bool] = {"": True}
+
+    def visible(rel: str) -> bool:
+        parent = rel.rpartition("/")[0]
+        seen = folders.get(parent)
+        if seen is None:
+            seen = folders[parent] = visible(parent)
+        return seen and not excluded(rel)
+
+    return visible
+
+
+def _content(entries: dict[str, Entry], excluded: Excluded) -> dict[str, tuple]:
+    """What two descriptions of a tree must agree on: each path's type, mode, size, sha256 and link target."""
+    kept, visible = {}, visibility(excluded)
+    for rel, entry in entries.items():
+        if not visible(rel):
+            continue
+        mode = None if entry.type == "symlink" else entry.mode
+        kept[rel] = (entry.type, mode, entry.size if entry.type == "file" else 0, entry.sha256, entry.target)
+    return kept
+
+
+def is_tree_of(manifest: ReleaseManifest, backup: Backup, excluded: Excluded) -> bool:
+    """Whether the release's manifest lists exactly the backup's tree (what both leave out aside)."""
+    wanted = tree_entries(backup, TREE)
+    root = wanted.pop("", None)
+    if root is None or root.mode != manifest.root_mode:
+        return False
+    if excluded not in manifest.compared:  # a run compares one manifest with several backups
+        try:
+            manifest.compared[excluded] = _content({entry.path: entry for entry in manifest.entries}, excluded)
+        except ValueError:  # a damaged manifest describes no tree
+            return False
+    return _content(wanted, excluded) == manifest.compared[excluded]
+
+
+def check_release(folder: Path, manifest: ReleaseManifest, excluded: Excluded, verify_all: bool = False
+                  ) -> tuple[list[str], int]:
+    """The release folder against its manifest: what differs (one line each, by path) and how many files were
+    hashed. A file whose size, mtime, ctime and inode are as recorded is not read, unless `verify_all`."""
+    visible = visibility(excluded)
+    wanted = {entry.path: entry for entry in manifest.entries if visible(entry.path)}
+    problems, hashed, seen = [], 0, set()
+    if file_mode(os.lstat(folder)) != manifest.root_mode:
+        problems.append(f"{folder.name}: its mode changed")
+    for rel, st in _walk(folder, excluded):
+        seen.add(rel)
+        entry = wanted.get(rel)
+        if entry is None:
+            problems.append(f"{rel}: added since the release was built")
+        elif entry.type == "dir":
+            if not stat.S_ISDIR(st.st_mode) or file_mode(st) != entry.mode:
+                problems.append(f"{rel}: not the folder the release had")
+        elif entry.type == "symlink":
+            if not stat.S_ISLNK(st.st_mode) or os.readlink(folder / rel) != entry.target:
+                problems.append(f"{rel}: not the symlink the release had")
+        elif not stat.S_ISREG(st.st_mode) or file_mode(st) != entry.mode:
+            problems.append(f"{rel}: not the file the release had (type or mode changed)")
+        elif st.st_size != entry.size:
+            problems.append(f"{rel}: changed (size {st.st_size}, the release had {entry.size})")
+        elif verify_all or not _same_stat(entry, st):
+            hashed += 1
+            if sha256_file(folder / rel) != entry.sha256:
+                problems.append(f"{rel}: changed (its content differs from the release's manifest)")
+    problems += [f"{rel}: missing" for rel in sorted(wanted.keys() - seen)]
+    return problems, hashed
+
+
+def _same_stat(entry: Entry, st: os.stat_result) -> bool:
+    return (entry.mtime_ns is not None and entry.mtime_ns == st.st_mtime_ns and entry.ctime_ns == st.st_ctime_ns
+            and entry.ino == st.st_ino)
+
+
+# -- the kept releases ---------------------------------------------------------------------------------------
+
+
+def release_folders(releases: Path) -> list[Path]:
+    """The release folders (hidden names are half-built trees and manifests)."""
+    if not releases.is_dir():
+        return []
+    return [item for item in releases.iterdir()
+            if not item.name.startswith(".") and item.is_dir() and not item.is_symlink()]
+
+
+def kept_releases(releases: Path) -> list[tuple[Path, ReleaseManifest]]:
+    """The releases with a readable manifest, last used first."""
+    found = [(folder, manifest) for folder in release_folders(releases)
+             if (manifest := read_manifest(folder)) is not None]
+    return sorted(found, key=lambda pair: (pair[1].last_used(), pair[0].name), reverse=True)
+
+
+def release_for_backup(releases: Path, backup: Backup, commit: str | None, excluded: Excluded
+                       ) -> tuple[Path, ReleaseManifest] | None:
+    """The kept release whose tree is the backup's: built from it or from its commit, listing its very tree."""
+    for folder, manifest in kept_releases(releases):
+        named = backup.id in manifest.backups or (commit is not None and manifest.commit == commit)
+        if named and is_tree_of(manifest, backup, excluded):
+            return folder, manifest
+    return None
+
+
+def release_for_commit(releases: Path, commit: str) -> tuple[Path, ReleaseManifest] | None:
+    """The kept release exported from `commit`, last used first."""
+    return next(((folder, manifest) for folder, manifest in kept_releases(releases) if manifest.commit == commit),
+                None)
+
+
+def add_backup(folder: Path, backup: Backup, excluded: Excluded) -> bool:
+    """Record that `backup` (a snapshot of the release) is the release's tree, when its file list says so."""
+    manifest = read_manifest(folder)
+    if manifest is None or not is_tree_of(manifest, backup, excluded):
+        return False
+    if backup.id not in manifest.backups:
+        manifest.backups.append(backup.id)
+        write_manifest(manifest, folder)
+    return True
+
+
+def mark_switched(folder: Path) -> None:
+    """Record that the release just went live (pruning goes by when releases were last used)."""
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        manifest.switched_at = now()
+        write_manifest(manifest, folder)
+
+
+def prune(releases: Path, keep: int, protected: list[Path]) -> list[Path]:
+    """Remove the releases beyond the `keep` last used (by manifest, else by the folder's mtime), oldest first,
+    never one of `protected` (the live release, the one it replaced); returns what was removed."""
+    never = {os.path.realpath(path) for path in protected}
+
+    def last_used(folder: Path) -> float:
+        manifest = read_manifest(folder)
+        return manifest.last_used().timestamp() if manifest else os.lstat(folder).st_mtime
+
+    ordered = sorted(release_folders(releases), key=lambda folder: (last_used(folder), folder.name), reverse=True)
+    removed = []
+    for folder in reversed(ordered[keep:]):
+        if os.path.realpath(folder) in never:
+            continue
+        drop_manifest(folder)  # first: a run stopped part-way leaves a folder, never a manifest of half a tree
+        remove_tree(folder)
+        removed.append(folder)
+    for stray in releases.glob(f".*{MANIFEST_SUFFIX}"):  # manifests whose release is gone
+        if not (releases / stray.name[1:-len(MANIFEST_SUFFIX)]).is_dir():
+            stray.unlink(missing_ok=True)
+    for stray in releases.glob(f".*{MANIFEST_SUFFIX}.tmp-*"):  # a write stopped part-way (all are made under
+        stray.unlink(missing_ok=True)  # the store's lock, which the caller holds)
+    return removed
