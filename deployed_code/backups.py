@@ -25,6 +25,10 @@ from deployed_code.tree import SnapshotStats, snapshot_tree
 
 DEPLOYED = "deployed.json"  # in the store: which backup the live tree was last made from
 
+# How a rollback that switches back to a kept release labels its safety backup: "before rollback to SHA" and
+# this, then the id of the backup it deployed (it takes no "deployed by rollback" record: the release has one).
+KEPT_SWITCH = ", switching to the kept release of"
+
 
 def take_backup(paths: CodePaths, label: str | None, safety: bool = False, progress: Progress = no_progress,
                 deployed_commit: str | None = None, cancelled: Callable[[], bool] | None = None,

@@ -2,7 +2,9 @@
 
 The entries come from the store. A backup taken with `backup` is one. A rollback leaves a record of the tree
 it deployed: a safety backup labelled "deployed by rollback to SHA", taken right after the switch, just after
-the safety backup "before rollback to SHA" of what it replaced. A restore leaves that safety backup, "before
+the safety backup "before rollback to SHA" of what it replaced; one that switches back to a kept release
+makes no record (the release has its backup) and names that backup in its safety backup's label instead
+(deployed_code.backups.KEPT_SWITCH). A restore leaves that safety backup, "before
 restore of ID", taken while the backup's tree is built. The audit log adds who ran each and when, and the
 restores that left no safety backup (--no-backup, a new host); it is read one line at a time, and only the
 lines of this store's backups are kept.
@@ -24,7 +26,7 @@ from backup_store.manifest import MANIFEST, Backup, backup_from_manifest, format
 from backup_store.store import BackupStore
 from common.audit import AuditRecord
 from common.errors import ToolkitError
-from deployed_code.backups import deployed_id
+from deployed_code.backups import KEPT_SWITCH, deployed_id
 from deployed_code.commits import SHA, Commit
 from deployed_code.paths import CodePaths
 from deployed_code.source import CodeSource
@@ -33,6 +35,7 @@ RESTORE, ROLLBACK, BACKUP = "restore", "rollback", "backup"  # the events, named
 # The labels rollback.py and restore.py give the backups they take.
 _ROLLBACK_RECORD = re.compile(r"deployed by rollback to ([0-9a-f]{7,64})")
 _BEFORE_RESTORE = re.compile(r"before restore of (\S+)")
+_KEPT_SWITCH = re.compile(rf"before rollback to ([0-9a-f]{{7,64}}){re.escape(KEPT_SWITCH)} (\S+)")
 
 
 @dataclass
@@ -155,6 +158,10 @@ def _entry_of(backup: Backup, store: StoredBackups) -> Deploy | None:
         safety = before.id if before and before.is_safety and before.label == f"before rollback to {match[1]}" else None
         return Deploy(ROLLBACK, backup.id, backup.created_at, at, commit_of(backup), backup.host,
                       safety_backup=safety)
+    if match := _KEPT_SWITCH.fullmatch(label):  # a rollback to a kept release: the switch right after this
+        target = store.get(match[2])
+        return Deploy(ROLLBACK, target.id, backup.created_at, at, commit_of(target), backup.host,
+                      safety_backup=backup.id) if target else None
     match = _BEFORE_RESTORE.fullmatch(label)
     target = store.get(match[1]) if match else None
     return _restore(target, backup.created_at, at, backup.host, backup.id) if target else None
@@ -197,13 +204,26 @@ def _add_runs(deploys: list[Deploy], store: StoredBackups, runs: Iterable[AuditR
                 after_safety[first].ran(run)
             elif first not in store.index and _in_a_window(run, times):
                 timed_runs.append(run)
+            elif first in store.index and not _is_rollback_safety(store, first):
+                unrecorded.append(run)  # a switch back to a kept release with --no-backup: it names what it deployed
     _match_by_time(unanchored, timed_runs)
     for run in unrecorded:
         target = store.get(run.backup_ids[0])
-        if target is not None:
+        if target is None:
+            continue
+        if run.command == ROLLBACK:
+            # Its start, not its end: the entries are sorted by time, and the next run starts after it ends.
+            deploy = Deploy(ROLLBACK, target.id, run.time, run.shown_time, commit_of(target), run.host)
+        else:
             deploy = _restore(target, _window(run)[1], run.shown_time, run.host, None)
-            deploy.ran(run)
-            deploys.append(deploy)
+        deploy.ran(run)
+        deploys.append(deploy)
+
+
+def _is_rollback_safety(store: StoredBackups, backup_id: str) -> bool:
+    """Whether a backup is a rollback's safety backup (its entry may be past --limit): not what it deployed."""
+    backup = store.get(backup_id)
+    return backup is not None and isinstance(backup.label, str) and backup.label.startswith("before rollback to ")
 
 
 def _window(run: AuditRecord) -> tuple[datetime, datetime]:

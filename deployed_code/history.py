@@ -30,6 +30,7 @@ from deployed_code.deploys import (
 )
 from deployed_code.layout import releases_folder
 from deployed_code.paths import SCRIPT, CodePaths
+from deployed_code.releases import kept_releases
 
 
 @dataclass
@@ -132,9 +133,10 @@ def _layout(paths: CodePaths) -> str:
 def _release_folders(paths: CodePaths, deploys: list[Deploy]) -> ReleaseFolders | None:
     """Symlink layout: the release folders on disk, and each deploy's own (set on it), if still kept.
 
-    A restore's folder is named after the backup, a rollback's `commit-<sha>`, with `-2`, `-3` ... when the
-    name was taken: of the folders of one name, the live deploy has `current`'s, and the others go to the
-    other deploys newest first by their age."""
+    A kept release's manifest names the backups whose tree it is. A folder without one (made by another
+    tool, or its manifest removed) is matched by name: a restore's folder is named after the backup, a
+    rollback's `commit-<sha>`, with `-2`, `-3` ... when the name was taken; of the folders of one name, the
+    live deploy has `current`'s, and the others go to the other deploys newest first by their age."""
     if _layout(paths) != "symlink" or paths.deployment is None:
         return None
     folder = releases_folder(paths.deployment)
@@ -145,8 +147,15 @@ def _release_folders(paths: CodePaths, deploys: list[Deploy]) -> ReleaseFolders 
     except OSError:
         kept = []
     names = [item.name for item in sorted(kept, key=lambda item: (_mtime(item), item.name), reverse=True)]
+    # A release the toolkit keeps lists the backups whose tree it is: a deploy of one of them was that folder,
+    # however often it was switched back to. Folders without a manifest are matched by name.
+    listed = {backup_id: release.name for release, manifest in (kept_releases(folder) if folder else [])
+              for backup_id in manifest.backups}
     free = [name for name in names if name != current]
     for deploy in sorted((d for d in deploys if d.event != BACKUP), key=lambda d: not d.live):
+        if deploy.backup in listed:
+            deploy.release, deploy.release_kept = listed[deploy.backup], True
+            continue
         base = deploy.backup if deploy.event == RESTORE else f"commit-{deploy.commit[:12]}" if deploy.commit else ""
         own = [name for name in ([current] if deploy.live else []) + free if _named_after(name, base)]
         deploy.release, deploy.release_kept = (own[0], True) if own else (None, False)

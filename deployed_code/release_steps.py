@@ -20,7 +20,7 @@ from backup_store.manifest import Backup, Entry, load_backup
 from common.cli import Context, Result
 from common.errors import EXIT_FAILED, ToolkitError
 from common.hooks import HookFailed, hook_argv, hook_timeout, run_checked
-from deployed_code.backups import record_deployed, take_backup
+from deployed_code.backups import KEPT_SWITCH, record_deployed, take_backup
 from deployed_code.layout import Switched, releases_folder, switch_in
 from deployed_code.linked import check_shared, link_shared, shared_folder
 from deployed_code.paths import SCRIPT, TREE, CodePaths
@@ -179,6 +179,10 @@ class ReleaseSteps:
         """Save the live tree (unless `skipped`), switch `current` to the kept release, record what is deployed
         (`deployed`, else a backup the release lists, else a new snapshot of it), prune, RESTART_HOOK."""
         started = time.perf_counter()
+        deployed = deployed or self._listed_backup(kept.manifest)
+        if commit is not None and deployed is not None:
+            # A rollback that makes no record of what it deployed names it here, for `history`.
+            label = f"{label}{KEPT_SWITCH} {deployed.id}"
         safety = None if skipped else take_backup(self.paths, label, safety=True, previous=self.snapshot_base())[0]
         ids = [safety.id] if safety else []
         previous = Path(os.path.realpath(self.live)) if self.live.is_symlink() else None
@@ -186,8 +190,8 @@ class ReleaseSteps:
         mark_switched(kept.folder)
         self.remember_safety(previous, safety)
         if deployed is None:
-            deployed = self._listed_backup(kept.manifest) or take_backup(
-                self.paths, f"deployed by rollback to {str(commit)[:12]}", safety=True, deployed_commit=commit)[0]
+            deployed = take_backup(self.paths, f"deployed by rollback to {str(commit)[:12]}", safety=True,
+                                   deployed_commit=commit)[0]
         if deployed.id not in kept.manifest.backups:
             add_backup(kept.folder, deployed, self.excluded)
         record_deployed(self.paths, deployed)
@@ -198,7 +202,9 @@ class ReleaseSteps:
             lines.append(f"saved the previous code as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
         elif skipped:
             lines.append(f"no safety backup: {skipped}")
-        result = Result(data, lines, backup_ids=[deployed.id, *ids])
+        # The audit line names first what the command names first: a restore its backup, a rollback its safety
+        # backup (as when it builds the release).
+        result = Result(data, lines, backup_ids=[*ids, deployed.id] if commit is not None else [deployed.id, *ids])
         self.after_switch(ctx, result, previous, ids)
         return result, switched
 

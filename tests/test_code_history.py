@@ -153,21 +153,21 @@ def test_the_symlink_layout_says_which_release_folders_are_kept(deployed: Histor
     h.run("erin", "restore", first, "--yes")
     v1, v2 = sha(h.cw.repo, "v1")[:12], sha(h.cw.repo, "v2")[:12]
     report = h.history()
+    # dave's rollback to v1 switched back to bob's release of v1, still on disk: one folder, two deploys.
     assert [(e["by"], e["release"], e["release_kept"]) for e in report["history"]] == [
-        ("erin", first, True), ("dave", f"commit-{v1}-2", True), ("carol", f"commit-{v2}", True),
+        ("erin", first, True), ("dave", f"commit-{v1}", True), ("carol", f"commit-{v2}", True),
         ("bob", f"commit-{v1}", True), ("alice", None, None)]
     assert os.readlink(h.cw.live) == f"releases/{first}"
     assert {(r["folder"], r["live"]) for r in report["releases"]["kept"]} == {
-        (first, True), (f"commit-{v1}-2", False), (f"commit-{v2}", False), (f"commit-{v1}", False), ("v1", False)}
+        (first, True), (f"commit-{v2}", False), (f"commit-{v1}", False), ("v1", False)}
 
-    shutil.rmtree(releases / f"commit-{v1}")  # the deploy tool pruned bob's release
-    shutil.rmtree(releases / f"commit-{v2}")
+    shutil.rmtree(releases / f"commit-{v2}")  # the deploy tool pruned carol's release
     report = h.history()
     assert [(e["by"], e["release"], e["release_kept"]) for e in report["history"]][:4] == [
-        ("erin", first, True), ("dave", f"commit-{v1}-2", True), ("carol", None, False), ("bob", None, False)]
+        ("erin", first, True), ("dave", f"commit-{v1}", True), ("carol", None, False), ("bob", f"commit-{v1}", True)]
     text = h.text()
-    assert f"release folder commit-{v1}-2 (kept)" in text and "release folder no longer on disk" in text
-    assert f"release folders kept in {releases}: {first} (live), commit-{v1}-2, v1" in text
+    assert f"release folder commit-{v1} (kept)" in text and "release folder no longer on disk" in text
+    assert f"release folders kept in {releases}: {first} (live), commit-{v1}, v1" in text
 
 
 def test_without_an_audit_log_the_store_still_gives_the_history(deployed: History):
@@ -180,9 +180,10 @@ def test_without_an_audit_log_the_store_still_gives_the_history(deployed: Histor
     assert [(e["event"], e["backup"], e["commit"], e["live"]) for e in report["history"]] == [
         (e["event"], e["backup"], e["commit"], e["live"]) for e in before["history"]]
     assert all(e["by"] is None and not e["audited"] for e in report["history"])
-    # Without the log, the time is the store's: the rollback's record, taken right after its switch.
+    # Without the log, the time is the store's. v1's release is still on disk, so dave's rollback switched back
+    # to it: its time is that of the safety backup taken right before the switch (no record is taken after).
     created = {b["id"]: b["created_at"] for b in json.loads(h.cw.run("--json", "list").stdout)["backups"]}
-    assert report["history"][0]["at"] == created[report["history"][0]["backup"]]
+    assert report["history"][0]["at"] == created[report["history"][0]["safety_backup"]]
     h.audit.unlink()  # the listing above was itself recorded
     text = h.text()
     assert "deployed by: unknown" in text and "taken by: unknown" in text
