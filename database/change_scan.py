@@ -47,6 +47,7 @@ class TableDiff:
 
     @property
     def total(self) -> int:
+        """How many rows are not alike."""
         return len(self.only_in_kept) + len(self.only_in_live) + len(self.differ)
 
 
@@ -142,11 +143,13 @@ class _Cursor:
         self.refill()
 
     def refill(self) -> None:
+        """Move to the next batch once this one is used up; `done` at the end of the stream."""
         while self.at >= len(self.rows) and not self.done:
             self.rows, self.at = next(self._batches, []), 0
             self.done = not self.rows
 
     def rest(self) -> Iterator[tuple]:
+        """Every row from here to the end."""
         while not self.done:
             yield from self.rows[self.at:]
             self.at = len(self.rows)

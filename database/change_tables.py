@@ -70,6 +70,7 @@ class TableShape:
 
     @property
     def label(self) -> str:
+        """`schema.table`, for people."""
         return f"{self.schema}.{self.name}"
 
 
@@ -84,10 +85,12 @@ class TablePlan:
 
     @property
     def label(self) -> str:
+        """`schema.table`, for people."""
         return f"{self.schema}.{self.name}"
 
     @property
     def identifier(self) -> sql.Identifier:
+        """The table's name for SQL, quoted."""
         from psycopg2 import sql
 
         return sql.Identifier(self.schema, self.name)
@@ -108,6 +111,7 @@ class ColumnDifference:
     live: str | None
 
     def describe(self) -> str:
+        """One line for people."""
         if self.live is None:
             return f"{self.table}.{self.column} only in the kept database ({self.kept}): not compared"
         if self.kept is None:
@@ -127,6 +131,7 @@ class SequenceGap:
 
     @property
     def label(self) -> str:
+        """`schema.sequence`, for people."""
         return f"{self.schema}.{self.name}"
 
 

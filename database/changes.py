@@ -48,6 +48,7 @@ class DatabasePair:
     """Read-only sessions on the kept database and the live one, each in one REPEATABLE READ transaction."""
 
     def __init__(self, server: DbServer, kept_name: str):
+        """Open both; BEFORE_DB that does not exist is a UsageError naming the databases restores kept."""
         self.kept_name, self.live_name = kept_name, server.name
         self.live: connection = _reading_session(server, server.name)
         try:
@@ -58,9 +59,9 @@ class DatabasePair:
             raise
 
     def close(self) -> None:
-        for conn in (getattr(self, "kept", None), self.live):
-            if conn is not None:
-                conn.close()  # read only: nothing to commit
+        """Close both sessions (they only read: nothing to commit)."""
+        self.kept.close()
+        self.live.close()
 
     def plan(self, wanted: list[str]) -> tuple[Pairing, list[SequenceGap]]:
         """The tables to compare (those of --table, if given) and the sequences behind in the live database."""
