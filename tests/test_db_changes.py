@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import run_script
+from helpers import run_script, script_argv
 
 from database.change_scan import merge
 from database.change_tables import Column, TablePlan
@@ -284,6 +284,17 @@ def test_tables_columns_and_keys_that_differ_are_named(pair: Pair):
     lines = pair.run("changes", pair.kept).stdout.splitlines()
     assert "column public.events.extra only in the kept database (integer): not compared" in lines
     assert "table only in the live database: public.new_since" in lines
+
+
+def test_sql_to_a_reader_that_has_gone_stops_without_an_error(pair: Pair):
+    written(pair)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `changes --sql | head` once head has exited
+    env = {**os.environ, **pair.env}
+    done = subprocess.run(script_argv("database_rollback.py", "-q", "changes", pair.kept, "--sql"), cwd=pair.root,
+                          env=env, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert done.returncode == 0 and done.stderr == ""
 
 
 def test_a_missing_database_or_the_live_one_itself_is_refused(pair: Pair):
