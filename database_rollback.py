@@ -20,6 +20,7 @@ from common.cli import (
 )
 from common.components import DATABASE
 from database.backups import backup_command, list_command
+from database.changes import changes_command
 from database.checks import verify_command
 from database.cleanup import cleanup_command
 from database.context import SCRIPT
@@ -81,6 +82,11 @@ def cmd_locks(ctx: Context) -> Result:
     return locks_command(ctx)
 
 
+def cmd_changes(ctx: Context) -> Result:
+    """changes BEFORE_DB: rows a kept database has that the live one lacks, or holds otherwise; --sql to copy them."""
+    return changes_command(ctx)
+
+
 def cmd_list(ctx: Context) -> Result:
     """list: the backups, newest first."""
     return list_command(ctx)
@@ -112,6 +118,7 @@ def build_parser():
         f"  {SCRIPT} rollback 001_initial_schema --yes\n"
         f"  {SCRIPT} rollback --all --dry-run\n"
         f"  {SCRIPT} locks\n"
+        f"  {SCRIPT} changes ariesone__before_20261123230501_1a2b3c --sql > salvage.sql\n"
         f"  {SCRIPT} cleanup 30 --keep 5",
     )
     sub = add_command(commands, "backup", cmd_backup, "pg_dump DB_NAME into the backup store",
@@ -204,6 +211,15 @@ def build_parser():
 
     sub = add_command(commands, "locks", cmd_locks, "blocked sessions and who blocks them")
     sub.add_argument("--terminate", type=int, metavar="PID", help="end this session")
+
+    sub = add_command(commands, "changes", cmd_changes, "rows that differ from a database a restore kept",
+                      "Compares BEFORE_DB (e.g. the <name>__before_... database a swap restore kept) with DB_NAME\n"
+                      "table by table on the primary key, read only: counts, then rows only in either and rows that\n"
+                      "differ. --sql prints INSERTs and UPDATEs that put the kept rows back (DELETEs commented out).")
+    sub.add_argument("before_db", metavar="BEFORE_DB", help="the database to compare with the live one")
+    sub.add_argument("--table", action="append", metavar="T",
+                     help="only this table (schema.table or table; repeat it or give a comma list)")
+    sub.add_argument("--sql", action="store_true", help="print the statements for psql instead of the rows")
 
     add_store_commands(commands, cmd_cleanup, cmd_list)
     commands.choices["cleanup"].description = (

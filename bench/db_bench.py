@@ -6,8 +6,15 @@ In one run, on a throwaway cluster:
   restore   `database_rollback.py restore`     vs  `pg_restore` into an empty database
   outage    the longest stretch, during our restore, in which a poller (every 20 ms) got no answer with
             whole data from the live database
-Targets (issue 3): backup <= 1.10x pg_dump, restore <= 1.25x pg_restore, outage <= 1 s.
---quick: scale 1 (about 20 MB). A step that fails stops the benchmark with exit 1.
+  changes   `database_rollback.py changes <kept>`  vs  an EXCEPT query in psql, both directions, counted:
+            the database our restore kept (`<name>__before_...`) has 1 % of pgbench_accounts' rows changed
+            (0.8 % updated, 0.1 % deleted, 0.1 % inserted) and is compared with the live one. EXCEPT cannot
+            span two databases, so the baseline gets both copies in one: a copy of the live database whose
+            schema `kept` holds pgbench_accounts with the same changes. Median of 3 rounds, who goes first
+            alternating; also our peak memory (max RSS), and one run of `changes --sql` (every statement).
+Targets (issue 3): backup <= 1.10x pg_dump, restore <= 1.25x pg_restore, outage <= 1 s; changes <= 1.5x
+EXCEPT, under 200 MiB.
+--quick: scale 1 (about 20 MB), one round. A step that fails stops the benchmark with exit 1.
 Usage: bench/db_bench.py [--quick] [--scale N]
 The benchmark starts its own cluster unless BENCH_DB_HOST names a server (with BENCH_DB_PORT, BENCH_DB_USER,
 BENCH_DB_PASSWORD: a superuser); it then creates and drops databases named bench_<random>*.
@@ -16,8 +23,10 @@ BENCH_DB_PASSWORD: a superuser); it then creates and drops databases named bench
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -39,6 +48,19 @@ if TYPE_CHECKING:
 
 POLL_SECONDS = 0.020
 SCALE, QUICK_SCALE = 30, 1
+CHANGES_ROUNDS = 3
+ACCOUNTS_PER_SCALE = 100_000
+# 1 % of the rows: 0.8 % updated, 0.1 % deleted, 0.1 % inserted (after the last account).
+CHANGE_ACCOUNTS = """
+UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 125 = 7;
+DELETE FROM pgbench_accounts WHERE aid % 1000 = 3;
+INSERT INTO pgbench_accounts (aid, bid, abalance, filler)
+  SELECT {last} + i, 1, 0, 'late' FROM generate_series(1, {count}) i;
+"""
+EXCEPT_BOTH_WAYS = ("SELECT count(*) FROM ("
+                    "(SELECT * FROM public.pgbench_accounts EXCEPT SELECT * FROM kept.pgbench_accounts) UNION ALL "
+                    "(SELECT * FROM kept.pgbench_accounts EXCEPT SELECT * FROM public.pgbench_accounts)) AS d")
+_COUNTS = re.compile(r"(\d+) row\(s\) only in the kept database, (\d+) only in the live one, (\d+) differ")
 
 
 @dataclass(frozen=True)
@@ -161,7 +183,7 @@ def main() -> None:
             try:
                 figures = measure(server, name, scale, work)
             finally:
-                # Ours, the plain restore's, and the databases our restore kept (`<name>__before_<stamp>`).
+                # Ours, the plain restore's, EXCEPT's, and those our restore kept (`<name>__before_<stamp>`).
                 for leftover in server.databases(name):
                     server.admin("DROP DATABASE IF EXISTS {} WITH (FORCE)", leftover)
     finally:
@@ -176,6 +198,12 @@ def main() -> None:
           f"{figures['restore'] / figures['pg_restore']:.2f}  (target <= 1.25)")
     print(f"  outage   {figures['outage'] * 1000:7.0f} ms longest gap between whole answers during our restore "
           f"({figures['failed_polls']} failed polls; target <= 1000 ms)")
+    changes = figures["changes"]
+    print(f"  changes  {changes['ours']:7.2f} s   EXCEPT in psql{changes['except']:7.2f} s   ratio "
+          f"{changes['ours'] / changes['except']:.2f}  (target <= 1.50; {changes['rows']} rows differ, "
+          f"{changes['rounds']} round(s))")
+    print(f"  changes  peak memory {changes['rss']:.0f} MiB (target < 200 MiB); with --sql "
+          f"{changes['sql']:.2f} s, {changes['sql_rss']:.0f} MiB, {changes['sql_mib']:.1f} MiB of SQL")
 
 
 def measure(server: PgServer, name: str, scale: int, work: Path) -> dict:
@@ -208,8 +236,43 @@ def measure(server: PgServer, name: str, scale: int, work: Path) -> dict:
     finally:
         poller.stop.set()
         poller.join()
+    changes = measure_changes(server, name, scale, env, ours_env, 1 if scale == QUICK_SCALE else CHANGES_ROUNDS)
     return {"size": size, "pg_dump": plain_dump, "backup": our_backup, "pg_restore": plain_restore,
-            "restore": our_restore, "outage": poller.longest_gap, "failed_polls": poller.failures}
+            "restore": our_restore, "outage": poller.longest_gap, "failed_polls": poller.failures,
+            "changes": changes}
+
+
+def measure_changes(server: PgServer, name: str, scale: int, env: dict[str, str], ours_env: dict[str, str],
+                    rounds: int) -> dict:
+    """Change 1 % of the accounts in the database our restore kept, then time `changes` on it against EXCEPT
+    on both copies in one database."""
+    kept = server.databases(f"{name}__before_")[0]
+    both = f"{name}_except"
+    changes = CHANGE_ACCOUNTS.format(last=scale * ACCOUNTS_PER_SCALE, count=scale * ACCOUNTS_PER_SCALE // 1000)
+    psql = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+    print("changing 1 % of the accounts, and copying them for EXCEPT ...", file=sys.stderr)
+    harness.run_step([*psql, "-d", kept, "-c", changes], env)
+    harness.run_step(["createdb", "-T", name, both], env)
+    harness.run_step([*psql, "-d", both, "-c", "CREATE SCHEMA kept; CREATE TABLE kept.pgbench_accounts AS TABLE "
+                      "public.pgbench_accounts; SET search_path = kept;" + changes], env)
+    for database in (kept, name, both):
+        harness.run_step([*psql, "-d", database, "-c", "VACUUM ANALYZE"], env)
+    ours_argv = [sys.executable, str(ROOT / "database_rollback.py"), "changes", kept]
+    except_argv = [*psql, "-At", "-d", both, "-c", EXCEPT_BOTH_WAYS]
+    ours, plain = [], []
+    for round_number in range(rounds):
+        pair = [(ours, ours_argv, ours_env), (plain, except_argv, env)]
+        for times, argv, run_env in pair if round_number % 2 == 0 else reversed(pair):
+            times.append(harness.timed(argv, run_env))
+    found = _COUNTS.search(ours[0].stdout)
+    rows_apart = int(plain[0].stdout.strip())
+    if found is None or 2 * int(found[3]) + int(found[1]) + int(found[2]) != rows_apart:
+        sys.exit(f"changes and EXCEPT disagree: {found[0] if found else ours[0].stdout[:200]!r}, "
+                 f"EXCEPT: {rows_apart} rows")
+    sql = harness.timed([*ours_argv, "--sql"], ours_env)
+    return {"ours": statistics.median(t.seconds for t in ours), "except": statistics.median(t.seconds for t in plain),
+            "rss": max(t.max_rss_mib for t in ours), "rows": int(found[1]) + int(found[2]) + int(found[3]),
+            "rounds": rounds, "sql": sql.seconds, "sql_rss": sql.max_rss_mib, "sql_mib": len(sql.stdout) / 2**20}
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from common.settings import KNOWN_SETTINGS
 
@@ -30,6 +31,7 @@ class Timing:
     seconds: float  # wall time
     cpu_seconds: float  # user and system time of the process and all its children, on every core
     stdout: str
+    max_rss_mib: float = 0.0  # the peak resident memory of the process (or of its largest child)
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -70,16 +72,29 @@ def timed(argv: list[str], env: dict[str, str], sync: bool = False) -> Timing:
     """
     if sync:
         run_step(["sync"], env)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    except OSError as error:
-        sys.exit(f"benchmark step could not start: {' '.join(argv)}: {error.strerror}")
-    elapsed = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        error = done.stderr.strip() or done.stdout.strip() or "(no output)"
-        sys.exit(f"benchmark step failed (exit {done.returncode}): {' '.join(argv)}: {error}")
-    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return Timing(elapsed, cpu, done.stdout)
+    # Output into files and the child reaped with wait4: its own resource usage, CPU and peak memory, which
+    # getrusage(RUSAGE_CHILDREN) would give only as a maximum over every child this benchmark has had.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        try:
+            child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        except OSError as error:
+            sys.exit(f"benchmark step could not start: {' '.join(argv)}: {error.strerror}")
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:  # the benchmark is stopped (Ctrl-C): so is what it runs
+            child.kill()
+            child.wait()
+            raise
+        elapsed = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        stdout, stderr = (_text(stream) for stream in (out, err))
+    if child.returncode != 0:
+        error = stderr.strip() or stdout.strip() or "(no output)"
+        sys.exit(f"benchmark step failed (exit {child.returncode}): {' '.join(argv)}: {error}")
+    return Timing(elapsed, usage.ru_utime + usage.ru_stime, stdout, usage.ru_maxrss / 1024)  # KiB on Linux
+
+
+def _text(stream: IO[bytes]) -> str:
+    stream.seek(0)
+    return stream.read().decode(errors="replace")

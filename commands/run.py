@@ -25,7 +25,7 @@ from offsite.commands import push_after_backup
 from offsite.pull import forbid_downloads, open_store
 
 RTO_COMMANDS = frozenset({"restore", "rollback"})  # timed against the component's recovery time objective
-UNRECORDED_COMMANDS = frozenset({"list", "history", "status", "locks"})  # they change nothing: no metrics
+UNRECORDED_COMMANDS = frozenset({"list", "history", "status", "locks", "changes"})  # they change nothing: no metrics
 
 
 def run(parser: argparse.ArgumentParser, component: Component, argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -34,6 +34,8 @@ class Result:
     exit_code: int = 0
     backup_ids: list[str] = field(default_factory=list)
     report: bool = False  # a report (list, verify, a plan) is printed even with --quiet
+    # Text made while it is printed, after `lines` (a script too long to hold in memory); never with --json.
+    stream: Iterable[str] | None = None
 
 
 class Context:
@@ -166,16 +168,22 @@ def push_wanted(ctx: Context) -> bool:
 
 
 def emit(result: Result, args: argparse.Namespace) -> None:
-    """Print a result: one JSON document with --json, else its lines (unless --quiet and not a report)."""
+    """Print a result: one JSON document with --json, else its lines (unless --quiet and not a report), then
+    its stream."""
     if args.json:
         document = {"ok": result.exit_code == 0, "command": args.command, **result.data}
         print_out(json.dumps(document, indent=2, default=str))
-    elif result.lines and (result.report or result.exit_code != 0 or not args.quiet):
+        return
+    if result.lines and (result.report or result.exit_code != 0 or not args.quiet):
         print_out("\n".join(result.lines))
+    for text in result.stream or ():
+        if not print_out(text):
+            break  # nobody reads the rest: stop making it
 
 
-def print_out(text: str) -> None:
-    """Print on stdout; a reader that has gone (`list | head`) took all it wanted, which is not an error."""
+def print_out(text: str) -> bool:
+    """Print on stdout; a reader that has gone (`list | head`) took all it wanted, which is not an error
+    (False then: nothing more needs printing)."""
     try:
         print(text, flush=True)
     except BrokenPipeError:
@@ -183,6 +191,8 @@ def print_out(text: str) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+        return False
+    return True
 
 
 def report_error(script: str, args: argparse.Namespace, message: str, code: int) -> None:

@@ -124,8 +124,11 @@ def test_db_benchmark_quick_mode_runs_on_the_suites_server(quick_runs: dict[str,
     result = quick_runs["db"].finish()
     assert_figures(result, rf"^  backup\s+{NUMBER} s\s+pg_dump -Fc\s+{NUMBER} s\s+ratio {NUMBER}",
                    rf"^  restore\s+{NUMBER} s\s+pg_restore\s+{NUMBER} s\s+ratio {NUMBER}",
-                   rf"^  outage\s+{NUMBER} ms longest gap")
-    # The server is shared: the benchmark's databases, and those its restore kept, are gone.
+                   rf"^  outage\s+{NUMBER} ms longest gap",
+                   rf"^  changes\s+{NUMBER} s\s+EXCEPT in psql\s+{NUMBER} s\s+ratio {NUMBER}\s+\(target <= 1\.50; "
+                   rf"1000 rows differ",  # at scale 1: 800 updated, 100 deleted, 100 inserted
+                   rf"^  changes\s+peak memory {NUMBER} MiB \(target < 200 MiB\); with --sql {NUMBER} s, {NUMBER} MiB")
+    # The server is shared: the benchmark's databases, EXCEPT's and those its restore kept, are gone.
     conn = pg_cluster.connect()
     try:
         with conn.cursor() as cur:
