@@ -1,10 +1,11 @@
 """Code trees: snapshot a deployed tree into the store, build a backup's tree aside (the layout switches it in).
 
-- `snapshot_tree` copies a tree into a backup like `Staging.add_tree`, but a file unchanged since the
-  previous backup (same size, mtime, ctime, inode and mode, as git's index decides) is hard-linked from
-  that backup's payload instead of copied. Payload files are read-only (0400), so a file shared by two
-  backups can never be changed through one of them. Whatever is in doubt is hashed: equal content is
-  still linked, anything else copied.
+- `snapshot_tree` puts a tree into a backup whose files' content is shared by every backup of the store
+  (backup_store.objects: one read-only file per sha256). A file unchanged since the previous backup (same
+  size, mtime, ctime, inode, mode and owner, as git's index decides) keeps the previous entry's sha256
+  without being read; anything else is hashed and its content stored unless the store has it already.
+  When the whole tree is unchanged by that rule (one fingerprint of every path's stat says so), the
+  previous manifest's entries are written as they are: nothing else is read or written.
 - `build_tree` writes a backup's tree into a new folder (copies, never links: live code must not share
   inodes with the store), checking every file's checksum as it goes.
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import shutil
 import stat
@@ -21,7 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from backup_store.copier import CopyJob, copy_all
-from backup_store.manifest import Backup, Entry
+from backup_store.manifest import MANIFEST, Backup, Entry, split_manifest
+from backup_store.objects import share_file
 from backup_store.staging import Staging
 from backup_store.trees import set_owner_and_mode, tree_entries
 from common.errors import Interrupted, ToolkitError, UsageError
@@ -33,7 +36,6 @@ from common.files import (
     fsync_dir,
     is_inside,
     relative_parts,
-    sha256_file,
 )
 
 PAYLOAD_FILE = 0o400  # stored code files: read-only, so a hard link shared by two backups stays as taken
@@ -94,7 +96,7 @@ def snapshot_tree(
     stats: SnapshotStats | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> SnapshotStats:
-    """Put the tree `src` into the backup being built, at `dest`; link what the previous backup already has.
+    """Put the tree `src` into the backup being built, at `dest`; what the previous backup has is not read.
 
     `src` may be a symlink to the release folder (`current`): the folder it points at is taken.
     `exclude` holds the CODE_EXCLUDE patterns (see code_excluder). Symlinks are recorded as links and
@@ -107,52 +109,107 @@ def snapshot_tree(
         raise UsageError(f"{src} is not a folder: nothing to back up")
     if is_inside(staging.path, root):
         raise UsageError(f"the backup folder {staging.path.parent} is inside {src}: keep backups outside the tree")
-    before = {entry.path: entry for entry in previous.entries if entry.type == "file"} if previous else {}
-    base = str(previous.path) if previous else ""
+    objects = staging.share_payload()
     stats = stats if stats is not None else SnapshotStats()
     not_racy_before = time.time_ns() - RACY_NS
+    walked: list[tuple[Entry, str, os.stat_result]] = []
 
     def check_cancelled() -> None:
         if cancelled is not None and cancelled():
             raise Interrupted("the snapshot was cancelled")
 
-    def copied(size: int) -> None:
-        check_cancelled()
-        stats.copied += 1
-        stats.bytes_copied += size
-        stats.bytes += size
-
-    payload = str(staging.path)
-
     def regular(path: str, item_dest: str, st: os.stat_result) -> Entry:
         check_cancelled()
-        stats.files += 1
-        out = f"{payload}/{item_dest}"  # not os.path.join: this runs once per file, and both parts are plain
-        old = before.get(item_dest)
-        stored = None
-        if old is not None and old.sha256 and old.size == st.st_size:
-            stored = f"{base}/{old.path}"
-            # Unchanged by its stat: linked without being read, and its entry is the previous one as it
-            # stands. The stored file is trusted as the previous backup recorded it (restore checks every
-            # checksum); if it cannot be linked, it is copied.
-            if _unchanged(old, st) and _link(stored, out):
-                stats.linked += 1
-                stats.bytes += st.st_size
-                return old
         entry = Entry(item_dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
         if st.st_mtime_ns < not_racy_before:
             entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-        if stored is not None and _linkable(stored, old) and sha256_file(path) == old.sha256 and _link(stored, out):
-            entry.sha256 = old.sha256
-            stats.rehashed += 1
-            stats.bytes += st.st_size
-            return entry
-        staging.copy_later(path, item_dest, entry, PAYLOAD_FILE, copied)
+        walked.append((entry, path, st))
         return entry
 
-    staging.add_tree(root, dest, code_excluder(exclude), regular=regular)
-    staging.unsynced = True  # new links are metadata the seal must flush too, even when nothing was copied
+    staging.add_tree(root, dest, code_excluder(exclude), regular=regular)  # the walk: nothing is read yet
+    staging.fingerprint = tree_fingerprint(staging.entries, os.stat(root).st_dev)
+    if previous is not None and _reuse_unchanged(staging, previous, objects):
+        stats.files = stats.linked = staging.reused_counts[0]
+        stats.bytes = staging.reused_counts[1]
+        return stats
+    before = _previous_files(previous)
+
+    def stored(old: Entry | None, entry: Entry) -> Callable[[int], None]:
+        def done(size: int) -> None:
+            check_cancelled()
+            if old is not None and old.sha256 == entry.sha256:
+                stats.rehashed += 1  # in doubt by its stat, same content
+            else:
+                stats.copied += 1
+                stats.bytes_copied += size
+            stats.bytes += size
+
+        return done
+
+    for entry, path, st in walked:
+        check_cancelled()
+        stats.files += 1
+        old = before.get(entry.path)
+        # Unchanged by its stat: the previous entry's content, trusted as that backup recorded it (restore
+        # and verify check every checksum). A previous backup of the folder format has it linked in.
+        if old is not None and _unchanged(old, st) and (
+                previous.objects is not None or (_linkable(previous.payload(old), old)
+                                                 and share_file(previous.payload(old), objects, old.sha256, old.size))):
+            entry.sha256 = old.sha256
+            stats.linked += 1
+            stats.bytes += st.st_size
+            continue
+        staging.copy_later(path, entry.path, entry, PAYLOAD_FILE, stored(old, entry))
+    staging.copy_queued()
+    staging.unsynced = True  # objects linked in from a folder-format backup are metadata the seal must flush
     return stats
+
+
+def tree_fingerprint(entries: list[Entry], device: int) -> str | None:
+    """One sha256 of every entry's path, type, mode, owner and (for files) size, mtime, ctime and inode.
+
+    Equal for two walks of a tree exactly when the per-file test of _unchanged passes for every file and
+    nothing was added, removed or changed otherwise. None when a file's identity was not recorded (racy)."""
+    lines = [f"code-tree-1\0{device}"]
+    add = lines.append
+    for e in entries:
+        if e.type == "file":
+            if e.mtime_ns is None:
+                return None
+            add(f"{e.path}\0f\0{e.mode}\0{e.uid}\0{e.gid}\0{e.size}\0{e.mtime_ns}\0{e.ctime_ns}\0{e.ino}")
+        elif e.type == "dir":
+            add(f"{e.path}\0d\0{e.mode}\0{e.uid}\0{e.gid}")
+        else:
+            add(f"{e.path}\0l\0{e.target}\0{e.uid}\0{e.gid}")
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _reuse_unchanged(staging: Staging, previous: Backup, objects: str) -> bool:
+    """When the tree is, by its fingerprint, the previous backup's (of this store's shared format), seal the
+    backup with the previous manifest's entries as they are; whether it did."""
+    header = previous.extra
+    if not (staging.fingerprint and header.get("fingerprint") == staging.fingerprint
+            and previous.objects is not None and str(previous.objects) == objects
+            and type(header.get("files")) is int and type(header.get("size")) is int):
+        return False
+    try:
+        split = split_manifest((previous.path / MANIFEST).read_bytes())
+    except OSError:
+        return False
+    if split is None or split[0].get("fingerprint") != staging.fingerprint:
+        return False
+    staging.reuse_entries(split[1], header["files"], header["size"])
+    return True
+
+
+def _previous_files(previous: Backup | None) -> dict[str, Entry]:
+    """The previous backup's files by path; none when its entries cannot be read (then every file is hashed)."""
+    if previous is None:
+        return {}
+    try:
+        return {entry.path: entry for entry in previous.entries if entry.type == "file"}
+    except ToolkitError:
+        return {}
 
 
 def _unchanged(old: Entry, st: os.stat_result) -> bool:
@@ -178,15 +235,6 @@ def _linkable(stored: str, old: Entry) -> bool:
     except OSError:
         return False
     return stat.S_ISREG(st.st_mode) and st.st_size == old.size and file_mode(st) == PAYLOAD_FILE
-
-
-def _link(stored: str, out: str) -> bool:
-    """Hard-link the previous backup's payload file; False when that cannot be done (then it is copied)."""
-    try:
-        os.link(stored, out, follow_symlinks=False)
-    except OSError:  # gone, too many links, another filesystem, protected hard links: copy instead
-        return False
-    return True
 
 
 # -- build --------------------------------------------------------------------------------------------
@@ -264,7 +312,7 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
 
         return done
 
-    base, out_base = str(backup.path), str(target)  # plain strings: this runs once per file
+    out_base = str(target)  # plain strings: this runs once per file
     for rel, entry in sorted(entries.items(), key=lambda item: item[0].split("/")):  # parents first
         if not rel:
             continue
@@ -286,7 +334,7 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
             stats.symlinks += 1
         elif entry.type == "file":
             owner = entry.owner if as_root else None
-            copies.append(CopyJob(os.path.join(base, entry.path), out, entry.mode, owner, checked(entry)))
+            copies.append(CopyJob(backup.payload(entry), out, entry.mode, owner, checked(entry)))
         else:
             raise ToolkitError(f"backup {backup.id}: {entry.path} has an unknown type {entry.type!r}")
     copy_all(copies)  # once every folder exists: files on every core
