@@ -94,6 +94,11 @@ class Backup:
     def _unread(self) -> bool:
         return callable(self.__dict__.get("_entries"))
 
+    def entries_json(self) -> bytes | None:
+        """The manifest's entries as JSON text, as read, while they have not been parsed (else None)."""
+        loader = self.__dict__.get("_entries")
+        return loader.segment if isinstance(loader, EntriesLoader) else None
+
     def payload(self, entry: Entry) -> str:
         """Where a file entry's content is stored."""
         if self.objects is not None:

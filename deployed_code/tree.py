@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import operator
 import os
 import shutil
 import stat
@@ -44,6 +45,8 @@ ALWAYS_EXCLUDED = (".git", "__pycache__")
 # without its mtime changing ("racy" in git's words): its identity is not recorded, so the next
 # snapshot hashes it instead of trusting its stat.
 RACY_NS = 2_000_000_000
+_NAME = operator.attrgetter("name")
+_IS_REG, _IS_DIR, _IS_LNK = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
 
 
 # -- exclusions -------------------------------------------------------------------------------------
@@ -58,6 +61,8 @@ def code_excluder(patterns: Iterable[str] = ()) -> Callable[[str], bool]:
     """
     wanted = [pattern.strip().rstrip("/") for pattern in patterns]
     wanted = [pattern for pattern in wanted if pattern]
+    if not wanted:  # the usual case, once per path of a 20,000-file tree
+        return lambda rel: rel.rpartition("/")[2] in ALWAYS_EXCLUDED
 
     def excluded(rel: str) -> bool:
         name = rel.rsplit("/", 1)[-1]
@@ -111,27 +116,21 @@ def snapshot_tree(
         raise UsageError(f"the backup folder {staging.path.parent} is inside {src}: keep backups outside the tree")
     objects = staging.share_payload()
     stats = stats if stats is not None else SnapshotStats()
-    not_racy_before = time.time_ns() - RACY_NS
-    walked: list[tuple[Entry, str, os.stat_result]] = []
 
     def check_cancelled() -> None:
         if cancelled is not None and cancelled():
             raise Interrupted("the snapshot was cancelled")
 
-    def regular(path: str, item_dest: str, st: os.stat_result) -> Entry:
-        check_cancelled()
-        entry = Entry(item_dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
-        if st.st_mtime_ns < not_racy_before:
-            entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-        walked.append((entry, path, st))
-        return entry
-
-    staging.add_tree(root, dest, code_excluder(exclude), regular=regular)  # the walk: nothing is read yet
-    staging.fingerprint = tree_fingerprint(staging.entries, os.stat(root).st_dev)
+    patterns = [pattern for pattern in exclude if pattern.strip().rstrip("/")]
+    walk = _Walk(code_excluder(patterns) if patterns else None, check_cancelled)  # ALWAYS_EXCLUDED: by name
+    walk.tree(str(root), dest)
+    staging.skipped += walk.skipped
+    staging.fingerprint = walk.fingerprint()
     if previous is not None and _reuse_unchanged(staging, previous, objects):
         stats.files = stats.linked = staging.reused_counts[0]
         stats.bytes = staging.reused_counts[1]
         return stats
+    files = walk.entries(staging.entries)
     before = _previous_files(previous)
 
     def stored(old: Entry | None, entry: Entry) -> Callable[[int], None]:
@@ -146,7 +145,7 @@ def snapshot_tree(
 
         return done
 
-    for entry, path, st in walked:
+    for entry, path, st in files:
         check_cancelled()
         stats.files += 1
         old = before.get(entry.path)
@@ -165,23 +164,83 @@ def snapshot_tree(
     return stats
 
 
-def tree_fingerprint(entries: list[Entry], device: int) -> str | None:
-    """One sha256 of every entry's path, type, mode, owner and (for files) size, mtime, ctime and inode.
+class _Walk:
+    """The tree's items as lstat sees them, parents before children and by name, with no file read.
 
-    Equal for two walks of a tree exactly when the per-file test of _unchanged passes for every file and
-    nothing was added, removed or changed otherwise. None when a file's identity was not recorded (racy)."""
-    lines = [f"code-tree-1\0{device}"]
-    add = lines.append
-    for e in entries:
-        if e.type == "file":
-            if e.mtime_ns is None:
-                return None
-            add(f"{e.path}\0f\0{e.mode}\0{e.uid}\0{e.gid}\0{e.size}\0{e.mtime_ns}\0{e.ctime_ns}\0{e.ino}")
-        elif e.type == "dir":
-            add(f"{e.path}\0d\0{e.mode}\0{e.uid}\0{e.gid}")
-        else:
-            add(f"{e.path}\0l\0{e.target}\0{e.uid}\0{e.gid}")
-    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+    Each item also adds to a fingerprint: its path and what _unchanged compares (for a symlink its target),
+    NUL-separated (no path or target holds a NUL), so two walks give the same one exactly when nothing was
+    added, removed, moved or changed by that rule. A file modified too recently to be trusted by its stat
+    (see RACY_NS) leaves the walk without one."""
+
+    def __init__(self, excluded: Callable[[str], bool] | None, check_cancelled: Callable[[], None]):
+        self.excluded, self.check_cancelled = excluded, check_cancelled
+        self.items: list[tuple[str, str, os.stat_result, str | None]] = []  # (path, source path, lstat, target)
+        self.skipped: list[str] = []  # sockets, fifos and devices are not code
+        self.not_racy_before = time.time_ns() - RACY_NS
+        self.racy = False
+        self.device = 0
+
+    def tree(self, root: str, dest: str) -> None:
+        """Walk the folder `root` (the folder a symlink to it leads to), its items named under `dest`."""
+        st = os.stat(root)
+        self.device = st.st_dev
+        self._add(dest, root, st, None)
+        self._folder(root, dest, "")
+
+    def _add(self, dest: str, path: str, st: os.stat_result, target: str | None) -> None:
+        self.items.append((dest, path, st, target))
+
+    def _folder(self, src: str, dest: str, rel: str) -> None:
+        # Once per item of a 20,000-file tree, the whole of an unchanged backup's own work: kept lean.
+        self.check_cancelled()
+        with os.scandir(src) as listing:
+            listed = sorted(listing, key=_NAME)
+        add, excluded, not_racy_before = self.items.append, self.excluded, self.not_racy_before
+        for item in listed:
+            name = item.name
+            if name in ALWAYS_EXCLUDED or (excluded is not None and excluded(f"{rel}/{name}" if rel else name)):
+                continue
+            st = item.stat(follow_symlinks=False)
+            mode = st.st_mode
+            if _IS_REG(mode):
+                if st.st_mtime_ns >= not_racy_before:
+                    self.racy = True
+                add((f"{dest}/{name}", item.path, st, None))
+            elif _IS_DIR(mode):
+                add((f"{dest}/{name}", item.path, st, None))
+                self._folder(item.path, f"{dest}/{name}", f"{rel}/{name}" if rel else name)
+            elif _IS_LNK(mode):
+                add((f"{dest}/{name}", item.path, st, os.readlink(item.path)))
+            else:
+                self.skipped.append(item.path)
+
+    def fingerprint(self) -> str | None:
+        """The walk's fingerprint; None when a file was too recently modified to be trusted by its stat."""
+        if self.racy:
+            return None
+        lines = [f"{dest}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+                 f"\0{st.st_ino}" if target is None else f"{dest}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{target}"
+                 for dest, _path, st, target in self.items]
+        text = "\0".join([f"code-tree-1\0{self.device}", *lines])
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def entries(self, out: list[Entry]) -> list[tuple[Entry, str, os.stat_result]]:
+        """Append each item's entry to `out`; the files' entries, with their source paths and lstat.
+
+        A file's identity (mtime, ctime, inode) is recorded unless it is racy."""
+        files = []
+        for dest, path, st, target in self.items:
+            if target is not None:
+                out.append(Entry(dest, "symlink", target=target, uid=st.st_uid, gid=st.st_gid))
+            elif stat.S_ISDIR(st.st_mode):
+                out.append(Entry(dest, "dir", mode=file_mode(st), uid=st.st_uid, gid=st.st_gid))
+            else:
+                entry = Entry(dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
+                if st.st_mtime_ns < self.not_racy_before:
+                    entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+                out.append(entry)
+                files.append((entry, path, st))
+        return files
 
 
 def _reuse_unchanged(staging: Staging, previous: Backup, objects: str) -> bool:
@@ -192,13 +251,16 @@ def _reuse_unchanged(staging: Staging, previous: Backup, objects: str) -> bool:
             and previous.objects is not None and str(previous.objects) == objects
             and type(header.get("files")) is int and type(header.get("size")) is int):
         return False
-    try:
-        split = split_manifest((previous.path / MANIFEST).read_bytes())
-    except OSError:
-        return False
-    if split is None or split[0].get("fingerprint") != staging.fingerprint:
-        return False
-    staging.reuse_entries(split[1], header["files"], header["size"])
+    entries_json = previous.entries_json()
+    if entries_json is None:
+        try:
+            split = split_manifest((previous.path / MANIFEST).read_bytes())
+        except OSError:
+            return False
+        if split is None or split[0].get("fingerprint") != staging.fingerprint:
+            return False
+        entries_json = split[1]
+    staging.reuse_entries(entries_json, header["files"], header["size"])
     return True
 
 
