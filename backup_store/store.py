@@ -294,6 +294,8 @@ class BackupStore:
         it may name any object."""
         if not self.locked:
             raise RuntimeError("sweep_objects needs the store lock")
+        if not (self.root / OBJECTS).is_dir():
+            return 0
         found, unreadable = self.scan()
         if unreadable:
             return None
