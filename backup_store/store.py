@@ -6,6 +6,7 @@ into place when whole, so a run killed at any moment leaves nothing that `list` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -138,6 +139,8 @@ class BackupStore:
         else:  # the entries of an earlier backup, as they are: read back (and checked) only when used
             header.update(files=staging.reused_counts[0], size=staging.reused_counts[1])
             entries = EntriesLoader(self.root / backup_id / MANIFEST, entries_json, entries_json, backup_id)
+        # Damage to the entries is found before a later snapshot writes them again as they are.
+        header["entries_sha256"] = hashlib.sha256(entries_json).hexdigest()
         # What load_backup would read back, without reading a 20,000-entry manifest again.
         staging.backup = backup_from_manifest(self.root / backup_id, header, entries)
         return manifest_bytes(header, entries_json)

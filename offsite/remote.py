@@ -54,7 +54,7 @@ from offsite.sealing import MAGIC as SEAL_MAGIC
 LOCAL_ONLY_FIELDS = ("mtime_ns", "ctime_ns", "ino")  # a file's identity on this host: meaningless elsewhere
 # Where the local store keeps the content, and the fingerprint of the tree's stat: a pulled copy has its
 # payload in its own folder, and its next backup here reads every file.
-LOCAL_ONLY_HEADER = ("payload", "fingerprint")
+LOCAL_ONLY_HEADER = ("payload", "fingerprint", "entries_sha256")
 CANDIDATES = "cleanup-candidates"  # blobs no manifest named at a cleanup, and since when
 DAMAGED = "damaged"  # DAMAGED/<blob name>: a blob found damaged, which pushes send again before relying on it
 GZIP_MAGIC = b"\x1f\x8b"
