@@ -48,13 +48,23 @@ warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlo
 
 @dataclass
 class CopyJob:
-    """One file to copy (as copy_and_hash does) and what to do with its size and sha256 once copied."""
+    """One file to copy (as copy_and_hash does) and what to do with its size and sha256 once copied.
+
+    With `put`, the file is handed to put(src, dest) instead, which returns its size and sha256 (content
+    stored by its sha256 under the folder `dest`, say)."""
 
     src: str
     dest: str
     mode: int
     owner: tuple[int, int] | None
     done: Callable[[int, str], None]
+    put: Callable[[str, str], tuple[int, str]] | None = None
+
+    def run(self) -> tuple[int, str]:
+        """Copy (or put) the file; its size and sha256."""
+        if self.put is not None:
+            return self.put(self.src, self.dest)
+        return copy_and_hash(self.src, self.dest, mode=self.mode, owner=self.owner)
 
 
 def worker_count() -> int:
@@ -77,7 +87,7 @@ def copy_all(jobs: Sequence[CopyJob], workers: int | None = None) -> None:
     if workers < 2 or len(jobs) < PARALLEL_FROM or not hasattr(os, "fork"):
         for job in jobs:
             try:
-                size, digest = copy_and_hash(job.src, job.dest, mode=job.mode, owner=job.owner)
+                size, digest = job.run()
             except OSError as exc:
                 raise CopyFailed(job, exc.errno or 0, _side(job, exc)) from None
             job.done(size, digest)
@@ -102,7 +112,10 @@ class CopyFailed(ToolkitError):
 
 def _side(job: CopyJob, exc: OSError) -> bytes:
     """Which file an error of copy_and_hash is about (it names the one it was reading or writing)."""
-    return _SOURCE if exc.filename == job.src else _DESTINATION if exc.filename == job.dest else _NEITHER
+    if exc.filename == job.src:
+        return _SOURCE
+    named = str(exc.filename)
+    return _DESTINATION if named == job.dest or named.startswith(job.dest + "/") else _NEITHER
 
 
 def _copy_in_workers(jobs: Sequence[CopyJob], workers: int) -> None:
@@ -179,7 +192,7 @@ def _worker(jobs: Sequence[CopyJob], run: int, tickets: int, results: int, paren
 def _copy_one(job: CopyJob, index: int) -> tuple[bytes, bool]:
     """The record of one copy, and whether it failed."""
     try:
-        size, digest = copy_and_hash(job.src, job.dest, mode=job.mode, owner=job.owner)
+        size, digest = job.run()
     except OSError as exc:
         return _RECORD.pack(b"E", index, exc.errno or 0, _side(job, exc)), True
     return _RECORD.pack(b"R", index, size, bytes.fromhex(digest)), False

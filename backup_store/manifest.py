@@ -1,6 +1,10 @@
 """What a backup is: its manifest (one entry per payload item) and the check of a payload against it.
 
-A backup is a folder holding its payload and `manifest.json`, written last (see common.store).
+A backup is a folder holding `manifest.json`, written last (see backup_store.store), and its payload: in
+the folder itself (format 1), or, for a backup whose manifest says `"payload": "shared"` (format 2), each
+file's content in the store's `objects/` folder named by its sha256 (see backup_store.objects), so
+backups with the same files share them and an unchanged backup writes only its manifest.
+The manifest's `entries` come last, so its header can be read without parsing a 20,000-entry list.
 """
 
 from __future__ import annotations
@@ -9,15 +13,20 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from backup_store.objects import OBJECTS, object_path
 from common.errors import ToolkitError
-from common.files import relative_parts, sha256_file
+from common.files import sha256_file
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 1  # the payload in the backup's own folder
+SHARED_FORMAT = 2  # the files' content in the store's objects/ folder
+SHARED = "shared"  # the manifest's `payload` when the content is shared
+ENTRIES_KEY = b'"entries": '  # the manifest's last key (json.dumps' own spacing)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -46,7 +55,11 @@ class Entry:
     def to_json(self) -> dict:
         """The manifest form: only the fields that apply to this type."""
         # The instance's own dict: dataclasses.asdict deep-copies, which dominates a 20,000-entry manifest.
-        return {name: value for name, value in self.__dict__.items() if value is not None}
+        data = self.__dict__.copy()
+        for name, value in self.__dict__.items():
+            if value is None:
+                del data[name]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> Entry:
@@ -67,13 +80,30 @@ class Backup:
     created_at: datetime
     label: str | None
     source: dict
-    entries: list[Entry]
+    entries: list[Entry]  # read from the manifest when first used, for a backup loaded with lazy=True
     extra: dict = field(default_factory=dict)
+    objects: Path | None = None  # where the files' content is, for a backup of the shared format
 
     @property
-    def files(self) -> list[Entry]:
-        """The regular files of the payload."""
+    def files(self) -> Sequence[Entry]:
+        """The regular files of the payload (counted without reading the entries, when the manifest says)."""
+        if self._unread() and isinstance(self.extra.get("files"), int):
+            return _Files(self)
         return [entry for entry in self.entries if entry.type == "file"]
+
+    def _unread(self) -> bool:
+        return callable(self.__dict__.get("_entries"))
+
+    def entries_json(self) -> bytes | None:
+        """The manifest's entries as JSON text, as read, while they have not been parsed (else None)."""
+        loader = self.__dict__.get("_entries")
+        return loader.segment if isinstance(loader, EntriesLoader) else None
+
+    def payload(self, entry: Entry) -> str:
+        """Where a file entry's content is stored."""
+        if self.objects is not None:
+            return object_path(str(self.objects), entry.sha256 or "")
+        return f"{self.path}/{entry.path}"
 
     @property
     def is_safety(self) -> bool:
@@ -88,7 +118,9 @@ class Backup:
 
     @property
     def size(self) -> int:
-        """Bytes of payload."""
+        """Bytes of payload (the files' sizes added up, shared content counted in every backup)."""
+        if self._unread() and isinstance(self.extra.get("size"), int):
+            return self.extra["size"]
         return sum(entry.size for entry in self.files)
 
     def summary(self) -> dict:
@@ -105,6 +137,40 @@ class Backup:
         }
 
 
+def _get_entries(backup: Backup) -> list[Entry]:
+    entries = backup.__dict__["_entries"]
+    if callable(entries):
+        entries = backup.__dict__["_entries"] = entries()
+    return entries
+
+
+def _set_entries(backup: Backup, entries: list[Entry] | Callable[[], list[Entry]]) -> None:
+    backup.__dict__["_entries"] = entries
+
+
+# A property set after the dataclass is made: __init__ still takes `entries`, a list or a loader called once.
+Backup.entries = property(_get_entries, _set_entries)  # type: ignore[assignment]
+
+
+class _Files(Sequence[Entry]):
+    """A backup's files, counted from its manifest's header; the entries are read only to go through them."""
+
+    def __init__(self, backup: Backup):
+        self._backup = backup
+
+    def _list(self) -> list[Entry]:
+        return [entry for entry in self._backup.entries if entry.type == "file"]
+
+    def __len__(self) -> int:
+        return self._backup.extra["files"] if self._backup._unread() else len(self._list())
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204 - Sequence's own signature
+        return self._list()[index]
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._list())
+
+
 def format_time(moment: datetime) -> str:
     """UTC, ISO 8601, milliseconds, with a Z."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
@@ -115,16 +181,15 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def backup_from_manifest(folder: Path, data: dict, entries: list[Entry] | None = None) -> Backup:
+def backup_from_manifest(folder: Path, data: dict,
+                         entries: list[Entry] | Callable[[], list[Entry]] | None = None) -> Backup:
     """A Backup from a manifest's parsed JSON (`folder` is where it is, or would be, in a store).
 
-    `entries`, when given, are the manifest's entries as objects already (a backup just written); otherwise
-    they are read and checked with entries_problem, and a manifest that fails it raises UnsafeManifest."""
+    `entries`, when given, are the manifest's entries as objects already (a backup just written), or a
+    loader that reads them when first used; otherwise they are read and checked with checked_entries, and a
+    manifest that fails it raises UnsafeManifest."""
     if entries is None:
-        entries = [Entry.from_json(item) for item in data["entries"]]
-        problem = entries_problem(entries)
-        if problem:
-            raise UnsafeManifest(f"the manifest of {data['id']} is refused: {problem}")
+        entries = checked_entries(data["entries"], data["id"])
     return Backup(
         path=folder,
         id=data["id"],
@@ -134,7 +199,17 @@ def backup_from_manifest(folder: Path, data: dict, entries: list[Entry] | None =
         source=data.get("source") or {},
         entries=entries,
         extra={key: value for key, value in data.items() if key not in _MANIFEST_CORE},
+        objects=folder.parent / OBJECTS if data.get("payload") == SHARED else None,
     )
+
+
+def checked_entries(items: list, backup_id: str) -> list[Entry]:
+    """Entries from a manifest's JSON list, checked with entries_problem (UnsafeManifest when it fails)."""
+    entries = [Entry.from_json(item) for item in items]
+    problem = entries_problem(entries)
+    if problem:
+        raise UnsafeManifest(f"the manifest of {backup_id} is refused: {problem}")
+    return entries
 
 
 class UnsafeManifest(ToolkitError):
@@ -148,11 +223,16 @@ def entries_problem(entries: list[Entry]) -> str | None:
     top or inside a folder entry of the same manifest, so no path can lead through a symlink (of the
     backup or of a tree it is written to) or out of the folder. Files carry a size and sha256, symlinks a target.
     """
+    # One pass, plain string tests: this runs on every manifest read, 20,000 entries for a code tree.
     folders = {entry.path for entry in entries if entry.type == "dir"}
     seen: set[str] = set()
+    sha256 = _SHA256.fullmatch
     for entry in entries:
-        rel = entry.path
-        if not isinstance(rel, str) or relative_parts(rel) is None:
+        rel, kind = entry.path, entry.type
+        if not isinstance(rel, str):
+            return f"{rel!r} is not a plain relative path"
+        wrapped = f"/{rel}/"  # no empty, `.` or `..` part, not absolute: as common.files.relative_parts
+        if "//" in wrapped or "/./" in wrapped or "/../" in wrapped or "\0" in rel:
             return f"{rel!r} is not a plain relative path"
         if rel in seen or rel == MANIFEST:
             return f"{rel!r} twice, or in the manifest's own place"
@@ -160,27 +240,81 @@ def entries_problem(entries: list[Entry]) -> str | None:
         parent = rel.rpartition("/")[0]
         if parent and parent not in folders:
             return f"{rel!r} is not inside one of the backup's own folders"
-        if entry.type not in ("file", "dir", "symlink"):
-            return f"{rel!r} has an unknown type {entry.type!r}"
-        if entry.type == "file" and not (isinstance(entry.sha256, str) and _SHA256.fullmatch(entry.sha256)
-                                         and isinstance(entry.size, int) and entry.size >= 0):
-            return f"{rel!r} has no sha256 or size"
-        target = entry.target
-        if entry.type == "symlink" and not (isinstance(target, str) and target and "\0" not in target):
-            return f"{rel!r} is a symlink without a target"
-        if entry.type != "symlink" and not (type(entry.mode) is int and 0 <= entry.mode <= 0o7777):
+        if kind == "file":
+            if not (type(entry.sha256) is str and sha256(entry.sha256) and type(entry.size) is int and entry.size >= 0):
+                return f"{rel!r} has no sha256 or size"
+        elif kind == "symlink":
+            target = entry.target
+            if not (isinstance(target, str) and target and "\0" not in target):
+                return f"{rel!r} is a symlink without a target"
+        elif kind != "dir":
+            return f"{rel!r} has an unknown type {kind!r}"
+        if kind != "symlink" and not (type(entry.mode) is int and 0 <= entry.mode <= 0o7777):
             return f"{rel!r} has no mode a file can have"
-        if any(owner is not None and not (type(owner) is int and owner >= 0) for owner in (entry.uid, entry.gid)):
+        uid, gid = entry.uid, entry.gid
+        if (uid is not None and not (type(uid) is int and uid >= 0)) or (
+                gid is not None and not (type(gid) is int and gid >= 0)):
             return f"{rel!r} has an owner that is not a user or group id"
     return None
 
 
-def load_backup(folder: Path) -> Backup:
-    """Read a backup folder's manifest; one that entries_problem refuses raises UnsafeManifest."""
+def load_backup(folder: Path, lazy: bool = False) -> Backup:
+    """Read a backup folder's manifest; one that entries_problem refuses raises UnsafeManifest.
+
+    With `lazy`, only the header is read now: the entries are read and checked when first used (raising
+    then), and the number and size of the files come from the header where it has them."""
+    manifest = folder / MANIFEST
     try:
-        return backup_from_manifest(folder, json.loads((folder / MANIFEST).read_text()))
+        raw = manifest.read_bytes()
+        split = split_manifest(raw) if lazy else None
+        if split is None:
+            return backup_from_manifest(folder, json.loads(raw))
+        header, segment = split
+        return backup_from_manifest(folder, header, EntriesLoader(manifest, raw, segment, header["id"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # a field of the wrong JSON type
-        raise ToolkitError(f"{folder / MANIFEST} is unreadable or incomplete ({exc}): not a usable backup") from None
+        raise ToolkitError(f"{manifest} is unreadable or incomplete ({exc}): not a usable backup") from None
+
+
+class EntriesLoader:
+    """Reads a manifest's entries (`segment`, their JSON text; `raw`, the whole manifest's) when a lazily
+    loaded backup first needs them."""
+
+    def __init__(self, manifest: Path, raw: bytes, segment: bytes, backup_id: str):
+        self.manifest, self.raw, self.segment, self.backup_id = manifest, raw, segment, backup_id
+
+    def __call__(self) -> list[Entry]:
+        try:
+            try:
+                items = json.loads(self.segment)
+            except ValueError:  # entries that are not the manifest's last key: the manifest read whole
+                items = json.loads(self.raw)["entries"]
+            return checked_entries(items, self.backup_id)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ToolkitError(f"{self.manifest} is unreadable or incomplete ({exc}): not a usable backup") from None
+
+
+def split_manifest(raw: bytes) -> tuple[dict, bytes] | None:
+    """A manifest's header (its entries left empty) and the JSON text of its entries, without parsing them.
+
+    The entries are the last key (they hold no such key themselves, and no string in them an unescaped
+    quote, so the last `"entries": [` is theirs). None when the text is not laid out so."""
+    start = raw.rfind(ENTRIES_KEY + b"[")
+    if start < 0:
+        return None
+    segment = raw[start + len(ENTRIES_KEY):].rstrip()
+    if not segment.endswith(b"}"):
+        return None
+    try:
+        header = json.loads(raw[:start] + ENTRIES_KEY + b"[]}")
+    except ValueError:
+        return None
+    return (header, segment[:-1]) if isinstance(header, dict) else None
+
+
+def manifest_bytes(header: dict, entries_json: bytes) -> bytes:
+    """A manifest's text: the header, then `entries` (JSON text already) as its last key, as split_manifest reads."""
+    head = json.dumps({key: value for key, value in header.items() if key != "entries"}).encode()
+    return head[:-1] + (b", " if len(head) > 2 else b"") + ENTRIES_KEY + entries_json + b"}\n"
 
 
 _MANIFEST_CORE = {"id", "component", "created_at", "label", "source", "entries"}  # the rest is `extra`
@@ -190,9 +324,12 @@ def check_backup(backup: Backup) -> list[str]:
     """Compare a backup's payload with its manifest; each problem is one line naming the file."""
     problems = []
     listed = {MANIFEST}
+    hashed: dict[str, str | None] = {}  # shared content: each object hashed once, however many files name it
     for entry in backup.entries:
         listed.add(entry.path)
-        path = backup.path / entry.path
+        if backup.objects is not None and entry.type != "file":
+            continue  # folders and symlinks are in the manifest only
+        path = backup.payload(entry) if entry.type == "file" else backup.path / entry.path
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -203,7 +340,7 @@ def check_backup(backup: Backup) -> list[str]:
                 problems.append(f"{entry.path}: not a regular file")
             elif st.st_size != entry.size:
                 problems.append(f"{entry.path}: size {st.st_size}, manifest says {entry.size} (damaged)")
-            elif sha256_file(path) != entry.sha256:
+            elif (hashed[path] if path in hashed else hashed.setdefault(path, sha256_file(path))) != entry.sha256:
                 problems.append(f"{entry.path}: checksum mismatch (damaged)")
         elif entry.type == "dir" and not stat.S_ISDIR(st.st_mode):
             problems.append(f"{entry.path}: not a folder")
@@ -212,6 +349,6 @@ def check_backup(backup: Backup) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(backup.path):
         for name in dirnames + filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), backup.path)
-            if rel not in listed:
+            if (backup.objects is not None or rel not in listed) and rel != MANIFEST:
                 problems.append(f"{rel}: in the backup folder but not in its manifest")
     return problems

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from backup_store.copier import CopyJob, copy_all
 from backup_store.manifest import Backup, Entry
+from backup_store.objects import OBJECTS, prepare_objects, store_object
 from common.errors import ToolkitError, UsageError
 from common.files import PRIVATE_DIR, PRIVATE_FILE, file_mode, flushing_meanwhile, sha256_file
 
@@ -26,6 +27,24 @@ class Staging:
         self.unsynced = False  # whether files were copied in without fsync (flushed once when sealing)
         self.backup: Backup | None = None  # the sealed backup, once new_backup has renamed it into place
         self._copies: list[CopyJob] = []  # queued while add_tree walks, made on every core once it has walked
+        # Shared payload (see backup_store.objects): files go to the store's objects folder, none in this one.
+        self.objects: str | None = None
+        # Set when the entries are those of an earlier manifest, unchanged: its JSON text is written as it is.
+        self.entries_json: bytes | None = None
+        self.reused_counts = (0, 0)  # files and bytes of the entries reused
+        self.fingerprint: str | None = None  # of the tree's stat, for the next snapshot (see deployed_code.tree)
+
+    def share_payload(self) -> str:
+        """Put the files' content of this backup in the store's objects folder (made if missing); its path."""
+        self.objects = str(self.path.parent / OBJECTS)
+        prepare_objects(self.objects)
+        return self.objects
+
+    def reuse_entries(self, entries_json: bytes, files: int, size: int) -> None:
+        """Seal this backup with an earlier manifest's entries, as their JSON text (holding `files` files of
+        `size` bytes in all): nothing is encoded again, and they are read back only when used."""
+        self.entries, self.entries_json = [], entries_json
+        self.reused_counts = (files, size)
 
     def add_tree(
         self,
@@ -41,7 +60,7 @@ class Staging:
         leave the copy to `copy_later`.
         """
         self._add_dir(str(src), dest, "", exclude, regular)
-        self._copy_queued()
+        self.copy_queued()
 
     def copy_later(self, src: str, dest: str, entry: Entry, mode: int = PRIVATE_FILE,
                    copied: Callable[[int], None] | None = None) -> None:
@@ -55,7 +74,10 @@ class Staging:
             if copied is not None:
                 copied(size)
 
-        self._copies.append(CopyJob(src, os.path.join(self.path, dest), mode, None, done))
+        if self.objects is not None:
+            self._copies.append(CopyJob(src, self.objects, mode, None, done, put=store_object))
+        else:
+            self._copies.append(CopyJob(src, os.path.join(self.path, dest), mode, None, done))
 
     def add_file(self, src: Path, dest: str) -> None:
         """Copy one regular file (or symlink) to `dest` in the payload."""
@@ -64,7 +86,7 @@ class Staging:
             self._add_symlink(src, dest, st)
         elif stat.S_ISREG(st.st_mode):
             self._add_regular(str(src), dest, st)
-            self._copy_queued()
+            self.copy_queued()
         else:
             raise UsageError(f"{src} is not a regular file")
 
@@ -95,7 +117,8 @@ class Staging:
         regular: Callable[[str, str, os.stat_result], Entry] | None = None,
     ) -> None:
         # Plain strings, not Path objects: this runs once per file of a 20,000-file tree.
-        os.mkdir(os.path.join(self.path, dest), PRIVATE_DIR)
+        if self.objects is None:  # a shared payload has its folders in the manifest only
+            os.mkdir(os.path.join(self.path, dest), PRIVATE_DIR)
         st = os.lstat(src) if rel else os.stat(src)  # the tree's root: the folder a symlink to it leads to
         self.entries.append(Entry(dest, "dir", mode=file_mode(st), uid=st.st_uid, gid=st.st_gid))
         with os.scandir(src) as listing:
@@ -122,7 +145,7 @@ class Staging:
         self.entries.append(entry)
         self.copy_later(src, dest, entry)
 
-    def _copy_queued(self) -> None:
+    def copy_queued(self) -> None:
         """Make the queued copies, on every core when there are many."""
         copies, self._copies = self._copies, []
         if copies:
@@ -132,5 +155,6 @@ class Staging:
 
     def _add_symlink(self, src: str | Path, dest: str, st: os.stat_result) -> None:
         target = os.readlink(src)
-        os.symlink(target, os.path.join(self.path, dest))
+        if self.objects is None:
+            os.symlink(target, os.path.join(self.path, dest))
         self.entries.append(Entry(dest, "symlink", target=target, uid=st.st_uid, gid=st.st_gid))

@@ -6,6 +6,7 @@ into place when whole, so a run killed at any moment leaves nothing that `list` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,12 +20,17 @@ from backup_store.locks import handed_down, release_lock, take_lock
 from backup_store.manifest import (
     MANIFEST,
     MANIFEST_FORMAT,
+    SHARED,
+    SHARED_FORMAT,
     Backup,
+    EntriesLoader,
     backup_from_manifest,
     check_backup,
     format_time,
     load_backup,
+    manifest_bytes,
 )
+from backup_store.objects import OBJECTS, sweep_unreferenced
 from backup_store.staging import Staging
 from common import __version__
 from common.errors import ToolkitError, UsageError
@@ -98,27 +104,46 @@ class BackupStore:
             # Payload first, durably; then the manifest; then the rename that makes it a backup.
             if staging.unsynced:
                 flush_filesystem(staging.path)
-            manifest = {
-                **staging.extra,  # first, so it cannot take the place of the fields below
-                "format": MANIFEST_FORMAT,
-                "id": backup_id,
-                "component": self.component,
-                "created_at": format_time(created),
-                "tool_version": __version__,
-                "label": label,
-                "kind": "safety" if safety else "backup",
-                "source": staging.source,
-                "entries": [entry.to_json() for entry in staging.entries],
-            }
-            # No indent: the C encoder is several times faster, and `list`/--json are the way to read it.
-            atomic_write(staging.path / MANIFEST, (json.dumps(manifest) + "\n").encode())
+            atomic_write(staging.path / MANIFEST, self._manifest(staging, backup_id, created, label, safety))
             os.rename(staging.path, self.root / backup_id)
             fsync_dir(self.root)
-            # What load_backup would read back, without reading a 20,000-entry manifest again.
-            staging.backup = backup_from_manifest(self.root / backup_id, manifest, staging.entries)
         except BaseException:
             shutil.rmtree(staging.path, ignore_errors=True)
             raise
+
+    def _manifest(self, staging: Staging, backup_id: str, created: datetime, label: str | None,
+                  safety: bool) -> bytes:
+        """The sealed backup's manifest text; `staging.backup` becomes what load_backup would read back."""
+        files = [entry for entry in staging.entries if entry.type == "file"]
+        header = {
+            **staging.extra,  # first, so it cannot take the place of the fields below
+            "format": SHARED_FORMAT if staging.objects else MANIFEST_FORMAT,
+            "id": backup_id,
+            "component": self.component,
+            "created_at": format_time(created),
+            "tool_version": __version__,
+            "label": label,
+            "kind": "safety" if safety else "backup",
+            "source": staging.source,
+        }
+        if staging.objects:
+            header["payload"] = SHARED
+        if staging.fingerprint:
+            header["fingerprint"] = staging.fingerprint
+        entries_json = staging.entries_json
+        if entries_json is None:
+            header.update(files=len(files), size=sum(entry.size for entry in files))
+            # No indent: the C encoder is several times faster, and `list`/--json are the way to read it.
+            entries_json = json.dumps([entry.to_json() for entry in staging.entries]).encode()
+            entries = staging.entries
+        else:  # the entries of an earlier backup, as they are: read back (and checked) only when used
+            header.update(files=staging.reused_counts[0], size=staging.reused_counts[1])
+            entries = EntriesLoader(self.root / backup_id / MANIFEST, entries_json, entries_json, backup_id)
+        # Damage to the entries is found before a later snapshot writes them again as they are.
+        header["entries_sha256"] = hashlib.sha256(entries_json).hexdigest()
+        # What load_backup would read back, without reading a 20,000-entry manifest again.
+        staging.backup = backup_from_manifest(self.root / backup_id, header, entries)
+        return manifest_bytes(header, entries_json)
 
     @contextmanager
     def receive(self, backup_id: str) -> Iterator[Path]:
@@ -163,15 +188,16 @@ class BackupStore:
             ]
         return sorted(folders, key=os.path.basename, reverse=True)
 
-    def _loaded(self, strict: bool = False) -> Iterator[Backup]:
+    def _loaded(self, strict: bool = False, lazy: bool = False) -> Iterator[Backup]:
         """The whole backups, newest first, each manifest read only when it is reached.
 
         A folder whose manifest cannot be read (or is refused) is passed over; with `strict` it stops the
         walk instead, for choices such as `latest` that would otherwise fall back to an older backup unsaid.
+        With `lazy`, only each manifest's header is read (see load_backup).
         """
         for folder in self.backup_folders():
             try:
-                yield load_backup(Path(folder))
+                yield load_backup(Path(folder), lazy=lazy)
             except ToolkitError as exc:
                 if strict:
                     raise ToolkitError(f"backup {os.path.basename(folder)} cannot be read ({exc}), so which backup "
@@ -195,8 +221,11 @@ class BackupStore:
         return self.scan()[0]
 
     def newest(self) -> Backup | None:
-        """The newest whole backup of any kind, reading one manifest where the store holds many."""
-        return next(self._loaded(), None)
+        """The newest whole backup of any kind, reading one manifest's header where the store holds many.
+
+        Its entries are read, and checked, when first used: that raises ToolkitError for a manifest whose
+        header reads but whose entries do not, or are refused."""
+        return next(self._loaded(lazy=True), None)
 
     def latest(self, match: Callable[[Backup], bool] | None = None) -> Backup | None:
         """The newest backup taken with `backup` (among those `match` accepts); never a safety backup.
@@ -260,6 +289,22 @@ class BackupStore:
                     _TEMP_FILE.fullmatch(item.name) and item.is_file()):
                 found.append(item.name)
         return found
+
+    def sweep_objects(self) -> int | None:
+        """Remove the shared payload objects no backup names any more (see backup_store.objects); how many.
+
+        Only holding the lock. While any backup's manifest cannot be read, nothing is removed (None):
+        it may name any object."""
+        if not self.locked:
+            raise RuntimeError("sweep_objects needs the store lock")
+        if not (self.root / OBJECTS).is_dir():
+            return 0
+        found, unreadable = self.scan()
+        if unreadable:
+            return None
+        referenced = {entry.sha256 for backup in found if backup.objects is not None
+                      for entry in backup.entries if entry.type == "file"}
+        return sweep_unreferenced(str(self.root / OBJECTS), (sha for sha in referenced if sha))
 
     def remove_leftovers(self) -> list[str]:
         """Remove what leftovers() names; only safe while holding the lock."""

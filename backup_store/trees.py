@@ -253,7 +253,7 @@ def _set_root_owner_and_mode(root: Path, entry: Entry) -> None:
 
 def _stage(backup: Backup, entry: Entry, live: Path) -> Path:
     temp = temp_name(live)
-    source = backup.path / entry.path
+    source = Path(backup.payload(entry))
     try:
         if entry.type == "symlink":
             os.symlink(entry.target, temp)

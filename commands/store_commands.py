@@ -98,7 +98,12 @@ def cleanup_backups(ctx: Context, store: BackupStore, script: str, protected: Co
         for backup in remove:
             store.remove(backup)
         leftovers = store.remove_leftovers()
+        objects = store.sweep_objects()  # the shared content only the removed backups had
     lines = [f"removed {b.id}" for b in remove] + [f"removed unfinished {name}" for name in leftovers]
+    if objects:
+        lines.append(f"removed {objects} stored files no remaining backup names")
+    elif objects is None:
+        lines.append("kept every stored file: a backup's manifest cannot be read (`list` names it)")
     lines.append(f"{len(remove)} backups removed, {len(keep)} kept")
-    return Result({"removed": [b.id for b in remove], "kept": [b.id for b in keep], "leftovers_removed": leftovers},
-                  lines)
+    return Result({"removed": [b.id for b in remove], "kept": [b.id for b in keep], "leftovers_removed": leftovers,
+                   "objects_removed": objects}, lines)

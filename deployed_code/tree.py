@@ -1,10 +1,11 @@
 """Code trees: snapshot a deployed tree into the store, build a backup's tree aside (the layout switches it in).
 
-- `snapshot_tree` copies a tree into a backup like `Staging.add_tree`, but a file unchanged since the
-  previous backup (same size, mtime, ctime, inode and mode, as git's index decides) is hard-linked from
-  that backup's payload instead of copied. Payload files are read-only (0400), so a file shared by two
-  backups can never be changed through one of them. Whatever is in doubt is hashed: equal content is
-  still linked, anything else copied.
+- `snapshot_tree` puts a tree into a backup whose files' content is shared by every backup of the store
+  (backup_store.objects: one read-only file per sha256). A file unchanged since the previous backup (same
+  size, mtime, ctime, inode, mode and owner, as git's index decides) keeps the previous entry's sha256
+  without being read; anything else is hashed and its content stored unless the store has it already.
+  When the whole tree is unchanged by that rule (one fingerprint of every path's stat says so), the
+  previous manifest's entries are written as they are: nothing else is read or written.
 - `build_tree` writes a backup's tree into a new folder (copies, never links: live code must not share
   inodes with the store), checking every file's checksum as it goes.
 """
@@ -12,6 +13,8 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import operator
 import os
 import shutil
 import stat
@@ -21,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from backup_store.copier import CopyJob, copy_all
-from backup_store.manifest import Backup, Entry
+from backup_store.manifest import MANIFEST, Backup, Entry, split_manifest
+from backup_store.objects import share_file
 from backup_store.staging import Staging
 from backup_store.trees import set_owner_and_mode, tree_entries
 from common.errors import Interrupted, ToolkitError, UsageError
@@ -33,7 +37,6 @@ from common.files import (
     fsync_dir,
     is_inside,
     relative_parts,
-    sha256_file,
 )
 
 PAYLOAD_FILE = 0o400  # stored code files: read-only, so a hard link shared by two backups stays as taken
@@ -42,6 +45,8 @@ ALWAYS_EXCLUDED = (".git", "__pycache__")
 # without its mtime changing ("racy" in git's words): its identity is not recorded, so the next
 # snapshot hashes it instead of trusting its stat.
 RACY_NS = 2_000_000_000
+_NAME = operator.attrgetter("name")
+_IS_REG, _IS_DIR, _IS_LNK = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
 
 
 # -- exclusions -------------------------------------------------------------------------------------
@@ -56,7 +61,10 @@ def code_excluder(patterns: Iterable[str] = ()) -> Callable[[str], bool]:
     `/` ties a pattern to the tree's top: `/.env` is only the top-level `.env` (LINKED_PATHS are left out so).
     """
     wanted = [pattern.strip().rstrip("/") for pattern in patterns]
-    anywhere = [pattern for pattern in wanted if pattern and not pattern.startswith("/")]
+    wanted = [pattern for pattern in wanted if pattern]
+    if not wanted:  # the usual case, once per path of a 20,000-file tree
+        return lambda rel: rel.rpartition("/")[2] in ALWAYS_EXCLUDED
+    anywhere = [pattern for pattern in wanted if not pattern.startswith("/")]
     rooted = [pattern[1:] for pattern in wanted if pattern.startswith("/") and pattern[1:]]
 
     def excluded(rel: str) -> bool:
@@ -99,7 +107,7 @@ def snapshot_tree(
     stats: SnapshotStats | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> SnapshotStats:
-    """Put the tree `src` into the backup being built, at `dest`; link what the previous backup already has.
+    """Put the tree `src` into the backup being built, at `dest`; what the previous backup has is not read.
 
     `src` may be a symlink to the release folder (`current`): the folder it points at is taken.
     `exclude` holds the CODE_EXCLUDE patterns (see code_excluder). Symlinks are recorded as links and
@@ -112,52 +120,166 @@ def snapshot_tree(
         raise UsageError(f"{src} is not a folder: nothing to back up")
     if is_inside(staging.path, root):
         raise UsageError(f"the backup folder {staging.path.parent} is inside {src}: keep backups outside the tree")
-    before = {entry.path: entry for entry in previous.entries if entry.type == "file"} if previous else {}
-    base = str(previous.path) if previous else ""
+    objects = staging.share_payload()
     stats = stats if stats is not None else SnapshotStats()
-    not_racy_before = time.time_ns() - RACY_NS
 
     def check_cancelled() -> None:
         if cancelled is not None and cancelled():
             raise Interrupted("the snapshot was cancelled")
 
-    def copied(size: int) -> None:
-        check_cancelled()
-        stats.copied += 1
-        stats.bytes_copied += size
-        stats.bytes += size
+    patterns = [pattern for pattern in exclude if pattern.strip().rstrip("/")]
+    walk = _Walk(code_excluder(patterns) if patterns else None, check_cancelled)  # ALWAYS_EXCLUDED: by name
+    walk.tree(str(root), dest)
+    staging.skipped += walk.skipped
+    staging.fingerprint = walk.fingerprint()
+    if previous is not None and _reuse_unchanged(staging, previous, objects):
+        stats.files = stats.linked = staging.reused_counts[0]
+        stats.bytes = staging.reused_counts[1]
+        return stats
+    files = walk.entries(staging.entries)
+    before = _previous_files(previous)
 
-    payload = str(staging.path)
+    def stored(old: Entry | None, entry: Entry) -> Callable[[int], None]:
+        def done(size: int) -> None:
+            check_cancelled()
+            if old is not None and old.sha256 == entry.sha256:
+                stats.rehashed += 1  # in doubt by its stat, same content
+            else:
+                stats.copied += 1
+                stats.bytes_copied += size
+            stats.bytes += size
 
-    def regular(path: str, item_dest: str, st: os.stat_result) -> Entry:
+        return done
+
+    for entry, path, st in files:
         check_cancelled()
         stats.files += 1
-        out = f"{payload}/{item_dest}"  # not os.path.join: this runs once per file, and both parts are plain
-        old = before.get(item_dest)
-        stored = None
-        if old is not None and old.sha256 and old.size == st.st_size:
-            stored = f"{base}/{old.path}"
-            # Unchanged by its stat: linked without being read, and its entry is the previous one as it
-            # stands. The stored file is trusted as the previous backup recorded it (restore checks every
-            # checksum); if it cannot be linked, it is copied.
-            if _unchanged(old, st) and _link(stored, out):
-                stats.linked += 1
-                stats.bytes += st.st_size
-                return old
-        entry = Entry(item_dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
-        if st.st_mtime_ns < not_racy_before:
-            entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-        if stored is not None and _linkable(stored, old) and sha256_file(path) == old.sha256 and _link(stored, out):
+        old = before.get(entry.path)
+        # Unchanged by its stat: the previous entry's content, trusted as that backup recorded it (restore
+        # and verify check every checksum). A previous backup of the folder format has it linked in.
+        if old is not None and _unchanged(old, st) and (
+                previous.objects is not None or (_linkable(previous.payload(old), old)
+                                                 and share_file(previous.payload(old), objects, old.sha256, old.size))):
             entry.sha256 = old.sha256
-            stats.rehashed += 1
+            stats.linked += 1
             stats.bytes += st.st_size
-            return entry
-        staging.copy_later(path, item_dest, entry, PAYLOAD_FILE, copied)
-        return entry
-
-    staging.add_tree(root, dest, code_excluder(exclude), regular=regular)
-    staging.unsynced = True  # new links are metadata the seal must flush too, even when nothing was copied
+            continue
+        staging.copy_later(path, entry.path, entry, PAYLOAD_FILE, stored(old, entry))
+    staging.copy_queued()
+    staging.unsynced = True  # objects linked in from a folder-format backup are metadata the seal must flush
     return stats
+
+
+class _Walk:
+    """The tree's items as lstat sees them, parents before children and by name, with no file read.
+
+    Each item also adds to a fingerprint: its path and what _unchanged compares (for a symlink its target),
+    NUL-separated (no path or target holds a NUL), so two walks give the same one exactly when nothing was
+    added, removed, moved or changed by that rule. A file modified too recently to be trusted by its stat
+    (see RACY_NS) leaves the walk without one."""
+
+    def __init__(self, excluded: Callable[[str], bool] | None, check_cancelled: Callable[[], None]):
+        self.excluded, self.check_cancelled = excluded, check_cancelled
+        self.items: list[tuple[str, str, os.stat_result, str | None]] = []  # (path, source path, lstat, target)
+        self.skipped: list[str] = []  # sockets, fifos and devices are not code
+        self.not_racy_before = time.time_ns() - RACY_NS
+        self.racy = False
+        self.device = 0
+
+    def tree(self, root: str, dest: str) -> None:
+        """Walk the folder `root` (the folder a symlink to it leads to), its items named under `dest`."""
+        st = os.stat(root)
+        self.device = st.st_dev
+        self._add(dest, root, st, None)
+        self._folder(root, dest, "")
+
+    def _add(self, dest: str, path: str, st: os.stat_result, target: str | None) -> None:
+        self.items.append((dest, path, st, target))
+
+    def _folder(self, src: str, dest: str, rel: str) -> None:
+        # Once per item of a 20,000-file tree, the whole of an unchanged backup's own work: kept lean.
+        self.check_cancelled()
+        with os.scandir(src) as listing:
+            listed = sorted(listing, key=_NAME)
+        add, excluded, not_racy_before = self.items.append, self.excluded, self.not_racy_before
+        for item in listed:
+            name = item.name
+            if name in ALWAYS_EXCLUDED or (excluded is not None and excluded(f"{rel}/{name}" if rel else name)):
+                continue
+            st = item.stat(follow_symlinks=False)
+            mode = st.st_mode
+            if _IS_REG(mode):
+                if st.st_mtime_ns >= not_racy_before:
+                    self.racy = True
+                add((f"{dest}/{name}", item.path, st, None))
+            elif _IS_DIR(mode):
+                add((f"{dest}/{name}", item.path, st, None))
+                self._folder(item.path, f"{dest}/{name}", f"{rel}/{name}" if rel else name)
+            elif _IS_LNK(mode):
+                add((f"{dest}/{name}", item.path, st, os.readlink(item.path)))
+            else:
+                self.skipped.append(item.path)
+
+    def fingerprint(self) -> str | None:
+        """The walk's fingerprint; None when a file was too recently modified to be trusted by its stat."""
+        if self.racy:
+            return None
+        lines = [f"{dest}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+                 f"\0{st.st_ino}" if target is None else f"{dest}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{target}"
+                 for dest, _path, st, target in self.items]
+        text = "\0".join([f"code-tree-1\0{self.device}", *lines])
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def entries(self, out: list[Entry]) -> list[tuple[Entry, str, os.stat_result]]:
+        """Append each item's entry to `out`; the files' entries, with their source paths and lstat.
+
+        A file's identity (mtime, ctime, inode) is recorded unless it is racy."""
+        files = []
+        for dest, path, st, target in self.items:
+            if target is not None:
+                out.append(Entry(dest, "symlink", target=target, uid=st.st_uid, gid=st.st_gid))
+            elif stat.S_ISDIR(st.st_mode):
+                out.append(Entry(dest, "dir", mode=file_mode(st), uid=st.st_uid, gid=st.st_gid))
+            else:
+                entry = Entry(dest, "file", mode=file_mode(st), size=st.st_size, uid=st.st_uid, gid=st.st_gid)
+                if st.st_mtime_ns < self.not_racy_before:
+                    entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+                out.append(entry)
+                files.append((entry, path, st))
+        return files
+
+
+def _reuse_unchanged(staging: Staging, previous: Backup, objects: str) -> bool:
+    """When the tree is, by its fingerprint, the previous backup's (of this store's shared format), seal the
+    backup with the previous manifest's entries as they are; whether it did."""
+    header = previous.extra
+    if not (staging.fingerprint and header.get("fingerprint") == staging.fingerprint
+            and previous.objects is not None and str(previous.objects) == objects
+            and type(header.get("files")) is int and type(header.get("size")) is int):
+        return False
+    entries_json = previous.entries_json()
+    if entries_json is None:
+        try:
+            split = split_manifest((previous.path / MANIFEST).read_bytes())
+        except OSError:
+            return False
+        if split is None or split[0].get("fingerprint") != staging.fingerprint:
+            return False
+        entries_json = split[1]
+    if hashlib.sha256(entries_json).hexdigest() != header.get("entries_sha256"):
+        return False  # damaged, or written by hand: read whole (and checked) instead
+    staging.reuse_entries(entries_json, header["files"], header["size"])
+    return True
+
+
+def _previous_files(previous: Backup | None) -> dict[str, Entry]:
+    """The previous backup's files by path; none when its entries cannot be read (then every file is hashed)."""
+    if previous is None:
+        return {}
+    try:
+        return {entry.path: entry for entry in previous.entries if entry.type == "file"}
+    except ToolkitError:
+        return {}
 
 
 def _unchanged(old: Entry, st: os.stat_result) -> bool:
@@ -183,15 +305,6 @@ def _linkable(stored: str, old: Entry) -> bool:
     except OSError:
         return False
     return stat.S_ISREG(st.st_mode) and st.st_size == old.size and file_mode(st) == PAYLOAD_FILE
-
-
-def _link(stored: str, out: str) -> bool:
-    """Hard-link the previous backup's payload file; False when that cannot be done (then it is copied)."""
-    try:
-        os.link(stored, out, follow_symlinks=False)
-    except OSError:  # gone, too many links, another filesystem, protected hard links: copy instead
-        return False
-    return True
 
 
 # -- build --------------------------------------------------------------------------------------------
@@ -269,7 +382,7 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
 
         return done
 
-    base, out_base = str(backup.path), str(target)  # plain strings: this runs once per file
+    out_base = str(target)  # plain strings: this runs once per file
     for rel, entry in sorted(entries.items(), key=lambda item: item[0].split("/")):  # parents first
         if not rel:
             continue
@@ -291,7 +404,7 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
             stats.symlinks += 1
         elif entry.type == "file":
             owner = entry.owner if as_root else None
-            copies.append(CopyJob(os.path.join(base, entry.path), out, entry.mode, owner, checked(entry)))
+            copies.append(CopyJob(backup.payload(entry), out, entry.mode, owner, checked(entry)))
         else:
             raise ToolkitError(f"backup {backup.id}: {entry.path} has an unknown type {entry.type!r}")
     copy_all(copies)  # once every folder exists: files on every core

@@ -52,6 +52,9 @@ from offsite.sealing import KEY_SETTING, Sealer, SealError, WrongKey, sealed_fin
 from offsite.sealing import MAGIC as SEAL_MAGIC
 
 LOCAL_ONLY_FIELDS = ("mtime_ns", "ctime_ns", "ino")  # a file's identity on this host: meaningless elsewhere
+# Where the local store keeps the content, and the fingerprint of the tree's stat: a pulled copy has its
+# payload in its own folder, and its next backup here reads every file.
+LOCAL_ONLY_HEADER = ("payload", "fingerprint", "entries_sha256")
 CANDIDATES = "cleanup-candidates"  # blobs no manifest named at a cleanup, and since when
 DAMAGED = "damaged"  # DAMAGED/<blob name>: a blob found damaged, which pushes send again before relying on it
 GZIP_MAGIC = b"\x1f\x8b"
@@ -287,13 +290,13 @@ class Remote:
             self._damaged.discard(key)
 
     def _put_small(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
-        data = (backup.path / entry.path).read_bytes()
+        data = Path(backup.payload(entry)).read_bytes()
         check_content(backup.id, entry.path, (entry.size, entry.sha256), len(data), hashlib.sha256(data).hexdigest())
         self.call("put_object", Key=key, Body=self.sealer.seal_bytes(data) if self.sealer else data)
         done.add(objects=1, size=len(data))
 
     def _put_large(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
-        path = backup.path / entry.path
+        path = Path(backup.payload(entry))
         if self.sealer:  # sealed as it is read: one stream, hashed on the way
             with open(path, "rb") as raw:
                 reader = HashingReader(raw, done)
@@ -386,6 +389,8 @@ def remote_manifest_data(path: Path) -> dict:
     they mean nothing, and they are most of what an unchanged backup would send.
     """
     data = json.loads(path.read_bytes())
+    for name in LOCAL_ONLY_HEADER:
+        data.pop(name, None)
     for entry in data["entries"]:
         for name in LOCAL_ONLY_FIELDS:
             entry.pop(name, None)

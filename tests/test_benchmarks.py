@@ -111,12 +111,15 @@ def test_help_benchmark_quick_mode_times_each_script_beside_the_bare_interpreter
                      for script in ("config_rollback.py", "code_rollback.py", "database_rollback.py", "rollback.py")))
 
 
-def test_code_benchmark_quick_mode_prints_every_ratio(quick_runs: dict[str, QuickRun]):
+def test_code_benchmark_quick_mode_sets_each_step_beside_rsync_restic_and_borg(quick_runs: dict[str, QuickRun]):
     result = quick_runs["code"].finish()
-    ratio = rf"{NUMBER} s\s+{NUMBER}x cp -a"
-    assert_figures(result, rf"^  first backup\s+{ratio}", rf"^  unchanged 2nd backup\s+{ratio}",
-                   rf"^  restore\s+{ratio}", rf"^  cp -al .* {ratio}", rf"^    restore: build {NUMBER} s",
-                   rf"^  the switch itself\s+{NUMBER} ms", rf"^  two backups on disk\s+{NUMBER}x the tree")
+    peers = rf"\[rsync {NUMBER} s  restic {NUMBER} s  borg {NUMBER} s\]$"
+    ratio = rf"{NUMBER} s\s+{NUMBER}x fastest peer \((rsync|restic|borg)\)"
+    assert_figures(result, rf"^  first backup\s+{ratio}\s+goal <= 1.0: (met|MISSED)\s+{peers}",
+                   rf"^  unchanged backup\s+{ratio}\s+goal <= 0.5: (met|MISSED)\s+{peers}",
+                   rf"^  restore\s+{ratio}\s+goal <= 1.0: (met|MISSED)\s+{peers}",
+                   rf"^  round: first ours {NUMBER} rsync {NUMBER} restic {NUMBER} borg {NUMBER} \| second ",
+                   rf"^  two backups on disk\s+{NUMBER}x the tree\s+goal <= 1.1: (met|MISSED)$")
 
 
 def test_db_benchmark_quick_mode_runs_on_the_suites_server(quick_runs: dict[str, QuickRun],

@@ -13,6 +13,8 @@ import pytest
 from code_workspace import CodeWorkspace, commit_v2, git_archive_tree, in_place_workspace
 from helpers import git, script_argv, tree_snapshot, writer_once_read
 
+from backup_store.manifest import load_backup
+
 
 @pytest.fixture
 def in_place(tmp_path: Path) -> CodeWorkspace:
@@ -110,20 +112,26 @@ def test_verify_compile_catches_a_syntax_error(cw: CodeWorkspace):
     assert not list(Path(os.path.realpath(cw.live)).rglob("*.pyc"))
 
 
-def test_unchanged_second_backup_hard_links_every_file(cw: CodeWorkspace):
+def stored_file(cw: CodeWorkspace, backup_id: str, path: str) -> Path:
+    """Where backup `backup_id` keeps the content of its file `path`."""
+    backup = load_backup(cw.store / backup_id)
+    return Path(backup.payload(next(entry for entry in backup.files if entry.path == path)))
+
+
+def test_unchanged_second_backup_shares_every_file(cw: CodeWorkspace):
     assert cw.run("backup").returncode == 0
     result = cw.run("--json", "backup")
     assert result.returncode == 0
     stats = json.loads(result.stdout)["snapshot"]
     assert stats["copied"] == 0 and stats["linked"] + stats["rehashed"] == stats["files"] == 3
     newest, oldest = cw.backup_ids()
-    inodes = {(cw.store / backup / "tree" / "app.py").stat().st_ino for backup in (newest, oldest)}
+    inodes = {stored_file(cw, backup, "tree/app.py").stat().st_ino for backup in (newest, oldest)}
     assert len(inodes) == 1
 
 
 def test_damaged_backup_is_refused_and_live_tree_unchanged(cw: CodeWorkspace):
     assert cw.run("backup").returncode == 0
-    payload = cw.store / cw.backup_ids()[0] / "tree" / "app.py"
+    payload = stored_file(cw, cw.backup_ids()[0], "tree/app.py")
     os.chmod(payload, 0o600)
     payload.write_text("print('v1!')\n")
     (Path(os.path.realpath(cw.live)) / "app.py").write_text("print('deployed')\n")
@@ -226,7 +234,7 @@ def test_a_restore_stopped_mid_build_changes_nothing_and_leaves_nothing_behind(t
     for path in cw.live.glob("f*.py"):
         path.write_bytes(os.urandom(500))  # the safety backup has every file to copy
     before, stored = cw.tree(), sorted(os.listdir(cw.store))
-    held = cw.store / backup_id / "tree" / "f300.py"  # the worker that reaches it waits to open it
+    held = stored_file(cw, backup_id, "tree/f300.py")  # the worker that reaches it waits to open it
     held.unlink()
     os.mkfifo(held)
     proc = subprocess.Popen(script_argv("code_rollback.py", "restore", backup_id, "--yes"),

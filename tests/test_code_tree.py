@@ -104,7 +104,12 @@ def take(store: BackupStore, src: Path, previous: Backup | None = None):
 
 
 def payload_files(backup: Backup) -> dict[str, os.stat_result]:
-    return {entry.path: os.lstat(backup.path / entry.path) for entry in backup.files}
+    return {entry.path: os.lstat(backup.payload(entry)) for entry in backup.files}
+
+
+def payload_of(backup: Backup, path: str) -> Path:
+    """Where the backup keeps the content of its file `path`."""
+    return Path(backup.payload(next(entry for entry in backup.files if entry.path == path)))
 
 
 @pytest.fixture
@@ -145,7 +150,7 @@ def test_snapshot_then_build_gives_exactly_the_source(tmp_path, store, source):
     # A copy, not links into the store: live code shares no inode with a backup.
     for entry in backup.files:
         rel = entry.path[len(TREE) + 1:]
-        assert os.stat(target / rel).st_ino != os.stat(backup.path / entry.path).st_ino
+        assert os.stat(target / rel).st_ino != os.stat(backup.payload(entry)).st_ino
         assert os.stat(target / rel).st_nlink == 1
     remove_tree(target)
     assert not target.exists()
@@ -163,7 +168,7 @@ def test_payload_files_are_read_only(store, source):
     assert modes[f"{TREE}/run.sh"] == 0o755 and modes[f"{TREE}/settings.cfg"] == 0o640
 
 
-def test_unchanged_second_snapshot_links_every_file_without_reading_it(store, source):
+def test_unchanged_second_snapshot_shares_every_file_without_reading_it(store, source):
     age(source)
     first, _ = take(store, source)
     assert all(entry.mtime_ns and entry.ino and entry.ctime_ns for entry in first.files)
@@ -172,8 +177,8 @@ def test_unchanged_second_snapshot_links_every_file_without_reading_it(store, so
     before, after = payload_files(first), payload_files(second)
     assert before.keys() == after.keys()
     for rel in before:
-        assert after[rel].st_ino == before[rel].st_ino, rel
-        assert after[rel].st_nlink == 2, rel
+        assert after[rel].st_ino == before[rel].st_ino, rel  # one stored copy of each content
+    assert os.listdir(second.path) == ["manifest.json"]  # the content is in the store's objects/ only
     assert {e.path: e.sha256 for e in second.files} == {e.path: e.sha256 for e in first.files}
     assert check_backup(second) == []
     # The linked backup stands alone: removing the first one leaves it whole.
@@ -213,9 +218,9 @@ def test_changed_files_are_copied_anew(store, source):
     for path, text in ((f"{TREE}/lib/pkg/mod.py", "VALUE = 2\n"), (f"{TREE}/app.py", "print('HELLO')\n")):
         assert after[path].st_ino != before[path].st_ino
         assert after[path].st_nlink == before[path].st_nlink == 1
-        assert (second.path / path).read_text() == text
+        assert payload_of(second, path).read_text() == text
         assert after[path].st_mode & 0o7777 == PAYLOAD_FILE
-    assert (first.path / f"{TREE}/lib/pkg/mod.py").read_text() == "VALUE = 1\n"  # the first backup is untouched
+    assert payload_of(first, f"{TREE}/lib/pkg/mod.py").read_text() == "VALUE = 1\n"  # the first backup is untouched
     assert after[f"{TREE}/settings.cfg"].st_ino == before[f"{TREE}/settings.cfg"].st_ino
     assert {e.path: e.mode for e in second.files}[f"{TREE}/settings.cfg"] == 0o600
     assert check_backup(first) == [] and check_backup(second) == []
@@ -235,7 +240,7 @@ def test_a_replaced_file_with_the_same_stat_but_a_new_inode_is_not_trusted(store
     os.replace(fresh, mod)  # what a deploy tool preserving mtimes does
     second, stats = take(store, source, first)
     assert stats.copied == 1
-    assert (second.path / TREE / "lib" / "pkg" / "mod.py").read_text() == "VALUE = 9\n"
+    assert payload_of(second, f"{TREE}/lib/pkg/mod.py").read_text() == "VALUE = 9\n"
 
 
 def test_excluder():
@@ -311,7 +316,7 @@ def test_build_refuses_an_existing_target_and_a_damaged_backup(tmp_path, store, 
     with pytest.raises(UsageError, match="already exists"):
         build_tree(backup, TREE, existing)
     assert (existing / "keep").read_text() == "mine"
-    damaged = backup.path / TREE / "lib" / "pkg" / "mod.py"
+    damaged = payload_of(backup, f"{TREE}/lib/pkg/mod.py")
     os.chmod(damaged, 0o600)
     damaged.write_text("VALUE = 7\n")  # same size, other bytes
     with pytest.raises(ToolkitError, match="checksum"):

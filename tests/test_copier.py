@@ -195,7 +195,7 @@ def test_a_tree_large_enough_for_several_workers_round_trips(tmp_path):
         assert (entry.size, entry.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     build_tree(backup, "tree", tmp_path / "built")
     assert tree_snapshot(tmp_path / "built") == tree_snapshot(tmp_path / "src")
-    damaged = backup.path / "tree" / "f0300"
+    damaged = Path(backup.payload(next(entry for entry in backup.files if entry.path == "tree/f0300")))
     os.chmod(damaged, 0o600)
     damaged.write_bytes(bytes(len(damaged.read_bytes())))  # same size, other bytes
     with pytest.raises(ToolkitError, match="f0300 does not match its checksum"):

@@ -117,6 +117,7 @@ def test_code_restore_refuses_a_path_under_a_symlink_of_the_backup(tmp_path: Pat
                 evil_file("tree/pkg/link/evil.py")]
 
     crafted = craft(_only_backup(cw.store), tmp_path / "crafted" / "b1", change)
+    (crafted / "tree" / "pkg").mkdir(parents=True, exist_ok=True)  # a code backup's folder holds only its manifest
     os.symlink("../../outside", crafted / "tree" / "pkg" / "link")
     before = cw.tree()
     for args in (["restore", str(crafted), "--yes"], ["restore", str(crafted), "--dry-run"]):
