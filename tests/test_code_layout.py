@@ -15,6 +15,7 @@ from code_workspace import CodeWorkspace, commit_v2, git_archive_tree
 from helpers import git, script_argv, writer_once_read
 
 from backup_store.copier import PARALLEL_FROM
+from backup_store.manifest import load_backup
 
 
 @pytest.fixture(params=["plain-folder", "symlink"])
@@ -90,7 +91,9 @@ def test_a_killed_restores_half_built_tree_is_named_by_verify_and_removed_by_cle
     backup_id = cw.backup_ids()[0]
     (live / "app.py").write_text("print('deployed')\n")
     before = cw.tree()
-    held = cw.store / backup_id / "tree" / "f300.py"  # the copy worker that reaches it waits to read it
+    backup = load_backup(cw.store / backup_id)
+    # The stored copy of f300.py (in the store's shared objects/): the copy worker that reaches it waits to read it.
+    held = Path(backup.payload(next(entry for entry in backup.entries if entry.path == "tree/f300.py")))
     content = held.read_bytes()
     held.unlink()
     os.mkfifo(held)
