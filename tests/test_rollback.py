@@ -16,6 +16,8 @@ import pytest
 from helpers import git, run_script, script_argv, tree_snapshot
 from point_system import System, take_point
 
+from backup_store.manifest import load_backup
+
 
 @pytest.fixture
 def system(tmp_path: Path, pg_db) -> System:
@@ -64,7 +66,8 @@ def test_failure_in_the_code_step_stops_before_the_database_and_prints_working_u
     system.break_everything()
     broken = system.state()
     # Damaged after the checks that precede the first step (the pre-restore hook runs after them).
-    payload = system.root / "code_backups" / point["parts"]["code"] / "tree" / "app.py"
+    backup = load_backup(system.root / "code_backups" / point["parts"]["code"])
+    payload = backup.payload(next(entry for entry in backup.entries if entry.path == "tree/app.py"))
     damage = f"chmod 600 {payload} && echo \"print('damaged in the store')\" > {payload}"
 
     result = system.run("restore", point["id"], "--yes", PRE_RESTORE_HOOK=f"sh -c {shlex.quote(damage)}")
