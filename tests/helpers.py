@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,3 +218,14 @@ class Terminal:
         self._reader.join()
         os.close(self.leader)
         return self._seen
+
+
+def wait_until(check: Callable[[], object], seconds: float = 20) -> object:
+    """Poll until `check` returns something truthy (what it returned), failing after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {seconds} s")

@@ -9,12 +9,11 @@ import json
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import database_state, run_script
+from helpers import database_state, run_script, wait_until
 
 NO_TX = "-- rollback: no-transaction\n"
 
@@ -89,16 +88,6 @@ def row(ws: Workspace, ident: str, dirty: bool = False) -> tuple:
     version, name = ident.split("_", 1)
     return (int(version), name, sha(ws.migrations / f"{ident}.up.sql"), dirty)
 
-
-def wait_until(check, seconds: float = 20):
-    """Poll server state until `check` returns something truthy."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {seconds} s")
 
 
 @pytest.fixture

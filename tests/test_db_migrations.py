@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
 import pytest
+from helpers import wait_until
 from psycopg2 import sql
 
 from common.errors import LockBusy, ToolkitError, UsageError
@@ -144,16 +144,6 @@ def snapshot(pg_db) -> dict:
         conn.close()
     return state
 
-
-def wait_until(check: Callable[[], object], seconds: float = 10) -> object:
-    """Poll server state until `check` returns something truthy, failing after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {seconds} s")
 
 
 def session_alive(pg_db, pid: int) -> bool:
