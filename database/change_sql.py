@@ -141,5 +141,14 @@ def _deletes(live: connection, diff: TableDiff) -> Iterator[str]:
            "the kept one after the backup, or\n-- written to the live one since the restore. Left as they are: "
            "remove the leading -- of a line to delete that row too.")
     for start in range(0, len(diff.only_in_live), 1000):
-        yield "\n".join(f"-- DELETE FROM {table} WHERE {_where(live, plan, _key_of(plan, key))};"
-                        for key in diff.only_in_live[start:start + 1000])
+        yield "\n".join(_commented_delete(live, plan, table, key) for key in diff.only_in_live[start:start + 1000])
+
+
+def _commented_delete(live: connection, plan: TablePlan, table: str, key: Key) -> str:
+    """A DELETE behind `--`. A line break inside a quoted key or name would end the comment and let the rest
+    of the value run as SQL, so such a row is named by its key (escaped), never written as a statement."""
+    where = _key_of(plan, key)
+    statement = f"DELETE FROM {table} WHERE {_where(live, plan, where)};"
+    if any(char in statement for char in "\n\r\x0b\x0c\x85\u2028\u2029"):
+        return f"-- a row whose key or table name holds a line break, left out here: key {printable(repr(where))}"
+    return f"-- {statement}"

@@ -359,3 +359,15 @@ def test_the_merge_finds_what_a_comparison_of_whole_tables_finds_whatever_the_ba
     assert diff.only_in_kept == sorted(kept.keys() - live.keys())
     assert diff.only_in_live == sorted(live.keys() - kept.keys())
     assert diff.differ == sorted(k for k in kept.keys() & live.keys() if kept[k] != live[k])
+
+
+def test_a_key_with_a_line_break_cannot_end_a_commented_delete_and_run_as_sql(pair: Pair):
+    # A row written to the live database since the restore, keyed by text the application's users chose.
+    hostile = "x\nCOMMIT; DROP TABLE vendors; --"
+    pair.sql(pair.live, f"INSERT INTO tags VALUES (E'{hostile.replace(chr(10), chr(92) + 'n')}', 0)")
+    script = pair.run("changes", pair.kept, "--sql").stdout
+    assert not [line for line in script.splitlines() if line.startswith("COMMIT; DROP")]
+    assert "left out here: key {'name': 'x\\nCOMMIT; DROP TABLE vendors; --'}" in script
+    applied = pair.psql(pair.live, script)
+    assert applied.returncode == 0, applied.stderr
+    assert pair.sql(pair.live, "SELECT count(*) FROM vendors") != []  # still there
