@@ -193,7 +193,7 @@ def plan_globals(found: list[GlobalStatement], have: ServerRoles, location_exist
         elif statement.kind == ROLE and statement.flags and statement.name in have.roles:
             _compare_role(plan, statement, have.roles[statement.name])
         elif statement.kind == MEMBERSHIP:
-            _plan_membership(plan, statement, have, known)
+            _plan_membership(plan, statement, have, known, new)
         elif statement.kind == PARAMETER_GRANT and statement.grantees and set(statement.grantees) <= new:
             plan.in_transaction.append((f"a parameter privilege of {', '.join(map(shown, statement.grantees))}",
                                         statement.text))
@@ -242,9 +242,16 @@ def _flag(word: str, value: bool | int | None) -> str:
     return word if value else f"NO{word}"
 
 
-def _plan_membership(plan: GlobalsPlan, statement: GlobalStatement, have: ServerRoles, known: set[str]) -> None:
+def _plan_membership(plan: GlobalsPlan, statement: GlobalStatement, have: ServerRoles, known: set[str],
+                     new: set[str]) -> None:
     missing = [pair for pair in statement.pairs if pair not in have.memberships]
     if not missing:
+        return
+    if not any(role in new or member in new for role, member in missing):
+        # Between two roles this server already has: granting it would change what an existing role may do.
+        pairs = " and ".join(f"{shown(m)} is not a member of {shown(r)}" for r, m in missing)
+        plan.notes.append(f"left as it is here: {pairs} (both roles exist on this server, and --with-globals "
+                          "never alters an existing role)")
         return
     unknown = sorted({name for pair in missing for name in pair} - known)
     if unknown:

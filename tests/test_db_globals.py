@@ -311,3 +311,12 @@ def test_grants_name_their_grantees_and_default_privileges_their_roles():
     assert statement_roles("CREATE POLICY p ON app.t TO reader, auditor USING ((owner = CURRENT_USER))") == [
         "reader", "auditor"]
     assert statement_roles("SET SESSION AUTHORIZATION grantor") == ["grantor"]
+
+
+def test_a_membership_between_two_roles_that_exist_here_is_not_granted(app: App, fresh):
+    app.backup()
+    fresh.query("postgres", f'CREATE ROLE "{app.group}" NOLOGIN; CREATE ROLE {app.reader} LOGIN')
+    result = app.on(fresh, "restore", "latest", "--yes", "--with-globals")
+    assert result.returncode == 0, result.stderr
+    assert members_on(fresh, app) == []  # what an existing role may do is not changed by a backup of elsewhere
+    assert f"left as it is here: {app.reader} is not a member of" in result.stdout
