@@ -65,7 +65,10 @@ def plan_database(settings: Settings, backup: Backup, restore_data: bool) -> Dat
     if read_properties(db.server, db.server.name) is None:
         return DatabasePlan(DUMP_RESTORE, f"{db.server.name} does not exist: nothing to roll back, nothing lost",
                             backup.id, target, None, [])
-    applied = read_applied(db.server)
+    try:
+        applied = read_applied(db.server)  # refused when public.schema_migrations is another tool's
+    except ToolkitError as unreadable:
+        return _dump_restore(db, backup, f"no migration path back: {unreadable}", target, None)
     current = current_id(applied)
     if restore_data:
         return _dump_restore(db, backup, "--restore-data", target, current)

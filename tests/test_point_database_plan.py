@@ -167,3 +167,13 @@ def psql_env(system: System) -> dict[str, str]:
     cluster = system.pg_db.cluster
     return {"PGHOST": cluster.host, "PGPORT": str(cluster.port), "PGUSER": cluster.user,
             "PGPASSWORD": cluster.password}
+
+
+def test_a_tracking_table_of_another_tool_leaves_the_dump_as_the_way_back(system: System):
+    take_point(settled(system))
+    sql(system, "DROP TABLE public.schema_migrations; "
+                "CREATE TABLE public.schema_migrations (version bigint PRIMARY KEY, dirty boolean NOT NULL)")
+    planned = system.run("--json", "restore", "latest", "--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)["database_plan"]
+    assert plan["action"] == "dump restore" and "made by another migration tool" in plan["reason"]
