@@ -153,7 +153,10 @@ def writes_lost(db: DbContext, backup: Backup | None) -> WritesReport:
         taken_from = DbBackupInfo.load(backup).database
         if taken_from != db.server.name:
             return WritesReport(db.server.name, f"the backup is of database {taken_from!r}")
-        recorded = recorded_counters(backup)
+        try:
+            recorded = recorded_counters(backup)
+        except ToolkitError as exc:
+            return WritesReport(db.server.name, str(exc))
     try:
         now = read_counters(db.server)
     except ToolkitError as exc:  # e.g. a switch killed half-way left it refusing connections: the swap reopens it

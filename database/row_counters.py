@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 from backup_store.manifest import Backup
 from backup_store.staging import Staging
+from common.errors import ToolkitError
 from common.files import atomic_write
 from common.text import count
 from database.server import DbServer
@@ -22,7 +24,7 @@ from database.server import DbServer
 COUNTERS_FILE = "row_counters.json"  # in the backup's folder, beside the dump, checksummed by its manifest
 
 _READ_COUNTERS = """
-SELECT d.oid, s.stats_reset, now()
+SELECT d.oid, s.stats_reset, now(), current_setting('track_counts')::boolean, pg_postmaster_start_time()
   FROM pg_database d LEFT JOIN pg_stat_database s ON s.datid = d.oid
  WHERE d.datname = current_database()"""
 _READ_TABLES = """
@@ -56,6 +58,8 @@ class RowCounters:
     stats_reset: str | None  # when the database's statistics were last reset (ISO time); None if never
     read_at: str  # the server's clock when they were read (ISO time)
     tables: list[TableCounters] = field(default_factory=list)
+    counting: bool = True  # track_counts: off, PostgreSQL counts nothing
+    server_started: str | None = None  # pg_postmaster_start_time (ISO time): a crash since drops every counter
 
     def dump(self) -> bytes:
         """The JSON a backup keeps."""
@@ -66,17 +70,19 @@ class RowCounters:
         """Read what dump() wrote."""
         raw = json.loads(data)
         return cls(raw["database_oid"], raw["stats_reset"], raw["read_at"],
-                   [TableCounters(**table) for table in raw["tables"]])
+                   [TableCounters(**table) for table in raw["tables"]], bool(raw.get("counting", True)),
+                   raw.get("server_started"))
 
 
 def read_counters(server: DbServer, dbname: str | None = None) -> RowCounters:
     """The counters of `dbname` (default DB_NAME) now."""
     with server.session(dbname) as conn, conn.cursor() as cur:
         cur.execute(_READ_COUNTERS)
-        oid, reset, now = cur.fetchone()
+        oid, reset, now, counting, started = cur.fetchone()
         cur.execute(_READ_TABLES)
         tables = [TableCounters(*row) for row in cur.fetchall()]
-    return RowCounters(oid, reset.isoformat() if reset else None, now.isoformat(), tables)
+    return RowCounters(oid, reset.isoformat() if reset else None, now.isoformat(), tables, counting,
+                       started.isoformat())
 
 
 def record_counters(staging: Staging, server: DbServer) -> None:
@@ -86,10 +92,14 @@ def record_counters(staging: Staging, server: DbServer) -> None:
 
 
 def recorded_counters(backup: Backup) -> RowCounters | None:
-    """The counters a backup recorded; None for a backup taken before they were recorded."""
+    """The counters a backup recorded; None for a backup taken before they were recorded (ToolkitError when
+    its file cannot be read)."""
     if not any(entry.path == COUNTERS_FILE and entry.type == "file" for entry in backup.entries):
         return None
-    return RowCounters.load((backup.path / COUNTERS_FILE).read_bytes())
+    try:
+        return RowCounters.load((backup.path / COUNTERS_FILE).read_bytes())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ToolkitError(f"backup {backup.id}'s {COUNTERS_FILE} cannot be read ({exc})") from None
 
 
 # -- the writes since a backup ---------------------------------------------------------------------------
@@ -168,8 +178,15 @@ def writes_since(database: str, then: RowCounters | None, now: RowCounters) -> W
     if then.database_oid != now.database_oid:
         return WritesReport(database, "the database was replaced since the backup (restored or made again), so "
                                       "its counters started over")
-    if then.stats_reset != now.stats_reset:
+    if not now.counting:
+        return WritesReport(database, "track_counts is off on the server: PostgreSQL counts no rows")
+    if _moment(then.stats_reset) != _moment(now.stats_reset):
         return WritesReport(database, f"the server's statistics were reset at {now.stats_reset}, after the backup")
+    if then.server_started is not None and _moment(then.server_started) != _moment(now.server_started):
+        # A clean stop keeps the counters; a crash drops them without a reset time. Which one it was is not
+        # known here, and a figure too low would be worse than none.
+        return WritesReport(database, f"the server was restarted at {now.server_started}, after the backup, and a "
+                                      "crash would have dropped its counters")
     before = {table.relid: table for table in then.tables}
     report = WritesReport(database)
     for table in now.tables:
@@ -184,6 +201,11 @@ def writes_since(database: str, then: RowCounters | None, now: RowCounters) -> W
                       for old in before.values()]
     report.tables.sort(key=lambda table: (table.inserted is not None, table.total), reverse=True)
     return report
+
+
+def _moment(iso: str | None) -> datetime | None:
+    """An ISO time as a moment, whatever time zone the session that read it printed it in."""
+    return datetime.fromisoformat(iso) if iso else None
 
 
 def _table_writes(old: TableCounters | None, new: TableCounters) -> TableWrites:

@@ -130,3 +130,18 @@ def test_counters_that_went_down_or_a_dropped_table_are_unknown_and_the_total_a_
     assert report.lines()[0] == ("writes to app since the backup, lost by a dump restore: at least 24 rows in "
                                  "3 tables")
     assert report.tables[2].note == "dropped since the backup, then 9 rows"
+
+
+def test_a_restart_or_counting_turned_off_makes_the_figure_unknown_and_a_time_zone_does_not():
+    then = RowCounters(1, "2026-11-01T10:00:00+00:00", "t0", [_table(10, "a", 100)], True,
+                       "2026-11-01T09:00:00+00:00")
+    later = [_table(10, "a", 130)]
+    # The same moments printed by a session in another time zone: nothing was reset, nothing restarted.
+    same = RowCounters(1, "2026-11-01T11:00:00+01:00", "t1", later, True, "2026-11-01T10:00:00+01:00")
+    assert writes_since("app", then, same).total == 30
+    restarted = RowCounters(1, "2026-11-01T10:00:00+00:00", "t1", later, True, "2026-11-02T08:00:00+00:00")
+    reason = writes_since("app", then, restarted).unknown_reason
+    assert reason.startswith("the server was restarted at 2026-11-02T08:00:00+00:00, after the backup")
+    not_counting = RowCounters(1, "2026-11-01T10:00:00+00:00", "t1", later, False, "2026-11-01T09:00:00+00:00")
+    assert writes_since("app", then, not_counting).unknown_reason == (
+        "track_counts is off on the server: PostgreSQL counts no rows")
