@@ -186,34 +186,41 @@ def _add_runs(deploys: list[Deploy], store: StoredBackups, runs: Iterable[AuditR
     unanchored = [d for d in rollbacks if not d.safety_backup]
     times = [d.when for d in unanchored]
     timed_runs: list[AuditRecord] = []
-    unrecorded: deque[AuditRecord] = deque(maxlen=limit)  # only the newest `limit` can be listed
+    unrecorded: deque[tuple[AuditRecord, datetime | None]] = deque(maxlen=limit)  # only the newest can be listed
+    last: datetime | None = None  # the store's time of the newest entry a run before this one was matched to
     for run in runs:
         first = run.backup_ids[0] if run.backup_ids else None
         if not run.changed_something or (first is None and run.command != ROLLBACK):
             continue
+        matched = None
         if run.command == BACKUP and first in taken:
-            taken[first].ran(run)
+            matched = taken[first]
         elif run.command == RESTORE and first in store.index:
             safety = run.backup_ids[1] if len(run.backup_ids) > 1 else None
             if safety is not None and safety in restored:
-                restored[safety].ran(run)
+                matched = restored[safety]
             elif safety not in store.index:  # none taken, or removed since: the line is all there is
-                unrecorded.append(run)
+                unrecorded.append((run, last))
         elif run.command == ROLLBACK:
             if first is not None and first in after_safety:
-                after_safety[first].ran(run)
+                matched = after_safety[first]
             elif first not in store.index and _in_a_window(run, times):
                 timed_runs.append(run)
             elif first in store.index and not _is_rollback_safety(store, first):
-                unrecorded.append(run)  # a switch back to a kept release with --no-backup: it names what it deployed
+                unrecorded.append((run, last))  # a switch back to a kept release with --no-backup: it names its tree
+        if matched is not None:
+            matched.ran(run)
+            last = max(last, matched.when) if last else matched.when
     _match_by_time(unanchored, timed_runs)
-    for run in unrecorded:
+    for run, after in unrecorded:
         target = store.get(run.backup_ids[0])
         if target is None:
             continue
         if run.command == ROLLBACK:
-            # Its start, not its end: the entries are sorted by time, and the next run starts after it ends.
-            deploy = Deploy(ROLLBACK, target.id, run.time, run.shown_time, commit_of(target), run.host)
+            # Runs on a store hold its lock, one after another: this one comes after the entry the run before
+            # it made (the line's start is to the second only, and that run may have ended in the same second).
+            when = max(run.time, after + timedelta(microseconds=1)) if after else run.time
+            deploy = Deploy(ROLLBACK, target.id, when, run.shown_time, commit_of(target), run.host)
         else:
             deploy = _restore(target, _window(run)[1], run.shown_time, run.host, None)
         deploy.ran(run)
