@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from common.components import DATABASE
 from common.errors import ToolkitError, UsageError
 from database.migrations import (
+    INSERT_ROW,
+    MARK_CLEAN,
     MAX_VERSION,
     Applied,
     Migration,
@@ -36,9 +38,6 @@ from database.sql import ScriptError, execute_script, pg_error, read_sql, refuse
 if TYPE_CHECKING:
     from psycopg2.extensions import connection
 
-INSERT_ROW = ("INSERT INTO public.schema_migrations (version, name, sha256, duration_ms, dirty) "
-              "VALUES (%s, %s, %s, %s, %s)")
-MARK_CLEAN = "UPDATE public.schema_migrations SET dirty = false, duration_ms = %s WHERE version = %s"
 
 
 class MigrationFailed(ToolkitError):

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from common.cli import Context, Result
 from common.errors import ToolkitError, UsageError
 from database.context import DbContext
-from database.migrate import INSERT_ROW
 from database.migrations import (
+    INSERT_ROW,
     Applied,
     Migration,
     applied,

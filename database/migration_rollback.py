@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from common.components import DATABASE
 from common.errors import ToolkitError, UsageError
 from database.migrations import (
+    DELETE_ROW,
+    SET_DIRTY,
     Applied,
     Migration,
     applied,
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
 
 BEFORE_FIRST = -1  # the target version of a rollback of every migration (`rollback 0` or `--all`)
 NO_MIGRATION = "no migration"  # how the state with nothing applied is shown
-_DELETE_TRACKING_ROW = "DELETE FROM public.schema_migrations WHERE version = %s"
-_MARK_DIRTY = "UPDATE public.schema_migrations SET dirty = true WHERE version = %s"
 
 
 class MissingDownFile(ToolkitError):
@@ -99,8 +99,8 @@ class RollbackPlan:
             how = "on its own, outside any transaction" if batch[0].no_transaction else "in one transaction"
             lines.append(f"\n-- part {number}, {how}")
             for step in batch:
-                dirty = [_MARK_DIRTY % step.version + ";"] if step.no_transaction else []
-                lines += [f"-- {step.file.name}", *dirty, step.sql.strip(), _DELETE_TRACKING_ROW % step.version + ";"]
+                dirty = [SET_DIRTY % ("true", step.version) + ";"] if step.no_transaction else []
+                lines += [f"-- {step.file.name}", *dirty, step.sql.strip(), DELETE_ROW % step.version + ";"]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -233,16 +233,16 @@ def _run_batch(conn: connection, batch: list[RollbackStep], lock_timeout: int,
         progress(f"rolling back {step.id} (outside a transaction)")
         with autocommit(conn), conn.cursor() as cur:
             set_lock_timeout(cur, lock_timeout, local=False)  # the connection is ours alone
-            cur.execute(_MARK_DIRTY, (step.version,))
+            cur.execute(SET_DIRTY, (True, step.version))
             execute_script(cur, step.file, step.sql)
-            cur.execute(_DELETE_TRACKING_ROW, (step.version,))
+            cur.execute(DELETE_ROW, (step.version,))
         return
     with conn.cursor() as cur:
         set_lock_timeout(cur, lock_timeout, local=True)
         for step in batch:
             progress(f"rolling back {step.id}")
             execute_script(cur, step.file, step.sql)
-            cur.execute(_DELETE_TRACKING_ROW, (step.version,))
+            cur.execute(DELETE_ROW, (step.version,))
     conn.commit()
 
 

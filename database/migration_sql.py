@@ -5,11 +5,13 @@ no-transaction file on its own with its row marked dirty until it has run."""
 from __future__ import annotations
 
 from common.components import DATABASE
-from database.migrate import INSERT_ROW
 from database.migration_rollback import RollbackPlan, batches
 from database.migrations import (
     ADD_DIRTY_COLUMN,
     CREATE_TRACKING_TABLE,
+    DELETE_ROW,
+    INSERT_ROW,
+    SET_DIRTY,
     Applied,
     Migration,
     current_id,
@@ -17,9 +19,6 @@ from database.migrations import (
 )
 from database.sessions import LOCK_KEY
 from database.sql import quote_literal, read_sql, refuse_transaction_control, terminated
-
-_MARK = "UPDATE public.schema_migrations SET dirty = {dirty} WHERE version = {version};"
-_DELETE = "DELETE FROM public.schema_migrations WHERE version = {version};"
 
 
 def migrate_script(dbname: str, migrations: list[Migration], rows: list[Applied], todo: list[Migration],
@@ -35,7 +34,7 @@ def migrate_script(dbname: str, migrations: list[Migration], rows: list[Applied]
         if migration.up_no_transaction:
             lines += [f"-- {migration.up.name}, outside any transaction: its row is marked dirty until it has run",
                       _insert(*values, "true"), terminated(text).rstrip("\n"),
-                      _MARK.format(dirty="false", version=migration.version)]
+                      SET_DIRTY % ("false", migration.version) + ";"]
         else:
             refuse_transaction_control(migration.up, text)
             lines += [f"-- {migration.up.name}", "BEGIN;", terminated(text).rstrip("\n"), _insert(*values, "false"),
@@ -53,12 +52,12 @@ def rollback_script(dbname: str, rows: list[Applied], plan: RollbackPlan, lock_t
         if part[0].no_transaction:
             step = part[0]
             lines += [f"-- {step.file.name}, outside any transaction: its row is marked dirty until it has run",
-                      _MARK.format(dirty="true", version=step.version), terminated(step.sql).rstrip("\n"),
-                      _DELETE.format(version=step.version), ""]
+                      SET_DIRTY % ("true", step.version) + ";", terminated(step.sql).rstrip("\n"),
+                      DELETE_ROW % step.version + ";", ""]
             continue
         lines.append("BEGIN;")
         for step in part:
-            lines += [f"-- {step.file.name}", terminated(step.sql).rstrip("\n"), _DELETE.format(version=step.version)]
+            lines += [f"-- {step.file.name}", terminated(step.sql).rstrip("\n"), DELETE_ROW % step.version + ";"]
         lines += ["COMMIT;", ""]
     return "\n".join(lines + _ending())
 
@@ -79,7 +78,13 @@ def _preamble(what: str, rows: list[Applied], lock_timeout: int) -> list[str]:
         "  END IF;",
         "END$$;",
         CREATE_TRACKING_TABLE.strip() + ";",
-        ADD_DIRTY_COLUMN + ";",
+        # As migrate does: the ALTER (and its exclusive lock) only when the column is missing.
+        "DO $$BEGIN",
+        "  IF NOT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = 'public'",
+        "                 AND table_name = 'schema_migrations' AND column_name = 'dirty')",
+        f"  THEN {ADD_DIRTY_COLUMN};",
+        "  END IF;",
+        "END$$;",
         "DO $$BEGIN",
         "  IF (SELECT coalesce(array_agg(version ORDER BY version), '{}') FROM public.schema_migrations)",
         f"       IS DISTINCT FROM '{versions}'::bigint[] OR EXISTS (SELECT FROM public.schema_migrations WHERE dirty)",

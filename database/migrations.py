@@ -37,6 +37,12 @@ CREATE TABLE IF NOT EXISTS public.schema_migrations (
 )"""
 # Tables made before dirty marks existed get the column the first time a migrator holds the lock.
 ADD_DIRTY_COLUMN = "ALTER TABLE public.schema_migrations ADD COLUMN IF NOT EXISTS dirty boolean NOT NULL DEFAULT false"
+# The statements that keep the tracking rows: run with parameters, and written into --sql scripts with `%`.
+INSERT_ROW = ("INSERT INTO public.schema_migrations (version, name, sha256, duration_ms, dirty) "
+              "VALUES (%s, %s, %s, %s, %s)")
+MARK_CLEAN = "UPDATE public.schema_migrations SET dirty = false, duration_ms = %s WHERE version = %s"
+SET_DIRTY = "UPDATE public.schema_migrations SET dirty = %s WHERE version = %s"
+DELETE_ROW = "DELETE FROM public.schema_migrations WHERE version = %s"
 _TRACKING_COLUMNS = {"version", "name", "sha256", "applied_at", "duration_ms"}  # dirty may be missing: see above
 
 
