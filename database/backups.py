@@ -4,6 +4,7 @@ command takes first), the `list` command, and the backup that leads back past a 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from backup_store.manifest import Backup
 from commands.store_commands import list_backups
@@ -21,7 +22,7 @@ from database.row_counters import record_counters
 
 def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int = 1,
                 compress: int | None = None, progress: Progress = no_progress, safety: bool = False,
-                role_passwords: bool = False) -> Backup:
+                role_passwords: bool = False, *, warn: Callable[[str], None]) -> Backup:
     """pg_dump DB_NAME into a new store entry, with the cluster's roles and tablespaces (the caller holds the
     lock); a failing pg_dump leaves none."""
     info = ServerInfo.read(db.server)
@@ -34,7 +35,7 @@ def take_backup(db: DbContext, label: str | None, fmt: str = "custom", jobs: int
         record_counters(staging, db.server)  # before the dump: what a restore later compares with
         with progress(f"dumping {db.server.name}", lambda: bytes_under(staging.path), None):
             dump_into(staging, db.server, db.tools, fmt, jobs, compress)
-        keep_globals(staging, db.server, db.tools, role_passwords)  # pg_dumpall --globals-only beside the dump
+        keep_globals(staging, db.server, db.tools, role_passwords, warn)  # pg_dumpall --globals-only beside the dump
     return staging.backup
 
 
@@ -62,7 +63,7 @@ def backup_command(ctx: Context) -> Result:
                       report=True)
     with db.store.lock(f"{SCRIPT} backup"):
         backup = take_backup(db, args.label, args.format, args.jobs, args.compress, ctx.progress,
-                             role_passwords=args.with_role_passwords)
+                             role_passwords=args.with_role_passwords, warn=ctx.warn)
     info = DbBackupInfo.load(backup)
     kept = {"kept": info.has_globals, "role_passwords": info.role_passwords}
     return Result({"backup": backup.summary(), "globals": kept},

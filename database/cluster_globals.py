@@ -18,7 +18,6 @@ CREATE TABLESPACE cannot be in one, so tablespaces come after it, each on its ow
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +26,6 @@ from backup_store.staging import Staging
 from common.errors import ToolkitError, UsageError
 from common.files import PRIVATE_FILE
 from database.backup_info import DbBackupInfo
-from database.context import SCRIPT
 from database.dumps import PgTools, with_full_disk_named
 from database.globals_script import (
     MEMBERSHIP,
@@ -49,7 +47,8 @@ GLOBALS_FILE = "globals.sql"
 _PERMISSION_DENIED = "permission denied"  # pg_dumpall's error when DB_USER may not read a catalog
 
 
-def keep_globals(staging: Staging, server: DbServer, tools: PgTools, role_passwords: bool) -> None:
+def keep_globals(staging: Staging, server: DbServer, tools: PgTools, role_passwords: bool,
+                 warn: Callable[[str], None]) -> None:
     """pg_dumpall --globals-only into the backup being built, and whether it holds them in its metadata.
 
     Without the privilege to read them (a non-superuser asking for passwords) the backup goes on without
@@ -68,10 +67,8 @@ def keep_globals(staging: Staging, server: DbServer, tools: PgTools, role_passwo
         if _PERMISSION_DENIED not in result.stderr:
             raise with_full_disk_named(ToolkitError(f"pg_dumpall --globals-only failed: {first}"),
                                        f"the backup folder {staging.path.parent} (BACKUP_DIR)")
-        # take_backup has no Context (safety backups are taken inside other commands): ctx.warn's line.
-        print(f"{SCRIPT}: warning: the backup keeps no roles or tablespaces: {server.user} may not read them "
-              f"({first}){'; try without --with-role-passwords' if role_passwords else ''}",
-              file=sys.stderr, flush=True)
+        warn(f"the backup keeps no roles or tablespaces: {server.user} may not read them ({first})"
+             f"{'; try without --with-role-passwords' if role_passwords else ''}")
         DbBackupInfo.set_in(staging.extra, has_globals=False, role_passwords=False)
         return
     staging.adopt(GLOBALS_FILE)

@@ -53,7 +53,8 @@ def migrate_command(ctx: Context) -> Result:
     ids = []
     with db.store.lock(f"{SCRIPT} migrate"):
         if not ctx.args.no_backup:
-            ids.append(take_backup(db, f"before migrate to {todo[-1].id}", progress=ctx.progress, safety=True).id)
+            ids.append(take_backup(db, f"before migrate to {todo[-1].id}", progress=ctx.progress, safety=True,
+                                   warn=ctx.warn).id)
         done = migrate(db.server, migrations, ctx.args.target, progress=ctx.info,
                        allow_out_of_order=ctx.args.allow_out_of_order)
     newest = max([*rows, *(m for m in todo if m.id in done)], key=lambda item: item.version, default=None)
@@ -90,7 +91,7 @@ def rollback_command(ctx: Context) -> Result:
     with db.store.lock(f"{SCRIPT} rollback"):
         if not ctx.args.no_backup:
             ids.append(take_backup(db, f"before rollback to {plan.target_label}", progress=ctx.progress,
-                                   safety=True).id)
+                                   safety=True, warn=ctx.warn).id)
         outcome = run_rollback(db.server, plan, lock_timeout, ctx.args.terminate_blockers, progress=ctx.info)
     lines = [f"rolled back {ident}" for ident in outcome.rolled_back]
     lines += [f"ended blocking session {s['pid']} ({s.get('user')}, {s.get('application')})"

@@ -203,7 +203,8 @@ def restore_in_place(ctx: Context, db: DbContext, source: RestoreSource, space: 
     (the safety backup's id, if any; the report's lines)."""
     ids, lines = [], []
     if not ctx.args.no_backup:
-        safety = take_backup(db, f"before restore of {source.name}", progress=ctx.progress, safety=True)
+        safety = take_backup(db, f"before restore of {source.name}", progress=ctx.progress, safety=True,
+                             warn=ctx.warn)
         ids.append(safety.id)
         lines.append(f"saved the current database as {safety.id}; to undo: {SCRIPT} restore {safety.id}")
     with ctx.progress(f"restoring {db.server.name} in place", lambda: -1, None):
