@@ -30,7 +30,7 @@ from deployed_code.deploys import (
 )
 from deployed_code.layout import releases_folder
 from deployed_code.paths import SCRIPT, CodePaths
-from deployed_code.releases import kept_releases
+from deployed_code.releases import kept_releases, release_folders
 
 
 @dataclass
@@ -142,8 +142,7 @@ def _release_folders(paths: CodePaths, deploys: list[Deploy]) -> ReleaseFolders 
     folder = releases_folder(paths.deployment)
     current = os.path.basename(os.path.realpath(paths.deployment))
     try:
-        kept = [item for item in folder.iterdir() if not item.name.startswith(".") and item.is_dir()
-                and not item.is_symlink()] if folder is not None else []
+        kept = release_folders(folder) if folder is not None else []
     except OSError:
         kept = []
     names = [item.name for item in sorted(kept, key=lambda item: (_mtime(item), item.name), reverse=True)]
