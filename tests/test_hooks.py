@@ -116,7 +116,8 @@ def test_a_hook_that_writes_without_end_is_still_stopped_at_its_timeout():
 def test_what_a_hook_leaves_writing_to_its_output_keeps_running(tmp_path: Path):
     """After the hook exits its output is read and thrown away: closed, it would kill the writer (SIGPIPE)."""
     group, ticks = tmp_path / "group", tmp_path / "ticks"
-    script = f"echo $$ > {group}; (while :; do echo tick; echo tick >> {ticks}; done) & echo started"
+    # "started" comes first: the writer starts after it, so the hook's output begins with it on any scheduler
+    script = f"echo $$ > {group}; echo started; (while :; do echo tick; echo tick >> {ticks}; done) &"
     hook = run_hook("POST_RESTORE_HOOK", ["sh", "-c", script], timeout=30)
     assert hook.exit_code == 0 and hook.output.startswith("started\n")
     try:
