@@ -8,15 +8,19 @@ who goes first, ours or the peers, alternates between rounds). Each round starts
   restore            ours (restore latest: the build, every checksum checked, the safety backup of the live
                      tree meanwhile, the switch) | rsync -a SNAPSHOT NEW | restic restore latest --target NEW |
                      borg extract (in a new folder)
+  kept switch        ours only: in a symlink layout (current -> releases/X), `restore` of the backup of a
+                     release still kept on disk (the one live before the last restore): its check, the
+                     safety backup of the live release, the switch of `current`
   two backups on disk  ours, against the tree's size on disk
 Goals (issue 17): first <= 1.0x and unchanged <= 0.5x the fastest peer's, restore <= 1.0x the fastest peer's,
-two backups <= 1.1x the tree. The peers come from Debian: apt-get install rsync restic borgbackup.
+kept switch <= 0.1x the fastest peer's restore, two backups <= 1.1x the tree. The peers come from Debian: apt-get install rsync restic borgbackup.
 --quick: 100 files, one round. A step that fails stops the benchmark with exit 1.
 Usage: bench/code_bench.py [--quick] [--files N] [--rounds N]   (BENCH_ROUNDS=N also sets the rounds)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -109,7 +113,33 @@ def one_round(work: Path, live: Path, n: int, peers_env: dict[str, str]) -> dict
         for step, argv, tool_env in steps[tool]:
             figures[f"{tool}_{step}"] = harness.timed(argv, tool_env, sync=True).seconds
     figures["two_backups"] = disk_usage(out / "ours") / disk_usage(live)
+    figures["ours_kept_switch"] = kept_switch(out, live)
     return figures
+
+
+def kept_switch(out: Path, live: Path) -> float:
+    """Seconds of a switch back to a kept release: a symlink layout of the tree, its backup restored (built as a
+    kept release), the safety backup of the tree it replaced restored (built as another), then, timed, the
+    first backup restored again, which finds its release kept and whole."""
+    app = out / "app"
+    (app / "releases").mkdir(parents=True)
+    harness.run_step(["cp", "-a", str(live), str(app / "releases" / "first")], harness.command_env({}))
+    os.symlink("releases/first", app / "current")
+    env = harness.command_env({"DEPLOYMENT_DIR": str(app / "current"), "CODE_BACKUP_DIR": str(out / "app-store")})
+    script = [sys.executable, str(ROOT / "code_rollback.py")]
+
+    def run_json(*args: str) -> dict:
+        return json.loads(harness.run_step([*script, "--json", *args], env))
+
+    harness.run_step([*script, "backup"], env)
+    backup = run_json("list")["backups"][0]["id"]
+    safety = run_json("restore", backup, "--yes")["safety_backup"]
+    run_json("restore", safety, "--yes")  # now another kept release is live
+    timing = harness.timed([*script, "--json", "restore", backup, "--yes"], env, sync=True)
+    kept = json.loads(timing.stdout).get("kept_release") or {}
+    if not kept.get("ok"):
+        sys.exit(f"code_bench.py: the switch back did not find its kept release: {timing.stdout.strip()}")
+    return timing.seconds
 
 
 def clean_round(work: Path, live: Path, n: int) -> None:
@@ -167,6 +197,10 @@ def report(rounds: list[dict[str, float]], files: int, tree_size: int, quick: bo
         peers = "  ".join(f"{tool} {median(f'{tool}_{step}'):.2f} s" for tool in PEERS)
         print(f"  {name:<17} {median(f'ours_{step}'):6.2f} s   {ratio:5.2f}x fastest peer ({fastest})"
               f"   goal <= {goal}: {'met' if ratio <= goal else 'MISSED'}   [{peers}]")
+    switch, restore_peer = median("ours_kept_switch"), min(median(f"{tool}_restore") for tool in PEERS)
+    ratio = switch / restore_peer
+    print(f"  {'kept switch':<17} {switch:6.2f} s   {ratio:5.2f}x fastest peer's restore"
+          f"   goal <= 0.1: {'met' if ratio <= 0.1 else 'MISSED'}")
     two = median("two_backups")
     print(f"  two backups on disk {two:5.2f}x the tree   goal <= 1.1: {'met' if two <= 1.1 else 'MISSED'}")
 

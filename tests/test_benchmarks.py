@@ -118,6 +118,7 @@ def test_code_benchmark_quick_mode_sets_each_step_beside_rsync_restic_and_borg(q
     assert_figures(result, rf"^  first backup\s+{ratio}\s+goal <= 1.0: (met|MISSED)\s+{peers}",
                    rf"^  unchanged backup\s+{ratio}\s+goal <= 0.5: (met|MISSED)\s+{peers}",
                    rf"^  restore\s+{ratio}\s+goal <= 1.0: (met|MISSED)\s+{peers}",
+                   rf"^  kept switch\s+{NUMBER} s\s+{NUMBER}x fastest peer's restore\s+goal <= 0.1: (met|MISSED)$",
                    rf"^  round: first ours {NUMBER} rsync {NUMBER} restic {NUMBER} borg {NUMBER} \| second ",
                    rf"^  two backups on disk\s+{NUMBER}x the tree\s+goal <= 1.1: (met|MISSED)$")
 
