@@ -100,11 +100,16 @@ def by_name(checks: list[Check]) -> dict[str, Check]:
 # --- HTTP -------------------------------------------------------------------------------------------------
 
 
+# A local request answers in milliseconds, but a machine busy with other work can hold one for half a second:
+# the tests that are not about latency give p95 a limit no scheduler reaches.
+UNREACHED_P95_MS = 10_000
+
+
 def test_healthy_endpoint_passes(web):
-    checks = by_name(check_http(f"{web}/ok", Thresholds()))
+    checks = by_name(check_http(f"{web}/ok", Thresholds(max_p95_ms=UNREACHED_P95_MS)))
     assert set(checks) == {"http error rate", "http p95"}
     assert checks["http error rate"].ok and checks["http error rate"].value == 0
-    assert checks["http p95"].ok and 0 < checks["http p95"].value < 500
+    assert checks["http p95"].ok and 0 < checks["http p95"].value < UNREACHED_P95_MS
 
 
 def test_slow_endpoint_fails_p95_not_error_rate(web):
@@ -115,7 +120,7 @@ def test_slow_endpoint_fails_p95_not_error_rate(web):
 
 
 def test_flaky_endpoint_fails_error_rate(web):
-    checks = by_name(check_http(f"{web}/flaky", Thresholds(requests=10)))
+    checks = by_name(check_http(f"{web}/flaky", Thresholds(requests=10, max_p95_ms=UNREACHED_P95_MS)))
     rate = checks["http error rate"]
     assert not rate.ok and rate.value == 50
     assert "5 of 10 requests failed" in rate.detail and "HTTP 500" in rate.detail
