@@ -90,6 +90,9 @@ def test_a_killed_restores_half_built_tree_is_named_by_verify_and_removed_by_cle
     backed_up = cw.tree()
     backup_id = cw.backup_ids()[0]
     (live / "app.py").write_text("print('deployed')\n")
+    # The live f300.py differs from the backup's: the safety backup taken meanwhile stores other content, and
+    # never rewrites the stored copy this test holds (it would replace what it takes for an object cut short).
+    (live / "f300.py").write_bytes(os.urandom(2000))
     before = cw.tree()
     backup = load_backup(cw.store / backup_id)
     # The stored copy of f300.py (in the store's shared objects/): the copy worker that reaches it waits to read it.
