@@ -54,6 +54,7 @@ class KeptRelease:
     problems: list[str]
     hashed: int
     seconds: float
+    rechecked: bool = False  # checked again after the confirmation prompt (counted in `hashed` and `seconds`)
 
     @property
     def ok(self) -> bool:
@@ -63,7 +64,7 @@ class KeptRelease:
     def to_json(self) -> dict:
         """For --json."""
         return {"path": str(self.folder), "ok": self.ok, "problems": self.problems, "hashed_files": self.hashed,
-                "check_seconds": round(self.seconds, 3)}
+                "check_seconds": round(self.seconds, 3), "rechecked": self.rechecked}
 
     def line(self, dry_run: bool = False) -> str:
         """What the check found, for people."""
@@ -73,7 +74,8 @@ class KeptRelease:
                     "files hashed): switched in as it is, no copy")
         more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
         instead = "it would be built anew" if dry_run else "built anew instead"
-        return f"kept release {self.folder} failed its check: {self.problems[0]}{more}; {instead}"
+        failed = "changed while the confirmation was asked" if self.rechecked else "failed its check"
+        return f"kept release {self.folder} {failed}: {self.problems[0]}{more}; {instead}"
 
 
 @dataclass
@@ -160,17 +162,32 @@ class ReleaseSteps:
         found = release_for_commit(self.releases, commit) if self.releases is not None else None
         return self._check(found, forget_damaged)
 
+    def recheck(self, kept: KeptRelease | None) -> KeptRelease | None:
+        """A kept release that passed its check, checked again once the operator has confirmed (the question may
+        have waited minutes): by stat, files in doubt hashed. One changed meanwhile is forgotten and built anew."""
+        if kept is None or not kept.ok:
+            return kept
+        problems, hashed, seconds = self._run_check(kept.folder, kept.manifest, False, forget_damaged=True)
+        return replace(kept, problems=problems, hashed=kept.hashed + hashed, seconds=kept.seconds + seconds,
+                       rechecked=True)
+
     def _check(self, found: tuple[Path, ReleaseManifest] | None, forget_damaged: bool) -> KeptRelease | None:
         if found is None:
             return None
+        problems, hashed, seconds = self._run_check(found[0], found[1], self.verify_all, forget_damaged)
+        return KeptRelease(found[0], found[1], problems, hashed, seconds)
+
+    def _run_check(self, folder: Path, manifest: ReleaseManifest, verify_all: bool, forget_damaged: bool
+                   ) -> tuple[list[str], int, float]:
+        """The release against its manifest: problems, files hashed, seconds taken."""
         started = time.perf_counter()
         try:
-            problems, hashed = check_release(found[0], found[1], self.excluded, self.verify_all)
+            problems, hashed = check_release(folder, manifest, self.excluded, verify_all)
         except ValueError:
-            problems, hashed = [f"its manifest {manifest_path(found[0])} cannot be read"], 0
+            problems, hashed = [f"its manifest {manifest_path(folder)} cannot be read"], 0
         if problems and forget_damaged:
-            drop_manifest(found[0])  # never switched to unchecked again; pruned in its turn
-        return KeptRelease(found[0], found[1], problems, hashed, time.perf_counter() - started)
+            drop_manifest(folder)  # never switched to unchecked again; pruned in its turn
+        return problems, hashed, time.perf_counter() - started
 
     # -- the switch to a kept release ---------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ def restore(ctx: Context) -> Result:
         kept = steps.kept_for_backup(backup, forget_damaged=not ctx.dry_run)
         if ctx.dry_run:
             return _dry_run(paths, backup, kept, skipped)
-        ctx.confirm(f"Replace the code in {live} with backup {backup.id}?")
+        if ctx.confirm(f"Replace the code in {live} with backup {backup.id}?"):
+            kept = steps.recheck(kept)
         if kept is not None and kept.ok:
             result = steps.switch_to_kept(ctx, kept, f"before restore of {backup.id}", skipped, backup, None)[0]
             result.data["backup"] = backup.summary()

@@ -37,7 +37,8 @@ def roll_back(ctx: Context) -> Result:
                            "kept_release": kept.to_json() if kept else None},
                           [f"would roll {paths.live} back to {how}",
                            *([kept.line(dry_run=True)] if kept and not kept.ok else [])], report=True)
-        ctx.confirm(f"Roll the code in {paths.live} back to {commit[:12]}?")
+        if ctx.confirm(f"Roll the code in {paths.live} back to {commit[:12]}?") and steps is not None:
+            kept = steps.recheck(kept)
         label = f"before rollback to {commit[:12]}"
         if steps is None:
             return _check_out(paths, commit, ctx.args.commit, changes, skipped, label)

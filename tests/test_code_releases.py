@@ -144,6 +144,31 @@ def test_a_kept_release_with_a_same_size_edit_fails_its_check_on_the_hash(tmp_pa
     assert live_release(cw) != release and cw.tree() == expected
 
 
+@pytest.mark.parametrize("command", ["restore", "rollback"])
+def test_a_kept_release_changed_while_the_operator_is_asked_is_built_anew(tmp_path: Path, command: str):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    if command == "restore":
+        backup_id, expected, release = restored_then_replaced(cw)
+        args = ["restore", backup_id]
+    else:
+        assert cw.run("rollback", "v1", "--yes").returncode == 0
+        release, expected = live_release(cw), git_archive_tree(cw.repo, "v1", tmp_path / "expected")
+        commit_v2(cw)
+        assert cw.run("rollback", "HEAD", "--yes").returncode == 0
+        args = ["rollback", "v1"]
+
+    def edit() -> None:  # checked and found whole before the question; edited while it is on the screen
+        (release / "app.py").write_text("print('v9')\n")
+
+    code, out = cw.run_asked(*args, meanwhile=edit)
+    assert code == 0, out
+    assert (f"kept release {release} changed while the confirmation was asked: app.py: changed (its content "
+            "differs from the release's manifest); built anew instead") in out
+    assert live_release(cw) != release and cw.tree() == expected
+    assert not (release.parent / f".{release.name}.manifest.json").exists()  # never switched to unchecked again
+    assert cw.run("verify").returncode == 0
+
+
 def test_rollback_to_a_kept_commit_release_switches_without_exporting_and_verify_all_hashes_it_whole(tmp_path: Path):
     cw = CodeWorkspace(tmp_path, symlink_layout=True)
     assert cw.run("rollback", "v1", "--yes").returncode == 0
