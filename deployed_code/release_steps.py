@@ -193,9 +193,12 @@ class ReleaseSteps:
 
     def switch_to_kept(self, ctx: Context, kept: KeptRelease, label: str, skipped: str | None,
                        deployed: Backup | None, commit: str | None) -> tuple[Result, Switched]:
-        """Save the live tree (unless `skipped`), switch `current` to the kept release, record what is deployed
-        (`deployed`, else a backup the release lists, else a new snapshot of it), prune, RESTART_HOOK."""
+        """Link the shared paths into the kept release, save the live tree (unless `skipped`), switch `current` to
+        the release, record what is deployed (`deployed`, else a backup the release lists, else a new snapshot
+        of it), prune, RESTART_HOOK."""
         started = time.perf_counter()
+        # LINKED_PATHS may name more than when the release was built: linked before anything else changes.
+        link_shared(kept.folder, self.shared, self.paths.linked)
         deployed = deployed or self._listed_backup(kept.manifest)
         if commit is not None and deployed is not None:
             # A rollback that makes no record of what it deployed names it here, for `history`.

@@ -259,6 +259,30 @@ def test_linked_paths_stay_shared_across_a_rollback_and_never_go_into_a_backup(t
     assert f"linked .env is missing (should link to {shared}/.env)" in result.stdout
 
 
+def test_a_path_linked_since_a_release_was_built_is_linked_into_it_when_it_is_switched_back(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    backup_id, expected, release = restored_then_replaced(cw)
+    before, target, backups = inodes(release), os.readlink(cw.live), cw.backup_ids()
+    cw.env["LINKED_PATHS"] = ".env"  # the application now reads its settings from a shared .env
+
+    missing = cw.run("restore", backup_id, "--yes")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().endswith(f"LINKED_PATHS: {tmp_path}/shared/.env is missing: put the file there, "
+                                           "it is linked into every release as .env; nothing changed")
+    assert os.readlink(cw.live) == target and inodes(release) == before and cw.backup_ids() == backups
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / ".env").write_text("SECRET=current\n")
+    result = cw.run("--json", "restore", backup_id, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["kept_release"]["ok"] and live_release(cw) == release
+    assert os.readlink(release / ".env") == "../../shared/.env"
+    assert (cw.live / ".env").read_text() == "SECRET=current\n"
+    assert {rel: ino for rel, ino in inodes(release).items() if rel != ".env"} == before  # nothing copied
+    assert {rel: item for rel, item in cw.tree().items() if rel != ".env"} == expected
+    assert cw.run("verify").returncode == 0
+
+
 def test_a_missing_shared_file_stops_the_rollback_before_anything_changes(tmp_path: Path):
     cw = CodeWorkspace(tmp_path, symlink_layout=True)
     cw.env["LINKED_PATHS"] = ".env storage/"
