@@ -25,6 +25,7 @@ from deployed_code.layout import Switched, releases_folder, switch_in
 from deployed_code.linked import check_shared, link_shared, shared_folder
 from deployed_code.paths import SCRIPT, TREE, CodePaths
 from deployed_code.releases import (
+    ReleaseCheck,
     ReleaseManifest,
     add_backup,
     check_release,
@@ -149,45 +150,48 @@ class ReleaseSteps:
         return Prepared(ran, describe(folder, self.excluded, None if ran else known, commit=commit,
                                       backups=[backup] if backup and not ran else []))
 
-    def kept_for_backup(self, backup: Backup, forget_damaged: bool) -> KeptRelease | None:
-        """The kept release whose tree is the backup's, checked; one that fails its check is forgotten unless
-        this is a dry run."""
+    def kept_for_backup(self, backup: Backup, dry_run: bool) -> KeptRelease | None:
+        """The kept release whose tree is the backup's, checked. Unless this is a dry run, one that fails its
+        check is forgotten, and the stat of files the check read is recorded in the manifest of one that passes."""
         if self.releases is None:
             return None
         found = release_for_backup(self.releases, backup, CodeSource.load(backup).commit, self.excluded)
-        return self._check(found, forget_damaged)
+        return self._check(found, dry_run)
 
-    def kept_for_commit(self, commit: str, forget_damaged: bool) -> KeptRelease | None:
+    def kept_for_commit(self, commit: str, dry_run: bool) -> KeptRelease | None:
         """The kept release exported from `commit`, checked (as kept_for_backup)."""
         found = release_for_commit(self.releases, commit) if self.releases is not None else None
-        return self._check(found, forget_damaged)
+        return self._check(found, dry_run)
 
     def recheck(self, kept: KeptRelease | None) -> KeptRelease | None:
         """A kept release that passed its check, checked again once the operator has confirmed (the question may
         have waited minutes): by stat, files in doubt hashed. One changed meanwhile is forgotten and built anew."""
         if kept is None or not kept.ok:
             return kept
-        problems, hashed, seconds = self._run_check(kept.folder, kept.manifest, False, forget_damaged=True)
+        problems, hashed, seconds = self._run_check(kept.folder, kept.manifest, False, dry_run=False)
         return replace(kept, problems=problems, hashed=kept.hashed + hashed, seconds=kept.seconds + seconds,
                        rechecked=True)
 
-    def _check(self, found: tuple[Path, ReleaseManifest] | None, forget_damaged: bool) -> KeptRelease | None:
+    def _check(self, found: tuple[Path, ReleaseManifest] | None, dry_run: bool) -> KeptRelease | None:
         if found is None:
             return None
-        problems, hashed, seconds = self._run_check(found[0], found[1], self.verify_all, forget_damaged)
+        problems, hashed, seconds = self._run_check(found[0], found[1], self.verify_all, dry_run)
         return KeptRelease(found[0], found[1], problems, hashed, seconds)
 
-    def _run_check(self, folder: Path, manifest: ReleaseManifest, verify_all: bool, forget_damaged: bool
+    def _run_check(self, folder: Path, manifest: ReleaseManifest, verify_all: bool, dry_run: bool
                    ) -> tuple[list[str], int, float]:
         """The release against its manifest: problems, files hashed, seconds taken."""
         started = time.perf_counter()
         try:
-            problems, hashed = check_release(folder, manifest, self.excluded, verify_all)
+            check = check_release(folder, manifest, self.excluded, verify_all)
         except ValueError:
-            problems, hashed = [f"its manifest {manifest_path(folder)} cannot be read"], 0
-        if problems and forget_damaged:
+            check = ReleaseCheck([f"its manifest {manifest_path(folder)} cannot be read"], 0, 0)
+        if check.problems and not dry_run:
             drop_manifest(folder)  # never switched to unchecked again; pruned in its turn
-        return problems, hashed, time.perf_counter() - started
+        elif check.recorded and not dry_run:  # so that the next check does not read them again
+            manifest.entries_changed()
+            write_manifest(manifest, folder)
+        return check.problems, check.hashed, time.perf_counter() - started
 
     # -- the switch to a kept release ---------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ def restore(ctx: Context) -> Result:
     with paths.store.lock(f"{SCRIPT} restore"):
         backup = resolve_component(paths.store, ctx.args.backup)
         skipped = safety_skipped(ctx, live)
-        kept = steps.kept_for_backup(backup, forget_damaged=not ctx.dry_run)
+        kept = steps.kept_for_backup(backup, dry_run=ctx.dry_run)
         if ctx.dry_run:
             return _dry_run(paths, backup, kept, skipped)
         if ctx.confirm(f"Replace the code in {live} with backup {backup.id}?"):

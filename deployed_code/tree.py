@@ -41,12 +41,18 @@ from common.files import (
 
 PAYLOAD_FILE = 0o400  # stored code files: read-only, so a hard link shared by two backups stays as taken
 ALWAYS_EXCLUDED = (".git", "__pycache__")
-# A file modified this close to the snapshot could be modified again within the same timestamp tick
-# without its mtime changing ("racy" in git's words): its identity is not recorded, so the next
-# snapshot hashes it instead of trusting its stat.
+# A file modified this close to the moment its stat is read could be modified again within the same timestamp
+# tick without its mtime moving ("racy" in git's words): its stat cannot stand for its content, so it is not
+# recorded and the next look hashes it. Some filesystems keep mtimes to a second or two (FAT: 2 s).
 RACY_NS = 2_000_000_000
 _NAME = operator.attrgetter("name")
 _IS_REG, _IS_DIR, _IS_LNK = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
+
+
+def not_racy_before() -> int:
+    """The mtime (ns) before which a file whose stat is read from now on may be known by its stat (see RACY_NS):
+    the one rule for snapshots and kept releases alike."""
+    return time.time_ns() - RACY_NS
 
 
 # -- exclusions -------------------------------------------------------------------------------------
@@ -182,7 +188,7 @@ class _Walk:
         self.excluded, self.check_cancelled = excluded, check_cancelled
         self.items: list[tuple[str, str, os.stat_result, str | None]] = []  # (path, source path, lstat, target)
         self.skipped: list[str] = []  # sockets, fifos and devices are not code
-        self.not_racy_before = time.time_ns() - RACY_NS
+        self.not_racy_before = not_racy_before()
         self.racy = False
         self.device = 0
 

@@ -181,6 +181,16 @@ def wait_for_child(proc: subprocess.Popen, program: str, with_arg: str | None = 
                 return pid
 
 
+def age(root: Path, seconds_ago: int = 3600) -> None:
+    """Give every regular file under `root` an mtime well in the past, out of the racy window."""
+    when = time.time_ns() - seconds_ago * 10**9
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.utime(path, ns=(when, when))
+
+
 class Terminal:
     """A pseudo-terminal whose screen a test reads as it is written: `follower` is the end a program writes to
     (its stderr), read on a thread so that a writer never blocks on a full terminal."""

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, tree_snapshot
+from helpers import ROOT, age, tree_snapshot
 
 from backup_store.manifest import Backup, Entry, check_backup, load_backup
 from backup_store.store import BackupStore
@@ -84,16 +84,6 @@ def expected_tree(root: Path) -> dict[str, tuple]:
         if not any(left_out("/".join(parts[: i + 1])) for i in range(len(parts))):
             keep[rel] = value
     return keep
-
-
-def age(root: Path, seconds_ago: int = 3600) -> None:
-    """Give every regular file an mtime well in the past, out of the racy window."""
-    when = time.time_ns() - seconds_ago * 10**9
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.utime(path, ns=(when, when))
 
 
 def take(store: BackupStore, src: Path, previous: Backup | None = None):
