@@ -204,23 +204,47 @@ class ReleaseSteps:
         # LINKED_PATHS may name more than when the release was built: linked before anything else changes.
         link_shared(kept.folder, self.shared, self.paths.linked)
         deployed = deployed or self._listed_backup(kept.manifest)
+        safety = None if skipped else self._save_live(label, deployed, commit)
+        switched, previous = self._switch_kept(kept, safety)
+        deployed = self._record_kept(kept, deployed, commit)
+        result = self._kept_result(kept, switched, safety, skipped, deployed, commit)
+        result.data["seconds"] = {"total": time.perf_counter() - started}
+        self.after_switch(ctx, result, previous, [safety.id] if safety else [])
+        return result, switched
+
+    def _save_live(self, label: str, deployed: Backup | None, commit: str | None) -> Backup:
+        """The safety backup of the live tree, before a switch to a kept release."""
         if commit is not None and deployed is not None:
             # A rollback that makes no record of what it deployed names it here, for `history`.
             label = f"{label}{KEPT_SWITCH} {deployed.id}"
-        safety = None if skipped else take_backup(self.paths, label, safety=True, previous=self.snapshot_base())[0]
-        ids = [safety.id] if safety else []
+        return take_backup(self.paths, label, safety=True, previous=self.snapshot_base())[0]
+
+    def _switch_kept(self, kept: KeptRelease, safety: Backup | None) -> tuple[Switched, Path | None]:
+        """`current` switched to the kept release, marked as just used; the switch and the release it replaced."""
         previous = Path(os.path.realpath(self.live)) if self.live.is_symlink() else None
         switched = switch_in(kept.folder, self.live, link=True)
         mark_switched(kept.folder)
         self.remember_safety(previous, safety)
+        return switched, previous
+
+    def _record_kept(self, kept: KeptRelease, deployed: Backup | None, commit: str | None) -> Backup:
+        """Record what is deployed now that the kept release is live: `deployed`, else a new snapshot of it (a
+        rollback's), which its manifest then lists."""
         if deployed is None:
             deployed = take_backup(self.paths, f"deployed by rollback to {str(commit)[:12]}", safety=True,
                                    deployed_commit=commit)[0]
         if deployed.id not in kept.manifest.backups:
             add_backup(kept.folder, deployed, self.excluded)
         record_deployed(self.paths, deployed)
+        return deployed
+
+    @staticmethod
+    def _kept_result(kept: KeptRelease, switched: Switched, safety: Backup | None, skipped: str | None,
+                     deployed: Backup, commit: str | None) -> Result:
+        """What a switch to a kept release did, for --json and for people."""
+        ids = [safety.id] if safety else []
         data = {"kept_release": kept.to_json(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None,
-                "safety_backup_skipped": skipped, "seconds": {"total": time.perf_counter() - started}}
+                "safety_backup_skipped": skipped}
         lines = [kept.line()]
         if ids:
             lines.append(f"saved the previous code as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
@@ -228,9 +252,7 @@ class ReleaseSteps:
             lines.append(f"no safety backup: {skipped}")
         # The audit line names first what the command names first: a restore its backup, a rollback its safety
         # backup (as when it builds the release).
-        result = Result(data, lines, backup_ids=[*ids, deployed.id] if commit is not None else [deployed.id, *ids])
-        self.after_switch(ctx, result, previous, ids)
-        return result, switched
+        return Result(data, lines, backup_ids=[*ids, deployed.id] if commit is not None else [deployed.id, *ids])
 
     def _listed_backup(self, manifest: ReleaseManifest) -> Backup | None:
         """A backup the release's manifest lists that is still in the store and still its tree: the newest that
