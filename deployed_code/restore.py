@@ -14,12 +14,13 @@ from backup_store.trees import diff_tree, restore_tree, tree_entries
 from common.cli import Context, Result
 from common.errors import ToolkitError
 from deployed_code.backups import SafetyBackupMeanwhile, record_deployed, take_backup
+from deployed_code.build import BuildStats, build_tree
 from deployed_code.git import head_plan, is_repository, move_head
 from deployed_code.layout import build_path, nothing_to_save, switch_and_keep
 from deployed_code.paths import SCRIPT, TREE, CodePaths
 from deployed_code.release_steps import KeptRelease, ReleaseSteps
 from deployed_code.source import CodeSource
-from deployed_code.tree import BuildStats, build_tree, code_excluder, remove_tree
+from deployed_code.tree import code_excluder, remove_tree
 
 
 def restore(ctx: Context) -> Result:

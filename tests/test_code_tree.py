@@ -17,14 +17,10 @@ from helpers import ROOT, age, tree_snapshot
 from backup_store.manifest import Backup, Entry, check_backup, load_backup
 from backup_store.store import BackupStore
 from common.errors import ToolkitError, UsageError
+from deployed_code.build import build_tree
 from deployed_code.layout import switch_in
-from deployed_code.tree import (
-    PAYLOAD_FILE,
-    build_tree,
-    code_excluder,
-    remove_tree,
-    snapshot_tree,
-)
+from deployed_code.snapshot import PAYLOAD_FILE, snapshot_tree
+from deployed_code.tree import code_excluder, remove_tree
 
 TREE = "tree"
 HOUR_NS = 3600 * 10**9
@@ -396,7 +392,7 @@ def _umask() -> int:
 RESTORE_SCRIPT = """
 import sys
 from pathlib import Path
-from deployed_code.tree import build_tree
+from deployed_code.build import build_tree
 from deployed_code.layout import switch_in
 from backup_store.manifest import load_backup
 backup, target, live = load_backup(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
