@@ -32,7 +32,7 @@ class Staging:
         # Set when the entries are those of an earlier manifest, unchanged: its JSON text is written as it is.
         self.entries_json: bytes | None = None
         self.reused_counts = (0, 0)  # files and bytes of the entries reused
-        self.fingerprint: str | None = None  # of the tree's stat, for the next snapshot (see deployed_code.tree)
+        self.fingerprint: str | None = None  # of the tree's stat, for the next snapshot (see deployed_code.snapshot)
 
     def share_payload(self) -> str:
         """Put the files' content of this backup in the store's objects folder (made if missing); its path."""

@@ -66,16 +66,18 @@ class Context:
         """A warning on stderr, always."""
         print(f"{self.script}: warning: {message}", file=sys.stderr, flush=True)
 
-    def confirm(self, question: str) -> None:
-        """Ask before a destructive step; without a terminal, refuse instead of waiting (use --yes)."""
+    def confirm(self, question: str) -> bool:
+        """Ask before a destructive step; without a terminal, refuse instead of waiting (use --yes). Whether the
+        operator was asked (and said yes): what was checked before the question may have changed meanwhile."""
         if self.yes:
-            return
+            return False
         if not sys.stdin.isatty():
             raise UsageError("this needs confirmation and there is no terminal to ask: pass --yes to go ahead")
         print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
         answer = sys.stdin.readline().strip().lower()
         if answer not in ("y", "yes"):
             raise UsageError("not confirmed: nothing changed")
+        return True
 
 
 def add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) -> None:

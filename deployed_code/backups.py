@@ -20,8 +20,8 @@ from common.signals import stop_signals_held
 from common.text import human_size
 from deployed_code.git import git_state
 from deployed_code.paths import SCRIPT, TREE, CodePaths
+from deployed_code.snapshot import SnapshotStats, snapshot_tree
 from deployed_code.source import CodeSource
-from deployed_code.tree import SnapshotStats, snapshot_tree
 
 DEPLOYED = "deployed.json"  # in the store: which backup the live tree was last made from
 

@@ -76,8 +76,9 @@ def check_shared(shared: Path, linked: list[LinkedPath]) -> None:
 
 
 def link_shared(release: Path, shared: Path, linked: list[LinkedPath]) -> None:
-    """Link each shared path into the new release (not live yet), replacing what the release has there;
-    missing shared folders are made. A parent in the release that is not a real folder is refused."""
+    """Link each shared path into a release that is not live yet (a new one, or a kept one switched back in),
+    replacing what the release has there; a link already right is left as it is, missing shared folders are
+    made. A parent in the release that is not a real folder is refused."""
     for item in linked:
         source = shared / item.rel
         if item.folder:
@@ -90,10 +91,12 @@ def link_shared(release: Path, shared: Path, linked: list[LinkedPath]) -> None:
                                    "is not a folder; nothing was switched")
             if not parent.exists():
                 parent.mkdir()
-        link = release / item.rel
+        link, target = release / item.rel, os.path.relpath(os.path.realpath(source), os.path.realpath(parent))
+        if link.is_symlink() and os.readlink(link) == target:
+            continue
         if os.path.lexists(link):
             remove_tree(link)  # what the release brought there (a placeholder, an old copy) gives way to the share
-        os.symlink(os.path.relpath(os.path.realpath(source), os.path.realpath(parent)), link)
+        os.symlink(target, link)
 
 
 def link_problems(live: Path, shared: Path, linked: list[LinkedPath]) -> list[str]:

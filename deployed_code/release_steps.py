@@ -25,6 +25,7 @@ from deployed_code.layout import Switched, releases_folder, switch_in
 from deployed_code.linked import check_shared, link_shared, shared_folder
 from deployed_code.paths import SCRIPT, TREE, CodePaths
 from deployed_code.releases import (
+    ReleaseCheck,
     ReleaseManifest,
     add_backup,
     check_release,
@@ -54,6 +55,7 @@ class KeptRelease:
     problems: list[str]
     hashed: int
     seconds: float
+    rechecked: bool = False  # checked again after the confirmation prompt (counted in `hashed` and `seconds`)
 
     @property
     def ok(self) -> bool:
@@ -63,7 +65,7 @@ class KeptRelease:
     def to_json(self) -> dict:
         """For --json."""
         return {"path": str(self.folder), "ok": self.ok, "problems": self.problems, "hashed_files": self.hashed,
-                "check_seconds": round(self.seconds, 3)}
+                "check_seconds": round(self.seconds, 3), "rechecked": self.rechecked}
 
     def line(self, dry_run: bool = False) -> str:
         """What the check found, for people."""
@@ -73,7 +75,8 @@ class KeptRelease:
                     "files hashed): switched in as it is, no copy")
         more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
         instead = "it would be built anew" if dry_run else "built anew instead"
-        return f"kept release {self.folder} failed its check: {self.problems[0]}{more}; {instead}"
+        failed = "changed while the confirmation was asked" if self.rechecked else "failed its check"
+        return f"kept release {self.folder} {failed}: {self.problems[0]}{more}; {instead}"
 
 
 @dataclass
@@ -147,56 +150,101 @@ class ReleaseSteps:
         return Prepared(ran, describe(folder, self.excluded, None if ran else known, commit=commit,
                                       backups=[backup] if backup and not ran else []))
 
-    def kept_for_backup(self, backup: Backup, forget_damaged: bool) -> KeptRelease | None:
-        """The kept release whose tree is the backup's, checked; one that fails its check is forgotten unless
-        this is a dry run."""
+    def kept_for_backup(self, backup: Backup, dry_run: bool) -> KeptRelease | None:
+        """The kept release whose tree is the backup's, checked. Unless this is a dry run, one that fails its
+        check is forgotten, and the stat of files the check read is recorded in the manifest of one that passes."""
         if self.releases is None:
             return None
         found = release_for_backup(self.releases, backup, CodeSource.load(backup).commit, self.excluded)
-        return self._check(found, forget_damaged)
+        return self._check(found, dry_run)
 
-    def kept_for_commit(self, commit: str, forget_damaged: bool) -> KeptRelease | None:
+    def kept_for_commit(self, commit: str, dry_run: bool) -> KeptRelease | None:
         """The kept release exported from `commit`, checked (as kept_for_backup)."""
         found = release_for_commit(self.releases, commit) if self.releases is not None else None
-        return self._check(found, forget_damaged)
+        return self._check(found, dry_run)
 
-    def _check(self, found: tuple[Path, ReleaseManifest] | None, forget_damaged: bool) -> KeptRelease | None:
+    def recheck(self, kept: KeptRelease | None) -> KeptRelease | None:
+        """A kept release that passed its check, checked again once the operator has confirmed (the question may
+        have waited minutes): by stat, files in doubt hashed. One changed meanwhile is forgotten and built anew."""
+        if kept is None or not kept.ok:
+            return kept
+        problems, hashed, seconds = self._run_check(kept.folder, kept.manifest, False, dry_run=False)
+        return replace(kept, problems=problems, hashed=kept.hashed + hashed, seconds=kept.seconds + seconds,
+                       rechecked=True)
+
+    def _check(self, found: tuple[Path, ReleaseManifest] | None, dry_run: bool) -> KeptRelease | None:
         if found is None:
             return None
+        problems, hashed, seconds = self._run_check(found[0], found[1], self.verify_all, dry_run)
+        return KeptRelease(found[0], found[1], problems, hashed, seconds)
+
+    def _run_check(self, folder: Path, manifest: ReleaseManifest, verify_all: bool, dry_run: bool
+                   ) -> tuple[list[str], int, float]:
+        """The release against its manifest: problems, files hashed, seconds taken."""
         started = time.perf_counter()
         try:
-            problems, hashed = check_release(found[0], found[1], self.excluded, self.verify_all)
+            check = check_release(folder, manifest, self.excluded, verify_all)
         except ValueError:
-            problems, hashed = [f"its manifest {manifest_path(found[0])} cannot be read"], 0
-        if problems and forget_damaged:
-            drop_manifest(found[0])  # never switched to unchecked again; pruned in its turn
-        return KeptRelease(found[0], found[1], problems, hashed, time.perf_counter() - started)
+            check = ReleaseCheck([f"its manifest {manifest_path(folder)} cannot be read"], 0, 0)
+        if check.problems and not dry_run:
+            drop_manifest(folder)  # never switched to unchecked again; pruned in its turn
+        elif check.recorded and not dry_run:  # so that the next check does not read them again
+            manifest.entries_changed()
+            write_manifest(manifest, folder)
+        return check.problems, check.hashed, time.perf_counter() - started
 
     # -- the switch to a kept release ---------------------------------------------------------------------------
 
     def switch_to_kept(self, ctx: Context, kept: KeptRelease, label: str, skipped: str | None,
                        deployed: Backup | None, commit: str | None) -> tuple[Result, Switched]:
-        """Save the live tree (unless `skipped`), switch `current` to the kept release, record what is deployed
-        (`deployed`, else a backup the release lists, else a new snapshot of it), prune, RESTART_HOOK."""
+        """Link the shared paths into the kept release, save the live tree (unless `skipped`), switch `current` to
+        the release, record what is deployed (`deployed`, else a backup the release lists, else a new snapshot
+        of it), prune, RESTART_HOOK."""
         started = time.perf_counter()
+        # LINKED_PATHS may name more than when the release was built: linked before anything else changes.
+        link_shared(kept.folder, self.shared, self.paths.linked)
         deployed = deployed or self._listed_backup(kept.manifest)
+        safety = None if skipped else self._save_live(label, deployed, commit)
+        switched, previous = self._switch_kept(kept, safety)
+        deployed = self._record_kept(kept, deployed, commit)
+        result = self._kept_result(kept, switched, safety, skipped, deployed, commit)
+        result.data["seconds"] = {"total": time.perf_counter() - started}
+        self.after_switch(ctx, result, previous, [safety.id] if safety else [])
+        return result, switched
+
+    def _save_live(self, label: str, deployed: Backup | None, commit: str | None) -> Backup:
+        """The safety backup of the live tree, before a switch to a kept release."""
         if commit is not None and deployed is not None:
             # A rollback that makes no record of what it deployed names it here, for `history`.
             label = f"{label}{KEPT_SWITCH} {deployed.id}"
-        safety = None if skipped else take_backup(self.paths, label, safety=True, previous=self.snapshot_base())[0]
-        ids = [safety.id] if safety else []
+        return take_backup(self.paths, label, safety=True, previous=self.snapshot_base())[0]
+
+    def _switch_kept(self, kept: KeptRelease, safety: Backup | None) -> tuple[Switched, Path | None]:
+        """`current` switched to the kept release, marked as just used; the switch and the release it replaced."""
         previous = Path(os.path.realpath(self.live)) if self.live.is_symlink() else None
         switched = switch_in(kept.folder, self.live, link=True)
         mark_switched(kept.folder)
         self.remember_safety(previous, safety)
+        return switched, previous
+
+    def _record_kept(self, kept: KeptRelease, deployed: Backup | None, commit: str | None) -> Backup:
+        """Record what is deployed now that the kept release is live: `deployed`, else a new snapshot of it (a
+        rollback's), which its manifest then lists."""
         if deployed is None:
             deployed = take_backup(self.paths, f"deployed by rollback to {str(commit)[:12]}", safety=True,
                                    deployed_commit=commit)[0]
         if deployed.id not in kept.manifest.backups:
             add_backup(kept.folder, deployed, self.excluded)
         record_deployed(self.paths, deployed)
+        return deployed
+
+    @staticmethod
+    def _kept_result(kept: KeptRelease, switched: Switched, safety: Backup | None, skipped: str | None,
+                     deployed: Backup, commit: str | None) -> Result:
+        """What a switch to a kept release did, for --json and for people."""
+        ids = [safety.id] if safety else []
         data = {"kept_release": kept.to_json(), "switch": switched.to_json(), "safety_backup": ids[0] if ids else None,
-                "safety_backup_skipped": skipped, "seconds": {"total": time.perf_counter() - started}}
+                "safety_backup_skipped": skipped}
         lines = [kept.line()]
         if ids:
             lines.append(f"saved the previous code as {ids[0]}; to undo: {SCRIPT} restore {ids[0]} --yes")
@@ -204,9 +252,7 @@ class ReleaseSteps:
             lines.append(f"no safety backup: {skipped}")
         # The audit line names first what the command names first: a restore its backup, a rollback its safety
         # backup (as when it builds the release).
-        result = Result(data, lines, backup_ids=[*ids, deployed.id] if commit is not None else [deployed.id, *ids])
-        self.after_switch(ctx, result, previous, ids)
-        return result, switched
+        return Result(data, lines, backup_ids=[*ids, deployed.id] if commit is not None else [deployed.id, *ids])
 
     def _listed_backup(self, manifest: ReleaseManifest) -> Backup | None:
         """A backup the release's manifest lists that is still in the store and still its tree: the newest that

@@ -5,9 +5,12 @@ of the release with its type, mode, size, sha256 (files), target (symlinks) and 
 ctime, inode), and what the release is (the backups whose tree it is, the commit it was exported from).
 A restore or rollback whose tree is a kept release checks the folder against that manifest, the way git
 checks its index: a file whose stat is unchanged is taken as unchanged, the others are hashed (all of them
-with `--verify-all`), and anything added, missing or different fails the check. A release that passes is
-switched in as it is: no copy. Paths that snapshots leave out (CODE_EXCLUDE, LINKED_PATHS, `__pycache__`)
-are left out here too, so a release the application has run keeps matching.
+with `--verify-all`), and anything added, missing or different fails the check. A file modified too
+recently to be known by its stat (deployed_code.tree.RACY_NS) has none recorded, as in snapshots; once a
+check has hashed it and found it unchanged, and it is old enough, its stat is recorded, as git refreshes its
+index, so the next check does not read it. A release that passes is switched in as it is: no copy. Paths
+that snapshots leave out (CODE_EXCLUDE, LINKED_PATHS, `__pycache__`) are left out here too, so a release the
+application has run keeps matching.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,13 +27,10 @@ from backup_store.manifest import Backup, Entry, format_time, parse_time
 from backup_store.trees import tree_entries
 from common.files import atomic_write, file_mode, sha256_file
 from deployed_code.paths import TREE
-from deployed_code.tree import remove_tree
+from deployed_code.tree import not_racy_before, remove_tree
 
 MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_FORMAT = 1
-# A file written this close to the moment its stat is recorded could be written again within the same
-# timestamp tick without its mtime moving: its stat is not recorded, so every check hashes it.
-RACY_NS = 50_000_000
 
 Excluded = Callable[[str], bool]
 
@@ -69,6 +68,10 @@ class ReleaseManifest:
                 raise ValueError("not a release manifest's entries")
             self.parsed = entries
         return self.parsed
+
+    def entries_changed(self) -> None:
+        """Take the parsed entries, changed in place, as what is written."""
+        self.raw_entries = json.dumps([entry.to_json() for entry in self.entries], separators=(",", ":")).encode()
 
     def to_bytes(self) -> bytes:
         """The file's content."""
@@ -156,7 +159,7 @@ def describe(folder: Path, excluded: Excluded, known: dict[str, str] | None = No
     `known` gives files' sha256 by path where they were just checked (a build) or hashed as written (an
     export); every other file is read here."""
     known = known or {}
-    not_racy_before = time.time_ns() - RACY_NS
+    trusted_before = not_racy_before()
     entries = []
     for rel, st in _walk(folder, excluded):
         if stat.S_ISDIR(st.st_mode):
@@ -166,7 +169,7 @@ def describe(folder: Path, excluded: Excluded, known: dict[str, str] | None = No
         elif stat.S_ISREG(st.st_mode):
             entry = Entry(rel, "file", mode=file_mode(st), size=st.st_size,
                           sha256=known.get(rel) or sha256_file(folder / rel))
-            if st.st_mtime_ns < not_racy_before:
+            if st.st_mtime_ns < trusted_before:
                 entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
             entries.append(entry)
     return ReleaseManifest.of(name or folder.name, file_mode(os.lstat(folder)), entries, commit, list(backups or []))
@@ -225,13 +228,24 @@ def is_tree_of(manifest: ReleaseManifest, backup: Backup, excluded: Excluded) ->
     return _content(wanted, excluded) == manifest.compared[excluded]
 
 
+@dataclass
+class ReleaseCheck:
+    """What a check of a release against its manifest found."""
+
+    problems: list[str]  # what differs, one line each, by path
+    hashed: int  # files read
+    recorded: int  # files read, unchanged, and old enough to be known by their stat: the manifest's entries now say so
+
+
 def check_release(folder: Path, manifest: ReleaseManifest, excluded: Excluded, verify_all: bool = False
-                  ) -> tuple[list[str], int]:
-    """The release folder against its manifest: what differs (one line each, by path) and how many files were
-    hashed. A file whose size, mtime, ctime and inode are as recorded is not read, unless `verify_all`."""
+                  ) -> ReleaseCheck:
+    """The release folder against its manifest. A file whose size, mtime, ctime and inode are as recorded is not
+    read, unless `verify_all`; a file read and found unchanged gets its stat recorded in the manifest's entries
+    (in memory: the caller writes it) when it is past the racy window."""
     visible = visibility(excluded)
     wanted = {entry.path: entry for entry in manifest.entries if visible(entry.path)}
-    problems, hashed, seen = [], 0, set()
+    problems, hashed, recorded, seen = [], 0, 0, set()
+    trusted_before = not_racy_before()  # before any lstat: the rule holds for stats read from now on
     if file_mode(os.lstat(folder)) != manifest.root_mode:
         problems.append(f"{folder.name}: its mode changed")
     for rel, st in _walk(folder, excluded):
@@ -253,8 +267,12 @@ def check_release(folder: Path, manifest: ReleaseManifest, excluded: Excluded, v
             hashed += 1
             if sha256_file(folder / rel) != entry.sha256:
                 problems.append(f"{rel}: changed (its content differs from the release's manifest)")
+            elif st.st_mtime_ns < trusted_before and not _same_stat(entry, st):
+                # A write after this lstat moves the mtime past it: the stat now stands for what was read.
+                entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+                recorded += 1
     problems += [f"{rel}: missing" for rel in sorted(wanted.keys() - seen)]
-    return problems, hashed
+    return ReleaseCheck(problems, hashed, recorded)
 
 
 def _same_stat(entry: Entry, st: os.stat_result) -> bool:

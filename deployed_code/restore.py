@@ -14,12 +14,13 @@ from backup_store.trees import diff_tree, restore_tree, tree_entries
 from common.cli import Context, Result
 from common.errors import ToolkitError
 from deployed_code.backups import SafetyBackupMeanwhile, record_deployed, take_backup
+from deployed_code.build import BuildStats, build_tree
 from deployed_code.git import head_plan, is_repository, move_head
 from deployed_code.layout import build_path, nothing_to_save, switch_and_keep
 from deployed_code.paths import SCRIPT, TREE, CodePaths
 from deployed_code.release_steps import KeptRelease, ReleaseSteps
 from deployed_code.source import CodeSource
-from deployed_code.tree import BuildStats, build_tree, code_excluder, remove_tree
+from deployed_code.tree import code_excluder, remove_tree
 
 
 def restore(ctx: Context) -> Result:
@@ -33,10 +34,11 @@ def restore(ctx: Context) -> Result:
     with paths.store.lock(f"{SCRIPT} restore"):
         backup = resolve_component(paths.store, ctx.args.backup)
         skipped = safety_skipped(ctx, live)
-        kept = steps.kept_for_backup(backup, forget_damaged=not ctx.dry_run)
+        kept = steps.kept_for_backup(backup, dry_run=ctx.dry_run)
         if ctx.dry_run:
             return _dry_run(paths, backup, kept, skipped)
-        ctx.confirm(f"Replace the code in {live} with backup {backup.id}?")
+        if ctx.confirm(f"Replace the code in {live} with backup {backup.id}?"):
+            kept = steps.recheck(kept)
         if kept is not None and kept.ok:
             result = steps.switch_to_kept(ctx, kept, f"before restore of {backup.id}", skipped, backup, None)[0]
             result.data["backup"] = backup.summary()

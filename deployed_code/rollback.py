@@ -30,14 +30,15 @@ def roll_back(ctx: Context) -> Result:
                                f"{' ...' if len(changes) > 5 else ''}): commit them, or pass --stash to keep them"
                                " in the stash; nothing changed")
         skipped = safety_skipped(ctx, paths.live)
-        kept = steps.kept_for_commit(commit, forget_damaged=not ctx.dry_run) if steps else None
+        kept = steps.kept_for_commit(commit, dry_run=ctx.dry_run) if steps else None
         if ctx.dry_run:
             how = f"the kept release {kept.folder} (checked: whole; no copy)" if kept and kept.ok else commit[:12]
             return Result({"dry_run": True, "commit": commit, "safety_backup_skipped": skipped,
                            "kept_release": kept.to_json() if kept else None},
                           [f"would roll {paths.live} back to {how}",
                            *([kept.line(dry_run=True)] if kept and not kept.ok else [])], report=True)
-        ctx.confirm(f"Roll the code in {paths.live} back to {commit[:12]}?")
+        if ctx.confirm(f"Roll the code in {paths.live} back to {commit[:12]}?") and steps is not None:
+            kept = steps.recheck(kept)
         label = f"before rollback to {commit[:12]}"
         if steps is None:
             return _check_out(paths, commit, ctx.args.commit, changes, skipped, label)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
-from helpers import git, run_script, tree_snapshot
+from helpers import Terminal, git, run_script, script_argv, script_env, tree_snapshot
 
 
 class CodeWorkspace:
@@ -44,6 +45,20 @@ class CodeWorkspace:
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         return run_script("code_rollback.py", *args, env=self.env, cwd=self.root)
+
+    def run_asked(self, *args: str, meanwhile: Callable[[], None]) -> tuple[int, str]:
+        """Run at a terminal that is asked for confirmation: once the question is on the screen, `meanwhile` runs
+        (what happens while the operator reads it), then the operator answers y. The exit code and stdout."""
+        terminal = Terminal()
+        proc = subprocess.Popen(script_argv("code_rollback.py", *args), env=script_env(self.env), cwd=self.root,
+                                stdin=terminal.follower, stdout=subprocess.PIPE, stderr=terminal.follower, text=True)
+        os.close(terminal.follower)
+        terminal.wait_for(rb"\[y/N\] ")
+        meanwhile()
+        os.write(terminal.leader, b"y\n")
+        out, _ = proc.communicate(timeout=120)
+        terminal.screen()
+        return proc.returncode, out
 
     def tree(self) -> dict:
         return tree_snapshot(Path(os.path.realpath(self.live)))

@@ -30,12 +30,9 @@ def run_script(
 
     `limits` are resource limits of the child ({resource.RLIMIT_FSIZE: bytes, ...}), set before it starts.
     """
-    own = ("CONFIG", "ENV_", "DB_", "RTO_", "METRICS_FILE")  # the toolkit's settings come from `env` only
-    full_env = {key: value for key, value in os.environ.items() if not key.startswith(own)}
-    full_env.update(env)
     return subprocess.run(
         script_argv(script, *args),
-        env=full_env,
+        env=script_env(env),
         cwd=cwd,
         input=stdin if stdin is not None else "",
         capture_output=True,
@@ -43,6 +40,12 @@ def run_script(
         preexec_fn=(lambda: _limit_child(umask, limits or {})) if umask is not None or limits else None,
         timeout=timeout,
     )
+
+
+def script_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment of a script run by a test: this process's, with only `env` as the toolkit's settings."""
+    own = ("CONFIG", "ENV_", "DB_", "RTO_", "METRICS_FILE")
+    return {**{key: value for key, value in os.environ.items() if not key.startswith(own)}, **env}
 
 
 def _limit_child(umask: int | None, limits: dict[int, int]) -> None:
@@ -176,6 +179,16 @@ def wait_for_child(proc: subprocess.Popen, program: str, with_arg: str | None = 
         for pid, argv in descendants(proc.pid).items():
             if Path(argv[0]).name == program and (with_arg is None or any(a.startswith(with_arg) for a in argv)):
                 return pid
+
+
+def age(root: Path, seconds_ago: int = 3600) -> None:
+    """Give every regular file under `root` an mtime well in the past, out of the racy window."""
+    when = time.time_ns() - seconds_ago * 10**9
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.utime(path, ns=(when, when))
 
 
 class Terminal:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 from code_workspace import CodeWorkspace, commit_v2, git_archive_tree
-from helpers import git
+from helpers import age, git
+
+from deployed_code.releases import check_release, describe
+from deployed_code.tree import code_excluder
 
 
 def live_release(cw: CodeWorkspace) -> Path:
@@ -144,6 +148,31 @@ def test_a_kept_release_with_a_same_size_edit_fails_its_check_on_the_hash(tmp_pa
     assert live_release(cw) != release and cw.tree() == expected
 
 
+@pytest.mark.parametrize("command", ["restore", "rollback"])
+def test_a_kept_release_changed_while_the_operator_is_asked_is_built_anew(tmp_path: Path, command: str):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    if command == "restore":
+        backup_id, expected, release = restored_then_replaced(cw)
+        args = ["restore", backup_id]
+    else:
+        assert cw.run("rollback", "v1", "--yes").returncode == 0
+        release, expected = live_release(cw), git_archive_tree(cw.repo, "v1", tmp_path / "expected")
+        commit_v2(cw)
+        assert cw.run("rollback", "HEAD", "--yes").returncode == 0
+        args = ["rollback", "v1"]
+
+    def edit() -> None:  # checked and found whole before the question; edited while it is on the screen
+        (release / "app.py").write_text("print('v9')\n")
+
+    code, out = cw.run_asked(*args, meanwhile=edit)
+    assert code == 0, out
+    assert (f"kept release {release} changed while the confirmation was asked: app.py: changed (its content "
+            "differs from the release's manifest); built anew instead") in out
+    assert live_release(cw) != release and cw.tree() == expected
+    assert not (release.parent / f".{release.name}.manifest.json").exists()  # never switched to unchecked again
+    assert cw.run("verify").returncode == 0
+
+
 def test_rollback_to_a_kept_commit_release_switches_without_exporting_and_verify_all_hashes_it_whole(tmp_path: Path):
     cw = CodeWorkspace(tmp_path, symlink_layout=True)
     assert cw.run("rollback", "v1", "--yes").returncode == 0
@@ -158,6 +187,51 @@ def test_rollback_to_a_kept_commit_release_switches_without_exporting_and_verify
     assert kept["ok"] and kept["hashed_files"] == 3  # app.py, pkg/__init__.py, run.sh
     assert live_release(cw) == first and inodes(first) == before
     assert cw.tree() == git_archive_tree(cw.repo, "v1", tmp_path / "expected")
+    assert cw.run("verify").returncode == 0
+
+
+def test_a_file_written_within_two_seconds_of_its_description_is_hashed_until_it_is_older(tmp_path: Path):
+    release = tmp_path / "releases" / "r1"
+    release.mkdir(parents=True)
+    (release / "old.py").write_text("A = 1\n")
+    (release / "recent.py").write_text("B = 2\n")
+    age(release)
+    second_ago = time.time_ns() - 10**9  # on a filesystem keeping mtimes to 2 s, a rewrite now could leave it as is
+    os.utime(release / "recent.py", ns=(second_ago, second_ago))
+    excluded = code_excluder()
+    manifest = describe(release, excluded)
+
+    first = check_release(release, manifest, excluded)
+    assert (first.problems, first.hashed, first.recorded) == ([], 1, 0)  # recent.py read; still too recent to trust
+    hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(release / "recent.py", ns=(hour_ago, hour_ago))  # time has passed
+    second = check_release(release, manifest, excluded)
+    assert (second.problems, second.hashed, second.recorded) == ([], 1, 1)  # read once more, its stat recorded
+    third = check_release(release, manifest, excluded)
+    assert (third.problems, third.hashed, third.recorded) == ([], 0, 0)
+    (release / "recent.py").write_text("B = 3\n")
+    assert check_release(release, manifest, excluded).problems == [
+        "recent.py: changed (its content differs from the release's manifest)"]
+
+
+def test_a_kept_release_whose_files_are_old_is_switched_back_reading_no_file(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    backup_id, expected, release = restored_then_replaced(cw)
+    age(release)  # built an hour ago, as a release switched back to usually was
+    before, manifest = inodes(release), release.parent / f".{release.name}.manifest.json"
+    written = manifest.read_bytes()
+    assert cw.run("--dry-run", "restore", backup_id).returncode == 0
+    assert manifest.read_bytes() == written  # a dry run records nothing
+
+    first = cw.run("--json", "restore", backup_id, "--yes")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["kept_release"]["ok"]  # files whose stat it could not trust were read
+    assert cw.run("rollback", "HEAD", "--yes").returncode == 0
+    again = cw.run("--json", "restore", backup_id, "--yes")
+    assert again.returncode == 0, again.stderr
+    kept = json.loads(again.stdout)["kept_release"]
+    assert kept["ok"] and kept["hashed_files"] == 0
+    assert live_release(cw) == release and inodes(release) == before and cw.tree() == expected
     assert cw.run("verify").returncode == 0
 
 
@@ -232,6 +306,30 @@ def test_linked_paths_stay_shared_across_a_rollback_and_never_go_into_a_backup(t
     assert result.returncode == 3
     assert f"linked config/database.yml is not a link (should link to {shared}/config/database.yml)" in result.stdout
     assert f"linked .env is missing (should link to {shared}/.env)" in result.stdout
+
+
+def test_a_path_linked_since_a_release_was_built_is_linked_into_it_when_it_is_switched_back(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    backup_id, expected, release = restored_then_replaced(cw)
+    before, target, backups = inodes(release), os.readlink(cw.live), cw.backup_ids()
+    cw.env["LINKED_PATHS"] = ".env"  # the application now reads its settings from a shared .env
+
+    missing = cw.run("restore", backup_id, "--yes")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().endswith(f"LINKED_PATHS: {tmp_path}/shared/.env is missing: put the file there, "
+                                           "it is linked into every release as .env; nothing changed")
+    assert os.readlink(cw.live) == target and inodes(release) == before and cw.backup_ids() == backups
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / ".env").write_text("SECRET=current\n")
+    result = cw.run("--json", "restore", backup_id, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["kept_release"]["ok"] and live_release(cw) == release
+    assert os.readlink(release / ".env") == "../../shared/.env"
+    assert (cw.live / ".env").read_text() == "SECRET=current\n"
+    assert {rel: ino for rel, ino in inodes(release).items() if rel != ".env"} == before  # nothing copied
+    assert {rel: item for rel, item in cw.tree().items() if rel != ".env"} == expected
+    assert cw.run("verify").returncode == 0
 
 
 def test_a_missing_shared_file_stops_the_rollback_before_anything_changes(tmp_path: Path):

@@ -12,19 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, tree_snapshot
+from helpers import ROOT, age, tree_snapshot
 
 from backup_store.manifest import Backup, Entry, check_backup, load_backup
 from backup_store.store import BackupStore
 from common.errors import ToolkitError, UsageError
+from deployed_code.build import build_tree
 from deployed_code.layout import switch_in
-from deployed_code.tree import (
-    PAYLOAD_FILE,
-    build_tree,
-    code_excluder,
-    remove_tree,
-    snapshot_tree,
-)
+from deployed_code.snapshot import PAYLOAD_FILE, snapshot_tree
+from deployed_code.tree import code_excluder, remove_tree
 
 TREE = "tree"
 HOUR_NS = 3600 * 10**9
@@ -84,16 +80,6 @@ def expected_tree(root: Path) -> dict[str, tuple]:
         if not any(left_out("/".join(parts[: i + 1])) for i in range(len(parts))):
             keep[rel] = value
     return keep
-
-
-def age(root: Path, seconds_ago: int = 3600) -> None:
-    """Give every regular file an mtime well in the past, out of the racy window."""
-    when = time.time_ns() - seconds_ago * 10**9
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.utime(path, ns=(when, when))
 
 
 def take(store: BackupStore, src: Path, previous: Backup | None = None):
@@ -406,7 +392,7 @@ def _umask() -> int:
 RESTORE_SCRIPT = """
 import sys
 from pathlib import Path
-from deployed_code.tree import build_tree
+from deployed_code.build import build_tree
 from deployed_code.layout import switch_in
 from backup_store.manifest import load_backup
 backup, target, live = load_backup(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])

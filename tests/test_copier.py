@@ -20,7 +20,8 @@ from backup_store.copier import PARALLEL_FROM, CopyFailed, CopyJob, copy_all
 from backup_store.manifest import load_backup
 from backup_store.store import BackupStore
 from common.errors import ToolkitError
-from deployed_code.tree import build_tree, snapshot_tree
+from deployed_code.build import build_tree
+from deployed_code.snapshot import snapshot_tree
 
 MANY = PARALLEL_FROM + 344  # enough for the workers to share the runs
 

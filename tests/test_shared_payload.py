@@ -22,7 +22,8 @@ from backup_store.manifest import (
 )
 from backup_store.objects import OBJECTS, store_object
 from backup_store.store import BackupStore
-from deployed_code.tree import PAYLOAD_FILE, build_tree, snapshot_tree
+from deployed_code.build import build_tree
+from deployed_code.snapshot import PAYLOAD_FILE, snapshot_tree
 
 TREE = "tree"
 HOUR_NS = 3600 * 10**9
