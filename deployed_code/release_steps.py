@@ -24,12 +24,10 @@ from deployed_code.backups import KEPT_SWITCH, record_deployed, take_backup
 from deployed_code.layout import Switched, releases_folder, switch_in
 from deployed_code.linked import check_shared, link_shared, shared_folder
 from deployed_code.paths import SCRIPT, TREE, CodePaths
+from deployed_code.release_check import ReleaseCheck, check_release, describe
 from deployed_code.releases import (
-    ReleaseCheck,
     ReleaseManifest,
     add_backup,
-    check_release,
-    describe,
     drop_manifest,
     is_tree_of,
     manifest_path,

@@ -1,4 +1,5 @@
-"""Kept releases of a symlink layout (`current -> releases/X`): their manifests, their check, and pruning.
+"""Kept releases of a symlink layout (`current -> releases/X`): their manifests, which one a restore can switch
+to, and pruning (a folder is described and checked against its manifest in deployed_code.release_check).
 
 Each release folder the toolkit builds gets a manifest beside it, `releases/.X.manifest.json`: every path
 of the release with its type, mode, size, sha256 (files), target (symlinks) and stat identity (mtime,
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,9 +25,9 @@ from pathlib import Path
 
 from backup_store.manifest import Backup, Entry, format_time, parse_time
 from backup_store.trees import tree_entries
-from common.files import atomic_write, file_mode, sha256_file
+from common.files import atomic_write
 from deployed_code.paths import TREE
-from deployed_code.tree import not_racy_before, remove_tree
+from deployed_code.tree import remove_tree, visibility
 
 MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_FORMAT = 1
@@ -149,58 +149,7 @@ def now() -> str:
     return format_time(datetime.now(UTC))
 
 
-# -- describing a release ------------------------------------------------------------------------------
-
-
-def describe(folder: Path, excluded: Excluded, known: dict[str, str] | None = None, name: str | None = None,
-             commit: str | None = None, backups: list[str] | None = None) -> ReleaseManifest:
-    """The manifest of the release in `folder` (to be named `name`), as it is on disk now.
-
-    `known` gives files' sha256 by path where they were just checked (a build) or hashed as written (an
-    export); every other file is read here."""
-    known = known or {}
-    trusted_before = not_racy_before()
-    entries = []
-    for rel, st in _walk(folder, excluded):
-        if stat.S_ISDIR(st.st_mode):
-            entries.append(Entry(rel, "dir", mode=file_mode(st)))
-        elif stat.S_ISLNK(st.st_mode):
-            entries.append(Entry(rel, "symlink", target=os.readlink(folder / rel)))
-        elif stat.S_ISREG(st.st_mode):
-            entry = Entry(rel, "file", mode=file_mode(st), size=st.st_size,
-                          sha256=known.get(rel) or sha256_file(folder / rel))
-            if st.st_mtime_ns < trusted_before:
-                entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-            entries.append(entry)
-    return ReleaseManifest.of(name or folder.name, file_mode(os.lstat(folder)), entries, commit, list(backups or []))
-
-
-def _walk(folder: Path, excluded: Excluded):
-    """(relative path, lstat) of everything under `folder` but what `excluded` leaves out; no link followed."""
-    for dirpath, dirnames, filenames in os.walk(folder):
-        rel_dir = os.path.relpath(dirpath, folder)
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        dirnames[:] = [name for name in dirnames if not excluded(prefix + name)]
-        names = dirnames + [name for name in filenames if not excluded(prefix + name)]
-        for name in names:
-            yield prefix + name, os.lstat(os.path.join(dirpath, name))
-
-
 # -- is it the tree wanted? ------------------------------------------------------------------------------
-
-
-def visibility(excluded: Excluded) -> Callable[[str], bool]:
-    """A test for paths of a flat list: neither left out nor inside a folder left out (each folder asked once)."""
-    folders: dict[str, bool] = {"": True}
-
-    def visible(rel: str) -> bool:
-        parent = rel.rpartition("/")[0]
-        seen = folders.get(parent)
-        if seen is None:
-            seen = folders[parent] = visible(parent)
-        return seen and not excluded(rel)
-
-    return visible
 
 
 def _content(entries: dict[str, Entry], excluded: Excluded) -> dict[str, tuple]:
@@ -226,58 +175,6 @@ def is_tree_of(manifest: ReleaseManifest, backup: Backup, excluded: Excluded) ->
         except ValueError:  # a damaged manifest describes no tree
             return False
     return _content(wanted, excluded) == manifest.compared[excluded]
-
-
-@dataclass
-class ReleaseCheck:
-    """What a check of a release against its manifest found."""
-
-    problems: list[str]  # what differs, one line each, by path
-    hashed: int  # files read
-    recorded: int  # files read, unchanged, and old enough to be known by their stat: the manifest's entries now say so
-
-
-def check_release(folder: Path, manifest: ReleaseManifest, excluded: Excluded, verify_all: bool = False
-                  ) -> ReleaseCheck:
-    """The release folder against its manifest. A file whose size, mtime, ctime and inode are as recorded is not
-    read, unless `verify_all`; a file read and found unchanged gets its stat recorded in the manifest's entries
-    (in memory: the caller writes it) when it is past the racy window."""
-    visible = visibility(excluded)
-    wanted = {entry.path: entry for entry in manifest.entries if visible(entry.path)}
-    problems, hashed, recorded, seen = [], 0, 0, set()
-    trusted_before = not_racy_before()  # before any lstat: the rule holds for stats read from now on
-    if file_mode(os.lstat(folder)) != manifest.root_mode:
-        problems.append(f"{folder.name}: its mode changed")
-    for rel, st in _walk(folder, excluded):
-        seen.add(rel)
-        entry = wanted.get(rel)
-        if entry is None:
-            problems.append(f"{rel}: added since the release was built")
-        elif entry.type == "dir":
-            if not stat.S_ISDIR(st.st_mode) or file_mode(st) != entry.mode:
-                problems.append(f"{rel}: not the folder the release had")
-        elif entry.type == "symlink":
-            if not stat.S_ISLNK(st.st_mode) or os.readlink(folder / rel) != entry.target:
-                problems.append(f"{rel}: not the symlink the release had")
-        elif not stat.S_ISREG(st.st_mode) or file_mode(st) != entry.mode:
-            problems.append(f"{rel}: not the file the release had (type or mode changed)")
-        elif st.st_size != entry.size:
-            problems.append(f"{rel}: changed (size {st.st_size}, the release had {entry.size})")
-        elif verify_all or not _same_stat(entry, st):
-            hashed += 1
-            if sha256_file(folder / rel) != entry.sha256:
-                problems.append(f"{rel}: changed (its content differs from the release's manifest)")
-            elif st.st_mtime_ns < trusted_before and not _same_stat(entry, st):
-                # A write after this lstat moves the mtime past it: the stat now stands for what was read.
-                entry.mtime_ns, entry.ctime_ns, entry.ino = st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-                recorded += 1
-    problems += [f"{rel}: missing" for rel in sorted(wanted.keys() - seen)]
-    return ReleaseCheck(problems, hashed, recorded)
-
-
-def _same_stat(entry: Entry, st: os.stat_result) -> bool:
-    return (entry.mtime_ns is not None and entry.mtime_ns == st.st_mtime_ns and entry.ctime_ns == st.st_ctime_ns
-            and entry.ino == st.st_ino)
 
 
 # -- the kept releases ---------------------------------------------------------------------------------------

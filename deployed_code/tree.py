@@ -57,6 +57,20 @@ def code_excluder(patterns: Iterable[str] = ()) -> Callable[[str], bool]:
     return excluded
 
 
+def visibility(excluded: Callable[[str], bool]) -> Callable[[str], bool]:
+    """A test for paths of a flat list: neither left out nor inside a folder left out (each folder asked once)."""
+    folders: dict[str, bool] = {"": True}
+
+    def visible(rel: str) -> bool:
+        parent = rel.rpartition("/")[0]
+        seen = folders.get(parent)
+        if seen is None:
+            seen = folders[parent] = visible(parent)
+        return seen and not excluded(rel)
+
+    return visible
+
+
 def remove_tree(path: Path) -> None:
     """Remove a folder tree, read-only folders included (a built or replaced tree keeps the backup's modes)."""
     if path.is_symlink() or not path.is_dir():

@@ -12,7 +12,7 @@ import pytest
 from code_workspace import CodeWorkspace, commit_v2, git_archive_tree
 from helpers import age, git
 
-from deployed_code.releases import check_release, describe
+from deployed_code.release_check import check_release, describe
 from deployed_code.tree import code_excluder
 
 
