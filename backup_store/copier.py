@@ -59,12 +59,13 @@ class CopyJob:
     owner: tuple[int, int] | None
     done: Callable[[int, str], None]
     put: Callable[[str, str], tuple[int, str]] | None = None
+    mtime_ns: int | None = None  # the copy's modification time, when given (a build keeps the backed-up one)
 
     def run(self) -> tuple[int, str]:
         """Copy (or put) the file; its size and sha256."""
         if self.put is not None:
             return self.put(self.src, self.dest)
-        return copy_and_hash(self.src, self.dest, mode=self.mode, owner=self.owner)
+        return copy_and_hash(self.src, self.dest, mode=self.mode, owner=self.owner, mtime_ns=self.mtime_ns)
 
 
 def worker_count() -> int:

@@ -9,6 +9,7 @@ The manifest's `entries` come last, so its header can be read without parsing a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -309,6 +310,24 @@ def split_manifest(raw: bytes) -> tuple[dict, bytes] | None:
     except ValueError:
         return None
     return (header, segment[:-1]) if isinstance(header, dict) else None
+
+
+def verified_entries_json(backup: Backup) -> bytes | None:
+    """The backup's entries as the JSON text its manifest holds, when that text has the sha256 its header
+    records (entries_sha256); None when it has not (damaged), the header has none, or it cannot be read."""
+    entries_json = backup.entries_json()
+    if entries_json is None:
+        try:
+            split = split_manifest((backup.path / MANIFEST).read_bytes())
+        except OSError:
+            return None
+        if split is None or split[0].get("id") != backup.id:
+            return None
+        entries_json = split[1]
+    digest = backup.extra.get("entries_sha256")
+    if not isinstance(digest, str) or hashlib.sha256(entries_json).hexdigest() != digest:
+        return None
+    return entries_json
 
 
 def manifest_bytes(header: dict, entries_json: bytes) -> bytes:

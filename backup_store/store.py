@@ -238,8 +238,10 @@ class BackupStore:
                 return backup
         return None
 
-    def resolve(self, ref: str, match: Callable[[Backup], bool] | None = None) -> Backup:
-        """Find a backup by `latest` (among those `match` accepts), its id, its folder, or a file inside it."""
+    def resolve(self, ref: str, match: Callable[[Backup], bool] | None = None, lazy: bool = False) -> Backup:
+        """Find a backup by `latest` (among those `match` accepts), its id, its folder, or a file inside it.
+
+        With `lazy`, a backup named by its id has only its manifest's header read now (see load_backup)."""
         if ref == "latest":
             newest = self.latest(match)
             if newest is not None:
@@ -251,7 +253,7 @@ class BackupStore:
         if "/" not in ref and not ref.startswith("."):
             candidate = self.root / ref
             if (candidate / MANIFEST).is_file():
-                return load_backup(candidate)
+                return load_backup(candidate, lazy=lazy)
             if self.fetch is not None and self.fetch(ref):  # only off-host (REMOTE_URL): pulled first
                 return load_backup(candidate)
         path = Path(ref)
@@ -320,9 +322,10 @@ class BackupStore:
         return names
 
 
-def resolve_component(store: BackupStore, ref: str, match: Callable[[Backup], bool] | None = None) -> Backup:
+def resolve_component(store: BackupStore, ref: str, match: Callable[[Backup], bool] | None = None,
+                      lazy: bool = False) -> Backup:
     """store.resolve, refusing another component's backup."""
-    backup = store.resolve(ref, match)
+    backup = store.resolve(ref, match, lazy)
     if backup.component != store.component:
         raise UsageError(f"{ref} is a {backup.component} backup, not a {store.component} backup")
     return backup

@@ -135,12 +135,14 @@ def make_private_dir(path: Path) -> None:
 
 
 def copy_and_hash(
-    src: str | Path, dest: str | Path, mode: int = PRIVATE_FILE, owner: tuple[int, int] | None = None
+    src: str | Path, dest: str | Path, mode: int = PRIVATE_FILE, owner: tuple[int, int] | None = None,
+    mtime_ns: int | None = None,
 ) -> tuple[int, str]:
     """Copy a regular file without following links into the new file `dest`; return its size and sha256.
 
-    `dest` gets `mode` (whatever the umask) and, when given, `owner` (uid, gid): set through the open
-    file, so a large tree is not walked again to fix them. An OSError names the file it is about.
+    `dest` gets `mode` (whatever the umask) and, when given, `owner` (uid, gid) and `mtime_ns` (as its
+    modification and access time): set through the open file, so a large tree is not walked again to fix
+    them. An OSError names the file it is about.
     """
     digest = hashlib.sha256()
     size = 0
@@ -166,6 +168,8 @@ def copy_and_hash(
                 os.fchown(dest_fd, *owner)
             if not exact:
                 os.fchmod(dest_fd, mode)  # after fchown, which clears setuid and setgid bits
+            if mtime_ns is not None:
+                os.utime(dest_fd, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(dest_fd)
     except OSError as exc:

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from backup_store.manifest import Backup, load_backup
+from backup_store.manifest import Backup, load_backup, verified_entries_json
 from backup_store.store import BACKUP_ID
 from commands.store_commands import list_backups
 from common.cli import Context, Result
@@ -50,6 +50,24 @@ def take_backup(paths: CodePaths, label: str | None, safety: bool = False, progr
         with progress(f"backing up {paths.live}", lambda: stats.bytes, previous.size if previous else None):
             snapshot_tree(staging, paths.live, TREE, previous, paths.exclude, stats, cancelled)
     return staging.backup, stats.to_json()
+
+
+def copy_backup(paths: CodePaths, source: Backup, label: str) -> Backup | None:
+    """A safety backup of the live tree when it is known to be `source`'s tree: `source`'s entries as they are,
+    with what is deployed now (host, HEAD) as its source; None when they cannot be reused (caller holds the lock).
+
+    Nothing is read or hashed: a switch between kept releases saves the one it replaces in milliseconds."""
+    files, size = source.extra.get("files"), source.extra.get("size")
+    entries_json = verified_entries_json(source)
+    if (source.objects is None or source.path.parent != paths.store.root or entries_json is None
+            or type(files) is not int or type(size) is not int):
+        return None
+    with paths.store.new_backup(label, safety=True) as staging:
+        staging.source = CodeSource(host=os.uname().nodename, layout=paths.layout, live=str(paths.live.absolute()),
+                                    **git_state(paths.repo)).dump()
+        staging.share_payload()
+        staging.reuse_entries(entries_json, files, size)
+    return staging.backup
 
 
 def back_up(ctx: Context) -> Result:

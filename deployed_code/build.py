@@ -36,7 +36,8 @@ def build_tree(
 ) -> BuildStats:
     """Write the backup's tree under `prefix` into the new folder `target`, byte for byte.
 
-    Files are copied (never linked), with their modes, and their owners when running as root;
+    Files are copied (never linked), with their modes, their backed-up mtimes, and their owners when running
+    as root;
     symlinks are made as symlinks with their recorded target and never followed; empty folders are
     kept. With `verify`, each file's size and sha256 are checked while it is copied, so a damaged
     backup stops the build before anything is switched. An entry whose path would leave `target`
@@ -111,7 +112,10 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
             stats.symlinks += 1
         elif entry.type == "file":
             owner = entry.owner if as_root else None
-            copies.append(CopyJob(backup.payload(entry), out, entry.mode, owner, checked(entry)))
+            # With its backed-up mtime, as rsync -a, tar and restic restore it: a release described right after
+            # its build then has its files known by their stat at once, not hashed by the next check.
+            copies.append(CopyJob(backup.payload(entry), out, entry.mode, owner, checked(entry),
+                                  mtime_ns=entry.mtime_ns))
         else:
             raise ToolkitError(f"backup {backup.id}: {entry.path} has an unknown type {entry.type!r}")
     copy_all(copies)  # once every folder exists: files on every core

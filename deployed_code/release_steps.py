@@ -20,11 +20,11 @@ from backup_store.manifest import Backup, Entry, load_backup
 from common.cli import Context, Result
 from common.errors import EXIT_FAILED, ToolkitError
 from common.hooks import HookFailed, hook_argv, hook_timeout, run_checked
-from deployed_code.backups import KEPT_SWITCH, record_deployed, take_backup
+from deployed_code.backups import KEPT_SWITCH, copy_backup, record_deployed, take_backup
 from deployed_code.layout import Switched, releases_folder, switch_in
 from deployed_code.linked import check_shared, link_shared, shared_folder
 from deployed_code.paths import SCRIPT, TREE, CodePaths
-from deployed_code.release_check import ReleaseCheck, check_release, describe
+from deployed_code.release_check import ReleaseCheck, check_release, describe, keep_what_was_learnt
 from deployed_code.releases import (
     ReleaseManifest,
     add_backup,
@@ -133,7 +133,7 @@ class ReleaseSteps:
     # -- before the switch --------------------------------------------------------------------------------
 
     def prepare(self, folder: Path, known: dict[str, str] | None, commit: str | None = None,
-                backup: str | None = None) -> Prepared:
+                backup: Backup | None = None) -> Prepared:
         """Link the shared paths into the new tree, run BUILD_HOOK in it, and describe it for its manifest
         (symlink layout; `known` sha256 by path, the `commit` or `backup` it is the tree of). A failure raises:
         the caller removes the tree, and nothing is switched."""
@@ -186,9 +186,8 @@ class ReleaseSteps:
             check = ReleaseCheck([f"its manifest {manifest_path(folder)} cannot be read"], 0, 0)
         if check.problems and not dry_run:
             drop_manifest(folder)  # never switched to unchecked again; pruned in its turn
-        elif check.recorded and not dry_run:  # so that the next check does not read them again
-            manifest.entries_changed()
-            write_manifest(manifest, folder)
+        elif not dry_run:  # so that the next check does not read them again
+            keep_what_was_learnt(folder, manifest, check)
         return check.problems, check.hashed, time.perf_counter() - started
 
     # -- the switch to a kept release ---------------------------------------------------------------------------
@@ -215,7 +214,37 @@ class ReleaseSteps:
         if commit is not None and deployed is not None:
             # A rollback that makes no record of what it deployed names it here, for `history`.
             label = f"{label}{KEPT_SWITCH} {deployed.id}"
-        return take_backup(self.paths, label, safety=True, previous=self.snapshot_base())[0]
+        return self._copy_of_live_release(label) or take_backup(self.paths, label, safety=True,
+                                                                previous=self.snapshot_base())[0]
+
+    def _copy_of_live_release(self, label: str) -> Backup | None:
+        """When the live tree is a kept release that passes its check and lists a backup still in the store, the
+        safety backup is a copy of that backup's entries: no snapshot of 20,000 files. None otherwise."""
+        live = Path(os.path.realpath(self.live))
+        manifest = read_manifest(live) if self.releases is not None and self.live.is_symlink() else None
+        source = self._listed_tree(manifest) if manifest is not None else None
+        if source is None:
+            return None
+        try:
+            check = check_release(live, manifest, self.excluded)
+        except ValueError:  # a manifest that cannot be read: the snapshot reads the tree instead
+            return None
+        if check.problems:  # changed by hand since it went live: those changes are what the snapshot must keep
+            return None
+        keep_what_was_learnt(live, manifest, check)
+        return copy_backup(self.paths, source, label)
+
+    def _listed_tree(self, manifest: ReleaseManifest) -> Backup | None:
+        """The newest backup the release lists, as recorded with its entries' sha256, that is still in the store."""
+        for backup_id in reversed(manifest.backups):
+            folder = self.paths.store.root / backup_id
+            try:
+                backup = load_backup(folder, lazy=True) if backup_id in manifest.trees and folder.is_dir() else None
+            except ToolkitError:
+                continue
+            if backup is not None and manifest.lists_tree_of(backup):
+                return backup
+        return None
 
     def _switch_kept(self, kept: KeptRelease, safety: Backup | None) -> tuple[Switched, Path | None]:
         """`current` switched to the kept release, marked as just used; the switch and the release it replaced."""

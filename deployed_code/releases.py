@@ -47,17 +47,37 @@ class ReleaseManifest:
     root_mode: int
     commit: str | None = None  # the commit whose tree it is (exported by a rollback)
     backups: list[str] = field(default_factory=list)  # backups whose tree it is, as checked when each was added
+    # Of those, each one's entries_sha256 (its manifest's header): a backup with entries byte for byte the same
+    # is the same tree, known without reading the 20,000 entries of both again.
+    trees: dict[str, str] = field(default_factory=dict)
     switched_at: str | None = None  # when it last went live
+    stat_fingerprint: str | None = None  # of the folder, from when every file in it was known by its stat
     raw_entries: bytes = b"[]"  # the entries as written; parsed by `entries` when first needed
     parsed: list[Entry] | None = field(default=None, repr=False)
     compared: dict = field(default_factory=dict, repr=False)  # its _content, by the excluder it was made with
 
     @classmethod
-    def of(cls, release: str, root_mode: int, entries: list[Entry], commit: str | None, backups: list[str]
+    def of(cls, release: str, root_mode: int, entries: list[Entry], commit: str | None, backups: list[Backup]
            ) -> ReleaseManifest:
-        """A new manifest of a release just described."""
+        """A new manifest of a release just described (`backups`: those whose tree it is)."""
         raw = json.dumps([entry.to_json() for entry in entries], separators=(",", ":")).encode()
-        return cls(release, now(), root_mode, commit, backups, raw_entries=raw, parsed=entries)
+        manifest = cls(release, now(), root_mode, commit, raw_entries=raw, parsed=entries)
+        for backup in backups:
+            manifest.list_backup(backup)
+        return manifest
+
+    def list_backup(self, backup: Backup) -> None:
+        """Record that the backup's tree is the release's (the caller knows it is)."""
+        if backup.id not in self.backups:
+            self.backups.append(backup.id)
+        digest = backup.extra.get("entries_sha256")
+        if isinstance(digest, str):
+            self.trees[backup.id] = digest
+
+    def lists_tree_of(self, backup: Backup) -> bool:
+        """Whether a backup with the very entries of this one was found to be the release's tree."""
+        digest = backup.extra.get("entries_sha256")
+        return isinstance(digest, str) and digest in self.trees.values()
 
     @property
     def entries(self) -> list[Entry]:
@@ -77,7 +97,7 @@ class ReleaseManifest:
         """The file's content."""
         header = {"format": MANIFEST_FORMAT, "release": self.release, "built_at": self.built_at,
                   "switched_at": self.switched_at, "commit": self.commit, "backups": self.backups,
-                  "root_mode": self.root_mode}
+                  "trees": self.trees, "root_mode": self.root_mode, "stat_fingerprint": self.stat_fingerprint}
         return json.dumps(header, separators=(",", ":")).encode() + b"\n" + self.raw_entries
 
     @classmethod
@@ -88,10 +108,14 @@ class ReleaseManifest:
         backups = header.get("backups") or []
         if header.get("format") != MANIFEST_FORMAT or not all(isinstance(item, str) for item in backups):
             raise ValueError("not a release manifest")
-        commit = header.get("commit")
+        commit, trees = header.get("commit"), header.get("trees")  # none in a manifest written before they were
+        trees = {key: value for key, value in trees.items() if key in backups and isinstance(value, str)} \
+            if isinstance(trees, dict) else {}
+        fingerprint = header.get("stat_fingerprint")
         return cls(release=str(header["release"]), built_at=str(header["built_at"]),
                    root_mode=int(header["root_mode"]), commit=commit if isinstance(commit, str) else None,
-                   backups=list(backups), switched_at=header.get("switched_at"), raw_entries=rest)
+                   backups=list(backups), trees=trees, switched_at=header.get("switched_at"),
+                   stat_fingerprint=fingerprint if isinstance(fingerprint, str) else None, raw_entries=rest)
 
     def last_used(self) -> datetime:
         """When it was last switched in, else built."""
@@ -165,6 +189,8 @@ def _content(entries: dict[str, Entry], excluded: Excluded) -> dict[str, tuple]:
 
 def is_tree_of(manifest: ReleaseManifest, backup: Backup, excluded: Excluded) -> bool:
     """Whether the release's manifest lists exactly the backup's tree (what both leave out aside)."""
+    if manifest.lists_tree_of(backup):
+        return True
     wanted = tree_entries(backup, TREE)
     root = wanted.pop("", None)
     if root is None or root.mode != manifest.root_mode:
@@ -216,8 +242,9 @@ def add_backup(folder: Path, backup: Backup, excluded: Excluded) -> bool:
     manifest = read_manifest(folder)
     if manifest is None or not is_tree_of(manifest, backup, excluded):
         return False
-    if backup.id not in manifest.backups:
-        manifest.backups.append(backup.id)
+    before = (list(manifest.backups), dict(manifest.trees))
+    manifest.list_backup(backup)
+    if (manifest.backups, manifest.trees) != before:
         write_manifest(manifest, folder)
     return True
 

@@ -32,7 +32,8 @@ def restore(ctx: Context) -> Result:
     live = paths.deployment
     steps = ReleaseSteps.from_settings(ctx, paths)  # hooks and shared files checked before anything changes
     with paths.store.lock(f"{SCRIPT} restore"):
-        backup = resolve_component(paths.store, ctx.args.backup)
+        # Its entries are read when first needed: a switch to a kept release never needs them.
+        backup = resolve_component(paths.store, ctx.args.backup, lazy=True)
         skipped = safety_skipped(ctx, live)
         kept = steps.kept_for_backup(backup, dry_run=ctx.dry_run)
         if ctx.dry_run:
@@ -63,7 +64,7 @@ def _build_and_switch(ctx: Context, paths: CodePaths, steps: ReleaseSteps, backu
     try:
         with safety or nullcontext(), ctx.progress(f"building {target}", lambda: built.bytes, backup.size):
             build_tree(backup, TREE, target, stats=built)
-            prepared = steps.prepare(target, known, backup=backup.id)
+            prepared = steps.prepare(target, known, backup=backup)
             build_seconds = time.perf_counter() - started
     except BaseException:
         if target.exists():

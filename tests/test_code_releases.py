@@ -235,6 +235,63 @@ def test_a_kept_release_whose_files_are_old_is_switched_back_reading_no_file(tmp
     assert cw.run("verify").returncode == 0
 
 
+def test_a_kept_release_whose_stat_fingerprint_moved_reads_only_the_files_whose_stat_moved(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    backup_id, expected, release = restored_then_replaced(cw)
+    age(release)
+    assert cw.run("restore", backup_id, "--yes").returncode == 0  # reads what it could not trust, then records it
+    assert cw.run("rollback", "HEAD", "--yes").returncode == 0
+    old = time.time_ns() - 7200 * 10**9
+    os.utime(release / "app.py", ns=(old, old))  # touched, content unchanged, while another release is live
+
+    touched = cw.run("--json", "restore", backup_id, "--yes")
+    assert touched.returncode == 0, touched.stderr
+    kept = json.loads(touched.stdout)["kept_release"]
+    assert kept["ok"] and kept["hashed_files"] == 1 and cw.tree() == expected
+    assert cw.run("rollback", "HEAD", "--yes").returncode == 0
+    again = cw.run("--json", "restore", backup_id, "--yes")
+    assert json.loads(again.stdout)["kept_release"]["hashed_files"] == 0 and cw.tree() == expected
+
+
+def manifest_entries(cw: CodeWorkspace, backup_id: str) -> list:
+    return json.loads((cw.store / backup_id / "manifest.json").read_text())["entries"]
+
+
+def test_the_safety_backup_of_a_whole_kept_release_reuses_its_backups_entries_and_keeps_a_hand_edit(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    backup_id, expected, release = restored_then_replaced(cw)
+    newer, newer_tree = live_release(cw), cw.tree()
+    age(newer)
+    deployed = json.loads((cw.store / "deployed.json").read_text())["backup"]
+
+    switched = cw.run("--json", "restore", backup_id, "--yes")
+    assert switched.returncode == 0, switched.stderr
+    safety = json.loads(switched.stdout)["safety_backup"]
+    assert manifest_entries(cw, safety) == manifest_entries(cw, deployed)  # the live release's backup, as it is
+    undo = cw.run("--json", "restore", safety, "--yes")
+    assert undo.returncode == 0, undo.stderr
+    assert json.loads(undo.stdout)["kept_release"]["path"] == str(newer) and cw.tree() == newer_tree
+
+    (newer / "app.py").write_text("print('hotfix made by hand on the server')\n")  # the live release, edited
+    hotfixed = cw.tree()
+    switched = cw.run("--json", "restore", backup_id, "--yes")
+    assert switched.returncode == 0, switched.stderr
+    safety = json.loads(switched.stdout)["safety_backup"]
+    assert manifest_entries(cw, safety) != manifest_entries(cw, deployed)  # a snapshot of the tree as it was
+    assert cw.run("restore", safety, "--yes").returncode == 0
+    assert cw.tree() == hotfixed
+
+
+def test_a_restore_gives_each_file_its_backed_up_mtime(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    age(cw.live)
+    mtimes = {path: path.lstat().st_mtime_ns for path in cw.live.rglob("*") if path.is_file() and not path.is_symlink()}
+    assert cw.run("backup").returncode == 0
+    (cw.live / "app.py").write_text("print('broken')\n")
+    assert cw.run("restore", "latest", "--yes").returncode == 0
+    assert {path: path.lstat().st_mtime_ns for path in mtimes} == mtimes
+
+
 def test_keep_releases_prunes_the_oldest_and_never_the_live_one_or_the_one_it_replaced(tmp_path: Path):
     cw = CodeWorkspace(tmp_path, symlink_layout=True)
     releases = tmp_path / "releases"
