@@ -68,7 +68,7 @@ class KeptRelease:
     def line(self, dry_run: bool = False) -> str:
         """What the check found, for people."""
         if self.ok:
-            files = sum(entry.type == "file" for entry in self.manifest.entries)
+            files = self.manifest.file_count()
             return (f"kept release {self.folder} checked in {self.seconds * 1000:.0f} ms ({self.hashed} of {files} "
                     "files hashed): switched in as it is, no copy")
         more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""

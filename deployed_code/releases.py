@@ -52,6 +52,7 @@ class ReleaseManifest:
     trees: dict[str, str] = field(default_factory=dict)
     switched_at: str | None = None  # when it last went live
     stat_fingerprint: str | None = None  # of the folder, from when every file in it was known by its stat
+    files: int | None = None  # how many of the entries are files (None in a manifest written before it was kept)
     raw_entries: bytes = b"[]"  # the entries as written; parsed by `entries` when first needed
     parsed: list[Entry] | None = field(default=None, repr=False)
     compared: dict = field(default_factory=dict, repr=False)  # its _content, by the excluder it was made with
@@ -61,7 +62,8 @@ class ReleaseManifest:
            ) -> ReleaseManifest:
         """A new manifest of a release just described (`backups`: those whose tree it is)."""
         raw = json.dumps([entry.to_json() for entry in entries], separators=(",", ":")).encode()
-        manifest = cls(release, now(), root_mode, commit, raw_entries=raw, parsed=entries)
+        manifest = cls(release, now(), root_mode, commit, raw_entries=raw, parsed=entries,
+                       files=sum(entry.type == "file" for entry in entries))
         for backup in backups:
             manifest.list_backup(backup)
         return manifest
@@ -97,7 +99,8 @@ class ReleaseManifest:
         """The file's content."""
         header = {"format": MANIFEST_FORMAT, "release": self.release, "built_at": self.built_at,
                   "switched_at": self.switched_at, "commit": self.commit, "backups": self.backups,
-                  "trees": self.trees, "root_mode": self.root_mode, "stat_fingerprint": self.stat_fingerprint}
+                  "trees": self.trees, "root_mode": self.root_mode, "stat_fingerprint": self.stat_fingerprint,
+                  "files": self.files}
         return json.dumps(header, separators=(",", ":")).encode() + b"\n" + self.raw_entries
 
     @classmethod
@@ -111,11 +114,16 @@ class ReleaseManifest:
         commit, trees = header.get("commit"), header.get("trees")  # none in a manifest written before they were
         trees = {key: value for key, value in trees.items() if key in backups and isinstance(value, str)} \
             if isinstance(trees, dict) else {}
-        fingerprint = header.get("stat_fingerprint")
+        fingerprint, files = header.get("stat_fingerprint"), header.get("files")
         return cls(release=str(header["release"]), built_at=str(header["built_at"]),
                    root_mode=int(header["root_mode"]), commit=commit if isinstance(commit, str) else None,
                    backups=list(backups), trees=trees, switched_at=header.get("switched_at"),
-                   stat_fingerprint=fingerprint if isinstance(fingerprint, str) else None, raw_entries=rest)
+                   stat_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
+                   files=files if type(files) is int else None, raw_entries=rest)
+
+    def file_count(self) -> int:
+        """How many files the release has (counted from its entries only in a manifest that does not say)."""
+        return self.files if self.files is not None else sum(entry.type == "file" for entry in self.entries)
 
     def last_used(self) -> datetime:
         """When it was last switched in, else built."""
