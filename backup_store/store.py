@@ -294,17 +294,20 @@ class BackupStore:
         """Remove the shared payload objects no backup names any more (see backup_store.objects); how many.
 
         Only holding the lock. While any backup's manifest cannot be read, nothing is removed (None):
-        it may name any object."""
+        it may name any object. One manifest is read at a time; only the names it holds are kept."""
         if not self.locked:
             raise RuntimeError("sweep_objects needs the store lock")
         if not (self.root / OBJECTS).is_dir():
             return 0
-        found, unreadable = self.scan()
-        if unreadable:
-            return None
-        referenced = {entry.sha256 for backup in found if backup.objects is not None
-                      for entry in backup.entries if entry.type == "file"}
-        return sweep_unreferenced(str(self.root / OBJECTS), (sha for sha in referenced if sha))
+        referenced: set[str] = set()
+        for folder in self.backup_folders():
+            try:
+                backup = load_backup(Path(folder))
+            except ToolkitError:
+                return None
+            if backup.objects is not None:
+                referenced.update(entry.sha256 for entry in backup.entries if entry.type == "file" and entry.sha256)
+        return sweep_unreferenced(str(self.root / OBJECTS), referenced)
 
     def remove_leftovers(self) -> list[str]:
         """Remove what leftovers() names; only safe while holding the lock."""

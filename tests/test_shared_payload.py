@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,27 @@ def test_cleanup_removes_only_the_content_no_kept_backup_names(store, src):
         assert store.sweep_objects() == 1  # the first backup's mod.py
     assert objects_in(store) == {e.sha256 for e in second.files}
     assert check_backup(load_backup(second.path)) == []
+
+
+def test_cleanup_holds_one_manifest_at_a_time_to_find_the_content_still_named(tmp_path, store):
+    src = tmp_path / "big"
+    for i in range(1000):  # 1,000 entries a manifest, in 12 backups
+        (src / f"d{i % 10}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 10}" / f"f{i}.py").write_text(f"N = {i}\n")
+    age(src)
+    backups = [take(store, src)[0] for _ in range(12)]
+    tracemalloc.start()
+    try:
+        assert len(load_backup(backups[0].path).entries) == 1011
+        one = tracemalloc.get_traced_memory()[1]  # what one manifest takes, read whole
+        tracemalloc.reset_peak()
+        with store.lock("test"):
+            store.remove(backups[0])
+            assert store.sweep_objects() == 0  # the 11 others name the same content
+        sweep = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sweep < 3 * one, (sweep, one)
 
 
 def test_cleanup_removes_no_stored_file_while_a_manifest_cannot_be_read(store, src):
