@@ -241,7 +241,7 @@ def test_cleanup_removes_only_the_content_no_kept_backup_names(store, src):
     assert check_backup(load_backup(second.path)) == []
 
 
-def test_cleanup_holds_one_manifest_at_a_time_to_find_the_content_still_named(tmp_path, store):
+def test_cleanup_holds_one_manifest_at_a_time(tmp_path, store):
     src = tmp_path / "big"
     for i in range(1000):  # 1,000 entries a manifest, in 12 backups
         (src / f"d{i % 10}").mkdir(parents=True, exist_ok=True)
@@ -253,8 +253,10 @@ def test_cleanup_holds_one_manifest_at_a_time_to_find_the_content_still_named(tm
         assert len(load_backup(backups[0].path).entries) == 1011
         one = tracemalloc.get_traced_memory()[1]  # what one manifest takes, read whole
         tracemalloc.reset_peak()
-        with store.lock("test"):
-            store.remove(backups[0])
+        with store.lock("test"):  # as cleanup does: the plan, the removals, the sweep
+            remove, keep = store.retention_plan(0, 11)
+            assert [b.id for b in remove] == [backups[0].id] and len(keep) == 11
+            store.remove(remove[0])
             assert store.sweep_objects() == 0  # the 11 others name the same content
         sweep = tracemalloc.get_traced_memory()[1]
     finally:
