@@ -28,6 +28,7 @@ MANIFEST_FORMAT = 1  # the payload in the backup's own folder
 SHARED_FORMAT = 2  # the files' content in the store's objects/ folder
 SHARED = "shared"  # the manifest's `payload` when the content is shared
 ENTRIES_KEY = b'"entries": '  # the manifest's last key (json.dumps' own spacing)
+_NAMED_SHA256 = re.compile(r'"sha256": "([^"]*)"')  # a file entry's checksum, as json.dumps writes it
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -328,6 +329,12 @@ def verified_entries_json(backup: Backup) -> bytes | None:
     if not isinstance(digest, str) or hashlib.sha256(entries_json).hexdigest() != digest:
         return None
     return entries_json
+
+
+def named_sha256s(entries_json: bytes) -> list[str]:
+    """The sha256 of each file entry in a manifest's entries (their JSON text as json.dumps wrote it), without
+    parsing them: a quote inside a JSON string is escaped, so `"sha256": "` is only ever that key."""
+    return _NAMED_SHA256.findall(entries_json.decode("ascii", "replace"))  # json.dumps writes ASCII
 
 
 def manifest_bytes(header: dict, entries_json: bytes) -> bytes:

@@ -3,7 +3,9 @@
 `objects/<first two hex digits>/<sha256>`, read-only (0400), like git's loose objects. A backup of the
 shared format names its files' content by sha256 only, so backups with the same files share one copy and
 an unchanged backup writes nothing but its manifest. Objects are written by the run holding the store's
-lock and removed only by `sweep_unreferenced`, under the lock, when no readable backup names them.
+lock and removed only by `sweep_unreferenced`, under the lock, when no readable backup names them. One
+removed otherwise (by hand, a damaged disk) is found missing by the next backup (`stored_names`), which
+stores it again from the live file instead of naming it.
 A new object is written under its final name and made durable with the backup that first names it: one
 cut short by a crash has the wrong size, and is written again by the next backup that needs it.
 """
@@ -33,6 +35,19 @@ def prepare_objects(objects: str) -> None:
     os.makedirs(objects, 0o700, exist_ok=True)
     for name in _FANOUT:
         os.makedirs(f"{objects}/{name}", 0o700, exist_ok=True)
+
+
+def stored_names(objects: str) -> set[str]:
+    """The names (sha256) of the objects in the folder, from the listings of its 256 sub-folders: no object is
+    opened or stat'ed. A sub-folder that is missing (removed by hand) is made again, empty."""
+    names: set[str] = set()
+    for name in _FANOUT:
+        folder = f"{objects}/{name}"
+        try:
+            names.update(os.listdir(folder))
+        except FileNotFoundError:
+            os.mkdir(folder, 0o700)
+    return names
 
 
 def store_object(src: str, objects: str) -> tuple[int, str]:

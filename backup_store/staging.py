@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backup_store.copier import CopyJob, copy_all
-from backup_store.manifest import Backup, Entry
+from backup_store.manifest import Backup, Entry, named_sha256s, verified_entries_json
 from backup_store.objects import OBJECTS, prepare_objects, store_object
 from common.errors import ToolkitError, UsageError
 from common.files import PRIVATE_DIR, PRIVATE_FILE, file_mode, flushing_meanwhile, sha256_file
@@ -45,6 +45,14 @@ class Staging:
         `size` bytes in all): nothing is encoded again, and they are read back only when used."""
         self.entries, self.entries_json = [], entries_json
         self.reused_counts = (files, size)
+
+    def reuse_backup(self, source: Backup, stored: set[str]) -> bool:
+        """Seal this backup with `source`'s entries as they are when reusable_entries allows; whether it will."""
+        entries_json = reusable_entries(source, self.objects, stored)
+        if entries_json is None:
+            return False
+        self.reuse_entries(entries_json, source.extra["files"], source.extra["size"])
+        return True
 
     def add_tree(
         self,
@@ -158,3 +166,19 @@ class Staging:
         if self.objects is None:
             os.symlink(target, os.path.join(self.path, dest))
         self.entries.append(Entry(dest, "symlink", target=target, uid=st.st_uid, gid=st.st_gid))
+
+
+def reusable_entries(source: Backup, objects: str | None, stored: set[str]) -> bytes | None:
+    """`source`'s entries as their JSON text, for a new backup to be sealed with as they are: when `source` shares
+    the `objects` folder, its entries are undamaged (their sha256 is its header's), and every content they
+    name is in `stored` (the names objects/ lists); else None."""
+    files, size = source.extra.get("files"), source.extra.get("size")
+    if source.objects is None or str(source.objects) != objects or type(files) is not int or type(size) is not int:
+        return None
+    entries_json = verified_entries_json(source)
+    if entries_json is None:
+        return None  # damaged, or written by hand: read whole (and checked) instead
+    named = named_sha256s(entries_json)
+    if len(named) != files or not stored.issuperset(named):
+        return None  # content gone from objects/: each file is looked at, and what is gone stored again
+    return entries_json

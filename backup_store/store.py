@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from backup_store.locks import handed_down, release_lock, take_lock
@@ -24,6 +25,7 @@ from backup_store.manifest import (
     SHARED_FORMAT,
     Backup,
     EntriesLoader,
+    Entry,
     backup_from_manifest,
     check_backup,
     format_time,
@@ -204,15 +206,22 @@ class BackupStore:
                                        "is the newest is not known: restore one by its id, or move that folder "
                                        "out of the store") from None
 
-    def scan(self) -> tuple[list[Backup], list[tuple[str, str]]]:
+    def scan(self, keep_entries: bool = True) -> tuple[list[Backup], list[tuple[str, str]]]:
         """Every whole backup in the store, newest first, and the folders whose manifest cannot be read or is
-        refused, with why (they are not backups: nothing restores or removes them)."""
+        refused, with why (they are not backups: nothing restores or removes them).
+
+        Without `keep_entries`, each manifest is still read whole and checked, but its entries are let go
+        once checked (read again if used): a store of many large manifests is never held at once."""
         found, unreadable = [], []
         for folder in self.backup_folders():
             try:
-                found.append(load_backup(Path(folder)))
+                backup = load_backup(Path(folder))
             except ToolkitError as exc:
                 unreadable.append((os.path.basename(folder), str(exc)))
+                continue
+            if not keep_entries:
+                backup.entries = partial(_entries_read_again, backup.path)
+            found.append(backup)
         found.sort(key=lambda backup: (backup.created_at, backup.id), reverse=True)
         return found, unreadable
 
@@ -269,7 +278,7 @@ class BackupStore:
     def retention_plan(self, days: int, keep: int, protected: Collection[str] = ()
                        ) -> tuple[list[Backup], list[Backup]]:
         """Split the backups into (to remove, to keep) by retention_split; `protected` ids always stay."""
-        return retention_split(self.backups(), days, keep, protected=protected)
+        return retention_split(self.scan(keep_entries=False)[0], days, keep, protected=protected)
 
     def remove(self, backup: Backup) -> None:
         """Delete a backup: renamed out of sight first, so a half-deleted one is never taken for whole."""
@@ -296,17 +305,20 @@ class BackupStore:
         """Remove the shared payload objects no backup names any more (see backup_store.objects); how many.
 
         Only holding the lock. While any backup's manifest cannot be read, nothing is removed (None):
-        it may name any object."""
+        it may name any object. One manifest is read at a time; only the names it holds are kept."""
         if not self.locked:
             raise RuntimeError("sweep_objects needs the store lock")
         if not (self.root / OBJECTS).is_dir():
             return 0
-        found, unreadable = self.scan()
-        if unreadable:
-            return None
-        referenced = {entry.sha256 for backup in found if backup.objects is not None
-                      for entry in backup.entries if entry.type == "file"}
-        return sweep_unreferenced(str(self.root / OBJECTS), (sha for sha in referenced if sha))
+        referenced: set[str] = set()
+        for folder in self.backup_folders():
+            try:
+                backup = load_backup(Path(folder))
+            except ToolkitError:
+                return None
+            if backup.objects is not None:
+                referenced.update(entry.sha256 for entry in backup.entries if entry.type == "file" and entry.sha256)
+        return sweep_unreferenced(str(self.root / OBJECTS), referenced)
 
     def remove_leftovers(self) -> list[str]:
         """Remove what leftovers() names; only safe while holding the lock."""
@@ -320,6 +332,11 @@ class BackupStore:
             else:
                 path.unlink()
         return names
+
+
+def _entries_read_again(folder: Path) -> list[Entry]:
+    """A backup's entries, read from its manifest again (for a scan that let them go)."""
+    return load_backup(folder).entries
 
 
 def resolve_component(store: BackupStore, ref: str, match: Callable[[Backup], bool] | None = None,

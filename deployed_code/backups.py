@@ -9,7 +9,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from backup_store.manifest import Backup, load_backup, verified_entries_json
+from backup_store.manifest import Backup, load_backup
+from backup_store.objects import OBJECTS, stored_names
+from backup_store.staging import reusable_entries
 from backup_store.store import BACKUP_ID
 from commands.store_commands import list_backups
 from common.cli import Context, Result
@@ -57,16 +59,15 @@ def copy_backup(paths: CodePaths, source: Backup, label: str) -> Backup | None:
     with what is deployed now (host, HEAD) as its source; None when they cannot be reused (caller holds the lock).
 
     Nothing is read or hashed: a switch between kept releases saves the one it replaces in milliseconds."""
-    files, size = source.extra.get("files"), source.extra.get("size")
-    entries_json = verified_entries_json(source)
-    if (source.objects is None or source.path.parent != paths.store.root or entries_json is None
-            or type(files) is not int or type(size) is not int):
+    objects = str(paths.store.root / OBJECTS)
+    entries_json = reusable_entries(source, objects, stored_names(objects)) if os.path.isdir(objects) else None
+    if entries_json is None:
         return None
     with paths.store.new_backup(label, safety=True) as staging:
         staging.source = CodeSource(host=os.uname().nodename, layout=paths.layout, live=str(paths.live.absolute()),
                                     **git_state(paths.repo)).dump()
         staging.share_payload()
-        staging.reuse_entries(entries_json, files, size)
+        staging.reuse_entries(entries_json, source.extra["files"], source.extra["size"])
     return staging.backup
 
 

@@ -5,7 +5,9 @@
 mtime, ctime, inode, mode and owner, as git's index decides) keeps the previous entry's sha256 without being
 read; anything else is hashed and its content stored unless the store has it already. When the whole tree is
 unchanged by that rule (one fingerprint of every path's stat says so), the previous manifest's entries are
-written as they are: nothing else is read or written.
+written as they are: nothing else is read or written. Either way a sha256 is reused only while objects/ lists
+its content: a file whose content is gone is read and stored again, so a backup never names content the store
+does not have.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from backup_store.manifest import MANIFEST, Backup, Entry, split_manifest
-from backup_store.objects import share_file
+from backup_store.manifest import Backup, Entry
+from backup_store.objects import share_file, stored_names
 from backup_store.staging import Staging
 from common.errors import Interrupted, ToolkitError, UsageError
 from common.files import file_mode, is_inside
@@ -80,7 +82,8 @@ def snapshot_tree(
     walk.tree(str(root), dest)
     staging.skipped += walk.skipped
     staging.fingerprint = walk.fingerprint()
-    if previous is not None and _reuse_unchanged(staging, previous, objects):
+    present = stored_names(objects)  # names only: a reused sha256 must still be there
+    if previous is not None and _reuse_unchanged(staging, previous, present):
         stats.files = stats.linked = staging.reused_counts[0]
         stats.bytes = staging.reused_counts[1]
         return stats
@@ -104,10 +107,8 @@ def snapshot_tree(
         stats.files += 1
         old = before.get(entry.path)
         # Unchanged by its stat: the previous entry's content, trusted as that backup recorded it (restore
-        # and verify check every checksum). A previous backup of the folder format has it linked in.
-        if old is not None and _unchanged(old, st) and (
-                previous.objects is not None or (_linkable(previous.payload(old), old)
-                                                 and share_file(previous.payload(old), objects, old.sha256, old.size))):
+        # and verify check every checksum), while it is stored. Content gone from objects/ is read again.
+        if old is not None and _unchanged(old, st) and _still_stored(previous, old, objects, present):
             entry.sha256 = old.sha256
             stats.linked += 1
             stats.bytes += st.st_size
@@ -197,27 +198,11 @@ class _Walk:
         return files
 
 
-def _reuse_unchanged(staging: Staging, previous: Backup, objects: str) -> bool:
-    """When the tree is, by its fingerprint, the previous backup's (of this store's shared format), seal the
-    backup with the previous manifest's entries as they are; whether it did."""
-    header = previous.extra
-    if not (staging.fingerprint and header.get("fingerprint") == staging.fingerprint
-            and previous.objects is not None and str(previous.objects) == objects
-            and type(header.get("files")) is int and type(header.get("size")) is int):
-        return False
-    entries_json = previous.entries_json()
-    if entries_json is None:
-        try:
-            split = split_manifest((previous.path / MANIFEST).read_bytes())
-        except OSError:
-            return False
-        if split is None or split[0].get("fingerprint") != staging.fingerprint:
-            return False
-        entries_json = split[1]
-    if hashlib.sha256(entries_json).hexdigest() != header.get("entries_sha256"):
-        return False  # damaged, or written by hand: read whole (and checked) instead
-    staging.reuse_entries(entries_json, header["files"], header["size"])
-    return True
+def _reuse_unchanged(staging: Staging, previous: Backup, present: set[str]) -> bool:
+    """When the tree is, by its fingerprint, the previous backup's, seal the backup with the previous manifest's
+    entries as they are (see Staging.reuse_backup); whether it did."""
+    fingerprint = previous.extra.get("fingerprint")
+    return bool(staging.fingerprint) and fingerprint == staging.fingerprint and staging.reuse_backup(previous, present)
 
 
 def _previous_files(previous: Backup | None) -> dict[str, Entry]:
@@ -244,6 +229,15 @@ def _unchanged(old: Entry, st: os.stat_result) -> bool:
         and old.uid == st.st_uid
         and old.gid == st.st_gid
     )
+
+
+def _still_stored(previous: Backup, old: Entry, objects: str, present: set[str]) -> bool:
+    """Whether the previous entry's content is in `objects` for the new backup to name: listed in `present`,
+    or (a previous backup of the folder format) linked in from that backup's payload."""
+    if previous.objects is not None:
+        return old.sha256 in present
+    stored = previous.payload(old)
+    return _linkable(stored, old) and share_file(stored, objects, old.sha256, old.size)
 
 
 def _linkable(stored: str, old: Entry) -> bool:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
+from code_workspace import CodeWorkspace
 from helpers import tree_snapshot
 
 from backup_store.manifest import (
@@ -123,6 +125,44 @@ def test_any_change_the_stat_shows_is_not_taken_for_an_unchanged_tree(store, src
     assert check_backup(second) == []
 
 
+@pytest.mark.parametrize("tree", ["unchanged", "another file changed", "its folder removed"])
+def test_content_gone_from_the_store_is_stored_again_by_the_next_backup(tmp_path, store, src, tree):
+    first, _ = take(store, src)
+    gone = Path(first.payload(next(e for e in first.files if e.path == f"{TREE}/app.py")))
+    gone.unlink()  # by hand, or a damaged disk: app.py and pkg/sub/same.py both named it
+    if tree == "its folder removed":  # objects/<2 hex>/ as well (it held only that object)
+        gone.parent.rmdir()
+    if tree == "another file changed":  # no fingerprint match: each file is taken by its stat
+        st = (src / "run.sh").stat()
+        (src / "run.sh").write_text("#!/bin/sh\nexit 0\n")
+        os.utime(src / "run.sh", ns=(st.st_atime_ns, st.st_mtime_ns))  # not racy; the other files untouched
+    second, stats = take(store, src)
+    assert gone.read_bytes() == b"print('v1')\n"
+    assert (stats.files, stats.rehashed, stats.copied) == (4, 2, 1 if tree == "another file changed" else 0)
+    assert check_backup(second) == [] and check_backup(load_backup(first.path)) == []
+    build_tree(second, TREE, tmp_path / "built")
+    assert tree_snapshot(tmp_path / "built") == tree_snapshot(src)
+
+
+def test_a_backup_after_content_went_missing_restores_and_verifies(tmp_path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    age(cw.live)  # trusted by their stat: the second backup reuses the first one's entries
+    assert cw.run("backup").returncode == 0
+    app = hashlib.sha256((cw.live / "app.py").read_bytes()).hexdigest()
+    stored = cw.store / OBJECTS / app[:2] / app
+    stored.unlink()
+    taken = cw.run("--json", "backup")
+    assert taken.returncode == 0, taken.stderr
+    assert json.loads(taken.stdout)["snapshot"]["rehashed"] == 1 and stored.is_file()
+    before = cw.tree()
+    (cw.live / "app.py").write_text("print('changed')\n")
+    restored = cw.run("restore", "latest", "--yes")
+    assert restored.returncode == 0, restored.stderr
+    assert cw.tree() == before
+    verified = cw.run("verify")
+    assert verified.returncode == 0 and verified.stdout.startswith(f"verify {cw.live}: OK"), verified.stdout
+
+
 def test_a_lazily_read_manifest_checks_its_entries_when_they_are_used(store, src):
     backup, _ = take(store, src)
     path = backup.path / MANIFEST
@@ -200,6 +240,29 @@ def test_cleanup_removes_only_the_content_no_kept_backup_names(store, src):
         assert store.sweep_objects() == 1  # the first backup's mod.py
     assert objects_in(store) == {e.sha256 for e in second.files}
     assert check_backup(load_backup(second.path)) == []
+
+
+def test_cleanup_holds_one_manifest_at_a_time(tmp_path, store):
+    src = tmp_path / "big"
+    for i in range(1000):  # 1,000 entries a manifest, in 12 backups
+        (src / f"d{i % 10}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 10}" / f"f{i}.py").write_text(f"N = {i}\n")
+    age(src)
+    backups = [take(store, src)[0] for _ in range(12)]
+    tracemalloc.start()
+    try:
+        assert len(load_backup(backups[0].path).entries) == 1011
+        one = tracemalloc.get_traced_memory()[1]  # what one manifest takes, read whole
+        tracemalloc.reset_peak()
+        with store.lock("test"):  # as cleanup does: the plan, the removals, the sweep
+            remove, keep = store.retention_plan(0, 11)
+            assert [b.id for b in remove] == [backups[0].id] and len(keep) == 11
+            store.remove(remove[0])
+            assert store.sweep_objects() == 0  # the 11 others name the same content
+        sweep = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sweep < 3 * one, (sweep, one)
 
 
 def test_cleanup_removes_no_stored_file_while_a_manifest_cannot_be_read(store, src):
