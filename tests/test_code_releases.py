@@ -12,6 +12,7 @@ import pytest
 from code_workspace import CodeWorkspace, commit_v2, git_archive_tree
 from helpers import age, git
 
+from backup_store.manifest import check_backup, load_backup
 from deployed_code.release_check import check_release, describe
 from deployed_code.tree import code_excluder
 
@@ -280,6 +281,25 @@ def test_the_safety_backup_of_a_whole_kept_release_reuses_its_backups_entries_an
     assert manifest_entries(cw, safety) != manifest_entries(cw, deployed)  # a snapshot of the tree as it was
     assert cw.run("restore", safety, "--yes").returncode == 0
     assert cw.tree() == hotfixed
+
+
+def test_the_safety_backup_of_a_kept_release_whose_content_left_the_store_is_a_snapshot_that_stores_it(
+        tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    backup_id, _expected, _release = restored_then_replaced(cw)
+    newer_tree = cw.tree()
+    age(live_release(cw))
+    deployed = json.loads((cw.store / "deployed.json").read_text())["backup"]
+    gone = next(entry for entry in manifest_entries(cw, deployed) if entry["path"] == "tree/app.py")["sha256"]
+    stored = cw.store / "objects" / gone[:2] / gone
+    stored.unlink()  # removed by hand, or lost to a damaged disk
+
+    switched = cw.run("--json", "restore", backup_id, "--yes")
+    assert switched.returncode == 0, switched.stderr
+    safety = json.loads(switched.stdout)["safety_backup"]
+    assert manifest_entries(cw, safety) != manifest_entries(cw, deployed) and stored.is_file()
+    assert check_backup(load_backup(cw.store / safety)) == []  # every file it names stored, whole
+    assert cw.run("restore", safety, "--yes").returncode == 0 and cw.tree() == newer_tree
 
 
 def test_a_restore_gives_each_file_its_backed_up_mtime(tmp_path: Path):
