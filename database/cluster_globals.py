@@ -336,3 +336,29 @@ def create_globals(server: DbServer, plan: GlobalsPlan, warn: Callable[[str], No
             plan.tablespaces.pop(name, None)
             plan.warnings.append(f"tablespace {shown(name)} not created: {pg_error(exc)}")
             warn(plan.warnings[-1])
+
+
+def drop_created_globals(server: DbServer, plan: GlobalsPlan) -> list[str]:
+    """Undo create_globals after the restore it came before has failed: the tablespaces it created, each on its
+    own, then its roles in one transaction (their memberships go with them). What could not be dropped (a role
+    that owns something by now) stays and is named in the lines returned."""
+    import psycopg2
+    from psycopg2 import sql
+
+    left = []
+    for name in plan.tablespaces:
+        try:
+            with server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
+                cur.execute(sql.SQL("DROP TABLESPACE IF EXISTS {}").format(sql.Identifier(name)))
+        except psycopg2.Error as exc:
+            left.append(f"tablespace {shown(name)} kept: {pg_error(exc)}")
+    if not plan.roles:
+        return left
+    try:
+        with server.session(MAINTENANCE_DB) as conn, conn.cursor() as cur:
+            for name in reversed(plan.roles):  # members before the roles they were created in
+                cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+            conn.commit()
+    except psycopg2.Error as exc:
+        left.append(f"roles {', '.join(map(shown, plan.roles))} kept: {pg_error(exc)}")
+    return left

@@ -16,7 +16,7 @@ from common.errors import ToolkitError, UsageError
 from common.text import count
 from database.backup_info import DbBackupInfo
 from database.backups import take_backup
-from database.cluster_globals import create_globals
+from database.cluster_globals import create_globals, drop_created_globals
 from database.context import SCRIPT, DbContext
 from database.dump_roles import RoleCheck, check_roles
 from database.dumps import (
@@ -84,13 +84,17 @@ def restore_command(ctx: Context) -> Result:
         ids = [source.backup.id] if source.backup else []
         ctx.confirm(f"Replace database {db.server.name} with {source.name}?")
         data["globals"], globals_lines = made_globals(ctx, db, source)  # --with-globals: before pg_restore
-        if args.in_place:
-            safety_ids, lines = restore_in_place(ctx, db, source, space)
-            ids += safety_ids
-            data["safety_backup"] = safety_ids[0] if safety_ids else None
-        else:
-            done, lines = restore_by_swap(ctx, db, plan, source, space)
-            data.update(done)
+        try:
+            if args.in_place:
+                safety_ids, lines = restore_in_place(ctx, db, source, space)
+                ids += safety_ids
+                data["safety_backup"] = safety_ids[0] if safety_ids else None
+            else:
+                done, lines = restore_by_swap(ctx, db, plan, source, space)
+                data.update(done)
+        except BaseException:
+            undo_globals(ctx, db, source)  # the restore changed nothing: neither do its roles stay
+            raise
         if writes:
             lines.append(writes.lines()[0])
         skipped = subscriptions_in(source.entries)
@@ -195,6 +199,15 @@ def made_globals(ctx: Context, db: DbContext, source: RestoreSource) -> tuple[di
         return None, list(source.roles.notes)
     create_globals(db.server, plan, ctx.warn)
     return plan.to_dict(), [*plan.lines(done=True), *source.roles.notes]
+
+
+def undo_globals(ctx: Context, db: DbContext, source: RestoreSource) -> None:
+    """Drop what made_globals created, after the restore it was made for failed; warn of what had to stay."""
+    plan = source.roles.plan
+    if plan is None or not (plan.roles or plan.tablespaces):
+        return
+    for line in drop_created_globals(db.server, plan):
+        ctx.warn(f"after the failed restore, {line}")
 
 
 def restore_in_place(ctx: Context, db: DbContext, source: RestoreSource, space: SpaceCheck

@@ -223,6 +223,18 @@ def test_an_existing_role_is_left_as_it_is_and_the_difference_noted(app: App, fr
     assert fresh.query(app.db.name, "SELECT count(*) FROM app.items") == [(50,)]
 
 
+def test_a_restore_that_fails_after_creating_the_roles_drops_them_again(app: App, fresh):
+    app.backup()
+    fresh.create_database(app.db.name)  # in place, into a database whose schema app something else depends on
+    fresh.query(app.db.name, "CREATE SCHEMA app; CREATE TABLE app.local_only (id int)")
+    result = app.on(fresh, "restore", "latest", "--yes", "--in-place", "--with-globals")
+    assert result.returncode == 1
+    assert "cannot drop schema app because other objects depend on it" in result.stderr
+    assert "warning" not in result.stderr  # every role it created dropped again
+    assert roles_on(fresh, app) == {}  # created for the restore, gone with it
+    assert fresh.query(app.db.name, "SELECT count(*) FROM app.local_only") == [(0,)]
+
+
 def test_with_globals_takes_a_superuser(app: App, fresh):
     app.backup()
     operator = "operator_" + secrets.token_hex(3)
