@@ -50,12 +50,13 @@ class ReleaseManifest:
     # Of those, each one's entries_sha256 (its manifest's header): a backup with entries byte for byte the same
     # is the same tree, known without reading the 20,000 entries of both again.
     trees: dict[str, str] = field(default_factory=dict)
-    switched_at: str | None = None  # when it last went live
+    switched_at: str | None = None  # when it last went live (written by earlier versions; now the file's mtime)
     stat_fingerprint: str | None = None  # of the folder, from when every file in it was known by its stat
     files: int | None = None  # how many of the entries are files (None in a manifest written before it was kept)
     raw_entries: bytes = b"[]"  # the entries as written; parsed by `entries` when first needed
     parsed: list[Entry] | None = field(default=None, repr=False)
     compared: dict = field(default_factory=dict, repr=False)  # its _content, by the excluder it was made with
+    touched_ns: int = field(default=0, repr=False)  # the file's mtime: when the release last went live
 
     @classmethod
     def of(cls, release: str, root_mode: int, entries: list[Entry], commit: str | None, backups: list[Backup]
@@ -126,8 +127,9 @@ class ReleaseManifest:
         return self.files if self.files is not None else sum(entry.type == "file" for entry in self.entries)
 
     def last_used(self) -> datetime:
-        """When it was last switched in, else built."""
-        return parse_time(self.switched_at or self.built_at)
+        """When it was last switched in (or its manifest last written), else built."""
+        touched = datetime.fromtimestamp(self.touched_ns / 1e9, UTC)
+        return max(parse_time(self.switched_at or self.built_at), touched)
 
 
 def _well_formed(entry: Entry) -> bool:
@@ -158,6 +160,7 @@ def read_manifest(release: Path) -> ReleaseManifest | None:
         else:
             manifest = ReleaseManifest.from_bytes(path.read_bytes())
             _read[str(path)] = (identity, manifest)
+        manifest.touched_ns = st.st_mtime_ns
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return manifest if manifest.release == release.name else None
@@ -169,6 +172,7 @@ def write_manifest(manifest: ReleaseManifest, folder: Path) -> None:
     atomic_write(path, manifest.to_bytes())
     st = os.stat(path)
     _read[str(path)] = ((st.st_ino, st.st_size, st.st_mtime_ns), manifest)  # read back as written, unparsed
+    manifest.touched_ns = st.st_mtime_ns
 
 
 def drop_manifest(release: Path) -> None:
@@ -258,11 +262,18 @@ def add_backup(folder: Path, backup: Backup, excluded: Excluded) -> bool:
 
 
 def mark_switched(folder: Path) -> None:
-    """Record that the release just went live (pruning goes by when releases were last used)."""
-    manifest = read_manifest(folder)
-    if manifest is not None:
-        manifest.switched_at = now()
-        write_manifest(manifest, folder)
+    """Record that the release just went live (pruning goes by when releases were last used): its manifest's
+    mtime is set to now, not the file rewritten (it holds every entry of the release)."""
+    path = manifest_path(folder)
+    try:
+        os.utime(path)
+    except FileNotFoundError:  # a folder that is not a kept release
+        return
+    cached = _read.get(str(path))
+    if cached is not None:  # the same manifest, touched: still known without reading it again
+        st = os.stat(path)
+        _read[str(path)] = ((st.st_ino, st.st_size, st.st_mtime_ns), cached[1])
+        cached[1].touched_ns = st.st_mtime_ns
 
 
 def prune(releases: Path, keep: int, protected: list[Path]) -> list[Path]:
