@@ -340,8 +340,8 @@ def create_globals(server: DbServer, plan: GlobalsPlan, warn: Callable[[str], No
 
 def drop_created_globals(server: DbServer, plan: GlobalsPlan) -> list[str]:
     """Undo create_globals after the restore it came before has failed: the tablespaces it created, each on its
-    own, then its roles in one transaction (their memberships go with them). What could not be dropped (a role
-    that owns something by now) stays and is named in the lines returned."""
+    own, then its roles, each in a savepoint of one transaction (their memberships go with them). What could not
+    be dropped (a role that owns something by now) stays and is named in the lines returned."""
     import psycopg2
     from psycopg2 import sql
 
@@ -354,11 +354,13 @@ def drop_created_globals(server: DbServer, plan: GlobalsPlan) -> list[str]:
             left.append(f"tablespace {shown(name)} kept: {pg_error(exc)}")
     if not plan.roles:
         return left
-    try:
-        with server.session(MAINTENANCE_DB) as conn, conn.cursor() as cur:
-            for name in reversed(plan.roles):  # members before the roles they were created in
+    with server.session(MAINTENANCE_DB) as conn, conn.cursor() as cur:
+        for name in plan.roles:
+            cur.execute("SAVEPOINT drop_role")
+            try:
                 cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-            conn.commit()
-    except psycopg2.Error as exc:
-        left.append(f"roles {', '.join(map(shown, plan.roles))} kept: {pg_error(exc)}")
+            except psycopg2.Error as exc:
+                cur.execute("ROLLBACK TO SAVEPOINT drop_role")
+                left.append(f"role {shown(name)} kept: {pg_error(exc)}")
+        conn.commit()
     return left

@@ -206,7 +206,11 @@ def undo_globals(ctx: Context, db: DbContext, source: RestoreSource) -> None:
     plan = source.roles.plan
     if plan is None or not (plan.roles or plan.tablespaces):
         return
-    for line in drop_created_globals(db.server, plan):
+    try:
+        left = drop_created_globals(db.server, plan)
+    except Exception as exc:  # noqa: BLE001 - the restore's own error is the one to report; this is a warning
+        left = [f"the roles and tablespaces it created were kept ({exc})"]
+    for line in left:
         ctx.warn(f"after the failed restore, {line}")
 
 

@@ -115,7 +115,7 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
             # With its backed-up mtime, as rsync -a, tar and restic restore it: a release described right after
             # its build then has its files known by their stat at once, not hashed by the next check.
             copies.append(CopyJob(backup.payload(entry), out, entry.mode, owner, checked(entry),
-                                  mtime_ns=entry.mtime_ns))
+                                  mtime_ns=entry.mtime_ns if type(entry.mtime_ns) is int else None))
         else:
             raise ToolkitError(f"backup {backup.id}: {entry.path} has an unknown type {entry.type!r}")
     copy_all(copies)  # once every folder exists: files on every core

@@ -61,9 +61,10 @@ class ReleaseCheck:
 
 def check_release(folder: Path, manifest: ReleaseManifest, excluded: Excluded, verify_all: bool = False
                   ) -> ReleaseCheck:
-    """The release folder against its manifest. A file whose size, mtime, ctime and inode are as recorded is not
-    read, unless `verify_all`; a file read and found unchanged gets its stat recorded in the manifest's entries
-    (in memory: the caller writes it) when it is past the racy window."""
+    """The release folder against its manifest. A walk that gives the manifest's stat fingerprint finds it whole
+    at once (unless `verify_all`). Otherwise a file whose size, mtime, ctime and inode are as recorded is not
+    read, unless `verify_all`; a file read and found unchanged gets its stat recorded in the manifest's entries,
+    and a folder found whole its fingerprint (in memory: keep_what_was_learnt writes them, never a dry run)."""
     trusted_before = not_racy_before()  # before any lstat: the rule holds for stats read from now on
     root = os.lstat(folder)
     items = sorted(_walk(folder, excluded))

@@ -145,8 +145,10 @@ class ReleaseSteps:
         if self.releases is None:
             return Prepared(ran, None)
         # What BUILD_HOOK added or changed is read and hashed: only an untouched tree is the backup's as it is.
-        return Prepared(ran, describe(folder, self.excluded, None if ran else known, commit=commit,
-                                      backups=[backup] if backup and not ran else []))
+        manifest = describe(folder, self.excluded, None if ran else known, commit=commit,
+                            backups=[backup] if backup and not ran else [])
+        manifest.exclude = sorted(self.paths.exclude)
+        return Prepared(ran, manifest)
 
     def kept_for_backup(self, backup: Backup, dry_run: bool) -> KeptRelease | None:
         """The kept release whose tree is the backup's, checked. Unless this is a dry run, one that fails its
@@ -222,7 +224,10 @@ class ReleaseSteps:
         safety backup is a copy of that backup's entries: no snapshot of 20,000 files. None otherwise."""
         live = Path(os.path.realpath(self.live))
         manifest = read_manifest(live) if self.releases is not None and self.live.is_symlink() else None
-        source = self._listed_tree(manifest) if manifest is not None else None
+        # A backup's entries are the live tree only under the exclusions both were made with: a path left out
+        # since (a file now in LINKED_PATHS) is in the backup and not in the release as it is kept now.
+        same_rules = manifest is not None and manifest.exclude == sorted(self.paths.exclude)
+        source = self._listed_tree(manifest) if same_rules else None
         if source is None:
             return None
         try:
@@ -288,7 +293,7 @@ class ReleaseSteps:
         for backup_id in reversed(manifest.backups):
             folder = self.paths.store.root / backup_id
             try:
-                backup = load_backup(folder) if folder.is_dir() else None
+                backup = load_backup(folder, lazy=True) if folder.is_dir() else None
             except ToolkitError:
                 continue
             if backup is not None and is_tree_of(manifest, backup, self.excluded):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from backup_store.manifest import Backup, Entry, format_time, parse_time
+from backup_store.manifest import Backup, Entry, format_time, parse_time, verified_entries_json
 from backup_store.trees import tree_entries
 from common.files import atomic_write
 from deployed_code.paths import TREE
@@ -53,10 +53,11 @@ class ReleaseManifest:
     switched_at: str | None = None  # when it last went live (written by earlier versions; now the file's mtime)
     stat_fingerprint: str | None = None  # of the folder, from when every file in it was known by its stat
     files: int | None = None  # how many of the entries are files (None in a manifest written before it was kept)
+    exclude: list[str] | None = None  # the exclusions (CODE_EXCLUDE, LINKED_PATHS) it was described with
     raw_entries: bytes = b"[]"  # the entries as written; parsed by `entries` when first needed
     parsed: list[Entry] | None = field(default=None, repr=False)
     compared: dict = field(default_factory=dict, repr=False)  # its _content, by the excluder it was made with
-    touched_ns: int = field(default=0, repr=False)  # the file's mtime: when the release last went live
+    touched_ns: int = field(default=0, repr=False)  # the file's mtime: when it last went live, or was last checked
 
     @classmethod
     def of(cls, release: str, root_mode: int, entries: list[Entry], commit: str | None, backups: list[Backup]
@@ -101,7 +102,7 @@ class ReleaseManifest:
         header = {"format": MANIFEST_FORMAT, "release": self.release, "built_at": self.built_at,
                   "switched_at": self.switched_at, "commit": self.commit, "backups": self.backups,
                   "trees": self.trees, "root_mode": self.root_mode, "stat_fingerprint": self.stat_fingerprint,
-                  "files": self.files}
+                  "files": self.files, "exclude": self.exclude}
         return json.dumps(header, separators=(",", ":")).encode() + b"\n" + self.raw_entries
 
     @classmethod
@@ -115,12 +116,17 @@ class ReleaseManifest:
         commit, trees = header.get("commit"), header.get("trees")  # none in a manifest written before they were
         trees = {key: value for key, value in trees.items() if key in backups and isinstance(value, str)} \
             if isinstance(trees, dict) else {}
-        fingerprint, files = header.get("stat_fingerprint"), header.get("files")
-        return cls(release=str(header["release"]), built_at=str(header["built_at"]),
+        fingerprint, files, exclude = header.get("stat_fingerprint"), header.get("files"), header.get("exclude")
+        built_at, switched_at = header["built_at"], header.get("switched_at")
+        for moment in (built_at, switched_at or built_at):  # unreadable: the manifest is, here, not at a prune
+            if parse_time(moment).tzinfo is None:
+                raise ValueError("a time without its zone")
+        return cls(release=str(header["release"]), built_at=built_at,
                    root_mode=int(header["root_mode"]), commit=commit if isinstance(commit, str) else None,
-                   backups=list(backups), trees=trees, switched_at=header.get("switched_at"),
+                   backups=list(backups), trees=trees, switched_at=switched_at,
                    stat_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
-                   files=files if type(files) is int else None, raw_entries=rest)
+                   files=files if type(files) is int else None, raw_entries=rest,
+                   exclude=exclude if isinstance(exclude, list) and all(isinstance(p, str) for p in exclude) else None)
 
     def file_count(self) -> int:
         """How many files the release has (counted from its entries only in a manifest that does not say)."""
@@ -201,8 +207,8 @@ def _content(entries: dict[str, Entry], excluded: Excluded) -> dict[str, tuple]:
 
 def is_tree_of(manifest: ReleaseManifest, backup: Backup, excluded: Excluded) -> bool:
     """Whether the release's manifest lists exactly the backup's tree (what both leave out aside)."""
-    if manifest.lists_tree_of(backup):
-        return True
+    if manifest.lists_tree_of(backup) and verified_entries_json(backup) is not None:
+        return True  # the very entries found to be its tree, undamaged since
     wanted = tree_entries(backup, TREE)
     root = wanted.pop("", None)
     if root is None or root.mode != manifest.root_mode:
@@ -267,7 +273,7 @@ def mark_switched(folder: Path) -> None:
     path = manifest_path(folder)
     try:
         os.utime(path)
-    except FileNotFoundError:  # a folder that is not a kept release
+    except OSError:  # not a kept release, or not ours to touch: only the order of pruning is at stake
         return
     cached = _read.get(str(path))
     if cached is not None:  # the same manifest, touched: still known without reading it again

@@ -302,6 +302,32 @@ def test_the_safety_backup_of_a_kept_release_whose_content_left_the_store_is_a_s
     assert cw.run("restore", safety, "--yes").returncode == 0 and cw.tree() == newer_tree
 
 
+def test_after_the_exclusions_changed_the_safety_backup_of_a_kept_release_is_a_snapshot_by_the_new_ones(
+        tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    backup_id, _expected, _release = restored_then_replaced(cw)
+    age(live_release(cw))
+    deployed = json.loads((cw.store / "deployed.json").read_text())["backup"]
+    cw.env["CODE_EXCLUDE"] = "run.sh"  # left out from now on: the live release's backup still has it
+    switched = cw.run("--json", "restore", backup_id, "--yes")
+    assert switched.returncode == 0, switched.stderr
+    safety = {entry["path"] for entry in manifest_entries(cw, json.loads(switched.stdout)["safety_backup"])}
+    assert "tree/run.sh" in {entry["path"] for entry in manifest_entries(cw, deployed)}
+    assert "tree/run.sh" not in safety and "tree/app.py" in safety
+
+
+def test_a_release_manifest_with_a_time_that_cannot_be_read_is_not_kept(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    backup_id, expected, release = restored_then_replaced(cw)
+    manifest = release.parent / f".{release.name}.manifest.json"
+    header, _, entries = manifest.read_bytes().partition(b"\n")
+    manifest.write_bytes(json.dumps({**json.loads(header), "switched_at": 1700000000}).encode() + b"\n" + entries)
+    result = cw.run("--json", "restore", backup_id, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["kept_release"] is None and cw.tree() == expected  # built anew
+    assert cw.run("verify").returncode == 0
+
+
 def test_a_restore_gives_each_file_its_backed_up_mtime(tmp_path: Path):
     cw = CodeWorkspace(tmp_path, symlink_layout=False)
     age(cw.live)
