@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -241,15 +241,18 @@ class ReleaseSteps:
 
     def _listed_tree(self, manifest: ReleaseManifest) -> Backup | None:
         """The newest backup the release lists, as recorded with its entries' sha256, that is still in the store."""
+        return next((backup for backup in self._listed_in_store(manifest) if manifest.lists_tree_of(backup)), None)
+
+    def _listed_in_store(self, manifest: ReleaseManifest) -> Iterator[Backup]:
+        """The backups the release lists that are still in the store and readable, newest first (headers only)."""
         for backup_id in reversed(manifest.backups):
             folder = self.paths.store.root / backup_id
             try:
-                backup = load_backup(folder, lazy=True) if backup_id in manifest.trees and folder.is_dir() else None
+                backup = load_backup(folder, lazy=True) if folder.is_dir() else None
             except ToolkitError:
                 continue
-            if backup is not None and manifest.lists_tree_of(backup):
-                return backup
-        return None
+            if backup is not None:
+                yield backup
 
     def _switch_kept(self, kept: KeptRelease, safety: Backup | None) -> tuple[Switched, Path | None]:
         """`current` switched to the kept release, marked as just used; the switch and the release it replaced."""
@@ -290,13 +293,8 @@ class ReleaseSteps:
         """A backup the release's manifest lists that is still in the store and still its tree: the newest that
         records the release's commit (a rollback's record of what it deployed), else the newest."""
         found = []
-        for backup_id in reversed(manifest.backups):
-            folder = self.paths.store.root / backup_id
-            try:
-                backup = load_backup(folder, lazy=True) if folder.is_dir() else None
-            except ToolkitError:
-                continue
-            if backup is not None and is_tree_of(manifest, backup, self.excluded):
+        for backup in self._listed_in_store(manifest):
+            if is_tree_of(manifest, backup, self.excluded):
                 if CodeSource.load(backup).commit == manifest.commit:
                     return backup
                 found.append(backup)
