@@ -190,9 +190,12 @@ def test_sigkill_at_ten_moments_of_a_restore_leaves_old_or_new_nothing_unnamed_a
     env = {**os.environ, **cw.env}
     break_live()
     old_tree = cw.tree()
-    began = time.monotonic()
-    assert subprocess.run(argv, env=env, cwd=cw.root, capture_output=True).returncode == 0
-    whole = time.monotonic() - began
+    whole = float("inf")
+    for _ in range(2):  # the shorter of two runs: the first one also hashes every just-written file
+        break_live()
+        began = time.monotonic()
+        assert subprocess.run(argv, env=env, cwd=cw.root, capture_output=True).returncode == 0
+        whole = min(whole, time.monotonic() - began)
     began = time.monotonic()  # a run that stops once started: its interpreter, imports, settings and store
     started = subprocess.run(script_argv("code_rollback.py", "restore", "no-such-backup", "--yes"), env=env,
                              cwd=cw.root, capture_output=True)
