@@ -13,7 +13,8 @@ who goes first, ours or the peers, alternates between rounds). Each round starts
                      safety backup of the live release, the switch of `current`
   two backups on disk  ours, against the tree's size on disk
 Goals (issue 17): first <= 1.0x and unchanged <= 0.5x the fastest peer's, restore <= 1.0x the fastest peer's,
-kept switch <= 0.1x the fastest peer's restore, two backups <= 1.1x the tree. The peers come from Debian: apt-get install rsync restic borgbackup.
+kept switch <= 0.1x the fastest peer's restore, two backups <= 1.1x the tree. The peers come from Debian:
+apt-get install rsync restic borgbackup.
 --quick: 100 files, one round. A step that fails stops the benchmark with exit 1.
 Usage: bench/code_bench.py [--quick] [--files N] [--rounds N]   (BENCH_ROUNDS=N also sets the rounds)
 """
