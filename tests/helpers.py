@@ -14,7 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from script_server import ScriptServer
+
 ROOT = Path(__file__).resolve().parent.parent
+# Set to 1, every run_script starts a fresh interpreter, as the tests that are about start-up always do.
+COLD_START = os.environ.get("TESTS_COLD_START") == "1"
+_server: ScriptServer | None = None
+_server_started = threading.Lock()
 
 
 def script_argv(script: str, *args: str) -> list[str]:
@@ -29,12 +35,17 @@ def run_script(
     """Run a script to completion with only `env` as settings (no terminal, like cron and CI).
 
     `limits` are resource limits of the child ({resource.RLIMIT_FSIZE: bytes, ...}), set before it starts.
+    Without umask and limits the process is forked from a server that has imported the scripts already
+    (tests/script_server.py), unless something it would inherit differs from what a cold start computes.
     """
-    own = ("CONFIG", "ENV_", "DB_", "RTO_", "METRICS_FILE")  # the toolkit's settings come from `env` only
-    full_env = {key: value for key, value in os.environ.items() if not key.startswith(own)}
-    full_env.update(env)
+    full_env = {**_base_env(), **env}
+    argv = script_argv(script, *args)
+    if umask is None and not limits and not COLD_START:
+        server = script_server()
+        if server.can_run(full_env, cwd):
+            return server.run(argv, full_env, cwd, stdin or "", timeout)
     return subprocess.run(
-        script_argv(script, *args),
+        argv,
         env=full_env,
         cwd=cwd,
         input=stdin if stdin is not None else "",
@@ -43,6 +54,30 @@ def run_script(
         preexec_fn=(lambda: _limit_child(umask, limits or {})) if umask is not None or limits else None,
         timeout=timeout,
     )
+
+
+def _base_env() -> dict[str, str]:
+    """This process's environment without the toolkit's settings: a script's come from run_script's `env` only."""
+    own = ("CONFIG", "ENV_", "DB_", "RTO_", "METRICS_FILE")
+    return {key: value for key, value in os.environ.items() if not key.startswith(own)}
+
+
+def script_server() -> ScriptServer:
+    """This test process's script server, started on first use."""
+    global _server
+    with _server_started:
+        if _server is None:
+            _server = ScriptServer(_base_env())
+        return _server
+
+
+def stop_script_server() -> None:
+    """End this test process's script server, if it has one."""
+    global _server
+    with _server_started:
+        if _server is not None:
+            _server.stop()
+            _server = None
 
 
 def _limit_child(umask: int | None, limits: dict[int, int]) -> None:
