@@ -13,6 +13,7 @@ the umask (common/files.py) and the open-files limit (backup_store/copier.py) re
 
 from __future__ import annotations
 
+import builtins
 import gc
 import importlib
 import io
@@ -102,7 +103,7 @@ class ScriptServer:
             while len(status) < STATUS.size:
                 chunk = mine.recv(STATUS.size - len(status))
                 if not chunk:
-                    raise RuntimeError(f"the script server ended during {argv[1:]}: {self._proc.poll()=}")
+                    raise RuntimeError(f"the script server ended during {argv[1:]} (exit code {self._proc.poll()})")
                 status += chunk
         if timed_out:
             raise subprocess.TimeoutExpired(argv, timeout, out, err)
@@ -172,7 +173,7 @@ class _Request:
     stdio: list[int]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Child:
     """A running child, as the server tracks it until it has reaped it and sent its exit code."""
 
@@ -186,48 +187,51 @@ def serve(control: socket.socket) -> _Request | None:
     """Fork a child for each request; None once the test process has gone. Returns the request in a child."""
     selector = selectors.DefaultSelector()
     selector.register(control, selectors.EVENT_READ)
-    children: dict[int, _Child] = {}  # by pidfd and by reply socket's fd
+    running: list[_Child] = []
     while True:
         for key, _events in selector.select():
-            if key.fileobj is control:
-                message, fds, _flags, _address = socket.recv_fds(control, MAX_REQUEST, 1 + STDIO_FDS)
+            child = key.data  # the child whose pidfd or reply socket this is; None for the control socket
+            if child is None:
+                message, fds, flags, _address = socket.recv_fds(control, MAX_REQUEST, 1 + STDIO_FDS)
                 if not message:
                     return None
+                if flags & socket.MSG_TRUNC:
+                    raise RuntimeError(f"a request longer than {MAX_REQUEST} bytes")
                 request = json.loads(message)
                 reply = socket.socket(fileno=fds[0])
                 pid = os.fork()
-                if pid == 0:
+                if pid == 0:  # nothing of the server stays open in the child
                     selector.close()
                     control.close()
-                    for child in {id(c): c for c in children.values()}.values():
-                        os.close(child.pidfd)
-                        child.reply.close()
+                    for other in running:
+                        os.close(other.pidfd)
+                        other.reply.close()
                     reply.close()
                     return _Request(request["argv"], request["env"], request["cwd"], fds[1:])
                 for fd in fds[1:]:
                     os.close(fd)
                 child = _Child(pid, os.pidfd_open(pid), reply)
-                children[child.pidfd] = children[reply.fileno()] = child
-                selector.register(child.pidfd, selectors.EVENT_READ)
-                selector.register(reply, selectors.EVENT_READ)
-            else:
-                child = children[key.fd]
-                if key.fd == child.pidfd:
-                    _report(child, selector, children)
-                else:  # the client's timeout passed, or the client has gone: kill, reap and report as usual
-                    os.kill(child.pid, signal.SIGKILL)
-                    selector.unregister(child.reply)
-                    child.killed = True
+                running.append(child)
+                selector.register(child.pidfd, selectors.EVENT_READ, child)  # readable once the child has ended
+                selector.register(reply, selectors.EVENT_READ, child)
+            elif child not in running:
+                continue  # reaped earlier in this round
+            elif key.fd == child.pidfd:
+                running.remove(child)
+                _report(child, selector)
+            else:  # the client's timeout passed, or the client has gone: kill, then reap and report as usual
+                os.kill(child.pid, signal.SIGKILL)
+                selector.unregister(child.reply)
+                child.killed = True
 
 
-def _report(child: _Child, selector: selectors.BaseSelector, children: dict[int, _Child]) -> None:
+def _report(child: _Child, selector: selectors.BaseSelector) -> None:
     """Reap an ended child and send its exit code as subprocess gives it (-N for signal N)."""
     _pid, status = os.waitpid(child.pid, 0)
     selector.unregister(child.pidfd)
+    os.close(child.pidfd)
     if not child.killed:
         selector.unregister(child.reply)
-    del children[child.pidfd], children[child.reply.fileno()]
-    os.close(child.pidfd)
     try:
         child.reply.sendall(STATUS.pack(os.waitstatus_to_exitcode(status)))
     except OSError:
@@ -249,7 +253,7 @@ def start_child(request: _Request, added_at_start: dict[str, str]) -> dict:
     sys.argv = list(request.argv[1:])
     main = types.ModuleType("__main__")
     path = sys.argv[0]
-    main.__dict__.update(__file__=path, __builtins__=__builtins__, __loader__=SourceFileLoader("__main__", path),
+    main.__dict__.update(__file__=path, __builtins__=builtins, __loader__=SourceFileLoader("__main__", path),
                          __spec__=None, __cached__=None)
     sys.modules["__main__"] = main
     return main.__dict__
