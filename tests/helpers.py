@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from script_server import ScriptServer
+from script_client import ScriptServer
 
 ROOT = Path(__file__).resolve().parent.parent
 # Set to 1, every run_script starts a fresh interpreter, as the tests that are about start-up always do.
@@ -36,7 +36,7 @@ def run_script(
 
     `limits` are resource limits of the child ({resource.RLIMIT_FSIZE: bytes, ...}), set before it starts.
     Without umask and limits the process is forked from a server that has imported the scripts already
-    (tests/script_server.py), unless something it would inherit differs from what a cold start computes.
+    (tests/script_client.py), unless something it would inherit differs from what a cold start computes.
     """
     full_env = {**_base_env(), **env}
     argv = script_argv(script, *args)

@@ -1,14 +1,15 @@
-"""Runs of the toolkit's scripts without an interpreter start each: a server that has imported them forks.
+"""The script server: imports the toolkit's scripts once, then forks a child for each run a test asks for.
 
-The server (this file run as a program) imports the four scripts once. For each run it forks a child that
-takes the test's argv, environment, working folder and standard streams (pipes passed over a Unix socket),
-then runs the script as `python script.py` runs it: as __main__, ending through the interpreter's own exit
-(SystemExit, an uncaught exception's traceback, threads joined, atexit, streams flushed). The test reads
-stdout and stderr and gets the exit code (a signal's as -N) from the server once it has reaped the child.
+Started by script_client.ScriptServer, with one end of a Unix socket (SOCK_SEQPACKET) as its argument. It first
+sends a hello (the environment variables that what it imported read), then takes requests: argv, environment
+and working folder as JSON, and four fds (a reply socket, then the run's stdin, stdout and stderr). The child
+becomes what `python script.py` would be and runs the script as __main__, ending through the interpreter's own
+exit (SystemExit, an uncaught exception's traceback, threads joined, atexit, streams flushed). The server
+reaps it and sends its exit code (-N for signal N) on the reply socket; a byte from the client there kills it.
 
-What a forked child inherits instead of computing it afresh is why ScriptServer.can_run sends some runs to a
-cold start: the interpreter reads PYTHON*, LC_*, LANG, TZ, HOME and TMPDIR when it starts, and modules keep
-the umask (common/files.py) and the open-files limit (backup_store/copier.py) read at import.
+What the imports here read of the process (environment variables by name, the working folder) is watched:
+an import that reads the whole environment, or the working folder (but for multiprocessing's, set again in
+each child), stops the server, since a child would inherit what it read instead of reading its own.
 """
 
 from __future__ import annotations
@@ -18,146 +19,28 @@ import gc
 import importlib
 import io
 import json
-import locale
 import os
-import resource
 import selectors
 import signal
 import socket
 import struct
-import subprocess
 import sys
-import threading
-import time
 import types
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("config_rollback", "code_rollback", "database_rollback", "rollback")
-STARTUP_PREFIXES = ("PYTHON", "LC_")
-STARTUP_NAMES = frozenset({"LANG", "TZ", "HOME", "TMPDIR"})
-STDIO_FDS = 3  # the reply socket, then stdin, stdout and stderr travel with each request
-MAX_REQUEST = 1 << 20
-PIPE_CHUNK = 1 << 16
+# What the scripts import inside functions and is slow to load (0.07-0.45 s of CPU each): loaded once here too.
+# Not prometheus_client (its wsgiref import copies the whole environment) nor psutil (CPU times kept at import).
+LIBRARIES = ("dotenv", "ruamel.yaml", "psycopg2", "boto3")
+FDS = 4  # the reply socket, then stdin, stdout and stderr travel with each request
+MAX_MESSAGE = 1 << 20
 STATUS = struct.Struct("i")
 KILL = b"k"  # what the client sends when its timeout passes: the server kills the child, as subprocess.run does
-
-
-def startup_settings(env: dict[str, str]) -> dict[str, str]:
-    """The variables of `env` that a Python interpreter or the toolkit's imports read when they start."""
-    return {key: value for key, value in env.items() if key.startswith(STARTUP_PREFIXES) or key in STARTUP_NAMES}
-
-
-def process_umask() -> int:
-    """This process's umask, read from /proc without changing it (os.umask would, for every thread)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("Umask:"):
-            return int(line.split()[1], 8)
-    raise RuntimeError("no Umask line in /proc/self/status")
-
-
-def process_limits() -> dict[str, tuple[int, int]]:
-    """Every resource limit of this process, by name."""
-    return {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")}
-
-
-class ScriptServer:
-    """The test process's side: starts the server with `env`, and runs scripts through it (thread-safe)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self._startup = startup_settings(env)
-        self._umask, self._limits = process_umask(), process_limits()
-        self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._proc = subprocess.Popen([sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                      env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        theirs.close()
-        self._sending = threading.Lock()
-
-    def can_run(self, env: dict[str, str], cwd: Path) -> bool:
-        """Whether a child forked from the server would start exactly as `python script.py` would here."""
-        return (startup_settings(env) == self._startup and process_umask() == self._umask
-                and process_limits() == self._limits and os.path.isdir(cwd))
-
-    def run(self, argv: list[str], env: dict[str, str], cwd: Path, stdin: str, timeout: float
-            ) -> subprocess.CompletedProcess:
-        """What subprocess.run(argv, env=env, cwd=cwd, input=stdin, capture_output=True, text=True) returns."""
-        mine, theirs = socket.socketpair()
-        child_in, to_child = os.pipe()
-        from_out, child_out = os.pipe()
-        from_err, child_err = os.pipe()
-        request = json.dumps({"argv": argv, "env": env, "cwd": str(cwd)}).encode()
-        try:
-            with self._sending:
-                socket.send_fds(self._control, [request], [theirs.fileno(), child_in, child_out, child_err])
-        finally:  # the child's ends are the child's now: the server holds copies until it has forked
-            theirs.close()
-            for fd in (child_in, child_out, child_err):
-                os.close(fd)
-        with mine:
-            encoding = locale.getpreferredencoding(False)
-            out, err, timed_out = _exchange(to_child, from_out, from_err, stdin.encode(encoding), mine, timeout)
-            status = b""
-            while len(status) < STATUS.size:
-                chunk = mine.recv(STATUS.size - len(status))
-                if not chunk:
-                    raise RuntimeError(f"the script server ended during {argv[1:]} (exit code {self._proc.poll()})")
-                status += chunk
-        if timed_out:
-            raise subprocess.TimeoutExpired(argv, timeout, out, err)
-        return subprocess.CompletedProcess(argv, STATUS.unpack(status)[0], _text(out, encoding), _text(err, encoding))
-
-    def stop(self) -> int:
-        """End the server (children still running finish on their own); its exit code."""
-        self._control.close()
-        return self._proc.wait(timeout=30)
-
-
-def _exchange(to_child: int, from_out: int, from_err: int, data: bytes, reply: socket.socket, timeout: float
-              ) -> tuple[bytes, bytes, bool]:
-    """Write `data` to the child's stdin and read its stdout and stderr to their end; a timeout kills it.
-
-    Returns stdout, stderr and whether the timeout passed; every one of the three fds is closed.
-    """
-    deadline = time.monotonic() + timeout
-    outputs: dict[int, list[bytes]] = {from_out: [], from_err: []}
-    timed_out = False
-    with selectors.DefaultSelector() as selector:
-        for fd in outputs:
-            selector.register(fd, selectors.EVENT_READ)
-        os.set_blocking(to_child, False)
-        selector.register(to_child, selectors.EVENT_WRITE)
-        while selector.get_map():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                reply.sendall(KILL)
-                timed_out = True
-                break
-            for key, _events in selector.select(left):
-                if key.fd == to_child:
-                    try:
-                        data = data[os.write(to_child, data[:PIPE_CHUNK]):]
-                    except BrokenPipeError:  # the script stopped reading: as for subprocess.run, not an error
-                        data = b""
-                    if not data:
-                        selector.unregister(to_child)
-                        os.close(to_child)
-                elif chunk := os.read(key.fd, PIPE_CHUNK):
-                    outputs[key.fd].append(chunk)
-                else:
-                    selector.unregister(key.fd)
-        if to_child in selector.get_map():
-            os.close(to_child)
-    for fd in outputs:
-        os.close(fd)
-    return b"".join(outputs[from_out]), b"".join(outputs[from_err]), timed_out
-
-
-def _text(data: bytes, encoding: str) -> str:
-    """Bytes as text=True gives them: decoded strictly, every line ending made \\n."""
-    return data.decode(encoding).replace("\r\n", "\n").replace("\r", "\n")
 
 
 # -- the server --------------------------------------------------------------------------------------------
@@ -192,11 +75,14 @@ def serve(control: socket.socket) -> _Request | None:
         for key, _events in selector.select():
             child = key.data  # the child whose pidfd or reply socket this is; None for the control socket
             if child is None:
-                message, fds, flags, _address = socket.recv_fds(control, MAX_REQUEST, 1 + STDIO_FDS)
+                try:
+                    message, fds, flags, _address = socket.recv_fds(control, MAX_MESSAGE, FDS)
+                except ConnectionResetError:  # the client closed its end without reading the hello
+                    return None
                 if not message:
                     return None
                 if flags & socket.MSG_TRUNC:
-                    raise RuntimeError(f"a request longer than {MAX_REQUEST} bytes")
+                    raise RuntimeError(f"a request longer than {MAX_MESSAGE} bytes")
                 request = json.loads(message)
                 reply = socket.socket(fileno=fds[0])
                 pid = os.fork()
@@ -248,6 +134,8 @@ def start_child(request: _Request, added_at_start: dict[str, str]) -> dict:
     sys.stdin, sys.stdout, sys.stderr = (_stdio(fd, template) for fd, template in enumerate(templates))
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
     os.chdir(request.cwd)
+    if "multiprocessing.process" in sys.modules:  # boto3 loads it, which notes the working folder as it loads
+        sys.modules["multiprocessing.process"].ORIGINAL_DIR = os.path.abspath(os.getcwd())
     os.environ.clear()
     os.environ.update({**request.env, **added_at_start})
     sys.argv = list(request.argv[1:])
@@ -280,17 +168,78 @@ def _added_at_start() -> dict[str, str]:
             if given.get(os.fsencode(key)) != os.fsencode(value)}
 
 
+@dataclass
+class _Reads:
+    """What imports read of the process's state: variables by name, the whole environment, the working folder."""
+
+    variables: set[str] = field(default_factory=set)
+    whole_environment: list[str] = field(default_factory=list)  # the modules that went through all of it
+    working_folder: list[str] = field(default_factory=list)  # the modules that asked for it
+
+
+@contextmanager
+def _watching_reads() -> Iterator[_Reads]:
+    """Record what the code run inside reads of the environment (through os.environ) and the working folder."""
+    reads = _Reads()
+    environ_class, getcwd = type(os.environ), os.getcwd
+    getitem, iterate = environ_class.__getitem__, environ_class.__iter__
+
+    def read_one(self: os._Environ, key: str) -> str:
+        reads.variables.add(key)  # get(), `in` and os.getenv all come through here
+        return getitem(self, key)
+
+    def read_all(self: os._Environ) -> Iterator[str]:
+        reads.whole_environment.append(_importing_module())
+        return iterate(self)
+
+    def read_folder() -> str:
+        reads.working_folder.append(_importing_module())
+        return getcwd()
+
+    environ_class.__getitem__, environ_class.__iter__, os.getcwd = read_one, read_all, read_folder
+    try:
+        yield reads
+    finally:
+        environ_class.__getitem__, environ_class.__iter__, os.getcwd = getitem, iterate, getcwd
+
+
+def _importing_module() -> str:
+    """The module whose code called the function that called this one (past os's and collections.abc's)."""
+    frame = sys._getframe(2)
+    while frame.f_back is not None and frame.f_globals.get("__name__") in ("os", "posixpath", "collections.abc"):
+        frame = frame.f_back
+    return str(frame.f_globals.get("__name__"))
+
+
+def _preload() -> tuple[dict[str, types.CodeType], set[str]]:
+    """Import the scripts and the libraries; their code by path, and the variables their imports read."""
+    code = {}
+    with _watching_reads() as reads:
+        for name in SCRIPTS:
+            importlib.import_module(name)
+            path = str(ROOT / f"{name}.py")
+            code[path] = compile(Path(path).read_bytes(), path, "exec", dont_inherit=True)
+        for name in LIBRARIES:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                continue  # a script that needs it fails as it would have without this server
+    kept_folder = set(reads.working_folder) - {"multiprocessing.process"}
+    if reads.whole_environment or kept_folder:
+        raise RuntimeError(f"an import read the whole environment ({reads.whole_environment}) or the working "
+                           f"folder ({sorted(kept_folder)}): a forked child would see the server's, not its own")
+    return code, reads.variables
+
+
 def main() -> None:
-    """The server: import the scripts, then fork for each request until the test process has gone."""
+    """The server: import the scripts, say which variables that read, fork for each request until the end."""
     sys.path[0] = str(ROOT)  # where `python ROOT/script.py` finds the toolkit
     added = _added_at_start()
-    code = {}
-    for name in SCRIPTS:
-        importlib.import_module(name)
-        path = str(ROOT / f"{name}.py")
-        code[path] = compile(Path(path).read_bytes(), path, "exec", dont_inherit=True)
+    code, variables = _preload()
     gc.freeze()  # the children share these pages rather than copy them when a collection touches them
-    request = serve(socket.socket(fileno=int(sys.argv[1])))
+    control = socket.socket(fileno=int(sys.argv[1]))
+    control.send(json.dumps({"read_at_import": sorted(variables)}).encode())
+    request = serve(control)
     if request is None:
         return
     namespace = start_child(request, added)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 from helpers import ROOT, script_server, wait_until_dead
-from script_server import ScriptServer
+from script_client import ScriptServer
+from script_server import _watching_reads
 
 # Prints what a process gets from its start rather than from its code: environment, folder, fds, argv, module
 # path, signal handlers and mask, umask, limits, standard streams, flags, locale, __main__; then its stdin.
 PROBE = """\
-import json, locale, os, resource, signal, sys, tempfile, threading, time
+import json, locale, multiprocessing.process, os, resource, signal, sys, tempfile, threading, time
 
 def handler(h):
     return {signal.SIG_DFL: "SIG_DFL", signal.SIG_IGN: "SIG_IGN", None: None}.get(h, getattr(h, "__name__", None))
@@ -38,7 +39,7 @@ print(json.dumps({
     "flags": str(sys.flags), "threads": threading.active_count(), "group": [os.getpgrp(), os.getsid(0)],
     "tempdir": tempfile.tempdir, "locale": locale.setlocale(locale.LC_ALL), "encoding": locale.getpreferredencoding(),
     "tz": time.tzname, "main": [__name__, __file__, __spec__, type(__loader__).__name__, __cached__],
-    "stdin": sys.stdin.read(),
+    "multiprocessing": multiprocessing.process.ORIGINAL_DIR, "stdin": sys.stdin.read(),
 }, sort_keys=True))
 sys.stdout.write("ends\\r\\nin\\rno newline")
 sys.exit(int(sys.argv[1]))
@@ -126,10 +127,11 @@ def test_runs_from_several_threads_at_once_each_get_their_own_streams(server: Sc
 
 
 def test_what_a_fork_would_inherit_wrongly_goes_to_a_cold_start(server: ScriptServer, tmp_path: Path):
-    """Settings the interpreter reads as it starts, and the umask the toolkit reads at import, are the server's
-    in a forked child: a run that wants others cannot be forked."""
+    """Settings the interpreter reads as it starts, variables the imports read, and the umask the toolkit reads at
+    import are the server's in a forked child: a run that wants others cannot be forked."""
     assert server.can_run(server.env, tmp_path)
-    for name, value in (("LC_ALL", "C"), ("PYTHONHASHSEED", "1"), ("TZ", "Asia/Tokyo"), ("TMPDIR", str(tmp_path))):
+    for name, value in (("LC_ALL", "C"), ("PYTHONHASHSEED", "1"), ("TZ", "Asia/Tokyo"), ("TMPDIR", str(tmp_path)),
+                        *((name, server.env.get(name, "") + "x") for name in server.read_at_import)):
         assert not server.can_run({**server.env, name: value}, tmp_path), name
     assert not server.can_run(server.env, tmp_path / "missing")
     before = os.umask(0o077)
@@ -146,3 +148,15 @@ def test_the_server_ends_when_its_test_process_lets_go(tmp_path: Path):
     (tmp_path / "ok.py").write_text("print('ok')\n")
     assert own.run([sys.executable, str(tmp_path / "ok.py")], own.env, tmp_path, "", timeout=60).stdout == "ok\n"
     assert own.stop() == 0
+
+
+def test_the_server_notes_what_an_import_reads_of_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "reads_state.py").write_text(
+        "import os\nA = os.environ.get('SOME_SETTING')\nB = 'OTHER' in os.environ\nC = os.getcwd()\n"
+        "D = dict(os.environ)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with _watching_reads() as reads:
+        __import__("reads_state")
+    assert {"SOME_SETTING", "OTHER"} <= reads.variables
+    assert reads.working_folder == reads.whole_environment == ["reads_state"]
+    assert os.getcwd.__module__ == "posix" and "SOME_SETTING" not in os.environ  # as it was, outside
