@@ -24,7 +24,8 @@ _server_started = threading.Lock()
 
 
 def script_argv(script: str, *args: str) -> list[str]:
-    """argv that runs one of the toolkit's scripts with this interpreter."""
+    """argv that runs one of the toolkit's scripts with this interpreter: a fresh one, never the script server,
+    so tests that signal, kill or time the process see the real start."""
     return [sys.executable, str(ROOT / script), *args]
 
 

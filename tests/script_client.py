@@ -62,6 +62,7 @@ class ScriptServer:
         self._sending = threading.Lock()
         self._hello = threading.Lock()
         self._startup: dict[str, str] | None = None
+        self.read_at_import: frozenset[str] = frozenset()  # known once the hello has come
 
     def startup(self) -> dict[str, str]:
         """The server's start-up settings (see startup_settings), once its hello has come: it has imported all."""
