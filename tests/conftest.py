@@ -7,8 +7,14 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from helpers import stop_script_server
 from pg_cluster import Database, ServerBinariesNotFound, ThrowawayCluster
 from s3_server import Bucket, LocalS3
+
+
+def pytest_sessionfinish() -> None:
+    """This test process's script server (see run_script) ends with its tests."""
+    stop_script_server()
 
 # ---------------------------------------------------------------------------------------------------------
 # PostgreSQL: one throwaway cluster per session, one fresh database per test.

@@ -14,11 +14,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from script_client import ScriptServer
+
 ROOT = Path(__file__).resolve().parent.parent
+# Set to 1, every run_script starts a fresh interpreter, as the tests that are about start-up always do.
+COLD_START = os.environ.get("TESTS_COLD_START") == "1"
+_server: ScriptServer | None = None
+_server_started = threading.Lock()
 
 
 def script_argv(script: str, *args: str) -> list[str]:
-    """argv that runs one of the toolkit's scripts with this interpreter."""
+    """argv that runs one of the toolkit's scripts with this interpreter: a fresh one, never the script server,
+    so tests that signal, kill or time the process see the real start."""
     return [sys.executable, str(ROOT / script), *args]
 
 
@@ -29,10 +36,18 @@ def run_script(
     """Run a script to completion with only `env` as settings (no terminal, like cron and CI).
 
     `limits` are resource limits of the child ({resource.RLIMIT_FSIZE: bytes, ...}), set before it starts.
+    Without umask and limits the process is forked from a server that has imported the scripts already
+    (tests/script_client.py), unless something it would inherit differs from what a cold start computes.
     """
+    full_env = script_env(env)
+    argv = script_argv(script, *args)
+    if umask is None and not limits and not COLD_START:
+        server = script_server()
+        if server.can_run(full_env, cwd):
+            return server.run(argv, full_env, cwd, stdin or "", timeout)
     return subprocess.run(
-        script_argv(script, *args),
-        env=script_env(env),
+        argv,
+        env=full_env,
         cwd=cwd,
         input=stdin if stdin is not None else "",
         capture_output=True,
@@ -46,6 +61,24 @@ def script_env(env: dict[str, str]) -> dict[str, str]:
     """The environment of a script run by a test: this process's, with only `env` as the toolkit's settings."""
     own = ("CONFIG", "ENV_", "DB_", "RTO_", "METRICS_FILE")
     return {**{key: value for key, value in os.environ.items() if not key.startswith(own)}, **env}
+
+
+def script_server() -> ScriptServer:
+    """This test process's script server, started on first use."""
+    global _server
+    with _server_started:
+        if _server is None:
+            _server = ScriptServer(script_env({}))
+        return _server
+
+
+def stop_script_server() -> None:
+    """End this test process's script server, if it has one."""
+    global _server
+    with _server_started:
+        if _server is not None:
+            _server.stop()
+            _server = None
 
 
 def _limit_child(umask: int | None, limits: dict[int, int]) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from pg_cluster import Database, ServerBinariesNotFound, ThrowawayCluster, find_bindir
+from pg_cluster import Database, ServerBinariesNotFound, ThrowawayCluster, find_bindir, memory_folder
+from small_fs import small_filesystem
 
 
 def _one(conn: psycopg2.extensions.connection, query: str, params: tuple[object, ...] = ()) -> object:
@@ -147,3 +148,14 @@ def test_find_bindir_prefers_the_newest_versioned_folder(tmp_path: Path) -> None
 def test_find_bindir_says_what_to_install_when_nothing_is_there(tmp_path: Path) -> None:
     with pytest.raises(ServerBinariesNotFound, match="install the postgresql server package"):
         find_bindir(pg_config=str(tmp_path / "no-pg_config"), pattern=str(tmp_path / "*" / "bin"))
+
+
+def test_the_cluster_lives_on_a_tmpfs_with_room_and_elsewhere_otherwise(pg_cluster: ThrowawayCluster, tmp_path: Path):
+    with small_filesystem(8 << 20) as tmpfs:
+        assert memory_folder(str(tmpfs), min_free=4 << 20) == str(tmpfs)
+        assert memory_folder(str(tmpfs), min_free=16 << 20) is None  # too little room
+    assert memory_folder(str(tmp_path)) is None  # not a tmpfs mount
+    in_memory = memory_folder()
+    assert (os.path.dirname(pg_cluster.host) == in_memory) if in_memory else pg_cluster.host.startswith("/")
+    with closing(pg_cluster.connect("postgres")) as conn:
+        assert _one(conn, "SHOW max_wal_size") == ("256MB" if in_memory else "1GB")
