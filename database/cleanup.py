@@ -28,7 +28,7 @@ def cleanup_command(ctx: Context) -> Result:
     with db.server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
         scratch = scratch_databases(cur, db.server.name)
         building = being_built(cur, [s.name for s in scratch if s.role in CLAIMED])
-    kept = sorted((s for s in scratch if s.role in KEPT_ROLES), key=lambda s: s.made, reverse=True)
+    kept = sorted((s for s in scratch if s.role in KEPT_ROLES), key=lambda s: s.age_order, reverse=True)
     old = [s.name for s in kept[max(ctx.args.keep, 1):] if s.made < cutoff]
     leftovers = [s.name for s in scratch if s.role in CLAIMED and s.name not in building]
     result = cleanup_backups(ctx, db.store, SCRIPT)

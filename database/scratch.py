@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from common.errors import ToolkitError
@@ -42,7 +42,15 @@ class ScratchDatabase:
 
     name: str
     role: str
-    made: datetime
+    made: datetime  # to the second, from the name
+    # pg_database's oid: between two set aside within one second, the later has the larger one (a `__before_`
+    # database is the live one renamed, and each live one was built after the one it replaced).
+    oid: int = 0
+
+    @property
+    def age_order(self) -> tuple[datetime, int]:
+        """Sorts scratch databases from the oldest to the newest."""
+        return self.made, self.oid
 
 
 def scratch_name(live: str, role: str, moment: datetime | None = None) -> str:
@@ -76,9 +84,9 @@ def parse_scratch_name(live: str, name: str) -> ScratchDatabase | None:
 
 def scratch_databases(cur, live: str) -> list[ScratchDatabase]:
     """`live`'s scratch databases on the server of cursor `cur` (pg_database is the same from any database)."""
-    cur.execute("SELECT datname FROM pg_database ORDER BY datname")
-    found = (parse_scratch_name(live, name) for (name,) in cur.fetchall())
-    return [scratch for scratch in found if scratch is not None]
+    cur.execute("SELECT datname, oid::bigint FROM pg_database ORDER BY datname")
+    found = ((parse_scratch_name(live, name), oid) for name, oid in cur.fetchall())
+    return [replace(scratch, oid=oid) for scratch, oid in found if scratch is not None]
 
 
 def claim_key(name: str) -> int:
