@@ -13,7 +13,7 @@ from common.components import POINTS
 from restore_points.backup import backup_command
 from restore_points.checks import drill_command, verify_command
 from restore_points.restore_command import restore_command
-from restore_points.store_commands import cleanup_command, list_command
+from restore_points.store_commands import cleanup_command, list_command, pin_command, unpin_command
 
 SCRIPT = "rollback.py"
 
@@ -29,8 +29,18 @@ def cmd_list(ctx: Context) -> Result:
 
 
 def cmd_cleanup(ctx: Context) -> Result:
-    """cleanup DAYS: remove restore points (not their backups) older than DAYS, keeping the newest --keep."""
+    """cleanup: remove the restore points no rule keeps, then the backups only they held."""
     return cleanup_command(ctx)
+
+
+def cmd_pin(ctx: Context) -> Result:
+    """pin POINT: the point and its three backups stay through every cleanup."""
+    return pin_command(ctx)
+
+
+def cmd_unpin(ctx: Context) -> Result:
+    """unpin POINT: the point and the backups it pinned follow the retention rules again."""
+    return unpin_command(ctx)
 
 
 def cmd_restore(ctx: Context) -> Result:
@@ -114,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "the newest database backup into a scratch database and verifies it, checks the\n"
                 "newest configuration and code backups' checksums, drops the scratch database, and fails\n"
                 "(exit 3) when a step misses its RTO.")
-    add_store_commands(commands, cmd_cleanup, cmd_list)
+    add_store_commands(commands, cmd_cleanup, cmd_list, cmd_pin, cmd_unpin, "restore point")
     return parser
 
 

@@ -11,9 +11,9 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -273,13 +273,6 @@ class BackupStore:
             raise UsageError(f"{ref} is not inside a backup (no {MANIFEST} in it or above it)")
         raise UsageError(f"no backup {ref!r} in {self.root}: `list` shows the backups")
 
-    # -- retention ----------------------------------------------------------------------------------
-
-    def retention_plan(self, days: int, keep: int, protected: Collection[str] = ()
-                       ) -> tuple[list[Backup], list[Backup]]:
-        """Split the backups into (to remove, to keep) by retention_split; `protected` ids always stay."""
-        return retention_split(self.scan(keep_entries=False)[0], days, keep, protected=protected)
-
     def remove(self, backup: Backup) -> None:
         """Delete a backup: renamed out of sight first, so a half-deleted one is never taken for whole."""
         doomed = self.root / f"{DELETING_PREFIX}{backup.id}-{os.urandom(3).hex()}"
@@ -373,28 +366,3 @@ def new_backup_id(component: str, name: str | None, created: datetime) -> str:
 def _id_part(text: str, limit: int) -> str:
     """`text` as a piece of an id: letters, digits, `_`, `.` and `-` only, at most `limit` of them."""
     return (re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-") or "x")[:limit]
-
-
-def retention_split(backups: list[Backup], days: int, keep: int, now: datetime | None = None,
-                    protected: Collection[str] = ()) -> tuple[list[Backup], list[Backup]]:
-    """The retention rule, wherever the backups are: (to remove, to keep).
-
-    Backups taken with `backup` older than `days` go, except the newest `keep` of them. Safety backups
-    (what a restore, update or rollback replaced) are not counted among those `keep`, so they can never
-    push a regular backup out. A safety backup taken since the newest regular backup stays (it undoes what
-    was done since); an older one goes once older than `days`. The newest backup, and `protected` ids
-    (what the live tree was last restored from, say), always stay.
-    """
-    if keep < 1:
-        raise UsageError("--keep must be at least 1: the newest backup is never removed")
-    if days < 0:
-        raise UsageError("DAYS must be 0 or more")
-    newest_first = sorted(backups, key=lambda backup: (backup.created_at, backup.id), reverse=True)
-    regular = [backup for backup in newest_first if not backup.is_safety]
-    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
-    since_regular = newest_first.index(regular[0]) if regular else 1
-    candidates = regular[keep:] + [backup for backup in newest_first[since_regular:] if backup.is_safety]
-    doomed = {backup.id for backup in candidates if backup.created_at < cutoff and backup.id not in protected}
-    remove = [backup for backup in newest_first if backup.id in doomed]
-    return remove, [backup for backup in newest_first if backup.id not in doomed]
-

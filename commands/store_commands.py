@@ -3,26 +3,45 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 
 from backup_store.manifest import Backup, format_time
 from backup_store.store import BackupStore
+from commands.retention_commands import cleanup_remote_command, pin_command, pinned_label, unpin_command
 from common.cli import Context, Result, add_cleanup_arguments, add_command
 from common.errors import UsageError
 from common.text import human_size, printable, table
-from offsite.commands import cleanup_remote, list_remote, pull_command, push_command, verify_remote
+from offsite.commands import list_remote, pull_command, push_command, verify_remote
 
 Handler = Callable[[Context], Result]
+CLEANUP_HELP = (
+    "Keeps every backup taken with `backup` that a rule keeps: younger than DAYS, the newest --keep N\n"
+    "(default 3 beside DAYS), or the newest of each of the last --keep-daily/-weekly/-monthly/-yearly\n"
+    "days, weeks, months or years that have one (UTC). Without DAYS and --keep-*, RETENTION decides\n"
+    "(e.g. last=5,daily=7,weekly=4,monthly=12). Safety backups (what a restore replaced) are their own\n"
+    "class: kept SAFETY_KEEP_DAYS (default 7), and always those since the newest backup; never counted\n"
+    "in the rules. Whatever the rules say, the newest backup, pinned backups and every backup a restore\n"
+    "point names stay. --dry-run lists what would go and why each kept backup stays.")
 
 
-def add_store_commands(commands: argparse._SubParsersAction, cleanup: Handler, listing: Handler) -> None:
-    """`cleanup DAYS [--keep N] [--remote]`, `list [--remote]`, `push` and `pull`, which every script has."""
-    sub = add_command(commands, "cleanup", _local_or_remote(cleanup, cleanup_remote),
-                      "remove old backups, keeping the newest N (--remote: on the remote)")
+def add_store_commands(commands: argparse._SubParsersAction, cleanup: Handler, listing: Handler,
+                       pin: Handler = pin_command, unpin: Handler = unpin_command, item: str = "backup") -> None:
+    """`cleanup [DAYS] [--keep N] [--keep-*] [--remote]`, `list [--remote]`, `pin`, `unpin`, `push` and `pull`,
+    which every script has."""
+    sub = add_command(commands, "cleanup", _local_or_remote(cleanup, cleanup_remote_command),
+                      "remove the backups no retention rule keeps (--remote: on the remote)", CLEANUP_HELP)
     add_cleanup_arguments(sub)
     sub.add_argument("--remote", action="store_true",
                      help="apply the same rules to the copies on REMOTE_URL (while a remote manifest cannot be "
                           "read, it is kept and no object is removed)")
+    sub = add_command(commands, "pin", pin, f"keep a {item} whatever the retention says, until `unpin`",
+                      f"A pinned {item} is never removed by any cleanup, local or remote; `list` shows the pin\n"
+                      "and its reason. Pinning again replaces the reason."
+                      + ("\nPinning a restore point pins its three backups too." if item != "backup" else ""))
+    sub.add_argument("backup", metavar=item.split()[-1].upper(), help=f"a {item} id or `latest`")
+    sub.add_argument("--reason", metavar="TEXT", help="why it is kept (shown by list)")
+    sub = add_command(commands, "unpin", unpin, f"let the retention rules apply to a pinned {item} again")
+    sub.add_argument("backup", metavar=item.split()[-1].upper(), help=f"a pinned {item}'s id")
     sub = add_command(commands, "list", _local_or_remote(listing, list_remote),
                       "list the backups, newest first (--remote: those on REMOTE_URL)")
     sub.add_argument("--remote", action="store_true",
@@ -73,37 +92,15 @@ def _local_or_remote(local: Handler, remote: Handler) -> Handler:
 def list_backups(store: BackupStore, extra: dict[str, Callable[[Backup], str]] | None = None) -> Result:
     """list: id, time, files, size, any component-specific columns, label; newest first."""
     backups, unreadable = store.scan()
+    pinned = pinned_label(store)
     extra = extra or {}
     header = ("ID", "TIME (UTC)", "FILES", "SIZE", *extra, "LABEL")
     rows = [(b.id, format_time(b.created_at), str(len(b.files)), human_size(b.size),
-             *(column(b) for column in extra.values()), ("(safety) " if b.is_safety else "") + (b.label or ""))
+             *(column(b) for column in extra.values()), " ".join(text for text in (
+                 "(safety)" if b.is_safety else "", f"({pinned[b.id]})" if b.id in pinned else "", b.label or "")
+                 if text))
             for b in backups]
     lines = table(header, rows) if rows else [f"no backups in {store.root}"]
     lines += [printable(f"cannot read backup {name}: {why}") for name, why in unreadable]
-    return Result({"backups": [b.summary() for b in backups],
+    return Result({"backups": [{**b.summary(), "pinned": pinned.get(b.id)} for b in backups],
                    "unreadable": [{"id": name, "problem": why} for name, why in unreadable]}, lines, report=True)
-
-
-def cleanup_backups(ctx: Context, store: BackupStore, script: str, protected: Collection[str] = ()) -> Result:
-    """cleanup DAYS --keep N: remove old backups and unfinished leftovers; --dry-run only lists them."""
-    remove, keep = store.retention_plan(ctx.args.days, ctx.args.keep, protected)
-    if ctx.dry_run:
-        leftovers = store.leftovers()
-        lines = [f"would remove {b.id} ({format_time(b.created_at)})" for b in remove]
-        lines += [f"would remove unfinished {name}" for name in leftovers]
-        return Result({"dry_run": True, "would_remove": [b.id for b in remove], "kept": [b.id for b in keep],
-                       "would_remove_leftovers": leftovers}, lines or ["no backups to remove"], report=True)
-    with store.lock(f"{script} cleanup"):
-        remove, keep = store.retention_plan(ctx.args.days, ctx.args.keep, protected)
-        for backup in remove:
-            store.remove(backup)
-        leftovers = store.remove_leftovers()
-        objects = store.sweep_objects()  # the shared content only the removed backups had
-    lines = [f"removed {b.id}" for b in remove] + [f"removed unfinished {name}" for name in leftovers]
-    if objects:
-        lines.append(f"removed {objects} stored files no remaining backup names")
-    elif objects is None:
-        lines.append("kept every stored file: a backup's manifest cannot be read (`list` names it)")
-    lines.append(f"{len(remove)} backups removed, {len(keep)} kept")
-    return Result({"removed": [b.id for b in remove], "kept": [b.id for b in keep], "leftovers_removed": leftovers,
-                   "objects_removed": objects}, lines)

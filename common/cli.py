@@ -156,12 +156,15 @@ def add_backup_arguments(sub: argparse.ArgumentParser) -> None:
 
 
 def add_cleanup_arguments(sub: argparse.ArgumentParser) -> None:
-    """DAYS and --keep, the same for every component's cleanup."""
-    sub.add_argument("days", metavar="DAYS", type=int, help="remove backups older than this many days")
-    sub.add_argument("--keep", type=int, default=3, metavar="N",
-                     help="always keep the newest N backups taken with `backup` (default 3, at least 1); "
-                          "safety backups are not counted: those since the newest backup stay, older ones "
-                          "go once older than DAYS")
+    """DAYS, --keep and the calendar rules, the same for every component's cleanup."""
+    sub.add_argument("days", metavar="DAYS", type=int, nargs="?",
+                     help="keep every backup taken with `backup` that is younger than this many days")
+    sub.add_argument("--keep", type=int, metavar="N",
+                     help="keep the newest N backups taken with `backup` (default 3 beside DAYS, at least 1)")
+    sub.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N backups taken with `backup`")
+    for name, period in (("daily", "days"), ("weekly", "ISO weeks"), ("monthly", "months"), ("yearly", "years")):
+        sub.add_argument(f"--keep-{name}", type=int, metavar="N",
+                         help=f"keep the newest backup of each of the last N {period} that have one (UTC)")
 
 
 def push_wanted(ctx: Context) -> bool:

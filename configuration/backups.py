@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from backup_store.manifest import Backup
-from commands.store_commands import cleanup_backups, list_backups
+from commands.retention_commands import cleanup_backups
+from commands.store_commands import list_backups
 from common.cli import Context, Result
 from common.errors import UsageError
 from common.text import human_size

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from commands.store_commands import cleanup_backups
+from backup_store.retention import RetentionPolicy
+from commands.retention_commands import cleanup_backups
 from common.cli import Context, Result
 from database.context import SCRIPT, DbContext
 from database.scratch import (
@@ -24,12 +25,13 @@ def cleanup_command(ctx: Context) -> Result:
     the `__restore_` and `__drill_` databases of runs that did not finish (not those of a run going on now)."""
     db = DbContext.from_settings(ctx.settings)
     # The server first: if it cannot be reached, nothing is removed and the next run tries again.
-    cutoff = datetime.now(UTC) - timedelta(days=ctx.args.days)
+    policy = RetentionPolicy.from_command(ctx.args, ctx.settings)
+    cutoff = datetime.now(UTC) - timedelta(days=policy.kept_days)
     with db.server.session(MAINTENANCE_DB, autocommit=True) as conn, conn.cursor() as cur:
         scratch = scratch_databases(cur, db.server.name)
         building = being_built(cur, [s.name for s in scratch if s.role in CLAIMED])
     kept = sorted((s for s in scratch if s.role in KEPT_ROLES), key=lambda s: s.age_order, reverse=True)
-    old = [s.name for s in kept[max(ctx.args.keep, 1):] if s.made < cutoff]
+    old = [s.name for s in kept[max(policy.last, 1):] if s.made < cutoff]
     leftovers = [s.name for s in scratch if s.role in CLAIMED and s.name not in building]
     result = cleanup_backups(ctx, db.store, SCRIPT)
     result.lines += [f"kept database {name}: a run going on now is building it" for name in sorted(building)]

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from backup_store.manifest import Backup, load_backup
 from backup_store.objects import OBJECTS, stored_names
@@ -106,8 +107,13 @@ def record_deployed(paths: CodePaths, backup: Backup) -> None:
 
 def deployed_id(paths: CodePaths) -> str | None:
     """The id of the backup the live tree was last restored or rolled back to, if recorded (and well formed)."""
+    return deployed_id_in(paths.store.root)
+
+
+def deployed_id_in(store_root: Path) -> str | None:
+    """deployed_id, for the code store in `store_root`."""
     try:
-        backup_id = json.loads((paths.store.root / DEPLOYED).read_text())["backup"]
+        backup_id = json.loads((store_root / DEPLOYED).read_text())["backup"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return backup_id if isinstance(backup_id, str) and BACKUP_ID.fullmatch(backup_id) else None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from backup_store.manifest import Backup, format_time
+from backup_store.retention import RetentionPolicy
 from common.cli import Context, Result, push_wanted
 from common.errors import EXIT_FAILED, EXIT_VERIFY, UsageError
 from common.text import human_size, table
@@ -110,25 +112,30 @@ def verify_remote(ctx: Context) -> Result:
                    "repaired": report.repaired}, lines, exit_code=EXIT_VERIFY if report.problems else 0, report=True)
 
 
-def cleanup_remote(ctx: Context) -> Result:
-    """cleanup DAYS --remote: the local retention rules on the remote; a blob goes when no manifest names it.
+def cleanup_remote(ctx: Context, policy: RetentionPolicy, holds_for: Callable[[list[Backup]], dict[str, list[str]]]
+                   ) -> Result:
+    """cleanup --remote: the local retention rules and holds on the remote; a blob goes when no manifest names it.
     A manifest that cannot be read is named (a warning) and kept, and then no blob goes."""
     remote = remote_for(ctx)
-    report = upkeep.cleanup(remote, ctx.component.name, ctx.args.days, ctx.args.keep, ctx.dry_run)
+    report = upkeep.cleanup(remote, ctx.component.name, policy, holds_for, ctx.dry_run)
     for problem in report.unreadable:
         ctx.warn(problem)
+    removed, kept = [b.id for b in report.plan.remove], [b.id for b in report.plan.keep]
     if ctx.dry_run:
-        return Result({"dry_run": True, "would_remove": report.removed, "kept": report.kept,
-                       "unreadable": report.unreadable},
-                      [f"would remove {backup_id} from the remote" for backup_id in report.removed]
-                      or ["nothing to remove"], report=True)
-    lines = [f"removed {backup_id} from the remote" for backup_id in report.removed]
-    lines.append(f"{len(report.removed)} remote backups removed, {len(report.kept)} kept, "
+        lines = [f"retention: {policy.describe()}"]
+        lines += [f"would remove {d.backup.id} from the remote: no rule keeps it" for d in report.plan.decisions
+                  if not d.keep]
+        lines += [f"keep {d.backup.id}: {'; '.join(d.reasons)}" for d in report.plan.decisions if d.keep]
+        return Result({"dry_run": True, "would_remove": removed, "kept": kept,
+                       "decisions": [d.to_json() for d in report.plan.decisions], "unreadable": report.unreadable},
+                      lines, report=True)
+    lines = [f"removed {backup_id} from the remote" for backup_id in removed]
+    lines.append(f"{len(removed)} remote backups removed, {len(kept)} kept, "
                  f"{report.objects_removed} objects no backup names removed")
     if report.unreadable:
         lines.append(f"no object was removed: {len(report.unreadable)} remote manifests cannot be read, and any "
                      "object might be one they name")
-    return Result({"removed": report.removed, "kept": report.kept, "objects_removed": report.objects_removed,
+    return Result({"removed": removed, "kept": kept, "objects_removed": report.objects_removed,
                    "unreadable": report.unreadable}, lines)
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from backup_store.manifest import MANIFEST, Backup, Entry
-from backup_store.store import BackupStore, retention_split
+from backup_store.retention import RetentionPlan, RetentionPolicy, plan_retention
+from backup_store.store import BackupStore
+from common.components import POINTS
 from common.errors import ToolkitError
 from offsite.push import push
 from offsite.remote import CANDIDATES, Remote, RemoteBackup, UnreadableManifest
@@ -102,24 +105,32 @@ class _Repair:
 
 @dataclass
 class CleanupReport:
-    """What a remote cleanup removed and kept, and the manifests it could not read."""
+    """What a remote cleanup removed and kept (and why), and the manifests it could not read."""
 
-    removed: list[str]
-    kept: list[str]
+    plan: RetentionPlan
     objects_removed: int = 0
     unreadable: list[str] = field(default_factory=list)
 
 
-def cleanup(remote: Remote, component: str, days: int, keep: int, dry_run: bool) -> CleanupReport:
-    """Remove the component's remote backups older than `days` beyond the newest `keep`, then the blobs no
-    manifest of any component has named for the grace period: none while any manifest cannot be read, as
-    it might name any of them. A manifest that cannot be read is kept, and named."""
+def cleanup(remote: Remote, component: str, policy: RetentionPolicy,
+            holds_for: Callable[[list[Backup]], dict[str, list[str]]], dry_run: bool) -> CleanupReport:
+    """Remove the component's remote backups that no rule of `policy` nor hold keeps (`holds_for` gives the holds,
+    given the remote's restore points), then the blobs no manifest of any component has named for the grace
+    period: none while any manifest cannot be read, as it might name any of them. A manifest that cannot be
+    read is kept, and named; a restore point's that cannot be read stops the cleanup before anything goes."""
     copies, unreadable = remote.scan(component)
-    remove, kept = retention_split([copy.backup for copy in copies], days, keep)
-    report = CleanupReport([b.id for b in remove], [b.id for b in kept], unreadable=[str(e) for _, e in unreadable])
+    points: list[Backup] = []
+    if component != POINTS.name:
+        point_copies, unreadable_points = remote.scan(POINTS.name)
+        if unreadable_points:
+            raise ToolkitError(f"remote restore point {unreadable_points[0][0]} cannot be read "
+                               f"({unreadable_points[0][1]}): it may name any backup, so nothing is removed")
+        points = [copy.backup for copy in point_copies]
+    plan = plan_retention([copy.backup for copy in copies], policy, holds_for(points))
+    report = CleanupReport(plan, unreadable=[str(e) for _, e in unreadable])
     if dry_run:
         return report
-    for backup in remove:  # manifests first: a backup half-removed is never listed as whole
+    for backup in plan.remove:  # manifests first: a backup half-removed is never listed as whole
         remote.call("delete_object", Key=remote.manifest_key(component, backup.id))
     everything, unreadable = remote.scan()
     if unreadable:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from backup_store.point_record import PointRecord, describe
 from backup_store.store import LOCK_FILE
 from common.cli import Context, Result, push_wanted
 from common.components import BY_NAME, PARTS, POINTS
@@ -11,7 +12,6 @@ from common.errors import UsageError
 from offsite.commands import push_failed
 from offsite.pull import open_store
 from restore_points.command_setup import held_locks, points_store, runner_for, step_failed
-from restore_points.record import PointRecord, describe
 from restore_points.steps import ScriptRunner
 
 

@@ -4,6 +4,7 @@ and what a dry run shows."""
 from __future__ import annotations
 
 from backup_store.manifest import MANIFEST, Backup, check_backup, load_backup
+from backup_store.point_record import PointRecord, describe
 from backup_store.store import BACKUP_ID
 from common.cli import Context, Result
 from common.components import BY_NAME, DATABASE, PARTS, Component
@@ -12,7 +13,6 @@ from common.settings import Settings
 from offsite.pull import open_store
 from restore_points.command_setup import runner_for
 from restore_points.database_plan import DatabasePlan
-from restore_points.record import PointRecord, describe
 
 
 def wanted_components(only: str | None) -> set[str]:

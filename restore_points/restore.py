@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backup_store.manifest import Backup
+from backup_store.point_record import PointRecord
 from commands.rto import RtoReport, rto_for
 from common.components import Component
 from common.errors import EXIT_FAILED, EXIT_VERIFY, Interrupted, ToolkitError
@@ -19,7 +20,6 @@ from common.settings import Settings
 from common.text import count
 from restore_points.health import HealthReport
 from restore_points.hooks import Hooks
-from restore_points.record import PointRecord
 from restore_points.steps import ScriptRun, ScriptRunner, undo_commands, verify_args
 
 # Between steps the application is expected to be unwell, so the check there is short: a few requests.

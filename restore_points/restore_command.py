@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from backup_store.manifest import Backup, load_backup
+from backup_store.point_record import PointRecord
 from backup_store.store import LOCK_FILE
 from common.cli import Context, Result
 from common.components import DATABASE, POINTS, Component
@@ -25,7 +26,6 @@ from restore_points.plan import (
     step_arguments,
     wanted_components,
 )
-from restore_points.record import PointRecord
 from restore_points.restore import restore_point
 
 

@@ -20,7 +20,8 @@ from helpers import ROOT, tree_snapshot
 
 from backup_store.locks import HeldLocks
 from backup_store.manifest import MANIFEST, Backup, check_backup, load_backup
-from backup_store.store import BACKUP_ID, BackupStore, refuse_damaged, retention_split
+from backup_store.retention import RetentionPolicy, plan_retention
+from backup_store.store import BACKUP_ID, BackupStore, refuse_damaged
 from common.errors import LockBusy, ToolkitError, UsageError
 from common.files import temp_name
 from common.proc import run_tool
@@ -228,6 +229,14 @@ def ids(backups: list[Backup]) -> list[str]:
     return [backup.id for backup in backups]
 
 
+def retention_split(backups: list[Backup], days: int, keep: int, now: datetime = NOW, safety_days: int | None = None,
+                    protected: set[str] = frozenset()) -> tuple[list[Backup], list[Backup]]:
+    """DAYS --keep N as a cleanup runs it, safety backups kept as long as DAYS unless said otherwise."""
+    policy = RetentionPolicy(days=days, last=keep, safety_days=days if safety_days is None else safety_days)
+    plan = plan_retention(backups, policy, {backup_id: ["protected"] for backup_id in protected}, now=now)
+    return plan.remove, plan.keep
+
+
 def test_retention_keeps_the_newest_regular_backups_whatever_the_safety_backups():
     regular = [made(days) for days in (30, 40, 50, 60, 70)]
     remove, keep = retention_split(regular, days=7, keep=3, now=NOW)
@@ -247,10 +256,10 @@ def test_retention_keeps_the_newest_regular_backups_whatever_the_safety_backups(
     assert ids(retention_split(lone, days=7, keep=1, now=NOW)[1]) == [lone[0].id]
     remove, keep = retention_split(regular, days=7, keep=1, now=NOW, protected={regular[4].id})
     assert ids(keep) == [regular[0].id, regular[4].id]
-    with pytest.raises(UsageError, match="--keep must be at least 1"):
-        retention_split(regular, days=7, keep=0)
+    with pytest.raises(UsageError, match="keeps nothing"):
+        RetentionPolicy(last=0).checked()
     with pytest.raises(UsageError, match="DAYS must be 0 or more"):
-        retention_split(regular, days=-1, keep=1)
+        RetentionPolicy(days=-1, last=1).checked()
 
 
 def test_retention_rules_hold_for_any_mix_of_backups():
@@ -276,7 +285,7 @@ def test_retention_plan_on_a_store_then_remove_leaves_exactly_what_it_keeps(stor
     take(store, source, safety=True)  # before the newest regular one: it may go
     newer, newest = take(store, source), take(store, source)
     after = take(store, source, safety=True)  # since the newest regular one: it undoes what was done since
-    remove, keep = store.retention_plan(0, 2, protected={oldest.id})
+    remove, keep = retention_split(store.backups(), 0, 2, now=datetime.now(UTC), protected={oldest.id})
     assert ids(keep) == [after.id, newest.id, newer.id, oldest.id]
     assert older.id in ids(remove) and len(remove) == 2
     for backup in remove:

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from backup_store.manifest import MANIFEST, load_backup
+from backup_store.point_record import PointRecord, describe
 from backup_store.store import BackupStore
-from restore_points.record import PointRecord, describe
 
 PARTS = {"config": "20261123T230501.123Z-config-a1b2c3d4", "db": "20261123T230502.456Z-db-app-e5f6a7b8"}
 

@@ -50,6 +50,7 @@ def test_latest_is_never_a_safety_backup(ws: Workspace):
 
 
 def test_cleanup_keeps_the_newest_safety_backup_when_it_is_the_only_one(ws: Workspace):
+    ws.env_file.write_text(ENV + "SAFETY_KEEP_DAYS=0\n")  # else both stay their 7 days
     assert ws.run("update", "app.yml", '{"server": {"port": 9000}}').returncode == 0
     assert ws.run("update", "app.yml", '{"server": {"port": 9001}}').returncode == 0
     ids = ws.backup_ids()

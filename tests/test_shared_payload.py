@@ -23,6 +23,7 @@ from backup_store.manifest import (
     split_manifest,
 )
 from backup_store.objects import OBJECTS, store_object
+from backup_store.retention import RetentionPolicy, plan_retention
 from backup_store.store import BackupStore
 from deployed_code.build import build_tree
 from deployed_code.snapshot import PAYLOAD_FILE, snapshot_tree
@@ -255,7 +256,8 @@ def test_cleanup_holds_one_manifest_at_a_time(tmp_path, store):
         one = tracemalloc.get_traced_memory()[1]  # what one manifest takes, read whole
         tracemalloc.reset_peak()
         with store.lock("test"):  # as cleanup does: the plan, the removals, the sweep
-            remove, keep = store.retention_plan(0, 11)
+            plan = plan_retention(store.scan(keep_entries=False)[0], RetentionPolicy(days=0, last=11))
+            remove, keep = plan.remove, plan.keep
             assert [b.id for b in remove] == [backups[0].id] and len(keep) == 11
             store.remove(remove[0])
             assert store.sweep_objects() == 0  # the 11 others name the same content
