@@ -44,8 +44,7 @@ def take_backup(paths: CodePaths, label: str | None, safety: bool = False, progr
     previous = previous or paths.store.newest()
     stats = SnapshotStats()
     with paths.store.new_backup(label, safety=safety) as staging:
-        source = CodeSource(host=os.uname().nodename, layout=paths.layout, live=str(paths.live.absolute()),
-                            **git_state(paths.repo))
+        source = live_source(paths)
         if deployed_commit:
             source.commit = deployed_commit
         staging.source = source.dump()
@@ -53,6 +52,14 @@ def take_backup(paths: CodePaths, label: str | None, safety: bool = False, progr
         with progress(f"backing up {paths.live}", lambda: stats.bytes, previous.size if previous else None):
             snapshot_tree(staging, paths.live, TREE, previous, paths.exclude, stats, cancelled)
     return staging.backup, stats.to_json()
+
+
+def live_source(paths: CodePaths) -> CodeSource:
+    """What a backup of the live tree records of it now: host, layout, path, the release folder `current` points
+    at (symlink layout), and the repository's HEAD."""
+    release = os.path.basename(os.path.realpath(paths.live)) if paths.live.is_symlink() else None
+    return CodeSource(host=os.uname().nodename, layout=paths.layout, live=str(paths.live.absolute()),
+                      release=release, **git_state(paths.repo))
 
 
 def copy_backup(paths: CodePaths, source: Backup, label: str) -> Backup | None:
@@ -66,8 +73,7 @@ def copy_backup(paths: CodePaths, source: Backup, label: str) -> Backup | None:
     if entries_json is None:
         return None
     with paths.store.new_backup(label, safety=True) as staging:
-        staging.source = CodeSource(host=os.uname().nodename, layout=paths.layout, live=str(paths.live.absolute()),
-                                    **git_state(paths.repo)).dump()
+        staging.source = live_source(paths).dump()
         staging.share_payload()
         staging.reuse_entries(entries_json, source.extra["files"], source.extra["size"])
     return staging.backup

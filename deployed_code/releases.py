@@ -285,17 +285,8 @@ def mark_switched(folder: Path) -> None:
 def prune(releases: Path, keep: int, protected: list[Path]) -> list[Path]:
     """Remove the releases beyond the `keep` last used (by manifest, else by the folder's mtime), oldest first,
     never one of `protected` (the live release, the one it replaced); returns what was removed."""
-    never = {os.path.realpath(path) for path in protected}
-
-    def last_used(folder: Path) -> float:
-        manifest = read_manifest(folder)
-        return manifest.last_used().timestamp() if manifest else os.lstat(folder).st_mtime
-
-    ordered = sorted(release_folders(releases), key=lambda folder: (last_used(folder), folder.name), reverse=True)
     removed = []
-    for folder in reversed(ordered[keep:]):
-        if os.path.realpath(folder) in never:
-            continue
+    for folder in prunable(releases, keep, protected):
         drop_manifest(folder)  # first: a run stopped part-way leaves a folder, never a manifest of half a tree
         remove_tree(folder)
         removed.append(folder)
@@ -305,3 +296,15 @@ def prune(releases: Path, keep: int, protected: list[Path]) -> list[Path]:
     for stray in releases.glob(f".*{MANIFEST_SUFFIX}.tmp-*"):  # a write stopped part-way (all are made under
         stray.unlink(missing_ok=True)  # the store's lock, which the caller holds)
     return removed
+
+
+def prunable(releases: Path, keep: int, protected: list[Path]) -> list[Path]:
+    """The releases prune would remove, oldest first: beyond the `keep` last used, and not `protected`."""
+    never = {os.path.realpath(path) for path in protected}
+
+    def last_used(folder: Path) -> float:
+        manifest = read_manifest(folder)
+        return manifest.last_used().timestamp() if manifest else os.lstat(folder).st_mtime
+
+    ordered = sorted(release_folders(releases), key=lambda folder: (last_used(folder), folder.name), reverse=True)
+    return [folder for folder in reversed(ordered[keep:]) if os.path.realpath(folder) not in never]

@@ -20,6 +20,7 @@ class CodeSource:
     host: str | None = None
     layout: str | None = None  # LAYOUT_IN_PLACE or LAYOUT_RELEASE
     live: str | None = None  # the tree that was backed up
+    release: str | None = None  # the release folder `live` pointed at, in a symlink layout
     commit: str | None = None  # HEAD's commit, or the commit a rollback deployed
     branch: str | None = None  # None: HEAD was detached
     dirty: bool | None = None  # local changes; None: no repository was recorded
@@ -34,8 +35,8 @@ class CodeSource:
     def from_dict(cls, source: dict) -> CodeSource:
         """From a manifest's `source` dict (keys this version does not know are ignored)."""
         return cls(host=source.get("host"), layout=source.get("layout"), live=source.get("live"),
-                   commit=source.get("commit"), branch=source.get("branch"), dirty=source.get("dirty"),
-                   unborn=source.get("unborn", False))
+                   release=source.get("release"), commit=source.get("commit"), branch=source.get("branch"),
+                   dirty=source.get("dirty"), unborn=source.get("unborn", False))
 
     def dump(self) -> dict:
         """The manifest's `source` dict, with the keys and in the order backups have always written them.
@@ -43,7 +44,8 @@ class CodeSource:
         The repository's commit, branch and dirty go together (git_state), unborn only when true; without a
         repository only a commit a rollback deployed is recorded."""
         source = {name: value for name, value in (("host", self.host), ("layout", self.layout),
-                                                  ("live", self.live)) if value is not None}
+                                                  ("live", self.live), ("release", self.release))
+                  if value is not None}
         if self.dirty is not None:
             source.update(commit=self.commit, branch=self.branch, dirty=self.dirty)
         elif self.commit is not None:
