@@ -242,19 +242,32 @@ class Remote:
         except SealError as exc:
             raise UnreadableManifest(f"{what} is damaged: {exc}") from None
 
-    def scan(self, component: str | None = None) -> tuple[list[RemoteBackup], list[tuple[str, UnreadableManifest]]]:
-        """The component's backups on the remote (every component's with None), newest first, and the id of
-        each manifest that cannot be read with why (one manifest must not hide the others)."""
-        ids = [(component, backup_id) for backup_id in self.backup_ids(component)] if component else sorted(
-            self.all_manifests(), key=lambda item: item[1], reverse=True)
-        copies, unreadable = [], []
-        for owner, backup_id in ids:
+    def scan(self, component: str | None = None, but: str | None = None, only: list[str] | None = None
+             ) -> tuple[list[RemoteBackup], list[tuple[str, UnreadableManifest]]]:
+        """The component's backups on the remote (those of `only` ids; every component's with None, but `but`'s),
+        newest first, and the id of each manifest that cannot be read with why (one manifest must not hide the
+        others). The manifests are read PARALLEL at a time: a remote of 10,000 backups is 10,000 requests."""
+        if component:
+            ids = [(component, backup_id) for backup_id in (only if only is not None else self.backup_ids(component))]
+        else:
+            ids = sorted((item for item in self.all_manifests() if item[0] != but), key=lambda item: item[1],
+                         reverse=True)
+
+        def read(item: tuple[str, str]) -> RemoteBackup | UnreadableManifest | None:
             try:
-                copies.append(self.read(owner, backup_id))
+                return self.read(*item)
             except UnreadableManifest as exc:
-                unreadable.append((backup_id, exc))
+                return exc
             except RemoteMissing:
-                continue  # removed since the listing: a cleanup ran meanwhile
+                return None  # removed since the listing: a cleanup ran meanwhile
+
+        from concurrent.futures import ThreadPoolExecutor  # like boto3: loaded only when a remote is used
+
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            found = list(pool.map(read, ids))
+        copies = [copy for copy in found if isinstance(copy, RemoteBackup)]
+        unreadable = [(backup_id, copy) for (_, backup_id), copy in zip(ids, found, strict=True)
+                      if isinstance(copy, UnreadableManifest)]
         return copies, unreadable
 
     # -- blobs: the one upload, the one download, the deep check, what is known damaged -----------------------

@@ -132,7 +132,15 @@ def cleanup(remote: Remote, component: str, policy: RetentionPolicy,
         return report
     for backup in plan.remove:  # manifests first: a backup half-removed is never listed as whole
         remote.call("delete_object", Key=remote.manifest_key(component, backup.id))
-    everything, unreadable = remote.scan()
+    # This component's manifests were just read: only the other components' are read again, and any of its
+    # own that a push has added since.
+    gone = {backup.id for backup in plan.remove}
+    seen = gone | {copy.backup.id for copy in copies} | {backup_id for backup_id, _ in unreadable}
+    added = [backup_id for backup_id in remote.backup_ids(component) if backup_id not in seen]
+    others, unreadable_others = remote.scan(but=component)
+    fresh, unreadable_fresh = remote.scan(component, only=added) if added else ([], [])
+    everything = others + fresh + [copy for copy in copies if copy.backup.id not in gone]
+    unreadable = unreadable + unreadable_others + unreadable_fresh
     if unreadable:
         report.unreadable = [str(e) for _, e in unreadable]
     else:
