@@ -125,3 +125,17 @@ def component_backup(system: System, script: str) -> str:
 
 def store_ids(system: System, script: str) -> list[str]:
     return ids(run_script(script, "--json", "list", env=system.env, cwd=system.root))
+
+
+def test_a_pinned_backup_survives_cleanup_in_every_script(tmp_path: Path, pg_db):
+    system = System(tmp_path, pg_db)
+    for script in SCRIPTS:
+        older = component_backup(system, script)
+        newer = component_backup(system, script)
+        pin = run_script(script, "pin", older, "--reason", "before the schema change", env=system.env, cwd=tmp_path)
+        assert pin.returncode == 0, pin.stderr
+        result = run_script(script, "cleanup", "0", "--keep", "1", env=system.env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert store_ids(system, script) == [newer, older]
+        listing = run_script(script, "list", env=system.env, cwd=tmp_path).stdout
+        assert "(pinned: before the schema change)" in listing
