@@ -49,19 +49,31 @@ class Pins:
         (a cleanup that ignored it could remove a pinned backup)."""
         path = root / PINS_FILE
         try:
-            document = json.loads(path.read_bytes())
-            pins = {str(backup_id): Pin(**fields) for backup_id, fields in document["pins"].items()}
+            return cls.parse(path.read_bytes(), path)
         except FileNotFoundError:
             return cls(path)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except OSError as exc:
             raise ToolkitError(f"the pins file {path} cannot be read ({exc}): nothing is removed until it is "
                                "mended or moved aside") from None
-        return cls(path, pins)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> Pins:
+        """Pins from the text of a pins file (`path` names where it came from, in the error)."""
+        try:
+            document = json.loads(data)
+            return cls(path, {str(backup_id): Pin(**fields) for backup_id, fields in document["pins"].items()})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ToolkitError(f"the pins file {path} cannot be read ({exc}): nothing is removed until it is "
+                               "mended or moved aside") from None
+
+    def text(self) -> bytes:
+        """The pins file's text."""
+        document = {"format": PINS_FORMAT, "pins": {i: asdict(pin) for i, pin in sorted(self.pins.items())}}
+        return json.dumps(document, indent=1).encode() + b"\n"
 
     def save(self) -> None:
         """Write the pins durably (only by the holder of the store's lock)."""
-        document = {"format": PINS_FORMAT, "pins": {i: asdict(pin) for i, pin in sorted(self.pins.items())}}
-        atomic_write(self.path, json.dumps(document, indent=1).encode() + b"\n")
+        atomic_write(self.path, self.text())
 
     def pin(self, backup_id: str, reason: str, point: str | None = None) -> None:
         """Pin a backup, directly or for the restore point `point`; a new reason replaces the old one."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from backup_store.manifest import Backup, format_time
 from backup_store.pins import Pins
@@ -11,7 +11,8 @@ from backup_store.retention import RetentionPlan, RetentionPolicy, plan_retentio
 from backup_store.store import BackupStore
 from common.cli import Context, Result
 from common.components import POINTS
-from offsite.commands import cleanup_remote
+from common.errors import ToolkitError
+from offsite.commands import cleanup_remote, remote_for
 from offsite.pull import open_store
 
 POINT_HOLD = "part of restore point"
@@ -83,15 +84,34 @@ def cleanup_remote_command(ctx: Context) -> Result:
     return cleanup_remote(ctx, policy, lambda remote_points: retention_holds(ctx, store, more_points=remote_points))
 
 
+def change_pins(ctx: Context, store: BackupStore, change: Callable[[Pins], object]) -> Pins:
+    """Apply `change` to the store's pins and save them (not with --dry-run; the caller holds the store's lock);
+    with REMOTE_URL set, to the remote's pins of the component too, so that `cleanup --remote` from any host
+    keeps them. A remote that cannot be written is a warning: the local pin holds, and this host's remote
+    cleanups keep it."""
+    pins = Pins.load(store.root)
+    change(pins)
+    if ctx.dry_run:
+        return pins
+    pins.save()
+    if ctx.settings.text("REMOTE_URL"):
+        try:
+            remote = remote_for(ctx)
+            shared = remote.pins(store.component)
+            remote_pins = Pins.parse(shared, pins.path) if shared is not None else Pins(pins.path)
+            change(remote_pins)
+            remote.put_pins(store.component, remote_pins.text())
+        except ToolkitError as exc:
+            ctx.warn(f"the remote's copy of the pins was not updated ({exc}); this host's pins hold")
+    return pins
+
+
 def pin_command(ctx: Context) -> Result:
     """pin BACKUP [--reason TEXT]: no cleanup, local or remote, removes it until `unpin`."""
     store = open_store(ctx.settings, ctx.component)
     with store.lock(f"{ctx.script} pin"):
         backup = store.resolve(ctx.args.backup, lazy=True)
-        pins = Pins.load(store.root)
-        pins.pin(backup.id, ctx.args.reason or "")
-        if not ctx.dry_run:
-            pins.save()
+        pins = change_pins(ctx, store, lambda pins: pins.pin(backup.id, ctx.args.reason or ""))
     reason = pins.pins[backup.id].reason
     line = f"{'would pin' if ctx.dry_run else 'pinned'} {backup.id}" + (f": {reason}" if reason else "")
     return Result({"id": backup.id, "pinned": True, "reason": reason, "dry_run": ctx.dry_run}, [line])
@@ -107,9 +127,7 @@ def unpin_command(ctx: Context) -> Result:
             held = pins.pins.get(backup_id)
             why = f"; {held.describe()} (unpin that point with rollback.py)" if held else ""
             return Result({"id": backup_id, "pinned": held is not None}, [f"{backup_id} was not pinned{why}"])
-        still = pins.unpin(backup_id)
-        if not ctx.dry_run:
-            pins.save()
+        still = change_pins(ctx, store, lambda pins: pins.unpin(backup_id)).pins.get(backup_id)
     line = f"{'would unpin' if ctx.dry_run else 'unpinned'} {backup_id}"
     if still is not None:
         line += f"; still {still.describe()}"

@@ -5,6 +5,8 @@ Layout under REMOTE_URL (s3://BUCKET/PREFIX):
     PREFIX/blobs/<2 chars>/<name>               every payload file once; <name> is its sha256, or a keyed
                                                 HMAC of it when REMOTE_ENCRYPTION_KEY_FILE is set
     PREFIX/<component>/manifests/<backup id>    the backup's manifest (compressed), uploaded after its blobs
+    PREFIX/<component>/pins.json                the backups pinned from any host (backup_store/pins.py),
+                                                which every cleanup --remote keeps
     PREFIX/cleanup-candidates                   blobs no manifest named at a cleanup, and since when
                                                 (verify and cleanup: offsite/upkeep.py)
     PREFIX/damaged/<name>                       a blob a deep verify or a pull found damaged: every push
@@ -32,6 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from backup_store.manifest import Backup, Entry, UnsafeManifest, backup_from_manifest
+from backup_store.pins import PINS_FILE
 from common.errors import SettingError, ToolkitError
 from common.files import size_and_sha256
 from common.settings import Settings
@@ -166,6 +169,25 @@ class Remote:
     def manifest_key(self, component: str, backup_id: str) -> str:
         """The object holding a backup's manifest."""
         return self.key(component, "manifests", backup_id)
+
+    def pins(self, component: str) -> bytes | None:
+        """The text of the component's pins file on the remote (see backup_store.pins), None when it has none."""
+        key = self.key(component, PINS_FILE)
+        try:
+            raw = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read(),
+                          RemoteMissing)
+        except RemoteMissing:
+            return None
+        try:
+            return self.sealer.open_bytes(raw) if self.sealer else raw
+        except SealError as exc:  # WrongKey among them
+            raise ToolkitError(f"the pins of {component} on {self.describe()} cannot be opened ({exc}): nothing is "
+                               "removed until they can") from None
+
+    def put_pins(self, component: str, text: bytes) -> None:
+        """Replace the component's pins file on the remote (sealed when the remote is encrypted)."""
+        self.call("put_object", Key=self.key(component, PINS_FILE), Body=self.sealer.seal_bytes(text) if self.sealer
+                  else text)
 
     def stored_size(self, size: int) -> int:
         """How big the object for `size` bytes of content is on the remote."""

@@ -6,8 +6,10 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from backup_store.manifest import MANIFEST, Backup, Entry
+from backup_store.pins import PINS_FILE, Pins
 from backup_store.retention import RetentionPlan, RetentionPolicy, plan_retention
 from backup_store.store import BackupStore
 from common.components import POINTS
@@ -126,7 +128,13 @@ def cleanup(remote: Remote, component: str, policy: RetentionPolicy,
             raise ToolkitError(f"remote restore point {unreadable_points[0][0]} cannot be read "
                                f"({unreadable_points[0][1]}): it may name any backup, so nothing is removed")
         points = [copy.backup for copy in point_copies]
-    plan = plan_retention([copy.backup for copy in copies], policy, holds_for(points))
+    holds = holds_for(points)
+    shared = remote.pins(component)  # pinned from any host (pin writes them here too)
+    if shared is not None:
+        for backup_id, reasons in Pins.parse(shared, Path(remote.key(component, PINS_FILE))).holds().items():
+            held = holds.setdefault(backup_id, [])
+            held += [reason for reason in reasons if reason not in held]
+    plan = plan_retention([copy.backup for copy in copies], policy, holds)
     report = CleanupReport(plan, unreadable=[str(e) for _, e in unreadable])
     if dry_run:
         return report

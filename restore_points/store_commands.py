@@ -6,7 +6,7 @@ from backup_store.manifest import MANIFEST, Backup, format_time
 from backup_store.pins import Pins
 from backup_store.point_record import PointRecord, describe
 from backup_store.retention import RetentionPolicy, plan_retention
-from commands.retention_commands import cleanup_backups
+from commands.retention_commands import change_pins, cleanup_backups
 from common.cli import Context, Result
 from common.components import BY_NAME, CODE, PARTS, POINTS, Component
 from common.text import table
@@ -69,10 +69,7 @@ def pin_command(ctx: Context) -> Result:
         reason = ctx.args.reason or ""
         lines = [_pin_part(ctx, name, backup_id, point.id, reason) for name, backup_id in
                  PointRecord.load(point).parts.items()]
-        pins = Pins.load(store.root)
-        pins.pin(point.id, reason)
-        if not ctx.dry_run:
-            pins.save()
+        change_pins(ctx, store, lambda pins: pins.pin(point.id, reason))
     verb = "would pin" if ctx.dry_run else "pinned"
     return Result({"id": point.id, "pinned": True, "reason": reason, "parts": PointRecord.load(point).parts,
                    "dry_run": ctx.dry_run}, [f"{verb} restore point {point.id}" + (f": {reason}" if reason else ""),
@@ -87,9 +84,7 @@ def unpin_command(ctx: Context) -> Result:
         point = store.resolve(ctx.args.backup, lazy=True)
         if point.id not in pins.pins:
             return Result({"id": point.id, "pinned": False}, [f"restore point {point.id} was not pinned"])
-        pins.unpin(point.id)
-        if not ctx.dry_run:
-            pins.save()
+        change_pins(ctx, store, lambda pins: pins.unpin(point.id))
         lines = [_unpin_part(ctx, name, backup_id, point.id) for name, backup_id in
                  PointRecord.load(point).parts.items()]
     verb = "would unpin" if ctx.dry_run else "unpinned"
@@ -100,10 +95,7 @@ def unpin_command(ctx: Context) -> Result:
 def _pin_part(ctx: Context, name: str, backup_id: str, point_id: str, reason: str) -> str:
     store = open_store(ctx.settings, BY_NAME[name])
     with store.lock(f"{POINTS.script} pin"):
-        pins = Pins.load(store.root)
-        pins.pin(backup_id, reason, point=point_id)
-        if not ctx.dry_run:
-            pins.save()
+        change_pins(ctx, store, lambda pins: pins.pin(backup_id, reason, point=point_id))
     gone = "" if (store.root / backup_id / MANIFEST).is_file() else " (its backup is gone from the store)"
     return f"  {name}: {backup_id}{gone}"
 
@@ -111,10 +103,7 @@ def _pin_part(ctx: Context, name: str, backup_id: str, point_id: str, reason: st
 def _unpin_part(ctx: Context, name: str, backup_id: str, point_id: str) -> str:
     store = open_store(ctx.settings, BY_NAME[name])
     with store.lock(f"{POINTS.script} unpin"):
-        pins = Pins.load(store.root)
-        still = pins.unpin(backup_id, point=point_id)
-        if not ctx.dry_run:
-            pins.save()
+        still = change_pins(ctx, store, lambda pins: pins.unpin(backup_id, point=point_id)).pins.get(backup_id)
     return f"  {name}: {backup_id}" + (f" (still {still.describe()})" if still else "")
 
 

@@ -139,3 +139,18 @@ def test_a_pinned_backup_survives_cleanup_in_every_script(tmp_path: Path, pg_db)
         assert store_ids(system, script) == [newer, older]
         listing = run_script(script, "list", env=system.env, cwd=tmp_path).stdout
         assert "(pinned: before the schema change)" in listing
+
+
+def test_a_pin_reaches_the_remote_so_a_remote_cleanup_from_another_host_keeps_it(site: ConfigSite):
+    older, newer = config_backup(site, "older"), config_backup(site, "newer")
+    assert site.run("push", "--all").returncode == 0
+    assert site.run("pin", older, "--reason", "quarter end").returncode == 0
+    (site.store / "pins.json").unlink()  # another host's view: no local pins, only the remote's
+
+    dry = site.run("--dry-run", "cleanup", "0", "--keep", "1", "--remote")
+    assert dry.returncode == 0, dry.stderr
+    assert f"keep {older}: pinned: quarter end" in dry.stdout
+    result = site.run("--json", "cleanup", "0", "--keep", "1", "--remote")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["removed"] == []
+    assert ids(site.run("--json", "list", "--remote")) == [newer, older]
