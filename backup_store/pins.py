@@ -29,6 +29,19 @@ class Pin:
     direct: bool = True  # pinned with `pin BACKUP` (not only through a restore point)
     points: list[str] = field(default_factory=list)  # restore points pinned with `rollback.py pin` that hold it
 
+    @classmethod
+    def from_text(cls, text: bytes, where: str) -> Pin:
+        """One pin from its JSON text (a remote keeps one object per pin); `where` names it in the error."""
+        try:
+            return cls(**json.loads(text))
+        except (ValueError, TypeError) as exc:
+            raise ToolkitError(f"the pin {where} cannot be read ({exc}): nothing is removed until it is mended or "
+                               "removed") from None
+
+    def to_text(self) -> bytes:
+        """The pin's JSON text."""
+        return json.dumps(asdict(self)).encode()
+
     def describe(self) -> str:
         """`pinned`, with the reason and the points that hold it, for `list`."""
         held = f"restore point {', '.join(self.points)}" if self.points else ""
@@ -66,14 +79,10 @@ class Pins:
             raise ToolkitError(f"the pins file {path} cannot be read ({exc}): nothing is removed until it is "
                                "mended or moved aside") from None
 
-    def text(self) -> bytes:
-        """The pins file's text."""
-        document = {"format": PINS_FORMAT, "pins": {i: asdict(pin) for i, pin in sorted(self.pins.items())}}
-        return json.dumps(document, indent=1).encode() + b"\n"
-
     def save(self) -> None:
         """Write the pins durably (only by the holder of the store's lock)."""
-        atomic_write(self.path, self.text())
+        document = {"format": PINS_FORMAT, "pins": {i: asdict(pin) for i, pin in sorted(self.pins.items())}}
+        atomic_write(self.path, json.dumps(document, indent=1).encode() + b"\n")
 
     def pin(self, backup_id: str, reason: str, point: str | None = None) -> None:
         """Pin a backup, directly or for the restore point `point`; a new reason replaces the old one."""
@@ -82,7 +91,7 @@ class Pins:
             pin.direct = True
         elif point not in pin.points:
             pin.points.append(point)
-        if reason:
+        if reason and (point is None or not pin.reason):  # a point's reason never replaces the operator's own
             pin.reason = reason
         self.pins[backup_id] = pin
 

@@ -62,10 +62,13 @@ class RetentionPolicy:
     @classmethod
     def from_command(cls, args: argparse.Namespace, settings: Settings) -> RetentionPolicy:
         """The policy a `cleanup` command line gives: DAYS and --keep N as ever, the --keep-* rules, or else the
-        RETENTION setting; SAFETY_KEEP_DAYS for the safety backups."""
-        safety_days = settings.integer("SAFETY_KEEP_DAYS", DEFAULT_SAFETY_KEEP_DAYS, minimum=0)
-        counts = {name: getattr(args, f"keep_{name}", None) or 0 for name in ("last", *PERIODS)}
-        if args.days is None and args.keep is None and not any(counts.values()):
+        RETENTION setting. Safety backups stay SAFETY_KEEP_DAYS; unset, 7 days or DAYS if longer (so that
+        `cleanup 30` keeps them 30 days, as it always has)."""
+        given = {name: getattr(args, f"keep_{name}", None) for name in ("last", *PERIODS)}
+        longest = max(DEFAULT_SAFETY_KEEP_DAYS, args.days or 0)
+        safety_days = settings.integer("SAFETY_KEEP_DAYS", longest, minimum=0)
+        counts = {name: value or 0 for name, value in given.items()}
+        if args.days is None and args.keep is None and all(value is None for value in given.values()):
             text = settings.text("RETENTION")
             if not text:
                 raise UsageError("cleanup needs DAYS, a --keep-* rule or the RETENTION setting "

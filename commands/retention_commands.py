@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 
 from backup_store.manifest import Backup, format_time
-from backup_store.pins import Pins
+from backup_store.pins import Pin, Pins
 from backup_store.point_record import held_by_points, local_points
 from backup_store.retention import RetentionPlan, RetentionPolicy, plan_retention
 from backup_store.store import BackupStore
@@ -18,13 +20,19 @@ from offsite.pull import open_store
 POINT_HOLD = "part of restore point"
 
 
-def retention_holds(ctx: Context, store: BackupStore, extra: dict[str, list[str]] | None = None,
+Holds = Callable[[], dict[str, list[str]]]
+
+
+def retention_holds(ctx: Context, store: BackupStore, extra: Holds | None = None,
                     more_points: Iterable[Backup] = ()) -> dict[str, list[str]]:
     """What keeps a store's backups whatever the rules say: its pins, the restore points that name them (those
-    in POINTS_DIR and `more_points`), and `extra` (what the live tree was restored from, say)."""
+    in POINTS_DIR and `more_points`), and `extra`'s (what the live tree was restored from, say)."""
     holds: dict[str, list[str]] = {}
-    sources = [Pins.load(store.root).holds(), extra or {}]
+    sources = [Pins.load(store.root).holds(), extra() if extra else {}]
     if ctx.component.name != POINTS.name:
+        if ctx.settings.text("POINTS_DIR") and not POINTS.store_path(ctx.settings).is_dir():
+            ctx.warn(f"POINTS_DIR {POINTS.store_path(ctx.settings)} is not a folder: no restore point holds a backup "
+                     "in this cleanup (an unmounted volume?)")
         points = [*local_points(ctx.settings), *more_points]
         sources.append(held_by_points(points, ctx.component.name))
     for source in sources:
@@ -43,10 +51,9 @@ def plan_lines(plan: RetentionPlan, dry_run: bool) -> list[str]:
         f"kept {d.backup.id}: {'; '.join(d.holds)}" for d in plan.held_only(POINT_HOLD)]
 
 
-def cleanup_backups(ctx: Context, store: BackupStore, script: str, extra: dict[str, list[str]] | None = None
-                    ) -> Result:
-    """cleanup: remove the backups no rule or hold keeps, and unfinished leftovers; --dry-run lists what would
-    go and why each kept backup stays."""
+def cleanup_backups(ctx: Context, store: BackupStore, script: str, extra: Holds | None = None) -> Result:
+    """cleanup: remove the backups no rule or hold keeps (`extra` gives holds of the component's own, read under
+    the store's lock), and unfinished leftovers; --dry-run lists what would go and why each kept backup stays."""
     policy = RetentionPolicy.from_command(ctx.args, ctx.settings)
 
     def planned() -> RetentionPlan:
@@ -84,11 +91,11 @@ def cleanup_remote_command(ctx: Context) -> Result:
     return cleanup_remote(ctx, policy, lambda remote_points: retention_holds(ctx, store, more_points=remote_points))
 
 
-def change_pins(ctx: Context, store: BackupStore, change: Callable[[Pins], object]) -> Pins:
-    """Apply `change` to the store's pins and save them (not with --dry-run; the caller holds the store's lock);
-    with REMOTE_URL set, to the remote's pins of the component too, so that `cleanup --remote` from any host
-    keeps them. A remote that cannot be written is a warning: the local pin holds, and this host's remote
-    cleanups keep it."""
+def change_pins(ctx: Context, store: BackupStore, backup_id: str, change: Callable[[Pins], object]) -> Pins:
+    """Apply `change` (to `backup_id`'s pin) to the store's pins and save them (not with --dry-run; the caller
+    holds the store's lock); with REMOTE_URL set, to the remote's pin of that backup too, so that `cleanup
+    --remote` from any host keeps it. A remote that cannot be written is a warning: the local pin holds, and
+    this host's remote cleanups keep it."""
     pins = Pins.load(store.root)
     change(pins)
     if ctx.dry_run:
@@ -97,21 +104,26 @@ def change_pins(ctx: Context, store: BackupStore, change: Callable[[Pins], objec
     if ctx.settings.text("REMOTE_URL"):
         try:
             remote = remote_for(ctx)
-            shared = remote.pins(store.component)
-            remote_pins = Pins.parse(shared, pins.path) if shared is not None else Pins(pins.path)
-            change(remote_pins)
-            remote.put_pins(store.component, remote_pins.text())
+            text = remote.pin(store.component, backup_id)
+            one = Pins(pins.path, {backup_id: Pin.from_text(text, backup_id)} if text else {})
+            change(one)
+            remote.put_pin(store.component, backup_id, one.pins[backup_id].to_text() if backup_id in one.pins else None)
         except ToolkitError as exc:
-            ctx.warn(f"the remote's copy of the pins was not updated ({exc}); this host's pins hold")
+            ctx.warn(f"the remote's pin of {backup_id} was not updated ({exc}); this host's pin holds")
     return pins
+
+
+def locked_unless_dry_run(ctx: Context, store: BackupStore, command: str) -> AbstractContextManager:
+    """The store's lock, except for a dry run, which changes nothing (and must not make the store's folder)."""
+    return nullcontext() if ctx.dry_run else store.lock(f"{ctx.script} {command}")
 
 
 def pin_command(ctx: Context) -> Result:
     """pin BACKUP [--reason TEXT]: no cleanup, local or remote, removes it until `unpin`."""
     store = open_store(ctx.settings, ctx.component)
-    with store.lock(f"{ctx.script} pin"):
+    with locked_unless_dry_run(ctx, store, "pin"):
         backup = store.resolve(ctx.args.backup, lazy=True)
-        pins = change_pins(ctx, store, lambda pins: pins.pin(backup.id, ctx.args.reason or ""))
+        pins = change_pins(ctx, store, backup.id, lambda pins: pins.pin(backup.id, ctx.args.reason or ""))
     reason = pins.pins[backup.id].reason
     line = f"{'would pin' if ctx.dry_run else 'pinned'} {backup.id}" + (f": {reason}" if reason else "")
     return Result({"id": backup.id, "pinned": True, "reason": reason, "dry_run": ctx.dry_run}, [line])
@@ -120,14 +132,14 @@ def pin_command(ctx: Context) -> Result:
 def unpin_command(ctx: Context) -> Result:
     """unpin BACKUP: the retention rules apply to it again (unless a pinned restore point still holds it)."""
     store = open_store(ctx.settings, ctx.component)
-    with store.lock(f"{ctx.script} unpin"):
+    with locked_unless_dry_run(ctx, store, "unpin"):
         pins = Pins.load(store.root)
         backup_id = ctx.args.backup if ctx.args.backup in pins.pins else store.resolve(ctx.args.backup, lazy=True).id
         if backup_id not in pins.pins or not pins.pins[backup_id].direct:
             held = pins.pins.get(backup_id)
             why = f"; {held.describe()} (unpin that point with rollback.py)" if held else ""
             return Result({"id": backup_id, "pinned": held is not None}, [f"{backup_id} was not pinned{why}"])
-        still = change_pins(ctx, store, lambda pins: pins.unpin(backup_id)).pins.get(backup_id)
+        still = change_pins(ctx, store, backup_id, lambda pins: pins.unpin(backup_id)).pins.get(backup_id)
     line = f"{'would unpin' if ctx.dry_run else 'unpinned'} {backup_id}"
     if still is not None:
         line += f"; still {still.describe()}"
@@ -135,6 +147,11 @@ def unpin_command(ctx: Context) -> Result:
 
 
 def pinned_label(store: BackupStore) -> dict[str, str]:
-    """Each pinned backup's `list` text (`pinned: reason`)."""
-    return {backup_id: pin.describe() for backup_id, pin in Pins.load(store.root).pins.items()}
+    """Each pinned backup's `list` text (`pinned: reason`); a pins file that cannot be read is said once, and
+    `list` goes on (cleanup refuses to run until it is mended)."""
+    try:
+        return {backup_id: pin.describe() for backup_id, pin in Pins.load(store.root).pins.items()}
+    except ToolkitError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
+        return {}
 

@@ -17,11 +17,12 @@ Handler = Callable[[Context], Result]
 CLEANUP_HELP = (
     "Keeps every backup taken with `backup` that a rule keeps: younger than DAYS, the newest --keep N\n"
     "(default 3 beside DAYS), or the newest of each of the last --keep-daily/-weekly/-monthly/-yearly\n"
-    "days, weeks, months or years that have one (UTC). Without DAYS and --keep-*, RETENTION decides\n"
-    "(e.g. last=5,daily=7,weekly=4,monthly=12). Safety backups (what a restore replaced) are their own\n"
-    "class: kept SAFETY_KEEP_DAYS (default 7), and always those since the newest backup; never counted\n"
-    "in the rules. Whatever the rules say, the newest backup, pinned backups and every backup a restore\n"
-    "point names stay. --dry-run lists what would go and why each kept backup stays.")
+    "days, weeks, months or years that have one (UTC). Without DAYS, --keep and --keep-*, RETENTION\n"
+    "decides (e.g. last=5,daily=7,weekly=4,monthly=12). Safety backups (what a restore replaced) are\n"
+    "their own class: kept SAFETY_KEEP_DAYS (default 7, or DAYS when longer), and always those since the\n"
+    "newest backup; never counted in the rules. Whatever the rules say, the newest backup, pinned\n"
+    "backups and every backup a restore point names stay; so does what the live code was restored from.\n"
+    "--dry-run lists what would go and why each kept backup stays.")
 
 
 def add_store_commands(commands: argparse._SubParsersAction, cleanup: Handler, listing: Handler,
@@ -29,7 +30,9 @@ def add_store_commands(commands: argparse._SubParsersAction, cleanup: Handler, l
     """`cleanup [DAYS] [--keep N] [--keep-*] [--remote]`, `list [--remote]`, `pin`, `unpin`, `push` and `pull`,
     which every script has."""
     sub = add_command(commands, "cleanup", _local_or_remote(cleanup, cleanup_remote_command),
-                      "remove the backups no retention rule keeps (--remote: on the remote)", CLEANUP_HELP)
+                      f"remove the {item}s no retention rule keeps (--remote: on the remote)", CLEANUP_HELP + (
+                          "" if item == "backup" else "\nThe points go first, then, in each component's store, the "
+                          "backups only they held,\nby the same rules (a pin or another point still keeps one)."))
     add_cleanup_arguments(sub)
     sub.add_argument("--remote", action="store_true",
                      help="apply the same rules to the copies on REMOTE_URL (while a remote manifest cannot be "

@@ -16,7 +16,7 @@ from backup_store.staging import reusable_entries
 from backup_store.store import BACKUP_ID
 from commands.store_commands import list_backups
 from common.cli import Context, Result
-from common.errors import UsageError
+from common.errors import ToolkitError, UsageError
 from common.files import atomic_write
 from common.progress import Progress, no_progress
 from common.signals import stop_signals_held
@@ -123,6 +123,18 @@ def deployed_id_in(store_root: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return backup_id if isinstance(backup_id, str) and BACKUP_ID.fullmatch(backup_id) else None
+
+
+def deployed_hold(store_root: Path) -> dict[str, list[str]]:
+    """What a cleanup of the code store keeps whatever its rules: the backup the live tree was last restored or
+    rolled back to (verify compares the tree with it). A record that exists but cannot be read stops it."""
+    if not os.path.lexists(store_root / DEPLOYED):
+        return {}
+    backup_id = deployed_id_in(store_root)
+    if backup_id is None:
+        raise ToolkitError(f"{store_root / DEPLOYED} cannot be read: which backup the live tree was restored from "
+                           "is not known, so nothing is removed until it is mended or removed")
+    return {backup_id: ["what the live tree was restored from"]}
 
 
 def deployed_backup(paths: CodePaths) -> Backup | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from backup_store.retention import RetentionPolicy
 from commands.retention_commands import cleanup_backups
 from common.cli import Context, Result
-from deployed_code.backups import deployed_id
+from deployed_code.backups import deployed_hold
 from deployed_code.layout import leftovers, releases_folder, replaced_trees
 from deployed_code.paths import SCRIPT, CodePaths
 from deployed_code.releases import prunable, prune, read_manifest, release_folders
@@ -24,10 +24,7 @@ def clean_up(ctx: Context) -> Result:
     paths = CodePaths.from_settings(ctx.settings)
     policy = RetentionPolicy.from_command(ctx.args, ctx.settings)
     cutoff = datetime.now(UTC) - timedelta(days=policy.kept_days)
-    # What the live tree was restored from stays: verify compares the tree with it.
-    live = deployed_id(paths)
-    holds = {live: ["what the live tree was restored from"]} if live else None
-    result = cleanup_backups(ctx, paths.store, SCRIPT, holds)
+    result = cleanup_backups(ctx, paths.store, SCRIPT, lambda: deployed_hold(paths.store.root))
     if paths.in_place or paths.deployment is None:
         return result
     # Under the store's lock: a restore or rollback holds it for as long as its half-built tree exists.

@@ -5,8 +5,9 @@ Layout under REMOTE_URL (s3://BUCKET/PREFIX):
     PREFIX/blobs/<2 chars>/<name>               every payload file once; <name> is its sha256, or a keyed
                                                 HMAC of it when REMOTE_ENCRYPTION_KEY_FILE is set
     PREFIX/<component>/manifests/<backup id>    the backup's manifest (compressed), uploaded after its blobs
-    PREFIX/<component>/pins.json                the backups pinned from any host (backup_store/pins.py),
-                                                which every cleanup --remote keeps
+    PREFIX/<component>/pins/<backup id>         a backup pinned from any host (backup_store/pins.py): every
+                                                cleanup --remote keeps it; one object each, so two hosts
+                                                pinning at once never undo each other's pin
     PREFIX/cleanup-candidates                   blobs no manifest named at a cleanup, and since when
                                                 (verify and cleanup: offsite/upkeep.py)
     PREFIX/damaged/<name>                       a blob a deep verify or a pull found damaged: every push
@@ -34,7 +35,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from backup_store.manifest import Backup, Entry, UnsafeManifest, backup_from_manifest
-from backup_store.pins import PINS_FILE
 from common.errors import SettingError, ToolkitError
 from common.files import size_and_sha256
 from common.settings import Settings
@@ -58,6 +58,7 @@ LOCAL_ONLY_FIELDS = ("mtime_ns", "ctime_ns", "ino")  # a file's identity on this
 # Where the local store keeps the content, and the fingerprint of the tree's stat: a pulled copy has its
 # payload in its own folder, and its next backup here reads every file.
 LOCAL_ONLY_HEADER = ("payload", "fingerprint", "entries_sha256")
+PINS = "pins"  # PREFIX/<component>/pins/<backup id>
 CANDIDATES = "cleanup-candidates"  # blobs no manifest named at a cleanup, and since when
 DAMAGED = "damaged"  # DAMAGED/<blob name>: a blob found damaged, which pushes send again before relying on it
 GZIP_MAGIC = b"\x1f\x8b"
@@ -170,24 +171,33 @@ class Remote:
         """The object holding a backup's manifest."""
         return self.key(component, "manifests", backup_id)
 
-    def pins(self, component: str) -> bytes | None:
-        """The text of the component's pins file on the remote (see backup_store.pins), None when it has none."""
-        key = self.key(component, PINS_FILE)
+    def pins(self, component: str) -> dict[str, bytes]:
+        """The component's pins on the remote, by backup id: each one's JSON text (see backup_store.pins)."""
+        prefix = self.key(component, PINS) + "/"
+        return {item["Key"][len(prefix):]: self.pin(component, item["Key"][len(prefix):])
+                for item in self._list(prefix)}
+
+    def pin(self, component: str, backup_id: str) -> bytes:
+        """One pin's JSON text, b"" when the backup is not pinned on the remote."""
+        key = self.key(component, PINS, backup_id)
         try:
             raw = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read(),
                           RemoteMissing)
         except RemoteMissing:
-            return None
+            return b""
         try:
             return self.sealer.open_bytes(raw) if self.sealer else raw
         except SealError as exc:  # WrongKey among them
-            raise ToolkitError(f"the pins of {component} on {self.describe()} cannot be opened ({exc}): nothing is "
-                               "removed until they can") from None
+            raise ToolkitError(f"the pin {key} on {self.describe()} cannot be opened ({exc}): nothing is removed "
+                               "until it can") from None
 
-    def put_pins(self, component: str, text: bytes) -> None:
-        """Replace the component's pins file on the remote (sealed when the remote is encrypted)."""
-        self.call("put_object", Key=self.key(component, PINS_FILE), Body=self.sealer.seal_bytes(text) if self.sealer
-                  else text)
+    def put_pin(self, component: str, backup_id: str, text: bytes | None) -> None:
+        """Pin a backup on the remote with this JSON text (sealed when the remote is encrypted); None unpins it."""
+        key = self.key(component, PINS, backup_id)
+        if text is None:
+            self.call("delete_object", Key=key)
+        else:
+            self.call("put_object", Key=key, Body=self.sealer.seal_bytes(text) if self.sealer else text)
 
     def stored_size(self, size: int) -> int:
         """How big the object for `size` bytes of content is on the remote."""

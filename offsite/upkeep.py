@@ -6,16 +6,15 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from backup_store.manifest import MANIFEST, Backup, Entry
-from backup_store.pins import PINS_FILE, Pins
+from backup_store.pins import Pin
 from backup_store.retention import RetentionPlan, RetentionPolicy, plan_retention
 from backup_store.store import BackupStore
 from common.components import POINTS
 from common.errors import ToolkitError
 from offsite.push import push
-from offsite.remote import CANDIDATES, Remote, RemoteBackup, UnreadableManifest
+from offsite.remote import CANDIDATES, PINS, Remote, RemoteBackup, UnreadableManifest
 from offsite.remote_io import RemoteMissing, Transfer, s3_call
 
 
@@ -128,22 +127,28 @@ def cleanup(remote: Remote, component: str, policy: RetentionPolicy,
             raise ToolkitError(f"remote restore point {unreadable_points[0][0]} cannot be read "
                                f"({unreadable_points[0][1]}): it may name any backup, so nothing is removed")
         points = [copy.backup for copy in point_copies]
-    holds = holds_for(points)
-    shared = remote.pins(component)  # pinned from any host (pin writes them here too)
-    if shared is not None:
-        for backup_id, reasons in Pins.parse(shared, Path(remote.key(component, PINS_FILE))).holds().items():
-            held = holds.setdefault(backup_id, [])
-            held += [reason for reason in reasons if reason not in held]
-    plan = plan_retention([copy.backup for copy in copies], policy, holds)
+
+    def planned() -> RetentionPlan:
+        holds = holds_for(points)
+        for backup_id, text in remote.pins(component).items():  # pinned from any host (pin writes them here too)
+            reason = Pin.from_text(text, remote.key(component, PINS, backup_id)).describe()
+            if reason not in holds.setdefault(backup_id, []):
+                holds[backup_id].append(reason)
+        return plan_retention([copy.backup for copy in copies], policy, holds)
+
+    plan = planned()
     report = CleanupReport(plan, unreadable=[str(e) for _, e in unreadable])
     if dry_run:
         return report
+    # The pins again, right before anything goes: one made while the manifests were read is kept.
+    plan = report.plan = planned()
     for backup in plan.remove:  # manifests first: a backup half-removed is never listed as whole
         remote.call("delete_object", Key=remote.manifest_key(component, backup.id))
     # This component's manifests were just read: only the other components' are read again, and any of its
     # own that a push has added since.
     gone = {backup.id for backup in plan.remove}
-    seen = gone | {copy.backup.id for copy in copies} | {backup_id for backup_id, _ in unreadable}
+    # A removed id listed again was pushed again meanwhile: it is read, and its blobs stay.
+    seen = ({copy.backup.id for copy in copies} | {backup_id for backup_id, _ in unreadable}) - gone
     added = [backup_id for backup_id in remote.backup_ids(component) if backup_id not in seen]
     others, unreadable_others = remote.scan(but=component)
     fresh, unreadable_fresh = remote.scan(component, only=added) if added else ([], [])

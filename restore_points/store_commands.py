@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from backup_store.manifest import MANIFEST, Backup, format_time
 from backup_store.pins import Pins
-from backup_store.point_record import PointRecord, describe
+from backup_store.point_record import PointRecord, describe, held_by_points, local_points
 from backup_store.retention import RetentionPolicy, plan_retention
 from commands.retention_commands import change_pins, cleanup_backups
+from commands.retention_commands import locked_unless_dry_run as _locked
 from common.cli import Context, Result
 from common.components import BY_NAME, CODE, PARTS, POINTS, Component
+from common.errors import ToolkitError
 from common.text import table
-from deployed_code.backups import deployed_id_in
+from deployed_code.backups import deployed_hold
 from offsite.pull import open_store
 from restore_points.command_setup import points_store
 
@@ -42,17 +44,19 @@ def cleanup_command(ctx: Context) -> Result:
     """cleanup: remove the restore points no retention rule keeps, then the backups only those points held
     that their own store's retention (the same rules) would not keep either."""
     store = points_store(ctx.settings)
-    before = {point.id: PointRecord.load(point).parts for point in store.scan(keep_entries=False)[0]}
+    points, unreadable = store.scan(keep_entries=False)
+    if unreadable:  # its parts are not known: one of them could be a part a remaining point shares
+        raise ToolkitError(f"restore point {unreadable[0][0]} cannot be read ({unreadable[0][1]}): nothing is "
+                           "removed until it is mended or moved out of POINTS_DIR")
+    before = {point.id: PointRecord.load(point).parts for point in points}
     result = cleanup_backups(ctx, store, POINTS.script)
     gone = set(result.data["would_remove" if ctx.dry_run else "removed"])
-    remaining = [parts for point_id, parts in before.items() if point_id not in gone]
     policy = RetentionPolicy.from_command(ctx.args, ctx.settings)
     for component in PARTS:
         freed = {parts[component.name] for point_id, parts in before.items()
-                 if point_id in gone and component.name in parts} - {
-                 parts[component.name] for parts in remaining if component.name in parts}
+                 if point_id in gone and component.name in parts}
         if freed:
-            removed = _remove_freed(ctx, component, freed, policy, remaining)
+            removed = _remove_freed(ctx, component, freed, policy, [p for p in points if p.id not in gone])
             result.data.setdefault("would_remove_parts" if ctx.dry_run else "removed_parts", {})[
                 component.name] = removed
             verb = "would remove" if ctx.dry_run else "removed"
@@ -64,12 +68,13 @@ def cleanup_command(ctx: Context) -> Result:
 def pin_command(ctx: Context) -> Result:
     """pin POINT [--reason TEXT]: the point and its three backups stay through every cleanup until `unpin`."""
     store = points_store(ctx.settings)
-    with store.lock(f"{POINTS.script} pin"):
+    with _locked(ctx, store, "pin"):
         point = store.resolve(ctx.args.backup, lazy=True)
         reason = ctx.args.reason or ""
+        # The point first: a part that cannot be pinned (its store busy) leaves a pin that `unpin POINT` undoes.
+        change_pins(ctx, store, point.id, lambda pins: pins.pin(point.id, reason))
         lines = [_pin_part(ctx, name, backup_id, point.id, reason) for name, backup_id in
                  PointRecord.load(point).parts.items()]
-        change_pins(ctx, store, lambda pins: pins.pin(point.id, reason))
     verb = "would pin" if ctx.dry_run else "pinned"
     return Result({"id": point.id, "pinned": True, "reason": reason, "parts": PointRecord.load(point).parts,
                    "dry_run": ctx.dry_run}, [f"{verb} restore point {point.id}" + (f": {reason}" if reason else ""),
@@ -79,48 +84,53 @@ def pin_command(ctx: Context) -> Result:
 def unpin_command(ctx: Context) -> Result:
     """unpin POINT: the point, and the backups pinned only through it, follow the retention rules again."""
     store = points_store(ctx.settings)
-    with store.lock(f"{POINTS.script} unpin"):
-        pins = Pins.load(store.root)
+    with _locked(ctx, store, "unpin"):
         point = store.resolve(ctx.args.backup, lazy=True)
-        if point.id not in pins.pins:
-            return Result({"id": point.id, "pinned": False}, [f"restore point {point.id} was not pinned"])
-        change_pins(ctx, store, lambda pins: pins.unpin(point.id))
+        pinned = point.id in Pins.load(store.root).pins
+        if pinned:
+            change_pins(ctx, store, point.id, lambda pins: pins.unpin(point.id))
+        # Its parts always: a pin stopped part-way may have pinned some of them through the point.
         lines = [_unpin_part(ctx, name, backup_id, point.id) for name, backup_id in
                  PointRecord.load(point).parts.items()]
     verb = "would unpin" if ctx.dry_run else "unpinned"
-    return Result({"id": point.id, "pinned": False, "dry_run": ctx.dry_run},
-                  [f"{verb} restore point {point.id}", *lines])
+    first = f"{verb} restore point {point.id}" if pinned else f"restore point {point.id} was not pinned"
+    return Result({"id": point.id, "pinned": False, "dry_run": ctx.dry_run}, [first, *lines])
 
 
 def _pin_part(ctx: Context, name: str, backup_id: str, point_id: str, reason: str) -> str:
     store = open_store(ctx.settings, BY_NAME[name])
-    with store.lock(f"{POINTS.script} pin"):
-        change_pins(ctx, store, lambda pins: pins.pin(backup_id, reason, point=point_id))
+    with _locked(ctx, store, "pin"):
+        change_pins(ctx, store, backup_id, lambda pins: pins.pin(backup_id, reason, point=point_id))
     gone = "" if (store.root / backup_id / MANIFEST).is_file() else " (its backup is gone from the store)"
     return f"  {name}: {backup_id}{gone}"
 
 
 def _unpin_part(ctx: Context, name: str, backup_id: str, point_id: str) -> str:
     store = open_store(ctx.settings, BY_NAME[name])
-    with store.lock(f"{POINTS.script} unpin"):
-        still = change_pins(ctx, store, lambda pins: pins.unpin(backup_id, point=point_id)).pins.get(backup_id)
+    with _locked(ctx, store, "unpin"):
+        held = Pins.load(store.root).pins.get(backup_id)
+        if held is None or point_id not in held.points:
+            return f"  {name}: {backup_id}" + (f" (still {held.describe()})" if held else "")
+        still = change_pins(ctx, store, backup_id, lambda pins: pins.unpin(backup_id, point=point_id)
+                            ).pins.get(backup_id)
     return f"  {name}: {backup_id}" + (f" (still {still.describe()})" if still else "")
 
 
 def _remove_freed(ctx: Context, component: Component, freed: set[str], policy: RetentionPolicy,
-                  remaining: list[dict[str, str]]) -> list[str]:
-    """Remove, from a component's store, the backups of `freed` that no rule, pin or remaining point keeps."""
+                  remaining: list[Backup]) -> list[str]:
+    """Remove, from a component's store, the backups of `freed` that no rule, pin or point keeps (a run reads the
+    points again under the component store's lock; a dry run counts only the points it would leave)."""
     store = open_store(ctx.settings, component)
     if not store.root.is_dir():
         return []
-    with store.lock(f"{POINTS.script} cleanup"):
+    with _locked(ctx, store, "cleanup"):
         holds = Pins.load(store.root).holds()
-        for parts in remaining:
-            if component.name in parts:
-                holds.setdefault(parts[component.name], []).append("part of a remaining restore point")
-        live = deployed_id_in(store.root) if component.name == CODE.name else None
-        if live:
-            holds.setdefault(live, []).append("what the live tree was restored from")
+        for backup_id, reasons in held_by_points(remaining if ctx.dry_run else local_points(ctx.settings),
+                                                 component.name).items():
+            holds.setdefault(backup_id, []).extend(reasons)
+        if component.name == CODE.name:
+            for backup_id, reasons in deployed_hold(store.root).items():
+                holds.setdefault(backup_id, []).extend(reasons)
         plan = plan_retention(store.scan(keep_entries=False)[0], policy, holds)
         doomed = [backup for backup in plan.remove if backup.id in freed]
         if not ctx.dry_run:

@@ -51,8 +51,9 @@ def test_a_pinned_backup_survives_cleanup_until_unpinned_and_dry_run_says_why(si
     assert ids(site.run("--json", "list")) == [newest]
 
 
-def test_pinning_what_is_not_there_changes_nothing(site: ConfigSite):
-    config_backup(site, "one")
+def test_pinning_what_is_not_there_or_with_dry_run_changes_nothing(site: ConfigSite):
+    one = config_backup(site, "one")
+    assert site.run("--dry-run", "pin", one).stdout.strip() == f"would pin {one}"
     result = site.run("pin", "20990101T000000.000Z-config-nohost-00000000")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert not (site.store / "pins.json").exists()

@@ -63,3 +63,13 @@ def test_cleanup_prunes_releases_beyond_keep_releases_but_not_the_live_one_nor_o
     restored = cw.run("restore", pinned, "--yes")
     assert restored.returncode == 0, restored.stderr
     assert cw.tree() == wanted
+
+
+def test_a_record_of_the_live_tree_that_cannot_be_read_stops_the_cleanup(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=True)
+    first, second = backup(cw), backup(cw)
+    (cw.store / "deployed.json").write_text("{not json")
+    result = cw.run("cleanup", "0", "--keep", "1")
+    assert result.returncode == 1 and "deployed.json cannot be read" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert cw.backup_ids() == [second, first]

@@ -133,12 +133,15 @@ def test_retention_setting_and_command_line():
             parser.add_argument(f"--keep-{name}", type=int)
         return RetentionPolicy.from_command(parser.parse_args(argv), Settings.load(environ=settings))
 
-    assert policy("30") == RetentionPolicy(days=30, last=3)
+    assert policy("30") == RetentionPolicy(days=30, last=3, safety_days=30)  # safety backups: DAYS when longer
+    assert policy("30", SAFETY_KEEP_DAYS="2") == RetentionPolicy(days=30, last=3, safety_days=2)
     assert policy("0", "--keep", "1") == RetentionPolicy(days=0, last=1)
     assert policy("--keep-daily", "7", SAFETY_KEEP_DAYS="2") == RetentionPolicy(daily=7, safety_days=2)
     assert policy(RETENTION="monthly=6") == RetentionPolicy(monthly=6)
     assert policy("5", RETENTION="monthly=6") == RetentionPolicy(days=5, last=3)  # the command line wins
     with pytest.raises(UsageError, match="needs DAYS"):
         policy()
+    with pytest.raises(UsageError, match="keeps nothing"):  # a rule given, even of 0, is the command line's
+        policy("--keep-daily", "0", RETENTION="monthly=6")
     with pytest.raises(UsageError, match="--keep must be at least 1"):
         policy("3", "--keep", "0")
