@@ -267,7 +267,8 @@ def load_backup(folder: Path, lazy: bool = False) -> Backup:
     then), and the number and size of the files come from the header where it has them."""
     manifest = folder / MANIFEST
     try:
-        raw = manifest.read_bytes()
+        with open(os.path.join(folder, MANIFEST), "rb") as file:  # not Path.read_bytes: 10,000 a cleanup
+            raw = file.read()
         split = split_manifest(raw) if lazy else None
         if split is None:
             return backup_from_manifest(folder, json.loads(raw))

@@ -58,7 +58,7 @@ def local_points(settings: Settings) -> list[Backup]:
     store = BackupStore(POINTS.store_path(settings), POINTS.name)
     if not store.root.is_dir():
         return []
-    points, unreadable = store.scan(keep_entries=False)
+    points, unreadable = store.scan(headers=True)
     if unreadable:
         name, why = unreadable[0]
         raise ToolkitError(f"restore point {name} in {store.root} cannot be read ({why}): it may name any backup, "

@@ -57,7 +57,7 @@ def cleanup_backups(ctx: Context, store: BackupStore, script: str, extra: Holds 
     policy = RetentionPolicy.from_command(ctx.args, ctx.settings)
 
     def planned() -> RetentionPlan:
-        return plan_retention(store.scan(keep_entries=False)[0], policy, retention_holds(ctx, store, extra))
+        return plan_retention(store.scan(headers=True)[0], policy, retention_holds(ctx, store, extra))
 
     if ctx.dry_run:
         plan, leftovers = planned(), store.leftovers()

@@ -61,7 +61,7 @@ def _releases_kept(paths: CodePaths, kept: set[str]) -> tuple[Path | None, list[
     releases = releases_folder(paths.deployment)
     if releases is None or not releases.is_dir():
         return None, []
-    taken_of = {CodeSource.load(backup).release for backup in paths.store.scan(keep_entries=False)[0]
+    taken_of = {CodeSource.load(backup).release for backup in paths.store.scan(headers=True)[0]
                 if backup.id in kept}
     protected = [Path(os.path.realpath(paths.deployment))]
     for folder in release_folders(releases):

@@ -44,7 +44,7 @@ def cleanup_command(ctx: Context) -> Result:
     """cleanup: remove the restore points no retention rule keeps, then the backups only those points held
     that their own store's retention (the same rules) would not keep either."""
     store = points_store(ctx.settings)
-    points, unreadable = store.scan(keep_entries=False)
+    points, unreadable = store.scan(headers=True)
     if unreadable:  # its parts are not known: one of them could be a part a remaining point shares
         raise ToolkitError(f"restore point {unreadable[0][0]} cannot be read ({unreadable[0][1]}): nothing is "
                            "removed until it is mended or moved out of POINTS_DIR")
@@ -131,7 +131,7 @@ def _remove_freed(ctx: Context, component: Component, freed: set[str], policy: R
         if component.name == CODE.name:
             for backup_id, reasons in deployed_hold(store.root).items():
                 holds.setdefault(backup_id, []).extend(reasons)
-        plan = plan_retention(store.scan(keep_entries=False)[0], policy, holds)
+        plan = plan_retention(store.scan(headers=True)[0], policy, holds)
         doomed = [backup for backup in plan.remove if backup.id in freed]
         if not ctx.dry_run:
             for backup in doomed:
