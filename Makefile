@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # The full runs take minutes and several GB of temporary space; --quick is what `make test` runs.
-BENCHMARKS := bench/help_bench.py bench/config_bench.py bench/db_bench.py bench/code_bench.py bench/remote_bench.py
+BENCHMARKS := bench/help_bench.py bench/config_bench.py bench/db_bench.py bench/code_bench.py bench/remote_bench.py bench/retention_bench.py
 
 bench: $(STAMP)
 	for benchmark in $(BENCHMARKS); do $(VENV)/bin/python $$benchmark || exit 1; done

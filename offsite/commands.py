@@ -11,6 +11,7 @@ from common.cli import Context, Result, push_wanted
 from common.errors import EXIT_FAILED, EXIT_VERIFY, UsageError
 from common.text import human_size, table
 from offsite import pull, push, upkeep
+from offsite.manifest_cache import CACHE_FILE
 from offsite.pull import open_store
 from offsite.remote import Remote, RemoteConfig
 from offsite.remote_io import PushRefused, Transfer
@@ -22,7 +23,7 @@ def remote_for(ctx: Context) -> Remote:
     if config is None:
         raise UsageError("REMOTE_URL is not set: set it to s3://bucket/prefix (and S3_ENDPOINT_URL for "
                          "anything but AWS) to keep copies off this host")
-    return Remote(config)
+    return Remote(config, ctx.component.store_path(ctx.settings) / CACHE_FILE)
 
 
 def _transfer_progress(ctx: Context, label: str, transfer: Transfer) -> AbstractContextManager:

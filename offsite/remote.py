@@ -38,6 +38,7 @@ from backup_store.manifest import Backup, Entry, UnsafeManifest, backup_from_man
 from common.errors import SettingError, ToolkitError
 from common.files import size_and_sha256
 from common.settings import Settings
+from offsite.manifest_cache import ManifestCache
 from offsite.remote_io import (
     ATTEMPTS,
     PARALLEL,
@@ -121,9 +122,12 @@ class RemoteBackup:
 class Remote:
     """The off-host copies of every component's backups, in one bucket and prefix."""
 
-    def __init__(self, config: RemoteConfig):
+    def __init__(self, config: RemoteConfig, manifest_cache: Path | None = None):
         self.config = config
         self.sealer = Sealer.from_key_file(config.key_file) if config.key_file else None
+        # Manifests read before, by key and ETag, and opened with this key (or none): a copy opened with one
+        # key never stands for what another key, or no key, would find.
+        self.manifests = ManifestCache(manifest_cache, self.sealer.fingerprint if self.sealer else "plain")
         self._client = None
         self._present: dict[str, tuple[int, str]] | None = None  # see present_blobs
         self._present_mark: str | None = None
@@ -225,24 +229,33 @@ class Remote:
 
     def backup_ids(self, component: str) -> list[str]:
         """The ids of the component's backups on the remote, newest first."""
-        prefix = self.key(component, "manifests") + "/"
-        return sorted((item["Key"][len(prefix):] for item in self._list(prefix)), reverse=True)
+        return sorted(self._listed(component), reverse=True)
 
-    def all_manifests(self) -> Iterator[tuple[str, str]]:
-        """(component, backup id) of every backup of every component on the remote."""
+    def _listed(self, component: str) -> dict[str, str | None]:
+        """The component's backup ids on the remote, each with its manifest's ETag."""
+        prefix = self.key(component, "manifests") + "/"
+        return {item["Key"][len(prefix):]: item.get("ETag") for item in self._list(prefix)}
+
+    def all_manifests(self) -> Iterator[tuple[str, str, str | None]]:
+        """(component, backup id, the manifest's ETag) of every backup of every component on the remote."""
         root = self.key() + "/" if self.config.prefix else ""
         for item in self._list(root):
             parts = item["Key"][len(root):].split("/")
             if len(parts) == 3 and parts[1] == "manifests":
-                yield parts[0], parts[2]
+                yield parts[0], parts[2], item.get("ETag")
 
-    def read(self, component: str, backup_id: str) -> RemoteBackup:
-        """A backup's manifest from the remote (opened when encrypted); UnreadableManifest names what is wrong."""
+    def read(self, component: str, backup_id: str, etag: str | None = None) -> RemoteBackup:
+        """A backup's manifest from the remote (opened when encrypted), or from the copy kept of it when its
+        ETag (from a listing) is the copy's; UnreadableManifest names what is wrong."""
         key = self.manifest_key(component, backup_id)
-        raw = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read(),
-                      RemoteMissing, f"no backup {backup_id!r} of {component} on {self.describe()}")
         what = f"the remote manifest of {component} backup {backup_id}"
-        packed = self._open_manifest(raw, what)
+        packed = self.manifests.get(key, etag)
+        if packed is None:
+            response = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=key), RemoteMissing,
+                               f"no backup {backup_id!r} of {component} on {self.describe()}")
+            raw = s3_call(lambda: response["Body"].read())
+            packed = self._open_manifest(raw, what)
+            self.manifests.put(key, response.get("ETag"), packed)
         try:
             plain = gzip.decompress(packed)
             data = json.loads(plain)
@@ -280,12 +293,13 @@ class Remote:
         newest first, and the id of each manifest that cannot be read with why (one manifest must not hide the
         others). The manifests are read PARALLEL at a time: a remote of 10,000 backups is 10,000 requests."""
         if component:
-            ids = [(component, backup_id) for backup_id in (only if only is not None else self.backup_ids(component))]
+            listed = {backup_id: None for backup_id in only} if only is not None else self._listed(component)
+            ids = [(component, backup_id, etag) for backup_id, etag in sorted(listed.items(), reverse=True)]
         else:
             ids = sorted((item for item in self.all_manifests() if item[0] != but), key=lambda item: item[1],
                          reverse=True)
 
-        def read(item: tuple[str, str]) -> RemoteBackup | UnreadableManifest | None:
+        def read(item: tuple[str, str, str | None]) -> RemoteBackup | UnreadableManifest | None:
             try:
                 return self.read(*item)
             except UnreadableManifest as exc:
@@ -297,8 +311,9 @@ class Remote:
 
         with ThreadPoolExecutor(PARALLEL) as pool:
             found = list(pool.map(read, ids))
+        self.manifests.save()
         copies = [copy for copy in found if isinstance(copy, RemoteBackup)]
-        unreadable = [(backup_id, copy) for (_, backup_id), copy in zip(ids, found, strict=True)
+        unreadable = [(backup_id, copy) for (_, backup_id, _), copy in zip(ids, found, strict=True)
                       if isinstance(copy, UnreadableManifest)]
         return copies, unreadable
 

@@ -144,6 +144,8 @@ def cleanup(remote: Remote, component: str, policy: RetentionPolicy,
     plan = report.plan = planned()
     for backup in plan.remove:  # manifests first: a backup half-removed is never listed as whole
         remote.call("delete_object", Key=remote.manifest_key(component, backup.id))
+    remote.manifests.forget([remote.manifest_key(component, backup.id) for backup in plan.remove])
+    remote.manifests.save()
     # This component's manifests were just read: only the other components' are read again, and any of its
     # own that a push has added since.
     gone = {backup.id for backup in plan.remove}

@@ -86,6 +86,7 @@ def quick_runs(tmp_path_factory: pytest.TempPathFactory, pg_cluster: ThrowawayCl
                           BENCH_DB_PORT=str(pg_cluster.port), BENCH_DB_USER=pg_cluster.user,
                           BENCH_DB_PASSWORD=pg_cluster.password),
         "remote": start_quick("remote_bench.py", work / "remote", BENCH_S3_BUCKET=bench_bucket.name, **s3),
+        "retention": start_quick("retention_bench.py", work / "retention", BENCH_S3_BUCKET=bench_bucket.name, **s3),
         "remote, no such bucket": start_quick("remote_bench.py", work / "failing", BENCH_S3_BUCKET="no-such-bucket",
                                               **s3),
     }
@@ -150,6 +151,14 @@ def test_remote_benchmark_quick_mode_runs_on_the_suites_server(quick_runs: dict[
                    rf"^  push of an unchanged 100-file code backup\s+{NUMBER} s .* {NUMBER} KiB sent")
     written = {key.split("/")[0] for key in bench_bucket.objects()}
     assert len(written) == 1 and written.pop().startswith("bench-")  # all under one prefix of its own
+
+
+def test_retention_benchmark_quick_mode_cleans_up_locally_and_on_the_suites_server(quick_runs: dict[str, QuickRun]):
+    # 200 backups an hour apart: `cleanup 8 --keep 5` removes the 8 older than 8 days, here and on the remote
+    # (the first remote cleanup); the next night's, `cleanup 7`, the 24 hours before those.
+    assert_figures(quick_runs["retention"].finish(), rf"^  nightly +{NUMBER} s \(8 removed\) +find +{NUMBER} s",
+                   rf"^  calendar +{NUMBER} s \(\d+ removed\)", rf"^  remote +{NUMBER} s \(24 removed\) +boto3",
+                   rf"^  remote_first +{NUMBER} s \(8 removed\) +boto3")
 
 
 def test_a_failed_step_stops_the_benchmark_before_any_figure(quick_runs: dict[str, QuickRun]):

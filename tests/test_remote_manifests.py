@@ -88,3 +88,20 @@ def test_backups_pushed_with_two_keys_are_each_named_with_the_other_key(tmp_path
     assert result.returncode == 1 and with_b in result.stderr and "encrypted with another key" in result.stderr
     result = site.run("pull", with_b, REMOTE_ENCRYPTION_KEY_FILE=str(key_b))
     assert result.returncode == 0, result.stderr
+
+
+def test_the_local_copy_of_remote_manifests_never_hides_a_change_on_the_remote(tmp_path: Path, remote: Bucket):
+    config = ConfigSite(tmp_path, remote)
+    changed, other = config.backup(), config.backup()
+    assert config.run("push", "--all").returncode == 0
+    assert sorted(remote_ids(config.run)) == sorted([changed, other])
+    assert (config.store / ".remote-manifests.json").is_file()  # read once, kept by key and ETag
+    client = remote.client()
+    key = f"backups/config/manifests/{changed}"
+    body = client.get_object(Bucket=remote.name, Key=key)["Body"].read()
+    client.put_object(Bucket=remote.name, Key=key, Body=body[:len(body) // 2])
+
+    result = config.run("--json", "list", "--remote")
+    assert result.returncode == 0, result.stderr
+    assert [b["id"] for b in json.loads(result.stdout)["backups"]] == [other]
+    assert f"config backup {changed} is unreadable" in result.stderr
