@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from backup_store.manifest import Backup
+from backup_store.manifest import Backup, format_time
 from common.errors import UsageError
 from common.settings import Settings
 
@@ -145,6 +145,13 @@ class RetentionPlan:
     def keep(self) -> list[Backup]:
         """The backups that stay."""
         return [d.backup for d in self.decisions if d.keep]
+
+    def explained(self, where: str = "") -> list[str]:
+        """What a dry run prints: `would remove ID (time)` for each backup that goes (`where` added after the
+        id), then `keep ID: reasons` for each that stays."""
+        lines = [f"would remove {d.backup.id}{where} ({format_time(d.backup.created_at)}): no rule keeps it"
+                 for d in self.decisions if not d.keep]
+        return lines + [f"keep {d.backup.id}: {'; '.join(d.reasons)}" for d in self.decisions if d.keep]
 
     def held_only(self, label: str) -> list[Decision]:
         """The backups no rule keeps that a hold whose reason starts with `label` keeps (a point needs them)."""

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 
-from backup_store.manifest import Backup, format_time
+from backup_store.manifest import Backup
 from backup_store.pins import Pin, Pins
 from backup_store.point_record import held_by_points, local_points
 from backup_store.retention import RetentionPlan, RetentionPolicy, plan_retention
@@ -41,12 +41,8 @@ def retention_holds(ctx: Context, store: BackupStore, extra: Holds | None = None
     return holds
 
 
-def plan_lines(plan: RetentionPlan, dry_run: bool) -> list[str]:
-    """One line per backup: what goes, and why each kept one stays (a run lists only the points' holds)."""
-    if dry_run:
-        lines = [f"would remove {d.backup.id} ({format_time(d.backup.created_at)}): no rule keeps it"
-                 for d in plan.decisions if not d.keep]
-        return lines + [f"keep {d.backup.id}: {'; '.join(d.reasons)}" for d in plan.decisions if d.keep]
+def removed_lines(plan: RetentionPlan) -> list[str]:
+    """What a run prints: each backup removed, and each kept only because a restore point names it."""
     return [f"removed {b.id}" for b in plan.remove] + [
         f"kept {d.backup.id}: {'; '.join(d.holds)}" for d in plan.held_only(POINT_HOLD)]
 
@@ -61,7 +57,7 @@ def cleanup_backups(ctx: Context, store: BackupStore, script: str, extra: Holds 
 
     if ctx.dry_run:
         plan, leftovers = planned(), store.leftovers()
-        lines = [f"retention: {policy.describe()}", *plan_lines(plan, True)]
+        lines = [f"retention: {policy.describe()}", *plan.explained()]
         lines += [f"would remove unfinished {name}" for name in leftovers]
         return Result({"dry_run": True, "retention": policy.describe(), "would_remove": [b.id for b in plan.remove],
                        "kept": [b.id for b in plan.keep], "decisions": [d.to_json() for d in plan.decisions],
@@ -72,7 +68,7 @@ def cleanup_backups(ctx: Context, store: BackupStore, script: str, extra: Holds 
             store.remove(backup)
         leftovers = store.remove_leftovers()
         objects = store.sweep_objects()  # the shared content only the removed backups had
-    lines = plan_lines(plan, False) + [f"removed unfinished {name}" for name in leftovers]
+    lines = removed_lines(plan) + [f"removed unfinished {name}" for name in leftovers]
     if objects:
         lines.append(f"removed {objects} stored files no remaining backup names")
     elif objects is None:

@@ -123,10 +123,7 @@ def cleanup_remote(ctx: Context, policy: RetentionPolicy, holds_for: Callable[[l
         ctx.warn(problem)
     removed, kept = [b.id for b in report.plan.remove], [b.id for b in report.plan.keep]
     if ctx.dry_run:
-        lines = [f"retention: {policy.describe()}"]
-        lines += [f"would remove {d.backup.id} from the remote: no rule keeps it" for d in report.plan.decisions
-                  if not d.keep]
-        lines += [f"keep {d.backup.id}: {'; '.join(d.reasons)}" for d in report.plan.decisions if d.keep]
+        lines = [f"retention: {policy.describe()}", *report.plan.explained(" from the remote")]
         return Result({"dry_run": True, "would_remove": removed, "kept": kept,
                        "decisions": [d.to_json() for d in report.plan.decisions], "unreadable": report.unreadable},
                       lines, report=True)
