@@ -24,21 +24,25 @@ Holds = Callable[[], dict[str, list[str]]]
 
 
 def retention_holds(ctx: Context, store: BackupStore, extra: Holds | None = None,
-                    more_points: Iterable[Backup] = ()) -> dict[str, list[str]]:
-    """What keeps a store's backups whatever the rules say: its pins, the restore points that name them (those
-    in POINTS_DIR and `more_points`), and `extra`'s (what the live tree was restored from, say)."""
+                    points: Iterable[Backup] | None = None) -> dict[str, list[str]]:
+    """What keeps a store's backups whatever the rules say: its pins, the restore points that name them (`points`,
+    else those in POINTS_DIR), and `extra`'s (what the live tree was restored from, say)."""
     holds: dict[str, list[str]] = {}
     sources = [Pins.load(store.root).holds(), extra() if extra else {}]
-    if ctx.component.name != POINTS.name:
-        if ctx.settings.text("POINTS_DIR") and not POINTS.store_path(ctx.settings).is_dir():
-            ctx.warn(f"POINTS_DIR {POINTS.store_path(ctx.settings)} is not a folder: no restore point holds a backup "
-                     "in this cleanup (an unmounted volume?)")
-        points = [*local_points(ctx.settings), *more_points]
-        sources.append(held_by_points(points, ctx.component.name))
+    if store.component != POINTS.name:
+        sources.append(held_by_points(this_hosts_points(ctx) if points is None else points, store.component))
     for source in sources:
         for backup_id, reasons in source.items():
             holds.setdefault(backup_id, []).extend(reasons)
     return holds
+
+
+def this_hosts_points(ctx: Context) -> list[Backup]:
+    """The restore points in POINTS_DIR; a POINTS_DIR that is set but not a folder is warned about."""
+    if ctx.settings.text("POINTS_DIR") and not POINTS.store_path(ctx.settings).is_dir():
+        ctx.warn(f"POINTS_DIR {POINTS.store_path(ctx.settings)} is not a folder: no restore point holds a backup "
+                 "in this cleanup (an unmounted volume?)")
+    return local_points(ctx.settings)
 
 
 def removed_lines(plan: RetentionPlan) -> list[str]:
@@ -47,10 +51,12 @@ def removed_lines(plan: RetentionPlan) -> list[str]:
         f"kept {d.backup.id}: {'; '.join(d.holds)}" for d in plan.held_only(POINT_HOLD)]
 
 
-def cleanup_backups(ctx: Context, store: BackupStore, script: str, extra: Holds | None = None) -> Result:
+def cleanup_backups(ctx: Context, store: BackupStore, script: str, extra: Holds | None = None,
+                    policy: RetentionPolicy | None = None) -> Result:
     """cleanup: remove the backups no rule or hold keeps (`extra` gives holds of the component's own, read under
-    the store's lock), and unfinished leftovers; --dry-run lists what would go and why each kept backup stays."""
-    policy = RetentionPolicy.from_command(ctx.args, ctx.settings)
+    the store's lock), and unfinished leftovers; --dry-run lists what would go and why each kept backup stays.
+    `policy` defaults to the command line's (a caller that needed it already passes it)."""
+    policy = policy or RetentionPolicy.from_command(ctx.args, ctx.settings)
 
     def planned() -> RetentionPlan:
         return plan_retention(store.scan(headers=True)[0], policy, retention_holds(ctx, store, extra))
@@ -84,7 +90,8 @@ def cleanup_remote_command(ctx: Context) -> Result:
     so do this host's pins."""
     policy = RetentionPolicy.from_command(ctx.args, ctx.settings)
     store = BackupStore(ctx.component.store_path(ctx.settings), ctx.component.name)
-    return cleanup_remote(ctx, policy, lambda remote_points: retention_holds(ctx, store, more_points=remote_points))
+    return cleanup_remote(ctx, policy, lambda remote_points: retention_holds(
+        ctx, store, points=[*this_hosts_points(ctx), *remote_points]))
 
 
 def change_pins(ctx: Context, store: BackupStore, backup_id: str, change: Callable[[Pins], object]) -> Pins:

@@ -33,7 +33,7 @@ def cleanup_command(ctx: Context) -> Result:
     kept = sorted((s for s in scratch if s.role in KEPT_ROLES), key=lambda s: s.age_order, reverse=True)
     old = [s.name for s in kept[max(policy.last, 1):] if s.made < cutoff]
     leftovers = [s.name for s in scratch if s.role in CLAIMED and s.name not in building]
-    result = cleanup_backups(ctx, db.store, SCRIPT)
+    result = cleanup_backups(ctx, db.store, SCRIPT, policy=policy)
     result.lines += [f"kept database {name}: a run going on now is building it" for name in sorted(building)]
     if ctx.dry_run:
         result.data["would_drop_databases"] = old + leftovers

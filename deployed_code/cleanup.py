@@ -24,7 +24,7 @@ def clean_up(ctx: Context) -> Result:
     paths = CodePaths.from_settings(ctx.settings)
     policy = RetentionPolicy.from_command(ctx.args, ctx.settings)
     cutoff = datetime.now(UTC) - timedelta(days=policy.kept_days)
-    result = cleanup_backups(ctx, paths.store, SCRIPT, lambda: deployed_hold(paths.store.root))
+    result = cleanup_backups(ctx, paths.store, SCRIPT, lambda: deployed_hold(paths.store.root), policy)
     if paths.in_place or paths.deployment is None:
         return result
     # Under the store's lock: a restore or rollback holds it for as long as its half-built tree exists.

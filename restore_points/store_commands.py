@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from backup_store.manifest import MANIFEST, Backup, format_time
 from backup_store.pins import Pins
-from backup_store.point_record import PointRecord, describe, held_by_points, local_points
+from backup_store.point_record import PointRecord, describe
 from backup_store.retention import RetentionPolicy, plan_retention
-from commands.retention_commands import change_pins, cleanup_backups
+from commands.retention_commands import change_pins, cleanup_backups, retention_holds
 from commands.retention_commands import locked_unless_dry_run as _locked
 from common.cli import Context, Result
 from common.components import BY_NAME, CODE, PARTS, POINTS, Component
@@ -49,9 +49,9 @@ def cleanup_command(ctx: Context) -> Result:
         raise ToolkitError(f"restore point {unreadable[0][0]} cannot be read ({unreadable[0][1]}): nothing is "
                            "removed until it is mended or moved out of POINTS_DIR")
     before = {point.id: PointRecord.load(point).parts for point in points}
-    result = cleanup_backups(ctx, store, POINTS.script)
-    gone = set(result.data["would_remove" if ctx.dry_run else "removed"])
     policy = RetentionPolicy.from_command(ctx.args, ctx.settings)
+    result = cleanup_backups(ctx, store, POINTS.script, policy=policy)
+    gone = set(result.data["would_remove" if ctx.dry_run else "removed"])
     for component in PARTS:
         freed = {parts[component.name] for point_id, parts in before.items()
                  if point_id in gone and component.name in parts}
@@ -124,13 +124,8 @@ def _remove_freed(ctx: Context, component: Component, freed: set[str], policy: R
     if not store.root.is_dir():
         return []
     with _locked(ctx, store, "cleanup"):
-        holds = Pins.load(store.root).holds()
-        for backup_id, reasons in held_by_points(remaining if ctx.dry_run else local_points(ctx.settings),
-                                                 component.name).items():
-            holds.setdefault(backup_id, []).extend(reasons)
-        if component.name == CODE.name:
-            for backup_id, reasons in deployed_hold(store.root).items():
-                holds.setdefault(backup_id, []).extend(reasons)
+        live_origin = (lambda: deployed_hold(store.root)) if component.name == CODE.name else None
+        holds = retention_holds(ctx, store, live_origin, remaining if ctx.dry_run else None)
         plan = plan_retention(store.scan(headers=True)[0], policy, holds)
         doomed = [backup for backup in plan.remove if backup.id in freed]
         if not ctx.dry_run:
