@@ -11,6 +11,8 @@ from point_system import System, take_point
 from remote_sites import ConfigSite
 from s3_server import Bucket
 
+from backup_store.store import BackupStore
+
 
 def ids(result) -> list[str]:
     assert result.returncode == 0, result.stderr
@@ -155,3 +157,14 @@ def test_a_pin_reaches_the_remote_so_a_remote_cleanup_from_another_host_keeps_it
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["removed"] == []
     assert ids(site.run("--json", "list", "--remote")) == [newer, older]
+
+
+def test_pin_and_cleanup_wait_for_no_one_while_another_run_holds_the_store(site: ConfigSite):
+    older, newer = config_backup(site, "older"), config_backup(site, "newer")
+    with BackupStore(site.store, "config").lock("a restore going on"):
+        pin = site.run("pin", older)
+        cleanup = site.run("cleanup", "0", "--keep", "1")
+    assert pin.returncode == 75 and "a restore going on" in pin.stderr
+    assert cleanup.returncode == 75
+    assert not (site.store / "pins.json").exists()
+    assert ids(site.run("--json", "list")) == [newer, older]
