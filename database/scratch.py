@@ -103,8 +103,10 @@ def being_built(cur, names: list[str]) -> set[str]:
                 " AND granted AND objsubid = 1"
                 " AND database = (SELECT oid FROM pg_database WHERE datname = %s)", (MAINTENANCE_DB,))
     held = {key for (key,) in cur.fetchall()}  # bigint shifts wrap: the key comes back signed, as claim_key's
-    # A database someone is connected to is in use whatever its claim says (pg_restore writing into it).
-    cur.execute("SELECT DISTINCT datname FROM pg_stat_activity WHERE datname = ANY(%s)", (names,))
+    # A database a client is connected to is in use whatever its claim says (pg_restore writing into it).
+    # Only clients: autovacuum visits a freshly loaded leftover on its own, and must not make it look alive.
+    cur.execute("SELECT DISTINCT datname FROM pg_stat_activity WHERE datname = ANY(%s)"
+                " AND backend_type = 'client backend'", (names,))
     in_use = {name for (name,) in cur.fetchall()}
     return {name for name in names if claim_key(name) in held or name in in_use}
 

@@ -104,21 +104,30 @@ def kill_at(restore: Restore, stage: str) -> list[int]:
     held = {"creating the scratch database": "template0", "renaming the live database": restore.live}.get(stage)
     with holding(restore.dbw, held) if held else nullcontext():
         proc = restore.start(*(["--in-place"] if stage.startswith("in place") else []))
-        if stage == "listing the dump":
-            os.kill(wait_for_child(proc, "pg_restore", "--list"), signal.SIGSTOP)
-        elif stage == "creating the scratch database":
-            restore.wait(lambda: restore.waiting_for_lock("CREATE DATABASE"), "CREATE DATABASE waiting")
-        elif stage == "renaming the live database":
-            restore.wait(lambda: restore.waiting_for_lock("ALTER DATABASE"), "the first rename waiting")
-        elif stage == "in place: safety pg_dump":
-            os.kill(wait_for_child(proc, "pg_dump", "--format"), signal.SIGSTOP)
-        elif stage == "in place: a third of the data restored":
-            pid = wait_for_child(proc, "pg_restore", "--dbname")
-            os.kill(pid, signal.SIGSTOP)
-            freeze_when(restore, pid, restore.live, 1 / 3)
-        else:
-            return _kill_in_the_swap(restore, proc, stage)
-        return _kill(proc)
+        try:
+            return _run_to(restore, proc, stage)
+        except BaseException:
+            _end_for_good(proc)  # a run left holding the store's lock would fail every later stage too
+            raise
+
+
+def _run_to(restore: Restore, proc: subprocess.Popen, stage: str) -> list[int]:
+    """Bring the run to `stage` and SIGKILL it there."""
+    if stage == "listing the dump":
+        os.kill(wait_for_child(proc, "pg_restore", "--list"), signal.SIGSTOP)
+    elif stage == "creating the scratch database":
+        restore.wait(lambda: restore.waiting_for_lock("CREATE DATABASE"), "CREATE DATABASE waiting")
+    elif stage == "renaming the live database":
+        restore.wait(lambda: restore.waiting_for_lock("ALTER DATABASE"), "the first rename waiting")
+    elif stage == "in place: safety pg_dump":
+        os.kill(wait_for_child(proc, "pg_dump", "--format"), signal.SIGSTOP)
+    elif stage == "in place: a third of the data restored":
+        pid = wait_for_child(proc, "pg_restore", "--dbname")
+        os.kill(pid, signal.SIGSTOP)
+        freeze_when(restore, pid, restore.live, 1 / 3)
+    else:
+        return _kill_in_the_swap(restore, proc, stage)
+    return _kill(proc)
 
 
 def _kill_in_the_swap(restore: Restore, proc: subprocess.Popen, stage: str) -> list[int]:
@@ -136,6 +145,17 @@ def _kill_in_the_swap(restore: Restore, proc: subprocess.Popen, stage: str) -> l
         os.kill(pid, signal.SIGCONT)
         restore.wait(lambda: restore.scratch(RESTORING) == [] or proc.poll() is not None, "the switch")
     return _kill(proc)
+
+
+def _end_for_good(proc: subprocess.Popen) -> None:
+    """SIGKILL the run and everything it started, frozen or not."""
+    for pid in [*descendants(proc.pid), proc.pid]:
+        for sig in (signal.SIGKILL, signal.SIGCONT):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+    proc.communicate()
 
 
 def _kill(proc: subprocess.Popen) -> list[int]:
