@@ -130,6 +130,16 @@ def die_with_parent_hook() -> Callable[[], None] | None:
     return die_with_parent
 
 
+def die_with(parent: int) -> None:
+    """In a process started afresh (spawned, not forked) by `parent`: SIGKILL it when `parent` dies, and leave
+    at once if it already has."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _prctl() -> Callable[..., int] | None:
     return libc_function("prctl", ("int", "ulong", "ulong", "ulong", "ulong"))
 

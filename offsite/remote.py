@@ -32,12 +32,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 from backup_store.manifest import Backup, Entry, UnsafeManifest, backup_from_manifest
 from common.errors import SettingError, ToolkitError
 from common.files import size_and_sha256
 from common.settings import Settings
+from offsite.fetch_pool import read_objects
 from offsite.manifest_cache import ManifestCache
 from offsite.remote_io import (
     ATTEMPTS,
@@ -132,28 +134,13 @@ class Remote:
         self._present: dict[str, tuple[int, str]] | None = None  # see present_blobs
         self._present_mark: str | None = None
         self._damaged: set[str] = set()
+        self._fetched: dict[str, tuple[str | None, bytes]] = {}  # manifests read ahead by a scan's workers
 
     @property
     def client(self):
         """A boto3 S3 client (thread-safe), made when first needed: boto3 is heavy to import."""
         if self._client is None:
-            import boto3
-            import botocore.session
-            from botocore.config import Config
-
-            session = botocore.session.get_session()
-            # Timestamps stay text: parsing 1,000 of them per listing page dominated an unchanged push.
-            session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
-            creds = self.config.credentials
-            self._client = s3_call(lambda: boto3.Session(
-                botocore_session=session, profile_name=creds.get("AWS_PROFILE"),
-                aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
-                aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-                aws_session_token=creds.get("AWS_SESSION_TOKEN"), region_name=creds.get("AWS_DEFAULT_REGION"),
-            ).client("s3", endpoint_url=self.config.endpoint, config=Config(
-                max_pool_connections=PARALLEL, retries={"max_attempts": ATTEMPTS, "mode": "standard"},
-                connect_timeout=self.config.timeout, read_timeout=self.config.timeout,
-                s3={"addressing_style": "path"} if self.config.endpoint else None)))
+            self._client = s3_client(self.config)
         return self._client
 
     def call(self, method: str, **kwargs):
@@ -236,13 +223,18 @@ class Remote:
         prefix = self.key(component, "manifests") + "/"
         return {item["Key"][len(prefix):]: item.get("ETag") for item in self._list(prefix)}
 
-    def all_manifests(self) -> Iterator[tuple[str, str, str | None]]:
-        """(component, backup id, the manifest's ETag) of every backup of every component on the remote."""
+    def all_manifests(self, but: str | None = None) -> Iterator[tuple[str, str, str | None]]:
+        """(component, backup id, the manifest's ETag) of every backup of every component on the remote but
+        `but`'s: each component's manifests listed on their own, never the blobs or `but`'s (10,000 keys are
+        ten requests, and several seconds on some servers)."""
         root = self.key() + "/" if self.config.prefix else ""
-        for item in self._list(root):
-            parts = item["Key"][len(root):].split("/")
-            if len(parts) == 3 and parts[1] == "manifests":
-                yield parts[0], parts[2], item.get("ETag")
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = s3_call(lambda: list(paginator.paginate(Bucket=self.config.bucket, Prefix=root, Delimiter="/")))
+        folders = [item["Prefix"][len(root):].rstrip("/") for page in pages for item in page.get("CommonPrefixes", [])]
+        for component in folders:
+            if component not in ("blobs", DAMAGED, but):
+                for backup_id, etag in self._listed(component).items():
+                    yield component, backup_id, etag
 
     def read(self, component: str, backup_id: str, etag: str | None = None) -> RemoteBackup:
         """A backup's manifest from the remote (opened when encrypted), or from the copy kept of it when its
@@ -251,11 +243,13 @@ class Remote:
         what = f"the remote manifest of {component} backup {backup_id}"
         packed = self.manifests.get(key, etag)
         if packed is None:
-            response = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=key), RemoteMissing,
-                               f"no backup {backup_id!r} of {component} on {self.describe()}")
-            raw = s3_call(lambda: response["Body"].read())
-            packed = self._open_manifest(raw, what)
-            self.manifests.put(key, response.get("ETag"), packed)
+            fetched = self._fetched.pop(key, None)
+            if fetched is None:
+                response = s3_call(lambda: self.client.get_object(Bucket=self.config.bucket, Key=key),
+                                   RemoteMissing, f"no backup {backup_id!r} of {component} on {self.describe()}")
+                fetched = response.get("ETag"), s3_call(lambda: response["Body"].read())
+            packed = self._open_manifest(fetched[1], what)
+            self.manifests.put(key, fetched[0], packed)
         try:
             plain = gzip.decompress(packed)
             data = json.loads(plain)
@@ -291,12 +285,13 @@ class Remote:
              ) -> tuple[list[RemoteBackup], list[tuple[str, UnreadableManifest]]]:
         """The component's backups on the remote (those of `only` ids; every component's with None, but `but`'s),
         newest first, and the id of each manifest that cannot be read with why (one manifest must not hide the
-        others). The manifests are read PARALLEL at a time: a remote of 10,000 backups is 10,000 requests."""
+        others). A remote of 10,000 backups is 10,000 requests: those not kept from an earlier scan are read
+        PARALLEL at a time, and when there are many, read ahead by worker processes (offsite/fetch_pool.py)."""
         if component:
             listed = {backup_id: None for backup_id in only} if only is not None else self._listed(component)
             ids = [(component, backup_id, etag) for backup_id, etag in sorted(listed.items(), reverse=True)]
         else:
-            ids = sorted((item for item in self.all_manifests() if item[0] != but), key=lambda item: item[1],
+            ids = sorted(self.all_manifests(but), key=lambda item: item[1],
                          reverse=True)
 
         def read(item: tuple[str, str, str | None]) -> RemoteBackup | UnreadableManifest | None:
@@ -307,10 +302,14 @@ class Remote:
             except RemoteMissing:
                 return None  # removed since the listing: a cleanup ran meanwhile
 
+        unread = [key for component_id, backup_id, etag in ids
+                  if self.manifests.get(key := self.manifest_key(component_id, backup_id), etag) is None]
+        self._fetched = read_objects(partial(s3_client, self.config), self.config.bucket, unread)
         from concurrent.futures import ThreadPoolExecutor  # like boto3: loaded only when a remote is used
 
         with ThreadPoolExecutor(PARALLEL) as pool:
             found = list(pool.map(read, ids))
+        self._fetched = {}
         self.manifests.save()
         copies = [copy for copy in found if isinstance(copy, RemoteBackup)]
         unreadable = [(backup_id, copy) for (_, backup_id, _), copy in zip(ids, found, strict=True)
@@ -429,6 +428,28 @@ class Remote:
                                                            Key=self.key(CANDIDATES))["ETag"], RemoteMissing)
         except RemoteMissing:
             return None
+
+
+def s3_client(config: RemoteConfig):
+    """A boto3 S3 client for the remote, with the toolkit's timeouts, retries and connection pool."""
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+
+    session = botocore.session.get_session()
+    # Timestamps stay text: parsing 1,000 of them per listing page dominated an unchanged push.
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+    creds = config.credentials
+    return s3_call(lambda: boto3.Session(
+        botocore_session=session, profile_name=creds.get("AWS_PROFILE"),
+        aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=creds.get("AWS_SESSION_TOKEN"), region_name=creds.get("AWS_DEFAULT_REGION"),
+    ).client("s3", endpoint_url=config.endpoint, config=Config(
+        signature_version="s3v4",  # what requests use anyway; presigned URLs (fetch_pool) too
+        max_pool_connections=PARALLEL, retries={"max_attempts": ATTEMPTS, "mode": "standard"},
+        connect_timeout=config.timeout, read_timeout=config.timeout,
+        s3={"addressing_style": "path"} if config.endpoint else None)))
 
 
 def bucket_name_problem(name: str) -> str | None:

@@ -3,13 +3,19 @@ hides the others, and no cleanup removes an object one of them might name."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 from remote_sites import CodeSite, ConfigSite, remote_ids
 from s3_server import Bucket
+
+from backup_store.copier import worker_count
+from offsite import fetch_pool
+from offsite.remote import Remote, RemoteConfig, s3_client
 
 
 def make_key(path: Path) -> Path:
@@ -105,3 +111,41 @@ def test_the_local_copy_of_remote_manifests_never_hides_a_change_on_the_remote(t
     assert result.returncode == 0, result.stderr
     assert [b["id"] for b in json.loads(result.stdout)["backups"]] == [other]
     assert f"config backup {changed} is unreadable" in result.stderr
+
+
+def remote_config(remote: Bucket) -> RemoteConfig:
+    env = remote.env
+    return RemoteConfig(remote.name, "backups", env["S3_ENDPOINT_URL"], None, credentials={
+        name: env[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+
+
+def test_worker_processes_read_every_object_byte_for_byte_and_leave_out_what_is_missing(remote: Bucket,
+                                                                                      monkeypatch):
+    client = remote.client()
+    written = {f"many/{n:03d}": os.urandom(n * 37) for n in range(40)}
+    for key, body in written.items():
+        client.put_object(Bucket=remote.name, Key=key, Body=body)
+    monkeypatch.setattr(fetch_pool, "FROM_OBJECTS", 10)
+    assert worker_count() >= 2  # the suite runs on two cores or more: the workers are what is tested here
+
+    read = fetch_pool.read_objects(partial(s3_client, remote_config(remote)), remote.name, [*written, "many/gone"])
+
+    assert {key: body for key, (_, body) in read.items()} == written
+    assert all(etag.strip('"') == hashlib.md5(written[key]).hexdigest() for key, (etag, _) in read.items())
+
+
+def test_a_scan_shared_out_among_workers_finds_what_one_process_finds(tmp_path: Path, remote: Bucket, monkeypatch):
+    config = ConfigSite(tmp_path / "config", remote)
+    for port in range(12):
+        (config.config / "app.yml").write_text(f"server:\n  port: {9000 + port}\n")
+        config.backup()
+    assert config.run("push", "--all").returncode == 0
+    alone, unreadable = Remote(remote_config(remote)).scan("config")
+    assert len(alone) == 12 and unreadable == []
+
+    monkeypatch.setattr(fetch_pool, "FROM_OBJECTS", 5)
+    shared, unreadable = Remote(remote_config(remote)).scan("config")
+
+    assert unreadable == []
+    assert [(c.backup.id, c.manifest_bytes, c.blobs) for c in shared] == \
+        [(c.backup.id, c.manifest_bytes, c.blobs) for c in alone]
