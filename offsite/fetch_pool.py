@@ -46,10 +46,12 @@ def read_objects(make_client: Callable[[], object], bucket: str, keys: list[str]
     batches = [keys[start:start + BATCH] for start in range(0, len(keys), BATCH)]
     found: dict[str, tuple[str | None, bytes]] = {}
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
-                             initargs=(os.getpid(),)) as pool:
+    pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
+    try:
         for read in pool.map(_read_batch, repeat(make_client), repeat(bucket), batches):
             found.update(read)
+    finally:  # a stop waits only for the batches being read (a fraction of a second), not for the rest
+        pool.shutdown(wait=True, cancel_futures=True)
     return found
 
 
