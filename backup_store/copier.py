@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import signal
 import struct
 import warnings
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from common.errors import ToolkitError
 from common.files import copy_and_hash
 from common.proc import die_with_parent_hook
-from common.signals import stop_signals_held
+from common.signals import SIGNAL_CHECK_SECONDS, stop_signals_held
 
 PARALLEL_FROM = 256  # fewer files than this are copied here: starting workers would cost more than it saves
 MAX_WORKERS = 8  # past a few, the disk decides
@@ -203,7 +204,14 @@ def _collect(jobs: Sequence[CopyJob], results: int) -> None:
     """Read the workers' records until every worker has gone; run each job's `done` as its record arrives."""
     pending = b""
     reported = 0
-    while chunk := os.read(results, 65536):
+    waiting = select.poll()
+    waiting.register(results, select.POLLIN)
+    while True:
+        while not waiting.poll(SIGNAL_CHECK_SECONDS * 1000):  # a stop noted just before the wait is raised here
+            pass
+        chunk = os.read(results, 65536)
+        if not chunk:
+            break
         pending += chunk
         whole = len(pending) - len(pending) % _RECORD.size
         for kind, index, size, digest in _RECORD.iter_unpack(pending[:whole]):

@@ -23,6 +23,7 @@ from pathlib import Path
 from common.errors import SettingError, ToolkitError, UsageError
 from common.proc import SECRET_VARIABLES, die_with_parent_hook
 from common.settings import Settings
+from common.signals import SIGNAL_CHECK_SECONDS
 from common.text import printable
 
 OUTPUT_KEPT_BYTES = 64 * 1024
@@ -153,7 +154,7 @@ def _read_until_exit(proc: subprocess.Popen, read_end: int, output: _Tail, deadl
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                ready = {key.fd for key, _ in selector.select(remaining)}
+                ready = {key.fd for key, _ in selector.select(min(remaining, SIGNAL_CHECK_SECONDS))}
                 if read_end in ready and not _drain(read_end, output):
                     selector.unregister(read_end)  # every writer has closed it
                 if pidfd in ready:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import IO
 
 from common.errors import ToolkitError
 from common.libc import libc_function
+from common.signals import SIGNAL_CHECK_SECONDS
 
 _STOP_GRACE_SECONDS = 5
 # Never inherited by a child: a password reaches a tool only through a private file named in `env`.
@@ -75,11 +77,17 @@ def run_tool(
         )
     except FileNotFoundError:
         raise ToolkitError(f"{what}: {argv[0]} not found: install it or put it on PATH") from None
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        out, err = proc.communicate(stdin, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_child(proc)
-        raise ToolkitError(f"{what} did not finish within {timeout:g} s and was stopped") from None
+        while True:  # in slices, so that a stop signal is handled within SIGNAL_CHECK_SECONDS (common.signals)
+            try:
+                out, err = proc.communicate(stdin, timeout=SIGNAL_CHECK_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                stdin = None  # sent by the first call; a retry loses no output
+                if deadline is not None and time.monotonic() >= deadline:
+                    stop_child(proc)
+                    raise ToolkitError(f"{what} did not finish within {timeout:g} s and was stopped") from None
     except BaseException:
         stop_child(proc)
         raise

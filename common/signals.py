@@ -8,6 +8,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# CPython's C-level handler only notes a signal; the Python handler runs when the main thread is back in
+# the interpreter. A signal that lands between that check and a blocking system call is handled only when
+# the call returns, which may be never (a read from a pipe whose writer is stuck). So no wait of the main
+# thread blocks longer than this before it looks again.
+SIGNAL_CHECK_SECONDS = 0.1
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from common.cli import Context, Result
 from common.errors import ToolkitError, UsageError
 from common.files import atomic_write
 from common.progress import Progress, no_progress
-from common.signals import stop_signals_held
+from common.signals import SIGNAL_CHECK_SECONDS, stop_signals_held
 from common.text import human_size
 from deployed_code.git import git_state
 from deployed_code.paths import SCRIPT, TREE, CodePaths
@@ -193,5 +193,5 @@ class SafetyBackupMeanwhile:
         if cancel:
             self.stop.set()
         with stop_signals_held(self.stop.set):
-            if self.thread.ident is not None:
-                self.thread.join()
+            while self.thread.ident is not None and self.thread.is_alive():
+                self.thread.join(SIGNAL_CHECK_SECONDS)
