@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import itertools
 import re
+import signal
 from collections.abc import Iterator
 
 import pytest
 from helpers import stop_script_server
 from pg_cluster import Database, ServerBinariesNotFound, ThrowawayCluster
 from s3_server import Bucket, LocalS3
+
+
+def pytest_configure() -> None:
+    """A suite started in the background by a shell without job control inherits SIGINT ignored, and so
+    would every script it starts (Python keeps an ignored SIGINT ignored): the tests of ^C could then never
+    stop one. The scripts the tests start get SIGINT as a terminal would deliver it."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionfinish() -> None:
