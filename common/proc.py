@@ -84,7 +84,7 @@ def run_tool(
                 out, err = proc.communicate(stdin, timeout=SIGNAL_CHECK_SECONDS)
                 break
             except subprocess.TimeoutExpired:
-                stdin = None  # sent by the first call; a retry loses no output
+                stdin = None  # handed over by the first call, which goes on writing it; a retry loses no output
                 if deadline is not None and time.monotonic() >= deadline:
                     stop_child(proc)
                     raise ToolkitError(f"{what} did not finish within {timeout:g} s and was stopped") from None

@@ -32,14 +32,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 
 from backup_store.manifest import Backup, Entry, UnsafeManifest, backup_from_manifest
 from common.errors import SettingError, ToolkitError
 from common.files import size_and_sha256
 from common.settings import Settings
-from offsite.fetch_pool import read_objects
+from offsite import fetch_pool
 from offsite.manifest_cache import ManifestCache
 from offsite.remote_io import (
     ATTEMPTS,
@@ -130,6 +129,7 @@ class Remote:
         # Manifests read before, by key and ETag, and opened with this key (or none): a copy opened with one
         # key never stands for what another key, or no key, would find.
         self.manifests = ManifestCache(manifest_cache, self.sealer.fingerprint if self.sealer else "plain")
+        self._session = None
         self._client = None
         self._present: dict[str, tuple[int, str]] | None = None  # see present_blobs
         self._present_mark: str | None = None
@@ -140,7 +140,8 @@ class Remote:
     def client(self):
         """A boto3 S3 client (thread-safe), made when first needed: boto3 is heavy to import."""
         if self._client is None:
-            self._client = s3_client(self.config)
+            self._session = s3_call(lambda: s3_session(self.config))
+            self._client = s3_call(lambda: s3_client(self._session, self.config))
         return self._client
 
     def call(self, method: str, **kwargs):
@@ -231,6 +232,11 @@ class Remote:
         paginator = self.client.get_paginator("list_objects_v2")
         pages = s3_call(lambda: list(paginator.paginate(Bucket=self.config.bucket, Prefix=root, Delimiter="/")))
         folders = [item["Prefix"][len(root):].rstrip("/") for page in pages for item in page.get("CommonPrefixes", [])]
+        if any("/" in item["Key"][len(root):] for page in pages for item in page.get("Contents", [])):
+            # A server that ignores the delimiter lists every key: the components are read from the keys, so
+            # none is missed (a missed one's blobs would look unnamed to a cleanup).
+            folders = sorted({item["Key"][len(root):].split("/", 1)[0] for page in pages
+                              for item in page.get("Contents", []) if "/" in item["Key"][len(root):]})
         for component in folders:
             if component not in ("blobs", DAMAGED, but):
                 for backup_id, etag in self._listed(component).items():
@@ -242,6 +248,7 @@ class Remote:
         key = self.manifest_key(component, backup_id)
         what = f"the remote manifest of {component} backup {backup_id}"
         packed = self.manifests.get(key, etag)
+        fetched = None
         if packed is None:
             fetched = self._fetched.pop(key, None)
             if fetched is None:
@@ -249,7 +256,6 @@ class Remote:
                                    RemoteMissing, f"no backup {backup_id!r} of {component} on {self.describe()}")
                 fetched = response.get("ETag"), s3_call(lambda: response["Body"].read())
             packed = self._open_manifest(fetched[1], what)
-            self.manifests.put(key, fetched[0], packed)
         try:
             plain = gzip.decompress(packed)
             data = json.loads(plain)
@@ -260,6 +266,8 @@ class Remote:
             raise UnreadableManifest(f"{exc} (on {self.describe()})") from None
         if backup.id != backup_id or backup.component != component:
             raise UnreadableManifest(f"the remote manifest {key} describes {backup.component} {backup.id}: refused")
+        if fetched is not None:  # kept only once it has read whole: damage is never kept as the object's bytes
+            self.manifests.put(key, fetched[0], packed)
         return RemoteBackup(backup, plain, data, {e.path: self.blob_key(e.sha256) for e in backup.files})
 
     def _open_manifest(self, raw: bytes, what: str) -> bytes:
@@ -304,12 +312,16 @@ class Remote:
 
         unread = [key for component_id, backup_id, etag in ids
                   if self.manifests.get(key := self.manifest_key(component_id, backup_id), etag) is None]
-        self._fetched = read_objects(partial(s3_client, self.config), self.config.bucket, unread)
         from concurrent.futures import ThreadPoolExecutor  # like boto3: loaded only when a remote is used
 
-        with ThreadPoolExecutor(PARALLEL) as pool:
-            found = list(pool.map(read, ids))
-        self._fetched = {}
+        try:
+            if len(unread) >= fetch_pool.FROM_OBJECTS:
+                signing = fetch_pool.Signing.of(self.client, self._session)
+                self._fetched = fetch_pool.read_objects(signing, self.config.bucket, unread)
+            with ThreadPoolExecutor(PARALLEL) as pool:
+                found = list(pool.map(read, ids))
+        finally:
+            self._fetched = {}
         self.manifests.save()
         copies = [copy for copy in found if isinstance(copy, RemoteBackup)]
         unreadable = [(backup_id, copy) for (_, backup_id, _), copy in zip(ids, found, strict=True)
@@ -430,26 +442,30 @@ class Remote:
             return None
 
 
-def s3_client(config: RemoteConfig):
-    """A boto3 S3 client for the remote, with the toolkit's timeouts, retries and connection pool."""
+def s3_session(config: RemoteConfig):
+    """A boto3 session with the remote's credentials (boto3's own chain, or the .env file's AWS_* settings)."""
     import boto3
     import botocore.session
-    from botocore.config import Config
 
     session = botocore.session.get_session()
     # Timestamps stay text: parsing 1,000 of them per listing page dominated an unchanged push.
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
     creds = config.credentials
-    return s3_call(lambda: boto3.Session(
+    return boto3.Session(
         botocore_session=session, profile_name=creds.get("AWS_PROFILE"),
         aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-        aws_session_token=creds.get("AWS_SESSION_TOKEN"), region_name=creds.get("AWS_DEFAULT_REGION"),
-    ).client("s3", endpoint_url=config.endpoint, config=Config(
-        signature_version="s3v4",  # what requests use anyway; presigned URLs (fetch_pool) too
+        aws_session_token=creds.get("AWS_SESSION_TOKEN"), region_name=creds.get("AWS_DEFAULT_REGION"))
+
+
+def s3_client(session, config: RemoteConfig):
+    """A boto3 S3 client for the remote, with the toolkit's timeouts, retries and connection pool."""
+    from botocore.config import Config
+
+    return session.client("s3", endpoint_url=config.endpoint, config=Config(
         max_pool_connections=PARALLEL, retries={"max_attempts": ATTEMPTS, "mode": "standard"},
         connect_timeout=config.timeout, read_timeout=config.timeout,
-        s3={"addressing_style": "path"} if config.endpoint else None)))
+        s3={"addressing_style": "path"} if config.endpoint else None))
 
 
 def bucket_name_problem(name: str) -> str | None:
