@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 from backup_store.manifest import MANIFEST, Backup, format_time
 from backup_store.pins import Pins
 from backup_store.point_record import PointRecord, describe
 from backup_store.retention import RetentionPolicy, plan_retention
+from backup_store.store import BackupStore
 from commands.retention_commands import change_pins, cleanup_backups, retention_holds
 from commands.retention_commands import locked_unless_dry_run as _locked
 from common.cli import Context, Result
@@ -50,18 +53,26 @@ def cleanup_command(ctx: Context) -> Result:
                            "removed until it is mended or moved out of POINTS_DIR")
     before = {point.id: PointRecord.load(point).parts for point in points}
     policy = RetentionPolicy.from_command(ctx.args, ctx.settings)
-    result = cleanup_backups(ctx, store, POINTS.script, policy=policy)
-    gone = set(result.data["would_remove" if ctx.dry_run else "removed"])
-    for component in PARTS:
-        freed = {parts[component.name] for point_id, parts in before.items()
-                 if point_id in gone and component.name in parts}
-        if freed:
-            removed = _remove_freed(ctx, component, freed, policy, [p for p in points if p.id not in gone])
-            result.data.setdefault("would_remove_parts" if ctx.dry_run else "removed_parts", {})[
-                component.name] = removed
-            verb = "would remove" if ctx.dry_run else "removed"
-            result.lines += [f"{verb} {component.name} backup {backup_id} (only removed points held it)"
-                             for backup_id in removed]
+    with ExitStack() as held:
+        # Every component store's lock before any point goes: a store busy now stops the cleanup with nothing
+        # removed (exit 75), instead of after the points went, leaving their parts to the next cleanup.
+        stores = {component.name: open_store(ctx.settings, component) for component in PARTS}
+        stores = {name: part_store for name, part_store in stores.items() if part_store.root.is_dir()}
+        for part_store in stores.values():
+            held.enter_context(_locked(ctx, part_store, "cleanup"))
+        result = cleanup_backups(ctx, store, POINTS.script, policy=policy)
+        gone = set(result.data["would_remove" if ctx.dry_run else "removed"])
+        for component in PARTS:
+            freed = {parts[component.name] for point_id, parts in before.items()
+                     if point_id in gone and component.name in parts}
+            if freed and component.name in stores:
+                removed = _remove_freed(ctx, stores[component.name], component, freed, policy,
+                                        [p for p in points if p.id not in gone])
+                result.data.setdefault("would_remove_parts" if ctx.dry_run else "removed_parts", {})[
+                    component.name] = removed
+                verb = "would remove" if ctx.dry_run else "removed"
+                result.lines += [f"{verb} {component.name} backup {backup_id} (only removed points held it)"
+                                 for backup_id in removed]
     return result
 
 
@@ -116,21 +127,17 @@ def _unpin_part(ctx: Context, name: str, backup_id: str, point_id: str) -> str:
     return f"  {name}: {backup_id}" + (f" (still {still.describe()})" if still else "")
 
 
-def _remove_freed(ctx: Context, component: Component, freed: set[str], policy: RetentionPolicy,
-                  remaining: list[Backup]) -> list[str]:
-    """Remove, from a component's store, the backups of `freed` that no rule, pin or point keeps (a run reads the
-    points again under the component store's lock; a dry run counts only the points it would leave)."""
-    store = open_store(ctx.settings, component)
-    if not store.root.is_dir():
-        return []
-    with _locked(ctx, store, "cleanup"):
-        live_origin = (lambda: deployed_hold(store.root)) if component.name == CODE.name else None
-        holds = retention_holds(ctx, store, live_origin, remaining if ctx.dry_run else None)
-        plan = plan_retention(store.scan(headers=True)[0], policy, holds)
-        doomed = [backup for backup in plan.remove if backup.id in freed]
-        if not ctx.dry_run:
-            for backup in doomed:
-                store.remove(backup)
-            if doomed:
-                store.sweep_objects()
+def _remove_freed(ctx: Context, store: BackupStore, component: Component, freed: set[str],
+                  policy: RetentionPolicy, remaining: list[Backup]) -> list[str]:
+    """Remove, from a component's store (its lock held, unless a dry run), the backups of `freed` that no rule,
+    pin or point keeps (a run reads the points again; a dry run counts only the points it would leave)."""
+    live_origin = (lambda: deployed_hold(store.root)) if component.name == CODE.name else None
+    holds = retention_holds(ctx, store, live_origin, remaining if ctx.dry_run else None)
+    plan = plan_retention(store.scan(headers=True)[0], policy, holds)
+    doomed = [backup for backup in plan.remove if backup.id in freed]
+    if not ctx.dry_run:
+        for backup in doomed:
+            store.remove(backup)
+        if doomed:
+            store.sweep_objects()
     return [backup.id for backup in doomed]

@@ -104,6 +104,10 @@ def test_no_script_cleanup_removes_a_part_of_a_point_and_rollback_cleanup_frees_
     assert system.run("cleanup", "0", "--keep", "1").returncode == 0
     assert [p["id"] for p in json.loads(system.run("--json", "list").stdout)["points"]] == [second["id"], first["id"]]
     assert system.run("unpin", first["id"]).returncode == 0
+    with BackupStore(Path(system.env["CODE_BACKUP_DIR"]), "code").lock("a restore going on"):
+        busy = system.run("cleanup", "0", "--keep", "1")
+    assert busy.returncode == 75 and "a restore going on" in busy.stderr  # before any point went
+    assert [p["id"] for p in json.loads(system.run("--json", "list").stdout)["points"]] == [second["id"], first["id"]]
     result = system.run("--json", "cleanup", "0", "--keep", "1")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["removed"] == [first["id"]]
