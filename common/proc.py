@@ -129,19 +129,16 @@ def die_with_parent_hook() -> Callable[[], None] | None:
     if prctl is None:
         return None
     parent = os.getpid()
-
-    def die_with_parent() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return die_with_parent
+    return lambda: _die_with(prctl, parent)
 
 
 def die_with(parent: int) -> None:
     """In a process started afresh (spawned, not forked) by `parent`: SIGKILL it when `parent` dies, and leave
     at once if it already has."""
-    prctl = _prctl()
+    _die_with(_prctl(), parent)
+
+
+def _die_with(prctl: Callable[..., int] | None, parent: int) -> None:
     if prctl is not None:
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
