@@ -231,12 +231,11 @@ class Remote:
         root = self.key() + "/" if self.config.prefix else ""
         paginator = self.client.get_paginator("list_objects_v2")
         pages = s3_call(lambda: list(paginator.paginate(Bucket=self.config.bucket, Prefix=root, Delimiter="/")))
-        folders = [item["Prefix"][len(root):].rstrip("/") for page in pages for item in page.get("CommonPrefixes", [])]
-        if any("/" in item["Key"][len(root):] for page in pages for item in page.get("Contents", [])):
-            # A server that ignores the delimiter lists every key: the components are read from the keys, so
-            # none is missed (a missed one's blobs would look unnamed to a cleanup).
-            folders = sorted({item["Key"][len(root):].split("/", 1)[0] for page in pages
-                              for item in page.get("Contents", []) if "/" in item["Key"][len(root):]})
+        # The folders, and the first part of any key below one: a server that ignores the delimiter lists
+        # every key, and a component it missed would have its blobs look unnamed to a cleanup.
+        names = [item["Prefix"] for page in pages for item in page.get("CommonPrefixes", [])]
+        names += [item["Key"] for page in pages for item in page.get("Contents", [])]
+        folders = sorted({name[len(root):].split("/", 1)[0] for name in names if "/" in name[len(root):]})
         for component in folders:
             if component not in ("blobs", DAMAGED, but):
                 for backup_id, etag in self._listed(component).items():
