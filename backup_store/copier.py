@@ -61,12 +61,14 @@ class CopyJob:
     done: Callable[[int, str], None]
     put: Callable[[str, str], tuple[int, str]] | None = None
     mtime_ns: int | None = None  # the copy's modification time, when given (a build keeps the backed-up one)
+    span: tuple[int, int] | None = None  # (offset, size) of `src` to copy, when not the whole file (a pack's)
 
     def run(self) -> tuple[int, str]:
         """Copy (or put) the file; its size and sha256."""
         if self.put is not None:
             return self.put(self.src, self.dest)
-        return copy_and_hash(self.src, self.dest, mode=self.mode, owner=self.owner, mtime_ns=self.mtime_ns)
+        return copy_and_hash(self.src, self.dest, mode=self.mode, owner=self.owner, mtime_ns=self.mtime_ns,
+                             span=self.span)
 
 
 def worker_count() -> int:

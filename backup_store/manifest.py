@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from backup_store.objects import OBJECTS, object_path
+from backup_store.objects import OBJECTS, locate
+from backup_store.packs import Content
 from common.errors import ToolkitError
-from common.files import sha256_file
+from common.files import size_and_sha256
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1  # the payload in the backup's own folder
@@ -102,10 +103,14 @@ class Backup:
         return loader.segment if isinstance(loader, EntriesLoader) else None
 
     def payload(self, entry: Entry) -> str:
-        """Where a file entry's content is stored."""
+        """The file holding a file entry's content: its own, a loose object, or the pack it is a span of."""
+        return self.content(entry).path
+
+    def content(self, entry: Entry) -> Content:
+        """Where a file entry's content lies: a whole file, or a span of a pack (see backup_store.packs)."""
         if self.objects is not None:
-            return object_path(str(self.objects), entry.sha256 or "")
-        return f"{self.path}/{entry.path}"
+            return locate(str(self.objects), entry.sha256 or "")
+        return Content(f"{self.path}/{entry.path}")
 
     @property
     def is_safety(self) -> bool:
@@ -351,23 +356,25 @@ def check_backup(backup: Backup) -> list[str]:
     """Compare a backup's payload with its manifest; each problem is one line naming the file."""
     problems = []
     listed = {MANIFEST}
-    hashed: dict[str, str | None] = {}  # shared content: each object hashed once, however many files name it
+    hashed: dict[Content, str] = {}  # shared content: each hashed once, however many files name it
     for entry in backup.entries:
         listed.add(entry.path)
         if backup.objects is not None and entry.type != "file":
             continue  # folders and symlinks are in the manifest only
-        path = backup.payload(entry) if entry.type == "file" else backup.path / entry.path
+        content = backup.content(entry) if entry.type == "file" else Content(str(backup.path / entry.path))
+        path = content.path
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             problems.append(f"{entry.path}: missing from the backup")
             continue
+        size = st.st_size if content.span is None else content.span[1]
         if entry.type == "file":
             if not stat.S_ISREG(st.st_mode):
                 problems.append(f"{entry.path}: not a regular file")
-            elif st.st_size != entry.size:
-                problems.append(f"{entry.path}: size {st.st_size}, manifest says {entry.size} (damaged)")
-            elif (hashed[path] if path in hashed else hashed.setdefault(path, sha256_file(path))) != entry.sha256:
+            elif size != entry.size:
+                problems.append(f"{entry.path}: size {size}, manifest says {entry.size} (damaged)")
+            elif _sha256_of(content, hashed) != entry.sha256:
                 problems.append(f"{entry.path}: checksum mismatch (damaged)")
         elif entry.type == "dir" and not stat.S_ISDIR(st.st_mode):
             problems.append(f"{entry.path}: not a folder")
@@ -379,3 +386,10 @@ def check_backup(backup: Backup) -> list[str]:
             if (backup.objects is not None or rel not in listed) and rel != MANIFEST:
                 problems.append(f"{rel}: in the backup folder but not in its manifest")
     return problems
+
+
+def _sha256_of(content: Content, hashed: dict[Content, str]) -> str:
+    """The sha256 of what `content` holds, hashed once a check (a pack's index vouches for its span's length)."""
+    if content not in hashed:
+        hashed[content] = size_and_sha256(content.path, content.span)[1]
+    return hashed[content]

@@ -8,6 +8,8 @@ removed otherwise (by hand, a damaged disk) is found missing by the next backup 
 stores it again from the live file instead of naming it.
 A new object is written under its final name and made durable with the backup that first names it: one
 cut short by a crash has the wrong size, and is written again by the next backup that needs it.
+A large copy run appends its small contents to pack files in `packs/` instead (backup_store.packs);
+wherever a content lies, `locate` finds it and `stored_names` lists it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable
+
+from backup_store.packs import Content, find_packed, packed_names, sweep_packs
 
 OBJECTS = "objects"  # in the store's folder, beside the backups
 OBJECT_MODE = 0o400
@@ -37,10 +41,16 @@ def prepare_objects(objects: str) -> None:
         os.makedirs(f"{objects}/{name}", 0o700, exist_ok=True)
 
 
+def locate(objects: str, sha256: str) -> Content:
+    """Where the content with this sha256 lies: in a pack, else its loose object's file (which may be missing)."""
+    packed = find_packed(objects, sha256)
+    return packed if packed is not None else Content(object_path(objects, sha256))
+
+
 def stored_names(objects: str) -> set[str]:
-    """The names (sha256) of the objects in the folder, from the listings of its 256 sub-folders: no object is
-    opened or stat'ed. A sub-folder that is missing (removed by hand) is made again, empty."""
-    names: set[str] = set()
+    """The names (sha256) of the contents in the folder, from the listings of its 256 sub-folders and the packs'
+    indexes: no object is opened or stat'ed. A sub-folder that is missing (removed by hand) is made again, empty."""
+    names = packed_names(objects)
     for name in _FANOUT:
         folder = f"{objects}/{name}"
         try:
@@ -154,13 +164,13 @@ def share_file(stored: str, objects: str, sha256: str, size: int) -> bool:
 
 
 def sweep_unreferenced(objects: str, referenced: Iterable[str]) -> int:
-    """Remove every object, and temporary file, whose name is not in `referenced`; how many went.
+    """Remove every object, temporary file and pack none of whose contents is in `referenced`; how many went.
 
     Only for the holder of the store's lock, and only with every backup of the store read: a backup whose
     manifest could not be read may name any object."""
-    if not os.path.isdir(objects):
-        return 0
     keep = set(referenced)
+    if not os.path.isdir(objects):
+        return sweep_packs(objects, keep)
     removed = 0
     with os.scandir(objects) as top:
         items = list(top)
@@ -174,4 +184,4 @@ def sweep_unreferenced(objects: str, referenced: Iterable[str]) -> int:
         for path in doomed:
             os.unlink(path)
             removed += 1
-    return removed
+    return removed + sweep_packs(objects, keep)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from backup_store.copier import CopyJob, copy_all
 from backup_store.manifest import Backup, Entry, named_sha256s, verified_entries_json
-from backup_store.objects import OBJECTS, prepare_objects, store_object
+from backup_store.objects import OBJECTS, prepare_objects, store_object, stored_names
+from backup_store.packs import PACK_FROM, PackWriter
 from common.errors import ToolkitError, UsageError
 from common.files import PRIVATE_DIR, PRIVATE_FILE, file_mode, flushing_meanwhile, sha256_file
 
@@ -153,13 +154,27 @@ class Staging:
         self.entries.append(entry)
         self.copy_later(src, dest, entry)
 
-    def copy_queued(self) -> None:
-        """Make the queued copies, on every core when there are many."""
+    def copy_queued(self, stored: Collection[str] | None = None) -> None:
+        """Make the queued copies, on every core when there are many. Shared content of a large run goes into
+        packs (backup_store.packs), none already in `stored` (the names objects/ lists; read when not given)."""
         copies, self._copies = self._copies, []
-        if copies:
-            self.unsynced = True
-            with flushing_meanwhile(self.path):  # the payload reaches the disk as it is copied, not all at the seal
+        if not copies:
+            return
+        self.unsynced = True
+        packing = None
+        if self.objects is not None and len(copies) >= PACK_FROM:
+            packing = PackWriter(self.objects, stored_names(self.objects) if stored is None else stored, store_object)
+            for job in copies:
+                job.put = packing.put
+        with flushing_meanwhile(self.path):  # the payload reaches the disk as it is copied, not all at the seal
+            try:
                 copy_all(copies)
+                if packing is not None:
+                    packing.seal()
+            except BaseException:
+                if packing is not None:
+                    packing.discard()
+                raise
 
     def _add_symlink(self, src: str | Path, dest: str, st: os.stat_result) -> None:
         target = os.readlink(src)

@@ -253,18 +253,18 @@ def _set_root_owner_and_mode(root: Path, entry: Entry) -> None:
 
 def _stage(backup: Backup, entry: Entry, live: Path) -> Path:
     temp = temp_name(live)
-    source = Path(backup.payload(entry))
+    content = None if entry.type == "symlink" else backup.content(entry)
     try:
-        if entry.type == "symlink":
+        if content is None:
             os.symlink(entry.target, temp)
         else:
-            copy_and_hash(source, temp, mode=PRIVATE_FILE)
+            copy_and_hash(content.path, temp, mode=PRIVATE_FILE, span=content.span)
         set_owner_and_mode(temp, entry)
     except OSError as exc:
         if exc.errno != errno.EEXIST:  # a name already there is not ours to remove
             temp.unlink(missing_ok=True)
-        if str(exc.filename) == str(source):
-            raise PayloadUnreadable(f"could not read {source}: {exc.strerror}") from None
+        if content is not None and str(exc.filename) == content.path:
+            raise PayloadUnreadable(f"could not read {content.path}: {exc.strerror}") from None
         raise WriteFailed(live, exc) from None
     return temp
 

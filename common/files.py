@@ -136,13 +136,14 @@ def make_private_dir(path: Path) -> None:
 
 def copy_and_hash(
     src: str | Path, dest: str | Path, mode: int = PRIVATE_FILE, owner: tuple[int, int] | None = None,
-    mtime_ns: int | None = None,
+    mtime_ns: int | None = None, span: tuple[int, int] | None = None,
 ) -> tuple[int, str]:
     """Copy a regular file without following links into the new file `dest`; return its size and sha256.
 
     `dest` gets `mode` (whatever the umask) and, when given, `owner` (uid, gid) and `mtime_ns` (as its
     modification and access time): set through the open file, so a large tree is not walked again to fix
-    them. An OSError names the file it is about.
+    them. With `span` (offset, size), only those bytes of `src` are copied (fewer if it ends before).
+    An OSError names the file it is about.
     """
     digest = hashlib.sha256()
     size = 0
@@ -153,7 +154,11 @@ def copy_and_hash(
     try:
         dest_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode if exact else PRIVATE_FILE)
         try:
-            while chunk := os.read(src_fd, _CHUNK):
+            offset, left = span if span is not None else (0, -1)
+            if offset:
+                os.lseek(src_fd, offset, os.SEEK_SET)
+            while left and (chunk := os.read(src_fd, _CHUNK if left < 0 else min(_CHUNK, left))):
+                left -= len(chunk) if left > 0 else 0
                 digest.update(chunk)
                 size += len(chunk)
                 view = memoryview(chunk)
@@ -161,7 +166,7 @@ def copy_and_hash(
                 while view:
                     view = view[os.write(dest_fd, view):]
                 reading = True
-                if len(chunk) < _CHUNK:  # a short read of a regular file is its end: no read to learn it
+                if len(chunk) < _CHUNK and left < 0:  # a short read of a whole file is its end: no read to learn it
                     break
             reading = False
             if owner is not None:
@@ -201,12 +206,17 @@ def sha256_file(path: str | Path) -> str:
     return size_and_sha256(path)[1]
 
 
-def size_and_sha256(path: str | Path) -> tuple[int, str]:
-    """The size and sha256 of a regular file as read, without following a symlink (other threads run meanwhile)."""
+def size_and_sha256(path: str | Path, span: tuple[int, int] | None = None) -> tuple[int, str]:
+    """The size and sha256 of a regular file as read, without following a symlink (other threads run meanwhile);
+    with `span` (offset, size), of those bytes only (fewer if the file ends before)."""
     digest, size = hashlib.sha256(), 0
+    offset, left = span if span is not None else (0, -1)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        while chunk := os.read(fd, _CHUNK):
+        if offset:
+            os.lseek(fd, offset, os.SEEK_SET)
+        while left and (chunk := os.read(fd, _CHUNK if left < 0 else min(_CHUNK, left))):
+            left -= len(chunk) if left > 0 else 0
             digest.update(chunk)
             size += len(chunk)
     finally:

@@ -114,7 +114,8 @@ def _build(backup: Backup, entries: dict[str, Entry], target: Path, verify: bool
             owner = entry.owner if as_root else None
             # With its backed-up mtime, as rsync -a, tar and restic restore it: a release described right after
             # its build then has its files known by their stat at once, not hashed by the next check.
-            copies.append(CopyJob(backup.payload(entry), out, entry.mode, owner, checked(entry),
+            content = backup.content(entry)
+            copies.append(CopyJob(content.path, out, entry.mode, owner, checked(entry), span=content.span,
                                   mtime_ns=entry.mtime_ns if type(entry.mtime_ns) is int else None))
         else:
             raise ToolkitError(f"backup {backup.id}: {entry.path} has an unknown type {entry.type!r}")

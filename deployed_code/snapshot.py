@@ -114,7 +114,7 @@ def snapshot_tree(
             stats.bytes += st.st_size
             continue
         staging.copy_later(path, entry.path, entry, PAYLOAD_FILE, stored(old, entry))
-    staging.copy_queued()
+    staging.copy_queued(present)
     staging.unsynced = True  # objects linked in from a folder-format backup are metadata the seal must flush
     return stats
 

@@ -35,6 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from backup_store.manifest import Backup, Entry, UnsafeManifest, backup_from_manifest
+from backup_store.packs import read_content
 from common.errors import SettingError, ToolkitError
 from common.files import size_and_sha256
 from common.settings import Settings
@@ -349,7 +350,7 @@ class Remote:
 
     def upload(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
         """Send one payload file of a local backup as the object `key`, its checksum checked as it is read."""
-        if entry.size < SMALL_OBJECT:
+        if entry.size < SMALL_OBJECT or backup.content(entry).span is not None:  # a pack's span: read whole
             self._put_small(backup, key, entry, done)
         else:
             self._put_large(backup, key, entry, done)
@@ -360,7 +361,7 @@ class Remote:
             self._damaged.discard(key)
 
     def _put_small(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
-        data = Path(backup.payload(entry)).read_bytes()
+        data = read_content(backup.content(entry))
         check_content(backup.id, entry.path, (entry.size, entry.sha256), len(data), hashlib.sha256(data).hexdigest())
         self.call("put_object", Key=key, Body=self.sealer.seal_bytes(data) if self.sealer else data)
         done.add(objects=1, size=len(data))

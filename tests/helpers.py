@@ -16,6 +16,8 @@ from pathlib import Path
 
 from script_client import ScriptServer
 
+from backup_store.packs import Content
+
 ROOT = Path(__file__).resolve().parent.parent
 # Set to 1, every run_script starts a fresh interpreter, as the tests that are about start-up always do.
 COLD_START = os.environ.get("TESTS_COLD_START") == "1"
@@ -111,6 +113,15 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
             else:
                 found[rel] = ("file", st.st_mode & 0o7777, path.read_bytes())
     return found
+
+
+def damage_content(content: Content) -> None:
+    """Zero a stored content's bytes in place, its size kept: its loose file, or its span of a pack."""
+    offset, size = content.span if content.span is not None else (0, os.path.getsize(content.path))
+    os.chmod(content.path, 0o600)
+    with open(content.path, "r+b") as stored:
+        stored.seek(offset)
+        stored.write(bytes(size))
 
 
 def database_state(pg_db, dbname: str | None = None) -> dict:

@@ -227,9 +227,12 @@ def test_in_place_restore_keeps_git_untouched(in_place: CodeWorkspace):
 def test_a_restore_stopped_mid_build_changes_nothing_and_leaves_nothing_behind(tmp_path: Path, stop):
     """Stopped while a copy worker waits on a payload file: the live tree, the store and the folder are as before."""
     cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    (cw.live / "f300.py").write_bytes(os.urandom(2000))
+    assert cw.run("backup").returncode == 0  # a few files are stored loose: f300.py's can be swapped for a fifo
     for i in range(600):
-        (cw.live / f"f{i:03d}.py").write_bytes(os.urandom(2000))
-    assert cw.run("backup").returncode == 0
+        if i != 300:
+            (cw.live / f"f{i:03d}.py").write_bytes(os.urandom(2000))
+    assert cw.run("backup").returncode == 0  # the others, enough for the build to copy on several processes
     backup_id = cw.backup_ids()[0]
     for path in cw.live.glob("f*.py"):
         path.write_bytes(os.urandom(500))  # the safety backup has every file to copy

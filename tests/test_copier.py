@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, tree_snapshot, writer_once_read
+from helpers import ROOT, damage_content, tree_snapshot, writer_once_read
 
 import backup_store.copier
 from backup_store.copier import PARALLEL_FROM, CopyFailed, CopyJob, copy_all
@@ -196,9 +196,7 @@ def test_a_tree_large_enough_for_several_workers_round_trips(tmp_path):
         assert (entry.size, entry.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     build_tree(backup, "tree", tmp_path / "built")
     assert tree_snapshot(tmp_path / "built") == tree_snapshot(tmp_path / "src")
-    damaged = Path(backup.payload(next(entry for entry in backup.files if entry.path == "tree/f0300")))
-    os.chmod(damaged, 0o600)
-    damaged.write_bytes(bytes(len(damaged.read_bytes())))  # same size, other bytes
+    damage_content(backup.content(next(entry for entry in backup.files if entry.path == "tree/f0300")))
     with pytest.raises(ToolkitError, match="f0300 does not match its checksum"):
         build_tree(backup, "tree", tmp_path / "again")
     assert not (tmp_path / "again").exists()
