@@ -1,0 +1,173 @@
+"""Pack files: a large backup's small contents appended to a few packs (backup_store.packs), read back by span."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from code_workspace import CodeWorkspace
+from helpers import damage_content, tree_snapshot
+from s3_server import Bucket
+
+from backup_store.manifest import check_backup, load_backup
+from backup_store.objects import OBJECTS, stored_names
+from backup_store.packs import PACK_FROM, PACKED_BELOW, PACKS
+from backup_store.store import BackupStore
+from common.errors import Interrupted
+from deployed_code.build import build_tree
+from deployed_code.snapshot import snapshot_tree
+
+MANY = PACK_FROM + 44
+BIG = PACKED_BELOW + 5  # stays a loose object
+
+
+def fill(root: Path, seed: bytes = b"") -> None:
+    """MANY small files (one duplicate of another) in a few folders, and one large file."""
+    for i in range(MANY):
+        folder = root / f"pkg{i % 7}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"m{i:03d}.py").write_bytes(hashlib.sha256(seed + str(i).encode()).digest() * (20 + i % 50))
+    (root / "pkg0" / "copy.py").write_bytes((root / "pkg1" / "m001.py").read_bytes())
+    (root / "big.bin").write_bytes(os.urandom(BIG))
+
+
+def pack_files(store: Path) -> list[str]:
+    return sorted(os.listdir(store / PACKS)) if (store / PACKS).is_dir() else []
+
+
+def loose_objects(store: Path) -> set[str]:
+    return {name for folder in (store / OBJECTS).iterdir() for name in os.listdir(folder)}
+
+
+def take(store: BackupStore, src: Path, cancelled=None):
+    with store.lock("test"), store.new_backup() as staging:
+        snapshot_tree(staging, src, "tree", store.newest(), cancelled=cancelled)
+    return load_backup(store.root / staging.backup_id)
+
+
+def test_a_large_backup_packs_its_small_files_and_restores_them_byte_for_byte(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    fill(cw.live)
+    assert cw.run("backup").returncode == 0
+    backup = load_backup(cw.store / cw.backup_ids()[0])
+    packs = pack_files(cw.store)
+    assert packs and all(name.startswith("pack-") for name in packs)
+    assert {name.rpartition(".")[2] for name in packs} == {"pack", "idx"}
+    assert all(os.stat(cw.store / PACKS / name).st_mode & 0o777 == 0o400 for name in packs)
+    big = hashlib.sha256((cw.live / "big.bin").read_bytes()).hexdigest()
+    assert big in loose_objects(cw.store)  # the large file stays loose; the small ones of this run are packed
+    assert len(loose_objects(cw.store)) < 10
+    assert {entry.sha256 for entry in backup.files} <= stored_names(str(cw.store / OBJECTS))
+    assert check_backup(backup) == []
+    before = cw.tree()
+    (cw.live / "pkg3" / "m003.py").write_text("edited\n")
+    (cw.live / "pkg4" / "m004.py").unlink()
+    restored = cw.run("restore", cw.backup_ids()[0], "--yes")
+    assert restored.returncode == 0, restored.stderr
+    assert cw.tree() == before
+
+
+def test_damage_inside_a_pack_is_named_and_the_restore_refused(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    fill(cw.live)
+    assert cw.run("backup").returncode == 0
+    backup = load_backup(cw.store / cw.backup_ids()[0])
+    entry = next(entry for entry in backup.files if entry.path == "tree/pkg2/m009.py")
+    assert backup.content(entry).span is not None  # it is packed
+    damage_content(backup.content(entry))
+    assert check_backup(backup) == ["tree/pkg2/m009.py: checksum mismatch (damaged)"]
+    (cw.live / "app.py").write_text("print('deployed')\n")
+    before = cw.tree()
+    result = cw.run("restore", backup.id, "--yes")
+    assert result.returncode == 1 and "m009.py" in result.stderr
+    assert cw.tree() == before
+
+
+def test_a_pack_cut_short_is_not_trusted_and_the_next_backup_stores_its_contents_again(tmp_path: Path):
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    fill(cw.live)
+    assert cw.run("backup").returncode == 0
+    first = load_backup(cw.store / cw.backup_ids()[0])
+    pack = next(cw.store / PACKS / name for name in pack_files(cw.store) if name.endswith(".pack"))
+    os.chmod(pack, 0o600)
+    os.truncate(pack, pack.stat().st_size - 1)
+    problems = check_backup(first)
+    assert problems and all(line.endswith(": missing from the backup") for line in problems)
+    taken = cw.run("backup")  # the tree is as it was: what the pack held is read and stored again
+    assert taken.returncode == 0, taken.stderr
+    second = load_backup(cw.store / cw.backup_ids()[0])
+    assert second.id != first.id and check_backup(second) == []
+    before = cw.tree()
+    shutil.rmtree(cw.live / "pkg5")
+    restored = cw.run("restore", second.id, "--yes")
+    assert restored.returncode == 0, restored.stderr
+    assert cw.tree() == before
+
+
+def test_cleanup_removes_a_pack_once_no_backup_names_anything_in_it(tmp_path: Path):
+    src = tmp_path / "src"
+    fill(src, b"first")
+    store = BackupStore(tmp_path / "store", "code")
+    first = take(store, src)
+    first_packs = set(pack_files(store.root))
+    kept = src / "pkg1" / "m001.py"
+    for path in src.rglob("m*.py"):
+        if path != kept:
+            path.write_bytes(hashlib.sha256(b"second" + path.name.encode()).digest() * 30)
+    second = take(store, src)
+    assert set(pack_files(store.root)) > first_packs
+    with store.lock("test"):
+        assert store.sweep_objects() == 0
+        store.remove(first)
+        store.sweep_objects()
+    # The pack holding m001.py's content stays whole (the second backup names it: m001.py and copy.py are
+    # unchanged); the other goes.
+    holding = Path(first.content(next(entry for entry in first.files if entry.path == "tree/pkg1/m001.py")).path)
+    assert set(pack_files(store.root)) & first_packs == {holding.name, holding.with_suffix(".idx").name}
+    assert check_backup(load_backup(second.path)) == []
+    kept.write_text("changed too\n")
+    (src / "pkg0" / "copy.py").write_text("its copy too\n")
+    third = take(store, src)
+    with store.lock("test"):
+        store.remove(second)
+        store.sweep_objects()
+    assert not set(pack_files(store.root)) & first_packs
+    assert check_backup(load_backup(third.path)) == []
+    build_tree(load_backup(third.path), "tree", tmp_path / "built")
+    assert tree_snapshot(tmp_path / "built") == tree_snapshot(src)
+
+
+def test_a_backup_stopped_part_way_leaves_no_pack_behind(tmp_path: Path):
+    src = tmp_path / "src"
+    fill(src)
+    store = BackupStore(tmp_path / "store", "code")
+    asked = []
+
+    def cancelled() -> bool:
+        asked.append(1)
+        return len(asked) > 2 * MANY - 50  # asked once a file as the walk queues it, once as it is copied
+
+    with pytest.raises(Interrupted):
+        take(store, src, cancelled)
+    assert pack_files(store.root) == [] and store.backup_folders() == []
+
+
+def test_a_packed_backup_goes_to_a_remote_and_comes_back_byte_for_byte(tmp_path: Path, remote: Bucket):
+    cw = CodeWorkspace(tmp_path, symlink_layout=False)
+    cw.env.update(remote.env)
+    fill(cw.live)
+    assert cw.run("backup").returncode == 0
+    backup_id = cw.backup_ids()[0]
+    pushed = cw.run("push", backup_id)
+    assert pushed.returncode == 0, pushed.stderr
+    before = cw.tree()
+    shutil.rmtree(cw.store)
+    pulled = cw.run("pull", backup_id)
+    assert pulled.returncode == 0, pulled.stderr
+    shutil.rmtree(cw.live / "pkg6")
+    restored = cw.run("restore", backup_id, "--yes", "--no-backup")
+    assert restored.returncode == 0, restored.stderr
+    assert cw.tree() == before
