@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from backup_store.objects import OBJECTS, locate
-from backup_store.packs import Content
+from backup_store.packs import Content, read_content
 from common.errors import ToolkitError
 from common.files import size_and_sha256
 
@@ -106,11 +106,23 @@ class Backup:
         """The file holding a file entry's content: its own, a loose object, or the pack it is a span of."""
         return self.content(entry).path
 
-    def content(self, entry: Entry) -> Content:
-        """Where a file entry's content lies: a whole file, or a span of a pack (see backup_store.packs)."""
+    def content(self, entry: Entry, fresh: bool = False) -> Content:
+        """Where a file entry's content lies: a whole file, or a span of a pack (see backup_store.packs).
+
+        The packs are those this process last listed; a reader without the store's lock that does not find
+        the content there asks again with `fresh` (a cleanup may have moved it to another pack meanwhile)."""
         if self.objects is not None:
-            return locate(str(self.objects), entry.sha256 or "")
+            return locate(str(self.objects), entry.sha256 or "", fresh)
         return Content(f"{self.path}/{entry.path}")
+
+    def read_content(self, entry: Entry) -> bytes:
+        """A file entry's content, read whole (for small ones); looked for again once if it is not where it was."""
+        try:
+            return read_content(self.content(entry))
+        except FileNotFoundError:
+            if self.objects is None:
+                raise
+            return read_content(self.content(entry, fresh=True))
 
     @property
     def is_safety(self) -> bool:
@@ -362,12 +374,14 @@ def check_backup(backup: Backup) -> list[str]:
         if backup.objects is not None and entry.type != "file":
             continue  # folders and symlinks are in the manifest only
         content = backup.content(entry) if entry.type == "file" else Content(str(backup.path / entry.path))
-        path = content.path
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        st = _lstat_or_none(content.path)
+        if st is None and backup.objects is not None:  # moved to another pack meanwhile? (a reader has no lock)
+            content = backup.content(entry, fresh=True)
+            st = _lstat_or_none(content.path)
+        if st is None:
             problems.append(f"{entry.path}: missing from the backup")
             continue
+        path = content.path
         size = st.st_size if content.span is None else content.span[1]
         if entry.type == "file":
             if not stat.S_ISREG(st.st_mode):
@@ -393,3 +407,10 @@ def _sha256_of(content: Content, hashed: dict[Content, str]) -> str:
     if content not in hashed:
         hashed[content] = size_and_sha256(content.path, content.span)[1]
     return hashed[content]
+
+
+def _lstat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None

@@ -41,9 +41,10 @@ def prepare_objects(objects: str) -> None:
         os.makedirs(f"{objects}/{name}", 0o700, exist_ok=True)
 
 
-def locate(objects: str, sha256: str) -> Content:
-    """Where the content with this sha256 lies: in a pack, else its loose object's file (which may be missing)."""
-    packed = find_packed(objects, sha256)
+def locate(objects: str, sha256: str, fresh: bool = False) -> Content:
+    """Where the content with this sha256 lies: in a pack, else its loose object's file (which may be missing).
+    The packs are those last listed, unless `fresh` (see backup_store.packs)."""
+    packed = find_packed(objects, sha256, fresh)
     return packed if packed is not None else Content(object_path(objects, sha256))
 
 

@@ -16,8 +16,9 @@ objects/ would take a pack for an object no backup names.
 A run writes its packs under `.tmp-` names; once every copy is done, each pack gets its index, the pack is
 renamed and then its index, so an index always has its whole pack beside it (loading checks the length),
 and the syncfs before a manifest makes both durable before any backup names what they hold. A run that
-fails removes its packs. Packs are removed by cleanup, under the store's lock, once no backup names any
-content in them; one still named by a backup stays whole.
+fails removes its packs. Cleanup, under the store's lock, removes a pack once no backup names any content
+in it, and rewrites one whose named contents take less than half of it with those only (checked against
+their sha256 on the way; made durable before the old index goes).
 """
 
 from __future__ import annotations
@@ -27,15 +28,18 @@ import hashlib
 import os
 import struct
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import NamedTuple
 
 from common.errors import ToolkitError
+from common.files import fsync_dir
 
 PACKS = "packs"  # in the store's folder, beside the objects folder
 PACK_FROM = 256  # contents stored by one run; as many as make the copier start processes (copier.PARALLEL_FROM)
 PACKED_BELOW = 1 << 20  # larger contents stay loose files: their create is a small part of their cost
 PACK_MAGIC = b"RBPACK1\n"
 INDEX_MAGIC = b"RBIDX1\n\0"
+REPACK_BELOW = 0.5  # a pack whose named contents take less of it than this is rewritten with those only
 _HEADER = struct.Struct("<32sQ")  # before each content in a pack: sha256, size
 _INDEX_ENTRY = struct.Struct("<32sQQ")  # sha256, offset of the content, size
 _LENGTH = struct.Struct("<Q")
@@ -66,27 +70,39 @@ class PackIndex:
 
     def content(self, sha256: str) -> Content | None:
         """Where the pack holds this content, if it does."""
-        slot = self.slots.get(sha256)
-        if slot is None:
-            return None
-        _sha, offset, size = _INDEX_ENTRY.unpack_from(self._data, self._head + slot * _INDEX_ENTRY.size)
-        return Content(self.pack, (offset, size))
+        return Content(self.pack, self.span(sha256)) if sha256 in self.slots else None
+
+    def span(self, sha256: str) -> tuple[int, int]:
+        """The offset and size of a content the pack holds."""
+        at = self._head + self.slots[sha256] * _INDEX_ENTRY.size
+        _sha, offset, size = _INDEX_ENTRY.unpack_from(self._data, at)
+        return offset, size
+
+    def named_share(self, named: Collection[str]) -> float:
+        """The share of the pack's length that the contents `named` (some of those it holds) take."""
+        length = _LENGTH.unpack_from(self._data, len(INDEX_MAGIC))[0]
+        return sum(_HEADER.size + self.span(sha)[1] for sha in named) / max(length, 1)
 
 
-# Each index read once a process: an index is never rewritten in place (a new pack gets a new name).
+# Each index is read once a process (one is never rewritten in place: a new pack gets a new name), and each
+# packs folder listed once, again only when asked to (`fresh`): by the process that changed it, or by a reader
+# without the store's lock that did not find a content where the listing said (see manifest.Backup.content).
 _indexes: dict[str, PackIndex | None] = {}
+_listed: dict[str, list[PackIndex]] = {}
 
 
-def pack_indexes(objects: str) -> list[PackIndex]:
+def pack_indexes(objects: str, fresh: bool = False) -> list[PackIndex]:
     """The indexes of the packs that share the objects folder `objects` (none without packs).
 
     An index whose pack is missing or of another length than it records is left out: its contents are
     not there for any backup to name (a backup that already names them finds them missing in verify)."""
     folder = packs_folder(objects)
+    if not fresh and folder in _listed:
+        return _listed[folder]
     try:
         names = sorted(name for name in os.listdir(folder) if name.startswith("pack-") and name.endswith(".idx"))
     except FileNotFoundError:
-        return []
+        names = []
     found = []
     for name in names:
         path = f"{folder}/{name}"
@@ -94,17 +110,18 @@ def pack_indexes(objects: str) -> list[PackIndex]:
             _indexes[path] = _read_index(path)
         if (index := _indexes[path]) is not None:
             found.append(index)
+    _listed[folder] = found
     return found
 
 
 def packed_names(objects: str) -> set[str]:
-    """The sha256 of every content the packs of `objects` hold."""
-    return set().union(*(index.slots for index in pack_indexes(objects)))
+    """The sha256 of every content the packs of `objects` hold, as listed now."""
+    return set().union(*(index.slots for index in pack_indexes(objects, fresh=True)))
 
 
-def find_packed(objects: str, sha256: str) -> Content | None:
-    """Where a pack of `objects` holds this content, if one does."""
-    for index in pack_indexes(objects):
+def find_packed(objects: str, sha256: str, fresh: bool = False) -> Content | None:
+    """Where a pack of `objects` holds this content, if one does (as last listed, unless `fresh`)."""
+    for index in pack_indexes(objects, fresh):
         if (content := index.content(sha256)) is not None:
             return content
     return None
@@ -185,12 +202,7 @@ class PackWriter:
         self._written.add(sha)
 
     def _write(self, data: bytes) -> None:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, self._path) from None
+        _write_all(self._fd, data, self._path)
 
     def _run_packs(self) -> list[str]:
         if self._pid == os.getpid() and self._fd >= 0:
@@ -207,6 +219,7 @@ class PackWriter:
         """Give each pack this run wrote its index and its final name."""
         for path in self._run_packs():
             _finish(path)
+        pack_indexes(self.objects, fresh=True)  # this process finds what it just stored
 
     def discard(self) -> None:
         """Remove the packs this run wrote (it failed: no backup will name their contents); what cannot be
@@ -216,8 +229,9 @@ class PackWriter:
                 os.unlink(path)
 
 
-def _finish(temp: str) -> None:
-    """Index the pack at `temp` by reading its headers, then rename it and its index into place."""
+def _finish(temp: str, durable: bool = False) -> None:
+    """Index the pack at `temp` by reading its headers, then rename it and its index into place; `durable`:
+    each made durable before the next step (a backup's run leaves that to the syncfs before its manifest)."""
     entries = []
     fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
     try:
@@ -242,14 +256,23 @@ def _finish(temp: str) -> None:
     index_temp = f"{folder}/.tmp-{os.urandom(6).hex()}.idx"
     with open(index_temp, "xb") as index:
         index.write(INDEX_MAGIC + _LENGTH.pack(length) + b"".join(entries))
+        if durable:
+            index.flush()
+            os.fsync(index.fileno())
     os.chmod(index_temp, 0o400)
     os.rename(temp, f"{stem}.pack")
     os.rename(index_temp, f"{stem}.idx")
+    if durable:
+        fsync_dir(Path(folder))
 
 
 def sweep_packs(objects: str, referenced: set[str]) -> int:
-    """Remove each pack none of whose contents is in `referenced`, and what runs left unfinished; how many
-    contents went. Only for the holder of the store's lock, with every backup of the store read."""
+    """Remove each pack none of whose contents is in `referenced`, rewrite each that is mostly unnamed with only
+    the named ones (REPACK_BELOW), and remove what runs left unfinished; how many contents went.
+
+    Only for the holder of the store's lock, with every backup of the store read. A pack replaced by its
+    rewrite loses its index at once and its file at the next sweep: a reader without the lock that listed
+    the packs before still reads it meanwhile."""
     folder = packs_folder(objects)
     try:
         names = sorted(os.listdir(folder))
@@ -260,12 +283,65 @@ def sweep_packs(objects: str, referenced: set[str]) -> int:
     for name in names:
         path = f"{folder}/{name}"
         if name.startswith(".tmp-") or (name.endswith(".pack") and name[: -len(".pack")] not in indexed):
-            os.unlink(path)  # a run that stopped before its packs were sealed: no backup names them
+            os.unlink(path)  # unsealed by a stopped run, or rewritten by the last sweep: no index names it
     for stem in sorted(indexed):
         index = _read_index(f"{folder}/{stem}.idx")
-        if index is not None and referenced.isdisjoint(index.slots):
+        if index is None:
+            continue  # not trusted, so nothing can name it as stored: left for an operator to look at
+        named = [sha for sha in index.slots if sha in referenced]
+        if not named:
             os.unlink(f"{folder}/{stem}.idx")  # the index first: a pack without one holds nothing known
             os.unlink(f"{folder}/{stem}.pack")
-            removed += len(index.slots)
+        elif index.named_share(named) < REPACK_BELOW and _rewrite(index, named):
+            os.unlink(f"{folder}/{stem}.idx")
+        else:
+            continue
+        removed += len(index.slots) - len(named)
+    pack_indexes(objects, fresh=True)
     return removed
+
+
+def _rewrite(index: PackIndex, named: list[str]) -> bool:
+    """Write the `named` contents of a pack into a new one, each checked against its sha256 on the way, made
+    durable with its index; whether it was (a damaged content leaves the pack as it is, for verify to name)."""
+    folder = os.path.dirname(index.pack)
+    temp = f"{folder}/.tmp-{os.urandom(6).hex()}.pack"
+    source = os.open(index.pack, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+        try:
+            _write_all(out, PACK_MAGIC, temp)
+            for sha in named:
+                offset, size = index.span(sha)
+                data = os.pread(source, size, offset)
+                if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+                    raise _Damaged
+                _write_all(out, _HEADER.pack(bytes.fromhex(sha), size) + data, temp)
+            os.fsync(out)
+        finally:
+            os.close(out)
+    except _Damaged:
+        os.unlink(temp)
+        return False
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    finally:
+        os.close(source)
+    _finish(temp, durable=True)
+    return True
+
+
+class _Damaged(Exception):
+    """A content of a pack being rewritten does not match its sha256."""
+
+
+def _write_all(fd: int, data: bytes, path: str) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
 

@@ -35,7 +35,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from backup_store.manifest import Backup, Entry, UnsafeManifest, backup_from_manifest
-from backup_store.packs import read_content
 from common.errors import SettingError, ToolkitError
 from common.files import size_and_sha256
 from common.settings import Settings
@@ -361,7 +360,7 @@ class Remote:
             self._damaged.discard(key)
 
     def _put_small(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
-        data = read_content(backup.content(entry))
+        data = backup.read_content(entry)
         check_content(backup.id, entry.path, (entry.size, entry.sha256), len(data), hashlib.sha256(data).hexdigest())
         self.call("put_object", Key=key, Body=self.sealer.seal_bytes(data) if self.sealer else data)
         done.add(objects=1, size=len(data))

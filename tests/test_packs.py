@@ -113,6 +113,7 @@ def test_cleanup_removes_a_pack_once_no_backup_names_anything_in_it(tmp_path: Pa
     store = BackupStore(tmp_path / "store", "code")
     first = take(store, src)
     first_packs = set(pack_files(store.root))
+    holding = Path(first.content(next(entry for entry in first.files if entry.path == "tree/pkg1/m001.py")).path)
     kept = src / "pkg1" / "m001.py"
     for path in src.rglob("m*.py"):
         if path != kept:
@@ -123,10 +124,10 @@ def test_cleanup_removes_a_pack_once_no_backup_names_anything_in_it(tmp_path: Pa
         assert store.sweep_objects() == 0
         store.remove(first)
         store.sweep_objects()
-    # The pack holding m001.py's content stays whole (the second backup names it: m001.py and copy.py are
-    # unchanged); the other goes.
-    holding = Path(first.content(next(entry for entry in first.files if entry.path == "tree/pkg1/m001.py")).path)
-    assert set(pack_files(store.root)) & first_packs == {holding.name, holding.with_suffix(".idx").name}
+    # A pack holding m001.py's content (the second backup names it: m001.py and copy.py are unchanged) is
+    # rewritten with that one only: its index goes, its file at the next sweep.
+    remaining = set(pack_files(store.root)) & first_packs
+    assert holding.name in remaining and all(name.endswith(".pack") for name in remaining)
     assert check_backup(load_backup(second.path)) == []
     kept.write_text("changed too\n")
     (src / "pkg0" / "copy.py").write_text("its copy too\n")
@@ -171,3 +172,53 @@ def test_a_packed_backup_goes_to_a_remote_and_comes_back_byte_for_byte(tmp_path:
     restored = cw.run("restore", backup_id, "--yes", "--no-backup")
     assert restored.returncode == 0, restored.stderr
     assert cw.tree() == before
+
+
+def mostly_replaced(tmp_path: Path) -> tuple[BackupStore, Path, object, object, set[str]]:
+    """A store whose first backup's packs are only a tenth named by the second, with the first removed."""
+    src = tmp_path / "src"
+    fill(src, b"first")
+    store = BackupStore(tmp_path / "store", "code")
+    first = take(store, src)
+    first_packs = {name.removesuffix(".pack") for name in pack_files(store.root) if name.endswith(".pack")}
+    for n, path in enumerate(sorted(src.rglob("m*.py"))):
+        if n % 10:
+            path.write_bytes(hashlib.sha256(b"second" + path.name.encode()).digest() * 30)
+    second = take(store, src)
+    return store, src, first, second, first_packs
+
+
+def test_cleanup_rewrites_a_mostly_unnamed_pack_with_what_is_still_named(tmp_path: Path):
+    store, src, first, second, first_packs = mostly_replaced(tmp_path)
+    size_before = sum(os.path.getsize(store.root / PACKS / f"{stem}.pack") for stem in first_packs)
+    with store.lock("test"):
+        store.remove(first)
+        assert store.sweep_objects() > MANY // 2
+    names = pack_files(store.root)
+    assert not {f"{stem}.idx" for stem in first_packs} & set(names)
+    # The rewritten packs' files stay until the next sweep: a reader that listed them before still reads them.
+    assert {f"{stem}.pack" for stem in first_packs} <= set(names)
+    assert check_backup(load_backup(second.path)) == []
+    with store.lock("test"):
+        assert store.sweep_objects() == 0
+    assert not {f"{stem}.pack" for stem in first_packs} & set(pack_files(store.root))
+    size_after = sum(os.path.getsize(store.root / PACKS / name) for name in pack_files(store.root))
+    assert size_after < size_before + os.path.getsize(src / "big.bin")  # the tenth kept, beside the second's packs
+    backup = load_backup(second.path)
+    assert check_backup(backup) == []
+    build_tree(backup, "tree", tmp_path / "built")
+    assert tree_snapshot(tmp_path / "built") == tree_snapshot(src)
+
+
+def test_a_mostly_unnamed_pack_with_a_damaged_content_is_left_as_it_is(tmp_path: Path):
+    store, src, first, second, first_packs = mostly_replaced(tmp_path)
+    kept = next(entry for entry in second.files
+                if entry.path.endswith(".py") and second.content(entry).span is not None
+                and Path(second.content(entry).path).stem in first_packs)
+    damage_content(second.content(kept))
+    with store.lock("test"):
+        store.remove(first)
+        store.sweep_objects()
+    left = Path(second.content(kept).path).stem
+    assert f"{left}.idx" in pack_files(store.root) and f"{left}.pack" in pack_files(store.root)
+    assert check_backup(load_backup(second.path)) == [f"{kept.path}: checksum mismatch (damaged)"]
