@@ -118,6 +118,8 @@ def _side(job: CopyJob, exc: OSError) -> bytes:
     """Which file an error of copy_and_hash is about (it names the one it was reading or writing)."""
     if exc.filename == job.src:
         return _SOURCE
+    if job.put is not None:  # whatever else a put names is what it writes (an object, a pack)
+        return _DESTINATION
     named = str(exc.filename)
     return _DESTINATION if named == job.dest or named.startswith(job.dest + "/") else _NEITHER
 

@@ -103,8 +103,12 @@ class Backup:
         return loader.segment if isinstance(loader, EntriesLoader) else None
 
     def payload(self, entry: Entry) -> str:
-        """The file holding a file entry's content: its own, a loose object, or the pack it is a span of."""
-        return self.content(entry).path
+        """The file that is a file entry's content, whole: its own, or a loose object (ValueError for one in a
+        pack, which only content() finds)."""
+        content = self.content(entry)
+        if content.span is not None:
+            raise ValueError(f"{entry.path}: its content is in the pack {content.path}, not a file of its own")
+        return content.path
 
     def content(self, entry: Entry, fresh: bool = False) -> Content:
         """Where a file entry's content lies: a whole file, or a span of a pack (see backup_store.packs).
@@ -115,7 +119,7 @@ class Backup:
             return locate(str(self.objects), entry.sha256 or "", fresh)
         return Content(f"{self.path}/{entry.path}")
 
-    def read_content(self, entry: Entry) -> bytes:
+    def read_small(self, entry: Entry) -> bytes:
         """A file entry's content, read whole (for small ones); looked for again once if it is not where it was."""
         try:
             return read_content(self.content(entry))
@@ -371,29 +375,17 @@ def check_backup(backup: Backup) -> list[str]:
     hashed: dict[Content, str] = {}  # shared content: each hashed once, however many files name it
     for entry in backup.entries:
         listed.add(entry.path)
-        if backup.objects is not None and entry.type != "file":
-            continue  # folders and symlinks are in the manifest only
-        content = backup.content(entry) if entry.type == "file" else Content(str(backup.path / entry.path))
-        st = _lstat_or_none(content.path)
-        if st is None and backup.objects is not None:  # moved to another pack meanwhile? (a reader has no lock)
-            content = backup.content(entry, fresh=True)
-            st = _lstat_or_none(content.path)
-        if st is None:
-            problems.append(f"{entry.path}: missing from the backup")
+        if backup.objects is not None:  # its folders and symlinks are in the manifest only
+            if entry.type == "file" and (problem := _shared_problem(backup, entry, hashed)):
+                problems.append(f"{entry.path}: {problem}")
             continue
-        path = content.path
-        size = st.st_size if content.span is None else content.span[1]
-        if entry.type == "file":
-            if not stat.S_ISREG(st.st_mode):
-                problems.append(f"{entry.path}: not a regular file")
-            elif size != entry.size:
-                problems.append(f"{entry.path}: size {size}, manifest says {entry.size} (damaged)")
-            elif _sha256_of(content, hashed) != entry.sha256:
-                problems.append(f"{entry.path}: checksum mismatch (damaged)")
-        elif entry.type == "dir" and not stat.S_ISDIR(st.st_mode):
-            problems.append(f"{entry.path}: not a folder")
-        elif entry.type == "symlink" and (not stat.S_ISLNK(st.st_mode) or os.readlink(path) != entry.target):
-            problems.append(f"{entry.path}: symlink changed")
+        path = backup.path / entry.path
+        try:
+            problem = _payload_problem(entry, path, hashed)
+        except FileNotFoundError:
+            problem = "missing from the backup"
+        if problem:
+            problems.append(f"{entry.path}: {problem}")
     for dirpath, dirnames, filenames in os.walk(backup.path):
         for name in dirnames + filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), backup.path)
@@ -402,15 +394,47 @@ def check_backup(backup: Backup) -> list[str]:
     return problems
 
 
+def _shared_problem(backup: Backup, entry: Entry, hashed: dict[Content, str]) -> str | None:
+    """What is wrong with the shared content a file entry names; looked for again once if it is not where this
+    process last saw it (a cleanup may have moved it to another pack meanwhile: a check holds no lock)."""
+    try:
+        return _content_problem(entry, backup.content(entry), hashed)
+    except FileNotFoundError:
+        pass
+    try:
+        return _content_problem(entry, backup.content(entry, fresh=True), hashed)
+    except FileNotFoundError:
+        return "missing from the backup"
+
+
+def _payload_problem(entry: Entry, path: Path, hashed: dict[Content, str]) -> str | None:
+    """What is wrong with one item of a backup that keeps its payload in its own folder."""
+    if entry.type == "file":
+        return _content_problem(entry, Content(str(path)), hashed)
+    st = os.lstat(path)
+    if entry.type == "dir" and not stat.S_ISDIR(st.st_mode):
+        return "not a folder"
+    if entry.type == "symlink" and (not stat.S_ISLNK(st.st_mode) or os.readlink(path) != entry.target):
+        return "symlink changed"
+    return None
+
+
+def _content_problem(entry: Entry, content: Content, hashed: dict[Content, str]) -> str | None:
+    """What is wrong with the content a file entry names (FileNotFoundError when its file is not there)."""
+    st = os.lstat(content.path)
+    size = st.st_size if content.span is None else content.span[1]
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if size != entry.size:
+        return f"size {size}, manifest says {entry.size} (damaged)"
+    if _sha256_of(content, hashed) != entry.sha256:
+        return "checksum mismatch (damaged)"
+    return None
+
+
 def _sha256_of(content: Content, hashed: dict[Content, str]) -> str:
     """The sha256 of what `content` holds, hashed once a check (a pack's index vouches for its span's length)."""
     if content not in hashed:
         hashed[content] = size_and_sha256(content.path, content.span)[1]
     return hashed[content]
 
-
-def _lstat_or_none(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None

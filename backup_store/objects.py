@@ -7,7 +7,8 @@ lock and removed only by `sweep_unreferenced`, under the lock, when no readable 
 removed otherwise (by hand, a damaged disk) is found missing by the next backup (`stored_names`), which
 stores it again from the live file instead of naming it.
 A new object is written under its final name and made durable with the backup that first names it: one
-cut short by a crash has the wrong size, and is written again by the next backup that needs it.
+cut short by a crash has the wrong size, and is written again (loose, or into a pack) by the next backup
+that needs it.
 A large copy run appends its small contents to pack files in `packs/` instead (backup_store.packs);
 wherever a content lies, `locate` finds it and `stored_names` lists it.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from backup_store.packs import Content, find_packed, packed_names, sweep_packs
 
@@ -46,6 +47,24 @@ def locate(objects: str, sha256: str, fresh: bool = False) -> Content:
     The packs are those last listed, unless `fresh` (see backup_store.packs)."""
     packed = find_packed(objects, sha256, fresh)
     return packed if packed is not None else Content(object_path(objects, sha256))
+
+
+def whole_in_store(objects: str, present: Collection[str]) -> Callable[[str, int], bool]:
+    """A test of whether content of a given sha256 and size is stored whole: in a pack (its index vouches for
+    it), or loose with that size (one cut short by a crash is written again). `present`: stored_names."""
+    packed = packed_names(objects)
+
+    def whole(sha256: str, size: int) -> bool:
+        if sha256 in packed:
+            return True
+        if sha256 not in present:
+            return False
+        try:
+            return os.lstat(object_path(objects, sha256)).st_size == size
+        except OSError:
+            return False
+
+    return whole
 
 
 def stored_names(objects: str) -> set[str]:

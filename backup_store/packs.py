@@ -31,11 +31,12 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import NamedTuple
 
+from backup_store.copier import PARALLEL_FROM
 from common.errors import ToolkitError
 from common.files import fsync_dir
 
 PACKS = "packs"  # in the store's folder, beside the objects folder
-PACK_FROM = 256  # contents stored by one run; as many as make the copier start processes (copier.PARALLEL_FROM)
+PACK_FROM = PARALLEL_FROM  # contents stored by one run: as many as make the copier start processes
 PACKED_BELOW = 1 << 20  # larger contents stay loose files: their create is a small part of their cost
 PACK_MAGIC = b"RBPACK1\n"
 INDEX_MAGIC = b"RBIDX1\n\0"
@@ -88,7 +89,7 @@ class PackIndex:
 # packs folder listed once, again only when asked to (`fresh`): by the process that changed it, or by a reader
 # without the store's lock that did not find a content where the listing said (see manifest.Backup.content).
 _indexes: dict[str, PackIndex | None] = {}
-_listed: dict[str, list[PackIndex]] = {}
+_listed: dict[str, tuple[list[PackIndex], dict[str, PackIndex]]] = {}  # by folder: its indexes, each content's
 
 
 def pack_indexes(objects: str, fresh: bool = False) -> list[PackIndex]:
@@ -96,6 +97,10 @@ def pack_indexes(objects: str, fresh: bool = False) -> list[PackIndex]:
 
     An index whose pack is missing or of another length than it records is left out: its contents are
     not there for any backup to name (a backup that already names them finds them missing in verify)."""
+    return _listing(objects, fresh)[0]
+
+
+def _listing(objects: str, fresh: bool) -> tuple[list[PackIndex], dict[str, PackIndex]]:
     folder = packs_folder(objects)
     if not fresh and folder in _listed:
         return _listed[folder]
@@ -110,8 +115,10 @@ def pack_indexes(objects: str, fresh: bool = False) -> list[PackIndex]:
             _indexes[path] = _read_index(path)
         if (index := _indexes[path]) is not None:
             found.append(index)
-    _listed[folder] = found
-    return found
+    # Each content found by one lookup, however many packs: the first (by name) of those holding it.
+    holder = {sha: index for index in reversed(found) for sha in index.slots}
+    _listed[folder] = (found, holder)
+    return found, holder
 
 
 def packed_names(objects: str) -> set[str]:
@@ -121,10 +128,8 @@ def packed_names(objects: str) -> set[str]:
 
 def find_packed(objects: str, sha256: str, fresh: bool = False) -> Content | None:
     """Where a pack of `objects` holds this content, if one does (as last listed, unless `fresh`)."""
-    for index in pack_indexes(objects, fresh):
-        if (content := index.content(sha256)) is not None:
-            return content
-    return None
+    index = _listing(objects, fresh)[1].get(sha256)
+    return index.content(sha256) if index is not None else None
 
 
 def _read_index(path: str) -> PackIndex | None:
@@ -161,12 +166,13 @@ class PackWriter:
     """The `put` of a copy run's jobs (see copier.CopyJob): a small content is appended to a pack of the
     copying process's own (a forked worker opens its own at its first put), a large one stored loose.
 
-    Content in `present` (the names objects/ lists) or already put by this process is not written again.
+    Content `stored_whole(sha256, size)` says the store has, or already put by this process, is not written again.
     The run's process calls seal() once every copy is done, or discard() when the run failed."""
 
-    def __init__(self, objects: str, present: Collection[str], store_loose: Callable[[str, str], tuple[int, str]]):
+    def __init__(self, objects: str, stored_whole: Callable[[str, int], bool],
+                 store_loose: Callable[[str, str], tuple[int, str]]):
         self.objects = objects
-        self.present = present
+        self.stored_whole = stored_whole  # objects.whole_in_store
         self.store_loose = store_loose  # objects.store_object: (src, objects) -> (size, sha256)
         self.folder = packs_folder(objects)
         self.run = os.urandom(6).hex()
@@ -187,7 +193,7 @@ class PackWriter:
         if len(data) == PACKED_BELOW:
             return self.store_loose(src, objects)
         sha = hashlib.sha256(data).hexdigest()
-        if sha not in self.present and sha not in self._written:
+        if sha not in self._written and not self.stored_whole(sha, len(data)):
             self._append(sha, data)
         return len(data), sha
 
@@ -223,9 +229,10 @@ class PackWriter:
 
     def discard(self) -> None:
         """Remove the packs this run wrote (it failed: no backup will name their contents); what cannot be
-        removed now is left to cleanup, which removes what no run finished."""
-        for path in self._run_packs():
-            with contextlib.suppress(OSError):
+        removed now is left to cleanup, which removes what no run finished. Never raises: the run's own error
+        is the one to report."""
+        with contextlib.suppress(OSError):
+            for path in self._run_packs():
                 os.unlink(path)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from backup_store.copier import CopyJob, copy_all
 from backup_store.manifest import Backup, Entry, named_sha256s, verified_entries_json
-from backup_store.objects import OBJECTS, prepare_objects, store_object, stored_names
+from backup_store.objects import OBJECTS, prepare_objects, store_object, stored_names, whole_in_store
 from backup_store.packs import PACK_FROM, PackWriter
 from common.errors import ToolkitError, UsageError
 from common.files import PRIVATE_DIR, PRIVATE_FILE, file_mode, flushing_meanwhile, sha256_file
@@ -163,7 +163,8 @@ class Staging:
         self.unsynced = True
         packing = None
         if self.objects is not None and len(copies) >= PACK_FROM:
-            packing = PackWriter(self.objects, stored_names(self.objects) if stored is None else stored, store_object)
+            present = stored_names(self.objects) if stored is None else stored
+            packing = PackWriter(self.objects, whole_in_store(self.objects, present), store_object)
             for job in copies:
                 job.put = packing.put
         with flushing_meanwhile(self.path):  # the payload reaches the disk as it is copied, not all at the seal

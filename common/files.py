@@ -154,11 +154,7 @@ def copy_and_hash(
     try:
         dest_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode if exact else PRIVATE_FILE)
         try:
-            offset, left = span if span is not None else (0, -1)
-            if offset:
-                os.lseek(src_fd, offset, os.SEEK_SET)
-            while left and (chunk := os.read(src_fd, _CHUNK if left < 0 else min(_CHUNK, left))):
-                left -= len(chunk) if left > 0 else 0
+            for chunk in _chunks(src_fd, span):
                 digest.update(chunk)
                 size += len(chunk)
                 view = memoryview(chunk)
@@ -166,8 +162,6 @@ def copy_and_hash(
                 while view:
                     view = view[os.write(dest_fd, view):]
                 reading = True
-                if len(chunk) < _CHUNK and left < 0:  # a short read of a whole file is its end: no read to learn it
-                    break
             reading = False
             if owner is not None:
                 os.fchown(dest_fd, *owner)
@@ -184,6 +178,23 @@ def copy_and_hash(
     finally:
         os.close(src_fd)
     return size, digest.hexdigest()
+
+
+def _chunks(fd: int, span: tuple[int, int] | None) -> Iterator[bytes]:
+    """A regular file's bytes from its start, or those of `span` (offset, size), in chunks of at most _CHUNK;
+    fewer when the file ends first."""
+    offset, left = span if span is not None else (0, -1)
+    if offset:
+        os.lseek(fd, offset, os.SEEK_SET)
+    while left:
+        chunk = os.read(fd, _CHUNK if left < 0 else min(_CHUNK, left))
+        if not chunk:
+            return
+        yield chunk
+        if left > 0:
+            left -= len(chunk)
+        elif len(chunk) < _CHUNK:  # a short read of a whole regular file is its end: no read to learn it
+            return
 
 
 def _read_umask() -> int | None:
@@ -210,13 +221,9 @@ def size_and_sha256(path: str | Path, span: tuple[int, int] | None = None) -> tu
     """The size and sha256 of a regular file as read, without following a symlink (other threads run meanwhile);
     with `span` (offset, size), of those bytes only (fewer if the file ends before)."""
     digest, size = hashlib.sha256(), 0
-    offset, left = span if span is not None else (0, -1)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        if offset:
-            os.lseek(fd, offset, os.SEEK_SET)
-        while left and (chunk := os.read(fd, _CHUNK if left < 0 else min(_CHUNK, left))):
-            left -= len(chunk) if left > 0 else 0
+        for chunk in _chunks(fd, span):
             digest.update(chunk)
             size += len(chunk)
     finally:

@@ -360,7 +360,7 @@ class Remote:
             self._damaged.discard(key)
 
     def _put_small(self, backup: Backup, key: str, entry: Entry, done: Transfer) -> None:
-        data = backup.read_content(entry)
+        data = backup.read_small(entry)
         check_content(backup.id, entry.path, (entry.size, entry.sha256), len(data), hashlib.sha256(data).hexdigest())
         self.call("put_object", Key=key, Body=self.sealer.seal_bytes(data) if self.sealer else data)
         done.add(objects=1, size=len(data))

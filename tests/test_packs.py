@@ -222,3 +222,22 @@ def test_a_mostly_unnamed_pack_with_a_damaged_content_is_left_as_it_is(tmp_path:
     left = Path(second.content(kept).path).stem
     assert f"{left}.idx" in pack_files(store.root) and f"{left}.pack" in pack_files(store.root)
     assert check_backup(load_backup(second.path)) == [f"{kept.path}: checksum mismatch (damaged)"]
+
+
+def test_a_loose_object_cut_short_is_stored_again_by_a_large_run(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_bytes(b"print('a')\n" * 100)
+    store = BackupStore(tmp_path / "store", "code")
+    first = take(store, src)  # one file: stored loose
+    loose = Path(first.payload(first.files[0]))
+    os.chmod(loose, 0o600)
+    os.truncate(loose, 10)  # as a crash before the syncfs could leave it
+    fill(src)
+    (src / "b.py").write_bytes(b"print('a')\n" * 100)  # a.py's content, under a name no backup had
+    second = take(store, src)
+    entry = next(entry for entry in second.files if entry.path == "tree/b.py")
+    assert second.content(entry).span is not None  # written again, into the run's pack
+    assert check_backup(second) == []
+    build_tree(second, "tree", tmp_path / "built")
+    assert tree_snapshot(tmp_path / "built") == tree_snapshot(src)
