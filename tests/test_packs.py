@@ -12,7 +12,7 @@ from code_workspace import CodeWorkspace
 from helpers import damage_content, tree_snapshot
 from s3_server import Bucket
 
-from backup_store.manifest import check_backup, load_backup
+from backup_store.manifest import Backup, check_backup, load_backup
 from backup_store.objects import OBJECTS, stored_names
 from backup_store.packs import PACK_FROM, PACKED_BELOW, PACKS
 from backup_store.store import BackupStore
@@ -48,11 +48,16 @@ def take(store: BackupStore, src: Path, cancelled=None):
     return load_backup(store.root / staging.backup_id)
 
 
-def test_a_large_backup_packs_its_small_files_and_restores_them_byte_for_byte(tmp_path: Path):
+def packed_workspace(tmp_path: Path) -> tuple[CodeWorkspace, Backup]:
+    """A deployed tree of MANY files and its backup, taken by the script: its small files packed."""
     cw = CodeWorkspace(tmp_path, symlink_layout=False)
     fill(cw.live)
     assert cw.run("backup").returncode == 0
-    backup = load_backup(cw.store / cw.backup_ids()[0])
+    return cw, load_backup(cw.store / cw.backup_ids()[0])
+
+
+def test_a_large_backup_packs_its_small_files_and_restores_them_byte_for_byte(tmp_path: Path):
+    cw, backup = packed_workspace(tmp_path)
     packs = pack_files(cw.store)
     assert packs and all(name.startswith("pack-") for name in packs)
     assert {name.rpartition(".")[2] for name in packs} == {"pack", "idx"}
@@ -71,10 +76,7 @@ def test_a_large_backup_packs_its_small_files_and_restores_them_byte_for_byte(tm
 
 
 def test_damage_inside_a_pack_is_named_and_the_restore_refused(tmp_path: Path):
-    cw = CodeWorkspace(tmp_path, symlink_layout=False)
-    fill(cw.live)
-    assert cw.run("backup").returncode == 0
-    backup = load_backup(cw.store / cw.backup_ids()[0])
+    cw, backup = packed_workspace(tmp_path)
     entry = next(entry for entry in backup.files if entry.path == "tree/pkg2/m009.py")
     assert backup.content(entry).span is not None  # it is packed
     damage_content(backup.content(entry))
@@ -87,10 +89,7 @@ def test_damage_inside_a_pack_is_named_and_the_restore_refused(tmp_path: Path):
 
 
 def test_a_pack_cut_short_is_not_trusted_and_the_next_backup_stores_its_contents_again(tmp_path: Path):
-    cw = CodeWorkspace(tmp_path, symlink_layout=False)
-    fill(cw.live)
-    assert cw.run("backup").returncode == 0
-    first = load_backup(cw.store / cw.backup_ids()[0])
+    cw, first = packed_workspace(tmp_path)
     pack = next(cw.store / PACKS / name for name in pack_files(cw.store) if name.endswith(".pack"))
     os.chmod(pack, 0o600)
     os.truncate(pack, pack.stat().st_size - 1)
