@@ -334,6 +334,9 @@ class ThrowawayCluster:
             "synchronous_commit": "off",
             # Logical replication between two databases of the cluster: subscriptions across a swap restore.
             "wal_level": "logical",
+            # An apply worker that stops (its subscription disabled, its database renamed) is started again
+            # after this, not the default 5 s: the subscription tests wait on it several times each.
+            "wal_retrieve_retry_interval": _conf_string("200ms"),
             **self._extra_settings,
         }
         with open(path, "w", encoding="utf-8") as conf:
