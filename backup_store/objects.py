@@ -51,11 +51,11 @@ def locate(objects: str, sha256: str, fresh: bool = False) -> Content:
 
 def whole_in_store(objects: str, present: Collection[str]) -> Callable[[str, int], bool]:
     """A test of whether content of a given sha256 and size is stored whole: in a pack (its index vouches for
-    it), or loose with that size (one cut short by a crash is written again). `present`: stored_names."""
-    packed = packed_names(objects)
+    it), or loose with that size (one cut short by a crash is written again). `present`: stored_names, whose
+    listing of the packs the test looks in."""
 
     def whole(sha256: str, size: int) -> bool:
-        if sha256 in packed:
+        if find_packed(objects, sha256) is not None:
             return True
         if sha256 not in present:
             return False
