@@ -130,6 +130,11 @@ def build_parser():
     sub.add_argument("--compress", type=int, choices=range(10), metavar="N", help="compression level 0-9")
     sub.add_argument("--with-role-passwords", action="store_true",
                      help="keep the roles' password hashes in globals.sql (mode 0600, as every backup file)")
+    kind = sub.add_mutually_exclusive_group()
+    kind.add_argument("--full", action="store_true",
+                      help="DB_ENGINE=pgbackrest: also take a full pgBackRest backup before the mark")
+    kind.add_argument("--incremental", action="store_true",
+                      help="DB_ENGINE=pgbackrest: also take an incremental pgBackRest backup before the mark")
     add_backup_arguments(sub)
 
     sub = add_command(

@@ -16,7 +16,9 @@ from database.backup_info import DbBackupInfo
 from database.cluster_globals import globals_summary, keep_globals
 from database.context import SCRIPT, DbContext
 from database.dumps import ServerInfo, check_client_version, dump_into
+from database.marks import mark_command
 from database.migrations import read_current
+from database.pgbackrest import engine
 from database.row_counters import record_counters
 
 
@@ -51,7 +53,10 @@ def backup_before(db: DbContext, version: int) -> Backup | None:
 
 
 def backup_command(ctx: Context) -> Result:
-    """backup: pg_dump DB_NAME into the store (--format, --jobs, --compress, --label)."""
+    """backup: pg_dump DB_NAME into the store (--format, --jobs, --compress, --label); with DB_ENGINE=pgbackrest,
+    a mark instead (database.marks)."""
+    if engine(ctx.settings) == "pgbackrest":
+        return mark_command(ctx)
     db = DbContext.from_settings(ctx.settings)
     args = ctx.args
     if args.format == "custom" and args.jobs > 1:

@@ -1,0 +1,63 @@
+"""The pgbackrest engine (DB_ENGINE=pgbackrest) against the real pgbackrest and a cluster that archives its WAL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import run_script
+from pg_archive import ArchivingCluster
+
+
+@pytest.fixture
+def archiving() -> Iterator[ArchivingCluster]:
+    cluster = ArchivingCluster().start()
+    try:
+        cluster.cluster.create_database("app")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def run(archiving: ArchivingCluster, tmp_path: Path, *args: str):
+    env = {**archiving.env("app"), "BACKUP_DIR": str(tmp_path / "db_backups")}
+    return run_script("database_rollback.py", *args, env=env, cwd=tmp_path)
+
+
+def backup_labels(archiving: ArchivingCluster) -> list[str]:
+    stanzas = json.loads(archiving.pgbackrest("info", "--output=json").stdout)
+    return [backup["label"] for backup in stanzas[0].get("backup", [])]
+
+
+def test_a_mark_follows_a_first_full_backup_and_records_where_it_is(archiving: ArchivingCluster, tmp_path: Path):
+    first = run(archiving, tmp_path, "--json", "backup")
+    assert first.returncode == 0, first.stderr
+    mark = json.loads(first.stdout)["mark"]
+    labels = backup_labels(archiving)
+    assert len(labels) == 1 and labels[0].endswith("F")  # none before: a full one
+    assert mark["pgbackrest_backup"] == labels[0] and mark["restore_point"] == json.loads(first.stdout)["backup"]["id"]
+    second = run(archiving, tmp_path, "--json", "backup")
+    assert second.returncode == 0, second.stderr
+    later = json.loads(second.stdout)["mark"]
+    assert backup_labels(archiving) == labels  # the newest backup is recent: a mark only
+    assert _lsn(later["lsn"]) > _lsn(mark["lsn"])
+    listed = run(archiving, tmp_path, "--json", "list")
+    assert [b["id"] for b in json.loads(listed.stdout)["backups"]] == [later["restore_point"], mark["restore_point"]]
+
+
+def test_a_mark_is_refused_before_anything_changes_while_archiving_is_broken(archiving: ArchivingCluster,
+                                                                            tmp_path: Path):
+    archiving.break_archiving()
+    result = run(archiving, tmp_path, "backup")
+    assert result.returncode == 1
+    assert "pgbackrest check failed" in result.stderr and "nothing was changed" in result.stderr
+    assert backup_labels(archiving) == []
+    listed = run(archiving, tmp_path, "--json", "list")
+    assert json.loads(listed.stdout)["backups"] == []
+
+
+def _lsn(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
