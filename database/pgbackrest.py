@@ -76,9 +76,11 @@ class PgBackRest:
         """Run `pgbackrest [--config=...] --stanza=... ARGS` as the server's OS user."""
         argv = ["pgbackrest", *([f"--config={self.config}"] if self.config else []), f"--stanza={self.stanza}",
                 *args]
-        if self.os_user is not None:
-            argv = [_runuser(), "-u", self.os_user, "--", *argv]
-        return run_tool(argv, what, check=check)
+        return run_tool(self.as_server_user(argv), what, check=check)
+
+    def as_server_user(self, argv: list[str]) -> list[str]:
+        """`argv` run as the server's OS user (through runuser when this process is root)."""
+        return argv if self.os_user is None else [_runuser(), "-u", self.os_user, "--", *argv]
 
     def check(self) -> None:
         """Raise ArchivingBroken, with pgBackRest's own reason, unless WAL reaches the repository now."""

@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import run_script
+from helpers import database_state, run_script
 from pg_archive import ArchivingCluster
+from pg_cluster import Database
 
 
 @pytest.fixture
@@ -19,6 +20,15 @@ def archiving() -> Iterator[ArchivingCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+def sql(database: Database, statement: str) -> None:
+    conn = database.connect()
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
 
 
 def run(archiving: ArchivingCluster, tmp_path: Path, *args: str):
@@ -61,3 +71,25 @@ def test_a_mark_is_refused_before_anything_changes_while_archiving_is_broken(arc
 def _lsn(text: str) -> int:
     high, low = text.split("/")
     return (int(high, 16) << 32) | int(low, 16)
+
+
+def test_a_restore_to_a_mark_gives_the_rows_of_its_moment_and_keeps_the_data_directory_it_replaced(
+        archiving: ArchivingCluster, tmp_path: Path):
+    app = Database("app", archiving.cluster)
+    sql(app, "CREATE TABLE orders (id int PRIMARY KEY, note text);"
+             " INSERT INTO orders SELECT i, md5(i::text) FROM generate_series(1, 1000) i")
+    marked = run(archiving, tmp_path, "--json", "backup")
+    assert marked.returncode == 0, marked.stderr
+    mark = json.loads(marked.stdout)["mark"]["restore_point"]
+    at_mark = database_state(app)
+    sql(app, "DELETE FROM orders WHERE id % 3 = 0; UPDATE orders SET note = 'deployed' WHERE id < 50;"
+             " CREATE TABLE added_since (id int)")
+    after = database_state(app)
+    assert after != at_mark
+    restored = run(archiving, tmp_path, "--json", "restore", mark, "--yes")
+    assert restored.returncode == 0, restored.stderr
+    report = json.loads(restored.stdout)
+    assert database_state(app) == at_mark
+    kept = Path(report["kept_data_dir"])
+    assert (kept / "PG_VERSION").is_file() and kept.name.endswith(mark)
+

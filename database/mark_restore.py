@@ -1,0 +1,149 @@
+"""Restore to a mark (DB_ENGINE=pgbackrest): the whole cluster back to the restore point, by pgBackRest.
+
+The server is stopped, its data directory moved aside whole (a rename: instant, nothing copied), pgBackRest
+restores the backup the mark was made after into a new, empty one with recovery to the mark's restore
+point, and the server is started and promoted there. The directory moved aside is what undoes the restore:
+the report, and any failure after the server was stopped, prints the commands that put it back.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.cli import Context, Result
+from common.errors import SettingError, ToolkitError, UsageError
+from common.proc import run_tool
+from common.settings import Settings
+from database.context import SCRIPT, DbContext
+from database.dumps import PgTools
+from database.marks import MarkInfo
+from database.pgbackrest import PgBackRest
+
+PROMOTE_TIMEOUT_SECONDS = 600.0  # replaying the WAL from the backup to the mark
+
+
+@dataclass(frozen=True)
+class ServerControl:
+    """How the cluster is stopped and started: PG_STOP_COMMAND and PG_START_COMMAND (e.g. systemctl stop
+    postgresql@15-main), else pg_ctl on PGDATA as the server's OS user."""
+
+    data_dir: Path
+    stop_argv: list[str]
+    start_argv: list[str]
+
+    @classmethod
+    def from_settings(cls, settings: Settings, pgbackrest: PgBackRest) -> ServerControl:
+        """PGDATA (required), PG_STOP_COMMAND, PG_START_COMMAND, PG_BINDIR."""
+        data_dir = settings.path("PGDATA", required=True)
+        assert data_dir is not None
+        pg_ctl = PgTools(settings.path("PG_BINDIR")).path("pg_ctl")
+        as_server = pgbackrest.as_server_user
+        log = f"{data_dir}.server.log"
+        return cls(data_dir, _command(settings, "PG_STOP_COMMAND") or as_server(
+                       [pg_ctl, "-D", str(data_dir), "-m", "fast", "-w", "stop"]),
+                   _command(settings, "PG_START_COMMAND") or as_server(
+                       [pg_ctl, "-D", str(data_dir), "-l", log, "-w", "-t", "600", "start"]))
+
+    def stop(self) -> None:
+        """Stop the server (a failure raises, nothing else changed)."""
+        run_tool(self.stop_argv, "stopping the server")
+
+    def start(self) -> None:
+        """Start the server."""
+        run_tool(self.start_argv, "starting the server")
+
+
+@dataclass(frozen=True)
+class MarkRestore:
+    """What a restore to a mark did."""
+
+    mark: MarkInfo
+    kept_data_dir: Path  # the data directory it replaced, whole
+    seconds: float
+    undo: list[str]  # shell lines that put the replaced data directory back
+
+
+def restore_to_mark(db: DbContext, pgbackrest: PgBackRest, control: ServerControl, mark: MarkInfo) -> MarkRestore:
+    """Stop, move the data directory aside, restore to the mark, start, wait for the promotion."""
+    started = time.monotonic()
+    kept = control.data_dir.with_name(f"{control.data_dir.name}.before-{mark.restore_point}")
+    undo = undo_lines(control, kept)
+    control.stop()
+    try:
+        os.rename(control.data_dir, kept)
+        os.mkdir(control.data_dir, 0o700)
+        st = os.stat(kept)
+        os.chown(control.data_dir, st.st_uid, st.st_gid)
+        pgbackrest.run("restore", "--type=name", f"--target={mark.restore_point}", "--target-action=promote",
+                       *([f"--set={mark.pgbackrest_backup}"] if mark.pgbackrest_backup else []),
+                       what="pgbackrest restore")
+        control.start()
+        _wait_promoted(db)
+    except BaseException as exc:
+        lines = "\n".join(undo)
+        raise ToolkitError(f"the restore to mark {mark.restore_point} failed ({exc}); the data directory it "
+                           f"replaced is kept whole as {kept}; to put it back:\n{lines}") from None
+    return MarkRestore(mark, kept, time.monotonic() - started, undo)
+
+
+def undo_lines(control: ServerControl, kept: Path) -> list[str]:
+    """Shell lines that stop the server, set the restored data directory aside and put `kept` back."""
+    restored = control.data_dir.with_name(f"{control.data_dir.name}.restored")
+    return [shlex.join(control.stop_argv), shlex.join(["mv", str(control.data_dir), str(restored)]),
+            shlex.join(["mv", str(kept), str(control.data_dir)]), shlex.join(control.start_argv)]
+
+
+def _wait_promoted(db: DbContext) -> None:
+    deadline = time.monotonic() + PROMOTE_TIMEOUT_SECONDS
+    while True:
+        try:
+            with db.server.session("postgres", autocommit=True) as conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_is_in_recovery()")
+                if not cur.fetchone()[0]:
+                    return
+        except ToolkitError:
+            pass  # still starting
+        if time.monotonic() > deadline:
+            raise ToolkitError(f"the server did not finish recovery within {PROMOTE_TIMEOUT_SECONDS:g} s")
+        time.sleep(0.2)  # polling the server: recovery has no event to wait on from here
+
+
+def mark_restore_command(ctx: Context) -> Result:
+    """restore MARK with DB_ENGINE=pgbackrest: the plan, the question, the restore, the undo."""
+    db = DbContext.from_settings(ctx.settings)
+    pgbackrest = PgBackRest.from_settings(ctx.settings)
+    control = ServerControl.from_settings(ctx.settings, pgbackrest)
+    with db.store.lock(f"{SCRIPT} restore"):
+        backup = db.store.resolve(ctx.args.backup, match=db.is_own)
+        mark = MarkInfo.load(backup)
+        if mark is None:
+            raise UsageError(f"{backup.id} is a dump, not a mark: with DB_ENGINE=pgbackrest, restore takes marks")
+        plan = [f"the whole cluster of {db.server.name} goes back to mark {mark.restore_point} ({mark.marked_at}, "
+                f"{mark.lsn}): every database in it, and everything written since is set aside with the data "
+                f"directory {control.data_dir}, kept whole"]
+        if ctx.dry_run:
+            return Result({"dry_run": True, "mark": mark.dump()}, plan, report=True)
+        for line in plan:
+            ctx.info(line)
+        ctx.confirm(f"Stop the server and restore the whole cluster to {mark.restore_point}?")
+        done = restore_to_mark(db, pgbackrest, control, mark)
+    return Result({"mark": mark.dump(), "kept_data_dir": str(done.kept_data_dir), "seconds": done.seconds,
+                   "undo": done.undo},
+                  [f"restored the cluster to mark {mark.restore_point} in {done.seconds:.1f} s; the data directory "
+                   f"it replaced is {done.kept_data_dir}; to undo:", *(f"  {line}" for line in done.undo)],
+                  backup_ids=[backup.id])
+
+
+def _command(settings: Settings, name: str) -> list[str] | None:
+    text = settings.text(name)
+    if text is None:
+        return None
+    try:
+        argv = shlex.split(text)
+    except ValueError as exc:
+        raise SettingError(f"{name}: {exc}", setting=name) from None
+    return argv or None
