@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,3 +95,23 @@ def test_a_restore_to_a_mark_gives_the_rows_of_its_moment_and_keeps_the_data_dir
     kept = Path(report["kept_data_dir"])
     assert (kept / "PG_VERSION").is_file() and kept.name.endswith(mark)
 
+
+
+def test_a_restore_that_fails_after_the_stop_keeps_the_replaced_directory_and_its_undo_works(
+        archiving: ArchivingCluster, tmp_path: Path):
+    app = Database("app", archiving.cluster)
+    sql(app, "CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders SELECT generate_series(1, 100)")
+    marked = run(archiving, tmp_path, "--json", "backup")
+    assert marked.returncode == 0, marked.stderr
+    mark = json.loads(marked.stdout)["mark"]["restore_point"]
+    sql(app, "INSERT INTO orders SELECT generate_series(101, 200)")
+    live = database_state(app)
+    # A stanza pgBackRest does not know: its restore fails once the server is stopped and the directory moved.
+    env = {**archiving.env("app"), "BACKUP_DIR": str(tmp_path / "db_backups"), "PGBACKREST_STANZA": "elsewhere"}
+    failed = run_script("database_rollback.py", "restore", mark, "--yes", env=env, cwd=tmp_path)
+    assert failed.returncode == 1
+    assert "kept whole as" in failed.stderr and "to put it back" in failed.stderr
+    undo = failed.stderr.split("to put it back:\n", 1)[1].strip().splitlines()
+    for line in undo[1:]:  # the server is not running: its stop is the one line not to run
+        subprocess.run(shlex.split(line), check=True)
+    assert database_state(app) == live
