@@ -13,6 +13,8 @@ from common.text import count
 from database import migrations
 from database.context import DbContext
 from database.dumps import dump_entries, dump_path, quote_identifier
+from database.marks import MarkInfo, mark_problems
+from database.pgbackrest import PgBackRest
 from database.scratch import CLAIMED, KEPT_ROLES, being_built, scratch_databases
 from database.server import APPLICATION_NAME, MAINTENANCE_DB, DbServer
 from database.sessions import migration_lock_holders
@@ -28,6 +30,11 @@ def verify_command(ctx: Context) -> Result:
               else db.store.latest(match=db.is_own))
     if backup is None:
         notes.append(f"no backups in {db.store.root} yet")
+    elif (mark := MarkInfo.load(backup)) is not None:
+        marked = mark_problems(PgBackRest.from_settings(ctx.settings), mark)
+        if not marked:
+            notes.append(f"mark {backup.id}: restorable (pgBackRest backup {mark.pgbackrest_backup}, WAL archived)")
+        problems += [f"mark {backup.id}: {p}" for p in marked]
     else:
         backup_problems = check_backup(backup)
         if not backup_problems:

@@ -17,7 +17,7 @@ from backup_store.manifest import Backup
 from common.cli import Context, Result
 from database.context import SCRIPT, DbContext
 from database.migrations import read_current
-from database.pgbackrest import MAX_AGE_HOURS, PgBackRest
+from database.pgbackrest import MAX_AGE_HOURS, ArchivingBroken, PgBackRest
 
 MARK_ENGINE = "pgbackrest"  # a store entry's `engine`: a mark, not a dump
 
@@ -57,6 +57,20 @@ def backup_kind(pgbackrest: PgBackRest, asked: str | None, max_age_hours: float 
     if not backups:
         return "full"
     return "incr" if time.time() - backups[-1].stopped > max_age_hours * 3600 else None
+
+
+def mark_problems(pgbackrest: PgBackRest, mark: MarkInfo) -> list[str]:
+    """Why a mark could not be restored now: the pgBackRest backup it follows is gone (expired), or WAL does not
+    reach the repository; none when it can."""
+    problems = []
+    if mark.pgbackrest_backup not in {backup.label for backup in pgbackrest.backups()}:
+        problems.append(f"the pgBackRest backup it follows, {mark.pgbackrest_backup}, is no longer in the "
+                        "repository (expired?): it cannot be restored")
+    try:
+        pgbackrest.check()
+    except ArchivingBroken as exc:
+        problems.append(str(exc))
+    return problems
 
 
 def take_mark(db: DbContext, pgbackrest: PgBackRest, label: str | None, kind: str | None,

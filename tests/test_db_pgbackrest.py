@@ -115,3 +115,13 @@ def test_a_restore_that_fails_after_the_stop_keeps_the_replaced_directory_and_it
     for line in undo[1:]:  # the server is not running: its stop is the one line not to run
         subprocess.run(shlex.split(line), check=True)
     assert database_state(app) == live
+
+
+def test_verify_says_a_mark_is_restorable_and_names_broken_archiving(archiving: ArchivingCluster, tmp_path: Path):
+    assert run(archiving, tmp_path, "backup").returncode == 0
+    verified = run(archiving, tmp_path, "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "restorable" in verified.stdout
+    archiving.break_archiving()
+    broken = run(archiving, tmp_path, "verify")
+    assert broken.returncode == 3 and "pgbackrest check failed" in broken.stdout
