@@ -123,7 +123,11 @@ def build_parser():
     )
     sub = add_command(commands, "backup", cmd_backup, "pg_dump DB_NAME into the backup store",
                       "pg_dump DB_NAME, and pg_dumpall --globals-only (roles, memberships, their settings,\n"
-                      "tablespaces; without passwords unless --with-role-passwords) into globals.sql beside it.")
+                      "tablespaces; without passwords unless --with-role-passwords) into globals.sql beside it.\n"
+                      "With DB_ENGINE=pgbackrest: a mark instead, whatever the size: `pgbackrest check` (refused,\n"
+                      "nothing changed, when WAL archiving does not work), a pgBackRest backup when there is none\n"
+                      "or the newest is older than PGBACKREST_MAX_AGE_HOURS (or with --full/--incremental), then\n"
+                      "a named restore point recorded with its LSN, time and migration.")
     sub.add_argument("--format", choices=("custom", "directory"), default="custom",
                      help="custom (default): one .dump file plain pg_restore reads; directory: parallel dumps")
     sub.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel dump jobs (directory format)")
@@ -156,7 +160,10 @@ def build_parser():
         "`verify` names it, `cleanup` drops it. --in-place (for users without CREATEDB) first takes a backup,\n"
         "then runs pg_restore --clean --single-transaction; it needs as much space at its peak, and is refused\n"
         "for a database with subscriptions. Either way a failure leaves the live database as it was.\n"
-        "A role the dump needs (an owner, a grantee) missing here is refused; --with-globals creates it.")
+        "A role the dump needs (an owner, a grantee) missing here is refused; --with-globals creates it.\n"
+        "With DB_ENGINE=pgbackrest, BACKUP is a mark: the whole cluster goes back to it (every database in\n"
+        "it): the server is stopped, PGDATA moved aside whole, pgBackRest restores to the mark's restore point\n"
+        "and the server is started and promoted there; the output prints how to put the old PGDATA back.")
     add_backup_argument(sub, ", or a pg_dump archive made elsewhere (custom, directory or tar format; "
                              "a plain SQL dump is refused: restore it with psql)")
     sub.add_argument("--target-db", metavar="NAME",

@@ -112,8 +112,22 @@ def _wait_promoted(db: DbContext) -> None:
         time.sleep(0.2)  # polling the server: recovery has no event to wait on from here
 
 
+def names_a_mark(ctx: Context) -> bool:
+    """Whether the BACKUP a restore names is a mark (a dump, or a name that resolves to nothing, is not)."""
+    db = DbContext.from_settings(ctx.settings)
+    try:
+        return MarkInfo.load(db.store.resolve(ctx.args.backup, match=db.is_own, lazy=True)) is not None
+    except ToolkitError:
+        return False  # the dump's path reports it
+
+
 def mark_restore_command(ctx: Context) -> Result:
     """restore MARK with DB_ENGINE=pgbackrest: the plan, the question, the restore, the undo."""
+    given = [option for option, value in (("--target-db", ctx.args.target_db), ("--in-place", ctx.args.in_place),
+                                          ("--with-globals", ctx.args.with_globals)) if value]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not with DB_ENGINE=pgbackrest, where the whole cluster goes back "
+                         "to the mark")
     db = DbContext.from_settings(ctx.settings)
     pgbackrest = PgBackRest.from_settings(ctx.settings)
     control = ServerControl.from_settings(ctx.settings, pgbackrest)
@@ -121,7 +135,7 @@ def mark_restore_command(ctx: Context) -> Result:
         backup = db.store.resolve(ctx.args.backup, match=db.is_own)
         mark = MarkInfo.load(backup)
         if mark is None:
-            raise UsageError(f"{backup.id} is a dump, not a mark: with DB_ENGINE=pgbackrest, restore takes marks")
+            raise ToolkitError(f"{backup.id} is no longer a mark: nothing was changed")
         plan = [f"the whole cluster of {db.server.name} goes back to mark {mark.restore_point} ({mark.marked_at}, "
                 f"{mark.lsn}): every database in it, and everything written since is set aside with the data "
                 f"directory {control.data_dir}, kept whole"]

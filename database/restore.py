@@ -29,8 +29,7 @@ from database.dumps import (
     subscriptions_in,
     with_full_disk_named,
 )
-from database.mark_restore import mark_restore_command
-from database.pgbackrest import engine
+from database.mark_restore import mark_restore_command, names_a_mark
 from database.properties import read_properties
 from database.row_counters import WritesReport, read_counters, recorded_counters, writes_since
 from database.server import MAINTENANCE_DB, DbServer
@@ -61,8 +60,8 @@ class RestoreSource:
 
 def restore_command(ctx: Context) -> Result:
     """restore BACKUP: checksums, the dump's table of contents, privileges, properties, subscriptions and free
-    space first, then a restore that fails safe. With DB_ENGINE=pgbackrest, a restore to a mark instead."""
-    if engine(ctx.settings) == "pgbackrest":
+    space first, then a restore that fails safe. A mark (DB_ENGINE=pgbackrest) goes back by pgBackRest."""
+    if names_a_mark(ctx):
         return mark_restore_command(ctx)
     db = DbContext.from_settings(ctx.settings)
     args = ctx.args
