@@ -146,7 +146,7 @@ def mark_restore_command(ctx: Context) -> Result:
         ctx.confirm(f"Stop the server and restore the whole cluster to {mark.restore_point}?")
         done = restore_to_mark(db, pgbackrest, control, mark)
     return Result({"mark": mark.dump(), "kept_data_dir": str(done.kept_data_dir), "seconds": done.seconds,
-                   "undo": done.undo},
+                   "undo_commands": done.undo},
                   [f"restored the cluster to mark {mark.restore_point} in {done.seconds:.1f} s; the data directory "
                    f"it replaced is {done.kept_data_dir}; to undo:", *(f"  {line}" for line in done.undo)],
                   backup_ids=[backup.id])

@@ -1,5 +1,6 @@
 """How a restore point's database part is put back: by rolling the schema back with the down migrations,
-which keeps every row written since the point, or by restoring the point's dump, which does not.
+which keeps every row written since the point, or by restoring the point's dump (or, for a mark of the
+pgbackrest engine, the whole cluster to it), which does not.
 
 The schema rollback is the default whenever it is possible: the point recorded a migration version, that
 version is applied, and every migration above it has a down file. The dump is restored only with
@@ -15,20 +16,21 @@ from common.errors import ToolkitError
 from common.settings import Settings
 from database.backup_info import DbBackupInfo
 from database.context import DbContext
+from database.marks import MarkInfo
 from database.migration_rollback import plan_rollback
 from database.migrations import current_id, discover, read_applied, refuse_dirty
 from database.properties import read_properties
 from database.restore import writes_lost
 from database.row_counters import WritesReport
 
-SCHEMA_ROLLBACK, DUMP_RESTORE = "schema rollback", "dump restore"
+SCHEMA_ROLLBACK, DUMP_RESTORE, MARK_RESTORE = "schema rollback", "dump restore", "mark restore"
 
 
 @dataclass
 class DatabasePlan:
     """Which of the two the database step does, and why; for a dump restore, what it loses."""
 
-    action: str  # SCHEMA_ROLLBACK or DUMP_RESTORE
+    action: str  # SCHEMA_ROLLBACK, DUMP_RESTORE or MARK_RESTORE (the whole cluster, by pgBackRest)
     reason: str
     backup_id: str
     target: str | None  # the migration the point recorded (None: it recorded none)
@@ -48,6 +50,9 @@ class DatabasePlan:
             what = (f"roll the schema back from {self.current} to {self.target} with the down migrations of "
                     + ", ".join(self.undone) if self.undone else f"the schema is already at {self.target}")
             return [f"database: {what}; every row written since the point is kept ({self.reason})"]
+        if self.action == MARK_RESTORE:
+            return [f"database: restore the whole cluster, every database in it, to the mark {self.backup_id} "
+                    f"({self.reason}); its data directory now is set aside whole"]
         lines = [f"database: restore the dump of {self.backup_id} ({self.reason})"]
         return lines + (self.writes.lines() if self.writes else [])
 
@@ -88,4 +93,6 @@ def plan_database(settings: Settings, backup: Backup, restore_data: bool) -> Dat
 
 def _dump_restore(db: DbContext, backup: Backup, reason: str, target: str | None, current: str | None
                   ) -> DatabasePlan:
+    if MarkInfo.load(backup) is not None:  # pgBackRest takes the whole cluster back; no row counters to compare
+        return DatabasePlan(MARK_RESTORE, reason, backup.id, target, current, [])
     return DatabasePlan(DUMP_RESTORE, reason, backup.id, target, current, [], writes_lost(db, backup))

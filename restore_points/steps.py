@@ -117,6 +117,8 @@ def undo_commands(step: ScriptRun, runner: ScriptRunner, settings: Settings) -> 
     if step.args[:1] == ["rollback"]:  # a schema rollback: migrating up again keeps the rows written since
         undone = step.data.get("rolled_back") or []
         return [runner.shell_line(step.component, "migrate", undone[0])] if undone else []
+    if step.data.get("undo_commands"):  # a restore to a mark: the commands that put the old data directory back
+        return list(step.data["undo_commands"])
     safety = step.data.get("safety_backup")
     if safety:
         return [runner.shell_line(step.component, "restore", safety, "--yes")]

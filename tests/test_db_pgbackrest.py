@@ -12,6 +12,7 @@ import pytest
 from helpers import database_state, run_script
 from pg_archive import ArchivingCluster
 from pg_cluster import Database
+from point_system import System, take_point
 
 
 @pytest.fixture
@@ -125,3 +126,21 @@ def test_verify_says_a_mark_is_restorable_and_names_broken_archiving(archiving: 
     archiving.break_archiving()
     broken = run(archiving, tmp_path, "verify")
     assert broken.returncode == 3 and "pgbackrest check failed" in broken.stdout
+
+
+def test_rollback_restores_a_point_whose_database_part_is_a_mark_in_the_runbooks_order(
+        archiving: ArchivingCluster, tmp_path: Path):
+    system = System(tmp_path, Database("app", archiving.cluster))
+    system.env.update(archiving.env("app"))
+    before = system.state()
+    point = take_point(system)
+    mark = json.loads(run(archiving, tmp_path, "--json", "list").stdout)["backups"][0]["id"]
+    assert point["parts"]["db"] == mark
+    system.break_everything()
+    result = system.run("--json", "restore", point["id"], "--yes")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert system.state() == before
+    report = json.loads(result.stdout)
+    assert report["restored"] == ["config", "code", "db"]
+    assert report["database_plan"]["action"] == "mark restore"
+    assert any(" mv " in f" {line} " and ".before-" in line for line in report["undo"])  # the old PGDATA back
