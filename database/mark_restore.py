@@ -38,8 +38,10 @@ class ServerControl:
     @classmethod
     def from_settings(cls, settings: Settings, pgbackrest: PgBackRest) -> ServerControl:
         """PGDATA (required), PG_STOP_COMMAND, PG_START_COMMAND, PG_BINDIR."""
-        data_dir = settings.path("PGDATA", required=True)
-        assert data_dir is not None
+        data_dir = settings.path("PGDATA")
+        if data_dir is None:
+            raise SettingError("PGDATA is not set: a restore to a mark moves the cluster's data directory aside",
+                               setting="PGDATA")
         pg_ctl = PgTools(settings.path("PG_BINDIR")).path("pg_ctl")
         as_server = pgbackrest.as_server_user
         log = f"{data_dir}.server.log"
@@ -67,31 +69,65 @@ class MarkRestore:
     undo: list[str]  # shell lines that put the replaced data directory back
 
 
+def refuse_before_stop(pgbackrest: PgBackRest, control: ServerControl, mark: MarkInfo) -> None:
+    """Every reason known beforehand that the restore would fail once the server is down: refused, nothing
+    changed (UsageError)."""
+    if mark.stanza != pgbackrest.stanza:
+        raise UsageError(f"mark {mark.restore_point} was made on the stanza {mark.stanza!r}, PGBACKREST_STANZA "
+                         f"is {pgbackrest.stanza!r}: nothing was changed")
+    if mark.pgbackrest_backup not in {backup.label for backup in pgbackrest.backups()}:
+        raise UsageError(f"the pgBackRest backup mark {mark.restore_point} follows, {mark.pgbackrest_backup}, is "
+                         "no longer in the repository (expired?): it cannot be restored; nothing was changed")
+    data_dir = control.data_dir
+    if data_dir.is_symlink() or not data_dir.is_dir() or os.path.ismount(data_dir):
+        raise UsageError(f"PGDATA={data_dir} is not a plain folder (a symlink or a mount point cannot be set "
+                         "aside by a rename): nothing was changed")
+    if any((data_dir / "pg_tblspc").iterdir()) or (data_dir / "pg_wal").is_symlink():
+        raise UsageError(f"{data_dir} has tablespaces or a pg_wal elsewhere, which a restore to a mark does not "
+                         "set aside yet: nothing was changed")
+    if kept_path(control, mark).exists():
+        raise UsageError(f"{kept_path(control, mark)} is there already (an earlier restore to this mark): move it "
+                         "away first; nothing was changed")
+
+
+def kept_path(control: ServerControl, mark: MarkInfo) -> Path:
+    """Where the data directory a restore to `mark` replaces is kept."""
+    return control.data_dir.with_name(f"{control.data_dir.name}.before-{mark.restore_point}")
+
+
 def restore_to_mark(db: DbContext, pgbackrest: PgBackRest, control: ServerControl, mark: MarkInfo) -> MarkRestore:
-    """Stop, move the data directory aside, restore to the mark, start, wait for the promotion."""
+    """Stop, move the data directory aside, restore to the mark, start, wait for the promotion. A failure after
+    the stop raises with the commands that undo what was done so far."""
     started = time.monotonic()
-    kept = control.data_dir.with_name(f"{control.data_dir.name}.before-{mark.restore_point}")
-    undo = undo_lines(control, kept)
+    kept = kept_path(control, mark)
     control.stop()
+    moved = False
     try:
         os.rename(control.data_dir, kept)
+        moved = True
         os.mkdir(control.data_dir, 0o700)
         st = os.stat(kept)
         os.chown(control.data_dir, st.st_uid, st.st_gid)
         pgbackrest.run("restore", "--type=name", f"--target={mark.restore_point}", "--target-action=promote",
-                       *([f"--set={mark.pgbackrest_backup}"] if mark.pgbackrest_backup else []),
+                       f"--target-timeline={mark.timeline}", f"--set={mark.pgbackrest_backup}",
                        what="pgbackrest restore")
         control.start()
         _wait_promoted(db)
     except BaseException as exc:
-        lines = "\n".join(undo)
-        raise ToolkitError(f"the restore to mark {mark.restore_point} failed ({exc}); the data directory it "
-                           f"replaced is kept whole as {kept}; to put it back:\n{lines}") from None
-    return MarkRestore(mark, kept, time.monotonic() - started, undo)
+        why = str(exc) or type(exc).__name__
+        if not moved:
+            raise ToolkitError(f"the restore to mark {mark.restore_point} failed before PGDATA was set aside "
+                               f"({why}); nothing was moved; start the server again:\n"
+                               f"{shlex.join(control.start_argv)}") from exc
+        lines = "\n".join(undo_lines(control, kept))
+        raise ToolkitError(f"the restore to mark {mark.restore_point} failed ({why}); the data directory it "
+                           f"replaced is kept whole as {kept}; to put it back:\n{lines}") from exc
+    return MarkRestore(mark, kept, time.monotonic() - started, undo_lines(control, kept))
 
 
 def undo_lines(control: ServerControl, kept: Path) -> list[str]:
-    """Shell lines that stop the server, set the restored data directory aside and put `kept` back."""
+    """Shell lines that stop the server (an error there, when it is not running, is harmless), set the restored
+    data directory aside and put `kept` back, then start the server."""
     restored = control.data_dir.with_name(f"{control.data_dir.name}.restored")
     return [shlex.join(control.stop_argv), shlex.join(["mv", str(control.data_dir), str(restored)]),
             shlex.join(["mv", str(kept), str(control.data_dir)]), shlex.join(control.start_argv)]
@@ -139,6 +175,7 @@ def mark_restore_command(ctx: Context) -> Result:
         plan = [f"the whole cluster of {db.server.name} goes back to mark {mark.restore_point} ({mark.marked_at}, "
                 f"{mark.lsn}): every database in it, and everything written since is set aside with the data "
                 f"directory {control.data_dir}, kept whole"]
+        refuse_before_stop(pgbackrest, control, mark)
         if ctx.dry_run:
             return Result({"dry_run": True, "mark": mark.dump()}, plan, report=True)
         for line in plan:

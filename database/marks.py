@@ -87,6 +87,8 @@ def take_mark(db: DbContext, pgbackrest: PgBackRest, label: str | None, kind: st
             cur.execute("SELECT pg_create_restore_point(%s)::text, now()::text,"
                         " (SELECT timeline_id FROM pg_control_checkpoint())", (staging.backup_id,))
             lsn, marked_at, timeline = cur.fetchone()
+            # The mark's WAL segment goes to the repository now, not when it fills: restorable at once.
+            cur.execute("SELECT pg_switch_wal()")
         staging.source = {"host": os.uname().nodename, "db_host": db.server.host, "db_port": db.server.port,
                           "database": db.server.name, "user": db.server.user}
         info = MarkInfo(MARK_ENGINE, db.server.name, staging.backup_id, lsn, marked_at, timeline, pgbackrest.stanza,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 from collections.abc import Iterator
@@ -107,15 +108,33 @@ def test_a_restore_that_fails_after_the_stop_keeps_the_replaced_directory_and_it
     mark = json.loads(marked.stdout)["mark"]["restore_point"]
     sql(app, "INSERT INTO orders SELECT generate_series(101, 200)")
     live = database_state(app)
-    # A stanza pgBackRest does not know: its restore fails once the server is stopped and the directory moved.
-    env = {**archiving.env("app"), "BACKUP_DIR": str(tmp_path / "db_backups"), "PGBACKREST_STANZA": "elsewhere"}
+    # A start that fails until a file exists: the restore fails once the cluster is stopped, moved and restored.
+    ready = tmp_path / "ready"
+    start = [os.path.join(archiving.cluster.bindir, "pg_ctl"), "-D", archiving.cluster.data_dir,
+             "-l", archiving.cluster.log_file, "-w", "start"]
+    if os.geteuid() == 0:
+        start = ["runuser", "-u", "postgres", "--", *start]
+    env = {**archiving.env("app"), "BACKUP_DIR": str(tmp_path / "db_backups"),
+           "PG_START_COMMAND": shlex.join(["sh", "-c", 'test -e "$0" && exec "$@"', str(ready), *start])}
     failed = run_script("database_rollback.py", "restore", mark, "--yes", env=env, cwd=tmp_path)
     assert failed.returncode == 1
     assert "kept whole as" in failed.stderr and "to put it back" in failed.stderr
     undo = failed.stderr.split("to put it back:\n", 1)[1].strip().splitlines()
-    for line in undo[1:]:  # the server is not running: its stop is the one line not to run
+    ready.touch()
+    for line in undo[1:]:  # the server is not running: its stop is the one line that would fail
         subprocess.run(shlex.split(line), check=True)
     assert database_state(app) == live
+
+
+def test_a_mark_of_another_stanza_is_refused_before_the_server_stops(archiving: ArchivingCluster, tmp_path: Path):
+    marked = run(archiving, tmp_path, "--json", "backup")
+    assert marked.returncode == 0, marked.stderr
+    mark = json.loads(marked.stdout)["mark"]["restore_point"]
+    env = {**archiving.env("app"), "BACKUP_DIR": str(tmp_path / "db_backups"), "PGBACKREST_STANZA": "elsewhere"}
+    refused = run_script("database_rollback.py", "restore", mark, "--yes", env=env, cwd=tmp_path)
+    assert refused.returncode == 2 and "nothing was changed" in refused.stderr
+    assert archiving.cluster.query("app", "SELECT 1") == [(1,)]  # still running
+    assert not list(Path(archiving.cluster.data_dir).parent.glob("*.before-*"))
 
 
 def test_verify_says_a_mark_is_restorable_and_names_broken_archiving(archiving: ArchivingCluster, tmp_path: Path):
