@@ -18,7 +18,7 @@ from commands.rto import RtoReport, rto_for
 from common.audit import append_audit, audit_log_path
 from common.cli import Context, Result, emit, push_wanted, report_error
 from common.components import Component
-from common.errors import EXIT_FAILED, EXIT_VERIFY, Interrupted, SettingError, ToolkitError
+from common.errors import EXIT_FAILED, EXIT_VERIFY, FailedPartWay, Interrupted, SettingError, ToolkitError
 from common.settings import Settings
 from common.text import mask_url_password
 from offsite.commands import push_after_backup
@@ -62,7 +62,7 @@ def run(parser: argparse.ArgumentParser, component: Component, argv: list[str] |
         error, code = str(exc), exc.exit_code
         # With the backup folder's or the audit log's own setting wrong, the log would go to the wrong place.
         settings_broken = isinstance(exc, SettingError) and exc.setting in (component.store_setting, "AUDIT_LOG")
-        report_error(script, args, error, code)
+        report_error(script, args, error, code, exc.undo if isinstance(exc, FailedPartWay) else None)
     except Exception as exc:  # a bug: still one line, the traceback only with --verbose
         error, code = f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILED
         hint = "" if args.verbose else " (run with --verbose for the traceback)"

@@ -200,8 +200,10 @@ def print_out(text: str) -> bool:
     return True
 
 
-def report_error(script: str, args: argparse.Namespace, message: str, code: int) -> None:
-    """The one line a failure prints (stderr; and a JSON document with --json), the traceback with --verbose."""
+def report_error(script: str, args: argparse.Namespace, message: str, code: int, undo: list[str] | None = None
+                 ) -> None:
+    """The one line a failure prints (stderr; and a JSON document with --json), the traceback with --verbose;
+    `undo`: the commands that put back what a step failing part-way changed (in the message too)."""
     message = mask_url_password(message)
     if args.verbose:
         import traceback  # only for --verbose: it costs every command's start a few milliseconds
@@ -209,6 +211,7 @@ def report_error(script: str, args: argparse.Namespace, message: str, code: int)
         traceback.print_exc()
     print(f"{script}: error: {message}", file=sys.stderr)
     if args.json:
-        print_out(json.dumps({"ok": False, "command": args.command, "exit_code": code, "error": message}, indent=2))
+        document = {"ok": False, "command": args.command, "exit_code": code, "error": message}
+        print_out(json.dumps({**document, **({"undo_commands": undo} if undo else {})}, indent=2))
 
 

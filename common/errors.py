@@ -14,6 +14,15 @@ class ToolkitError(Exception):
     exit_code = EXIT_FAILED
 
 
+class FailedPartWay(ToolkitError):
+    """A step that changes things failed after its first change; `undo` holds the commands that put back what it
+    changed (the message shows them; --json gives them as `undo_commands`)."""
+
+    def __init__(self, message: str, undo: list[str]):
+        super().__init__(message)
+        self.undo = undo
+
+
 class UsageError(ToolkitError):
     """Bad usage or bad input (an unknown backup, invalid JSON, a path outside its root)."""
 

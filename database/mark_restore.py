@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import Context, Result
-from common.errors import SettingError, ToolkitError, UsageError
+from common.errors import FailedPartWay, SettingError, ToolkitError, UsageError
 from common.proc import run_tool
 from common.settings import Settings
 from database.context import SCRIPT, DbContext
@@ -116,12 +116,13 @@ def restore_to_mark(db: DbContext, pgbackrest: PgBackRest, control: ServerContro
     except BaseException as exc:
         why = str(exc) or type(exc).__name__
         if not moved:
-            raise ToolkitError(f"the restore to mark {mark.restore_point} failed before PGDATA was set aside "
-                               f"({why}); nothing was moved; start the server again:\n"
-                               f"{shlex.join(control.start_argv)}") from exc
-        lines = "\n".join(undo_lines(control, kept))
-        raise ToolkitError(f"the restore to mark {mark.restore_point} failed ({why}); the data directory it "
-                           f"replaced is kept whole as {kept}; to put it back:\n{lines}") from exc
+            start = [shlex.join(control.start_argv)]
+            raise FailedPartWay(f"the restore to mark {mark.restore_point} failed before PGDATA was set aside "
+                                f"({why}); nothing was moved; start the server again:\n{start[0]}", start) from exc
+        undo = undo_lines(control, kept)
+        lines = "\n".join(undo)
+        raise FailedPartWay(f"the restore to mark {mark.restore_point} failed ({why}); the data directory it "
+                            f"replaced is kept whole as {kept}; to put it back:\n{lines}", undo) from exc
     return MarkRestore(mark, kept, time.monotonic() - started, undo_lines(control, kept))
 
 

@@ -66,6 +66,7 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     hooks: list[HookRun] = field(default_factory=list)
     cut_off: Component | None = None  # stopped while its script ran: restored or not, nobody can say here
+    failed_undo: list[str] = field(default_factory=list)  # what undoes the part of its step a failed step did
 
     def stop(self, what: str, exit_code: int) -> None:
         """Record why the run stopped. Once a step is done, exit 2 ("nothing changed") or 75 would be wrong."""
@@ -147,7 +148,8 @@ def restore_point(point: Backup, plan: list[Component], settings: Settings, runn
             _cut_off(outcome, current, parts[current.name], runner)
     outcome.rtos = [RtoReport(s.component.name, "restore", s.seconds, rto_for(settings, s.component.name))
                     for s in outcome.done]
-    outcome.undo = [line for s in reversed(outcome.done) for line in undo_commands(s.restore, runner, settings)]
+    outcome.undo = outcome.failed_undo + [line for s in reversed(outcome.done)
+                                          for line in undo_commands(s.restore, runner, settings)]
     if outcome.failure and hooks.pre and not finishing:
         outcome.notes.append("the application PRE_RESTORE_HOOK stopped has not been started again: "
                              + (f"POST_RESTORE_HOOK ({' '.join(hooks.post)}) did not run" if hooks.post
@@ -172,6 +174,7 @@ def _restore_one(component: Component, backup_id: str, args: list[str], runner: 
     step = Step(component, backup_id, runner.run(component, *args, "--yes"))
     if not step.restore.ok:
         outcome.stop(f"{component.title} restore failed: {step.restore.error}", step.restore.exit_code)
+        outcome.failed_undo = list(step.restore.data.get("undo_commands") or [])
         return False
     outcome.done.append(step)
     step.verify = runner.run(component, *verify_args(component, backup_id))

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import database_state, run_script
+from helpers import database_state, run_script, script_env
 from pg_archive import ArchivingCluster
 from pg_cluster import Database
 from point_system import System, take_point
@@ -110,12 +110,8 @@ def test_a_restore_that_fails_after_the_stop_keeps_the_replaced_directory_and_it
     live = database_state(app)
     # A start that fails until a file exists: the restore fails once the cluster is stopped, moved and restored.
     ready = tmp_path / "ready"
-    start = [os.path.join(archiving.cluster.bindir, "pg_ctl"), "-D", archiving.cluster.data_dir,
-             "-l", archiving.cluster.log_file, "-w", "start"]
-    if os.geteuid() == 0:
-        start = ["runuser", "-u", "postgres", "--", *start]
     env = {**archiving.env("app"), "BACKUP_DIR": str(tmp_path / "db_backups"),
-           "PG_START_COMMAND": shlex.join(["sh", "-c", 'test -e "$0" && exec "$@"', str(ready), *start])}
+           "PG_START_COMMAND": failing_start(archiving, ready)}
     failed = run_script("database_rollback.py", "restore", mark, "--yes", env=env, cwd=tmp_path)
     assert failed.returncode == 1
     assert "kept whole as" in failed.stderr and "to put it back" in failed.stderr
@@ -124,6 +120,33 @@ def test_a_restore_that_fails_after_the_stop_keeps_the_replaced_directory_and_it
     for line in undo[1:]:  # the server is not running: its stop is the one line that would fail
         subprocess.run(shlex.split(line), check=True)
     assert database_state(app) == live
+
+
+def failing_start(archiving: ArchivingCluster, ready: Path) -> str:
+    """A PG_START_COMMAND that fails until `ready` exists, then starts the cluster as its start would."""
+    start = [os.path.join(archiving.cluster.bindir, "pg_ctl"), "-D", archiving.cluster.data_dir,
+             "-l", archiving.cluster.log_file, "-w", "start"]
+    if os.geteuid() == 0:
+        start = ["runuser", "-u", "postgres", "--", *start]
+    return shlex.join(["sh", "-c", 'test -e "$0" && exec "$@"', str(ready), *start])
+
+
+def test_a_point_whose_mark_restore_fails_after_the_stop_prints_the_undo_that_puts_the_cluster_back(
+        archiving: ArchivingCluster, tmp_path: Path):
+    system = System(tmp_path, Database("app", archiving.cluster))
+    system.env.update(archiving.env("app"))
+    point = take_point(system)
+    system.break_everything()
+    broken = system.state()
+    ready = tmp_path / "ready"
+    result = system.run("--json", "restore", point["id"], "--yes", PG_START_COMMAND=failing_start(archiving, ready))
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["restored"] == ["config", "code"] and "database" in report["failure"]
+    ready.touch()
+    for line in report["undo"][1:]:  # the database's first (its stop: the server is down), then code, config
+        subprocess.run(line, shell=True, check=True, env=script_env(system.env))  # as the operator's shell
+    assert system.state() == broken
 
 
 def test_a_mark_of_another_stanza_is_refused_before_the_server_stops(archiving: ArchivingCluster, tmp_path: Path):
