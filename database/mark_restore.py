@@ -23,7 +23,10 @@ from database.dumps import PgTools
 from database.marks import MarkInfo
 from database.pgbackrest import PgBackRest
 
-PROMOTE_TIMEOUT_SECONDS = 600.0  # replaying the WAL from the backup to the mark
+# Replaying the WAL from the backup to the mark takes as long as it takes (hours for a busy day of a large
+# cluster): the wait gives up only when replay stops moving for this long.
+STALL_SECONDS = 600.0
+START_WAIT_SECONDS = 86400  # pg_ctl start -t: it returns at once if the server dies
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class ServerControl:
         return cls(data_dir, _command(settings, "PG_STOP_COMMAND") or as_server(
                        [pg_ctl, "-D", str(data_dir), "-m", "fast", "-w", "stop"]),
                    _command(settings, "PG_START_COMMAND") or as_server(
-                       [pg_ctl, "-D", str(data_dir), "-l", log, "-w", "-t", "600", "start"]))
+                       [pg_ctl, "-D", str(data_dir), "-l", log, "-w", "-t", str(START_WAIT_SECONDS), "start"]))
 
     def stop(self) -> None:
         """Stop the server (a failure raises, nothing else changed)."""
@@ -135,17 +138,23 @@ def undo_lines(control: ServerControl, kept: Path) -> list[str]:
 
 
 def _wait_promoted(db: DbContext) -> None:
-    deadline = time.monotonic() + PROMOTE_TIMEOUT_SECONDS
+    """Wait until the server is out of recovery; give up when the replayed position stops moving for
+    STALL_SECONDS (or the server cannot be reached for that long)."""
+    last, moved_at = None, time.monotonic()
     while True:
         try:
             with db.server.session("postgres", autocommit=True) as conn, conn.cursor() as cur:
-                cur.execute("SELECT pg_is_in_recovery()")
-                if not cur.fetchone()[0]:
-                    return
+                cur.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text")
+                recovering, replayed = cur.fetchone()
         except ToolkitError:
-            pass  # still starting
-        if time.monotonic() > deadline:
-            raise ToolkitError(f"the server did not finish recovery within {PROMOTE_TIMEOUT_SECONDS:g} s")
+            recovering, replayed = True, last  # not accepting connections yet
+        if not recovering:
+            return
+        if replayed != last:
+            last, moved_at = replayed, time.monotonic()
+        elif time.monotonic() - moved_at > STALL_SECONDS:
+            raise ToolkitError(f"recovery to the mark made no progress for {STALL_SECONDS:g} s (at {last}); "
+                               "the server's log says why")
         time.sleep(0.2)  # polling the server: recovery has no event to wait on from here
 
 
