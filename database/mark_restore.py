@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.cli import Context, Result
 from common.errors import FailedPartWay, SettingError, ToolkitError, UsageError
+from common.hooks import hook_argv
 from common.proc import run_tool
 from common.settings import Settings
 from database.context import SCRIPT, DbContext
@@ -48,9 +49,9 @@ class ServerControl:
         pg_ctl = PgTools(settings.path("PG_BINDIR")).path("pg_ctl")
         as_server = pgbackrest.as_server_user
         log = f"{data_dir}.server.log"
-        return cls(data_dir, _command(settings, "PG_STOP_COMMAND") or as_server(
+        return cls(data_dir, hook_argv(settings, "PG_STOP_COMMAND") or as_server(
                        [pg_ctl, "-D", str(data_dir), "-m", "fast", "-w", "stop"]),
-                   _command(settings, "PG_START_COMMAND") or as_server(
+                   hook_argv(settings, "PG_START_COMMAND") or as_server(
                        [pg_ctl, "-D", str(data_dir), "-l", log, "-w", "-t", str(START_WAIT_SECONDS), "start"]))
 
     def stop(self) -> None:
@@ -198,13 +199,3 @@ def mark_restore_command(ctx: Context) -> Result:
                    f"it replaced is {done.kept_data_dir}; to undo:", *(f"  {line}" for line in done.undo)],
                   backup_ids=[backup.id])
 
-
-def _command(settings: Settings, name: str) -> list[str] | None:
-    text = settings.text(name)
-    if text is None:
-        return None
-    try:
-        argv = shlex.split(text)
-    except ValueError as exc:
-        raise SettingError(f"{name}: {exc}", setting=name) from None
-    return argv or None
