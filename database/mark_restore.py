@@ -47,11 +47,15 @@ class ServerControl:
             raise SettingError("PGDATA is not set: a restore to a mark moves the cluster's data directory aside",
                                setting="PGDATA")
         pg_ctl = PgTools(settings.path("PG_BINDIR")).path("pg_ctl")
+        stop, start = hook_argv(settings, "PG_STOP_COMMAND"), hook_argv(settings, "PG_START_COMMAND")
+        if (stop is None or start is None) and not os.access(pg_ctl, os.X_OK):
+            raise SettingError(f"{pg_ctl} not found: set PG_BINDIR (Debian: /usr/lib/postgresql/<version>/bin), or "
+                               "PG_STOP_COMMAND and PG_START_COMMAND", setting="PG_BINDIR")
         as_server = pgbackrest.as_server_user
         log = f"{data_dir}.server.log"
-        return cls(data_dir, hook_argv(settings, "PG_STOP_COMMAND") or as_server(
+        return cls(data_dir, stop or as_server(
                        [pg_ctl, "-D", str(data_dir), "-m", "fast", "-w", "stop"]),
-                   hook_argv(settings, "PG_START_COMMAND") or as_server(
+                   start or as_server(
                        [pg_ctl, "-D", str(data_dir), "-l", log, "-w", "-t", str(START_WAIT_SECONDS), "start"]))
 
     def stop(self) -> None:

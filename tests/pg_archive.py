@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import tempfile
 
-from pg_cluster import SERVER_OS_USER, ThrowawayCluster, memory_folder
+from pg_cluster import SERVER_OS_USER, ThrowawayCluster, memory_folder, runuser
 
 STANZA = "main"
 
@@ -59,7 +59,7 @@ class ArchivingCluster:
         """Run pgBackRest on the stanza, as the server's OS user; a failure raises with its output."""
         argv = ["pgbackrest", f"--config={self.config}", f"--stanza={STANZA}", *args]
         if self._owner is not None:
-            argv = ["runuser", "-u", SERVER_OS_USER, "--", *argv]
+            argv = [runuser(), "-u", SERVER_OS_USER, "--", *argv]
         result = subprocess.run(argv, capture_output=True, text=True, env=_without_pg_variables())
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed: {result.stdout}{result.stderr}")
@@ -68,7 +68,7 @@ class ArchivingCluster:
     def env(self, dbname: str) -> dict[str, str]:
         """The settings of the scripts for `dbname` on this cluster, with the pgbackrest engine."""
         return {**self.cluster.env(dbname), "DB_ENGINE": "pgbackrest", "PGBACKREST_STANZA": STANZA,
-                "PGBACKREST_CONFIG": self.config, "PGDATA": self.cluster.data_dir}
+                "PGBACKREST_CONFIG": self.config, "PGDATA": self.cluster.data_dir, "PG_BINDIR": self.cluster.bindir}
 
     def break_archiving(self) -> None:
         """Point archive_command at a program that always fails, as a full or unmounted repository would."""

@@ -72,7 +72,7 @@ def _version_key(bindir: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".")) if re.fullmatch(r"\d+(\.\d+)*", version) else (-1,)
 
 
-def _runuser() -> str:
+def runuser() -> str:
     """runuser, which lives in /usr/sbin: cron's PATH and many CI images' (/usr/bin:/bin) leave that out."""
     found = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
     if found is None:
@@ -344,7 +344,7 @@ class ThrowawayCluster:
         self._own(path)
 
     def _run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        prefix = [_runuser(), "-u", SERVER_OS_USER, "--"] if self._server_account else []
+        prefix = [runuser(), "-u", SERVER_OS_USER, "--"] if self._server_account else []
         # Inherited PG* variables (PGDATA, PGPORT, PGOPTIONS...) would change what the server does.
         env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
         env["LC_ALL"] = "C"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import database_state, run_script, script_env
 from pg_archive import ArchivingCluster
-from pg_cluster import Database
+from pg_cluster import Database, runuser
 from point_system import System, take_point
 
 
@@ -127,7 +127,7 @@ def failing_start(archiving: ArchivingCluster, ready: Path) -> str:
     start = [os.path.join(archiving.cluster.bindir, "pg_ctl"), "-D", archiving.cluster.data_dir,
              "-l", archiving.cluster.log_file, "-w", "start"]
     if os.geteuid() == 0:
-        start = ["runuser", "-u", "postgres", "--", *start]
+        start = [runuser(), "-u", "postgres", "--", *start]
     return shlex.join(["sh", "-c", 'test -e "$0" && exec "$@"', str(ready), *start])
 
 
