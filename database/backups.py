@@ -59,6 +59,8 @@ def backup_command(ctx: Context) -> Result:
         return mark_command(ctx)
     db = DbContext.from_settings(ctx.settings)
     args = ctx.args
+    if args.full or args.incremental:
+        raise UsageError("--full and --incremental take a pgBackRest backup: they need DB_ENGINE=pgbackrest")
     if args.format == "custom" and args.jobs > 1:
         raise UsageError("--jobs needs --format directory (pg_dump dumps in parallel only into a folder)")
     if ctx.dry_run:

@@ -21,7 +21,7 @@ from common.proc import run_tool
 from common.settings import Settings
 from database.context import SCRIPT, DbContext
 from database.dumps import PgTools
-from database.marks import MarkInfo
+from database.marks import MarkInfo, backup_set_gone
 from database.pgbackrest import PgBackRest
 
 # Replaying the WAL from the backup to the mark takes as long as it takes (hours for a busy day of a large
@@ -83,9 +83,8 @@ def refuse_before_stop(pgbackrest: PgBackRest, control: ServerControl, mark: Mar
     if mark.stanza != pgbackrest.stanza:
         raise UsageError(f"mark {mark.restore_point} was made on the stanza {mark.stanza!r}, PGBACKREST_STANZA "
                          f"is {pgbackrest.stanza!r}: nothing was changed")
-    if mark.pgbackrest_backup not in {backup.label for backup in pgbackrest.backups()}:
-        raise UsageError(f"the pgBackRest backup mark {mark.restore_point} follows, {mark.pgbackrest_backup}, is "
-                         "no longer in the repository (expired?): it cannot be restored; nothing was changed")
+    if gone := backup_set_gone(pgbackrest, mark):
+        raise UsageError(f"{gone}; nothing was changed")
     data_dir = control.data_dir
     if data_dir.is_symlink() or not data_dir.is_dir() or os.path.ismount(data_dir):
         raise UsageError(f"PGDATA={data_dir} is not a plain folder (a symlink or a mount point cannot be set "

@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, fields
 
 from backup_store.manifest import Backup
 from common.cli import Context, Result
+from database.backup_info import DbBackupInfo
 from database.context import SCRIPT, DbContext
 from database.migrations import read_current
-from database.pgbackrest import MAX_AGE_HOURS, ArchivingBroken, PgBackRest
+from database.pgbackrest import MAX_AGE_HOURS, ArchivingBroken, BackupSet, PgBackRest
 
 MARK_ENGINE = "pgbackrest"  # a store entry's `engine`: a mark, not a dump
 
@@ -48,24 +49,29 @@ class MarkInfo:
         return asdict(self)
 
 
-def backup_kind(pgbackrest: PgBackRest, asked: str | None, max_age_hours: float = MAX_AGE_HOURS) -> str | None:
-    """The pgBackRest backup to take before a mark: `asked`, else full when there is none, else incremental when
-    the newest is older than `max_age_hours`, else none."""
+def backup_kind(backups: list[BackupSet], asked: str | None, max_age_hours: float = MAX_AGE_HOURS) -> str | None:
+    """The pgBackRest backup to take before a mark, given the stanza's `backups`: `asked`, else full when there
+    is none, else incremental when the newest is older than `max_age_hours`, else none."""
     if asked is not None:
         return asked
-    backups = pgbackrest.backups()
     if not backups:
         return "full"
     return "incr" if time.time() - backups[-1].stopped > max_age_hours * 3600 else None
 
 
+def backup_set_gone(pgbackrest: PgBackRest, mark: MarkInfo) -> str | None:
+    """Why the mark has no backup to restore from (the set it follows expired), None while it has one."""
+    if mark.pgbackrest_backup in {backup.label for backup in pgbackrest.backups()}:
+        return None
+    return (f"the pgBackRest backup mark {mark.restore_point} follows, {mark.pgbackrest_backup}, is no longer in "
+            "the repository (expired?): it cannot be restored")
+
+
 def mark_problems(pgbackrest: PgBackRest, mark: MarkInfo) -> list[str]:
     """Why a mark could not be restored now: the pgBackRest backup it follows is gone (expired), or WAL does not
     reach the repository; none when it can."""
-    problems = []
-    if mark.pgbackrest_backup not in {backup.label for backup in pgbackrest.backups()}:
-        problems.append(f"the pgBackRest backup it follows, {mark.pgbackrest_backup}, is no longer in the "
-                        "repository (expired?): it cannot be restored")
+    gone = backup_set_gone(pgbackrest, mark)
+    problems = [gone] if gone else []
     try:
         pgbackrest.check()
     except ArchivingBroken as exc:
@@ -78,10 +84,11 @@ def take_mark(db: DbContext, pgbackrest: PgBackRest, label: str | None, kind: st
     """Check archiving, take the pgBackRest backup wanted (see backup_kind), then the mark and its store entry
     (the caller holds the store's lock). Nothing is made when archiving is broken (ArchivingBroken)."""
     pgbackrest.check()
-    wanted = backup_kind(pgbackrest, kind, max_age_hours)
+    backups = pgbackrest.backups()
+    wanted = backup_kind(backups, kind, max_age_hours)
     if wanted is not None:
         pgbackrest.back_up(wanted)
-    newest = pgbackrest.backups()
+        backups = pgbackrest.backups()  # the one just taken is the set the mark follows
     with db.store.new_backup(label, name=db.server.name) as staging:
         with db.server.session(autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("SELECT pg_create_restore_point(%s)::text, now()::text,"
@@ -89,10 +96,10 @@ def take_mark(db: DbContext, pgbackrest: PgBackRest, label: str | None, kind: st
             lsn, marked_at, timeline = cur.fetchone()
             # The mark's WAL segment goes to the repository now, not when it fills: restorable at once.
             cur.execute("SELECT pg_switch_wal()")
-        staging.source = {"host": os.uname().nodename, "db_host": db.server.host, "db_port": db.server.port,
-                          "database": db.server.name, "user": db.server.user}
+        staging.source = DbBackupInfo(host=os.uname().nodename, db_host=db.server.host, db_port=db.server.port,
+                                      database=db.server.name, user=db.server.user).dump()[0]
         info = MarkInfo(MARK_ENGINE, db.server.name, staging.backup_id, lsn, marked_at, timeline, pgbackrest.stanza,
-                        read_current(db.server), newest[-1].label if newest else None)
+                        read_current(db.server), backups[-1].label if backups else None)
         staging.extra = info.dump()
     return staging.backup, info
 

@@ -605,3 +605,10 @@ def test_without_db_password_the_operators_own_passfile_is_used(dbw: DbWorkspace
     restored = run_script("database_rollback.py", "restore", "latest", "--yes",
                           env={**env, "PGPASSFILE": str(passfile)}, cwd=dbw.root)
     assert restored.returncode == 0, restored.stderr
+
+
+@pytest.mark.parametrize("option", ["--full", "--incremental"])
+def test_a_pgbackrest_backup_option_with_the_dump_engine_is_refused_and_nothing_is_taken(dbw: DbWorkspace, option):
+    result = dbw.run("backup", option)
+    assert result.returncode == 2 and "DB_ENGINE=pgbackrest" in result.stderr
+    assert not dbw.store.exists() or not [p for p in dbw.store.iterdir() if (p / "manifest.json").exists()]
